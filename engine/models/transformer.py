@@ -1,0 +1,124 @@
+"""Character-level decoder-only Transformer.
+
+The default block is GPT-2's (pre-LayerNorm, exact GELU, biases everywhere, tied input/output
+embeddings, learned positions), so that Hugging Face's ``GPT2LMHeadModel`` can load the same
+weights and serve as an independent correctness oracle. ``block="seed"`` gives the seed's
+post-LayerNorm block with a ReLU feed-forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = 65  # tiny shakespeare has 65 distinct characters
+    block_size: int = 256  # context window in characters
+    n_layer: int = 6
+    n_head: int = 6
+    d_model: int = 384
+    d_ff: int = 1536  # 4 * d_model, as in GPT-2
+    dropout: float = 0.1  # the seed's rate; 0 at inference
+    block: Literal["gpt2", "seed"] = "gpt2"
+    layer_norm_eps: float = 1e-5  # GPT-2's
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.n_head < 1 or cfg.d_model % cfg.n_head:
+            raise ValueError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # GPT-2's c_attn: q, k, v side by side
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # GPT-2's c_proj
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) -> q, k, v each (B, nh, T, hs)."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        hs = c // self.n_head
+        return tuple(y.view(b, t, self.n_head, hs).transpose(1, 2) for y in (q, k, v))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.split_heads(x)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, scale=1 / math.sqrt(c // self.n_head)
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_drop(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)  # GPT-2's c_fc
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)  # GPT-2's c_proj
+        self.act: nn.Module = nn.GELU() if cfg.block == "gpt2" else nn.ReLU()
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.block == "gpt2"
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_ln:  # GPT-2: x + f(LN(x))
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        # the seed (and the original Transformer): LN(x + f(x))
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+class CharTransformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # GPT-2 has a final LayerNorm before the head; the post-LN seed block ends normalised.
+        self.ln_f: nn.Module = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.block == "gpt2" else nn.Identity()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab). The head is the token embedding (tied)."""
+        t = idx.shape[1]
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of {t} tokens exceeds the context window of {self.config.block_size}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, vocab)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11) and install genserve with its pinned dependencies.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# constraints.txt pins exact versions (torch 2.13.0's CPU build among them); extras: dev = tests and linters
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[${GENSERVE_EXTRAS:-dev}]"

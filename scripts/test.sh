@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set everything up, then run the linters and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy engine training tests
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""Training for genserve's three generative models: ``python -m training --help``."""
