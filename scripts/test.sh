@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy engine training tests
+.venv/bin/mypy engine training tests bench
 .venv/bin/python -m pytest -q "$@"

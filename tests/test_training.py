@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 # Tiny runs, one per model kind: every flag that sizes the work is given.
 TINY: dict[str, list[str]] = {
     "vae": ["vae", "--hidden", "16", "--latent", "4", "--batch-size", "256", "--patience", "0"],
+    "vae-ema": ["vae", "--hidden", "16", "--latent", "4", "--batch-size", "256", "--patience", "0", "--ema", "0.9", "--shift", "1"],
     "gan": [
         "gan", "--arch", "mlp", "--mlp-hidden", "16", "--latent", "8", "--steps-per-epoch", "3", "--batch-size", "16", "--n-critic", "2",
     ],
@@ -76,7 +77,7 @@ def test_lr_without_warmup_starts_at_peak() -> None:
 # -- resume = uninterrupted run -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["vae", "gan", "transformer"])
+@pytest.mark.parametrize("command", ["vae", "vae-ema", "gan", "transformer"])
 def test_resume_is_bit_identical(tmp_path: Path, command: str) -> None:
     run = tmp_path / "run"
     assert train(command, run, "--epochs", "4", "--save-every", "2") == 0
@@ -103,6 +104,14 @@ def test_resume_is_bit_identical(tmp_path: Path, command: str) -> None:
     # the resumed half really trained: weights moved after epoch 2
     moved = [n for n in a.tensors if n.startswith("module.") and not torch.equal(a.tensors[n], middle.tensors[n])]
     assert moved
+
+
+def test_vae_ema_is_what_gets_exported(tmp_path: Path) -> None:
+    assert train("vae-ema", tmp_path / "run", "--epochs", "2") == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    exported = load_model(tmp_path / "run" / "model.safetensors").module.state_dict()
+    assert all(torch.equal(t, ckpt.tensors[f"module.ema.{n}"]) for n, t in exported.items())
+    assert not all(torch.equal(t, ckpt.tensors[f"module.vae.{n}"]) for n, t in exported.items())
 
 
 # -- the CLI end to end -------------------------------------------------------------------------

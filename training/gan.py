@@ -9,7 +9,6 @@ moving average of the generator's weights (``--ema``) is what gets exported.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 
 from engine.models.gan import Critic, GANConfig, Generator
 from training.data import load_mnist
+from training.ema import WeightAverage
 from training.plots import image_grid
 from training.task import Task
 
@@ -66,7 +66,7 @@ class GANTask(Task):
         )
         self.generator = Generator(self.config).to(device)
         self.critic = Critic(self.config, spectral=args.spectral_norm).to(device)
-        self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.ema = WeightAverage(self.generator, args.ema) if args.ema else None
         betas = (0.5, 0.9)  # the paper's
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=args.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=args.lr, betas=betas)
@@ -76,7 +76,10 @@ class GANTask(Task):
         self.val_z = torch.randn(len(self.data.val), self.config.latent_dim, generator=g).to(device)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "critic": self.critic, "ema": self.ema}
+        modules = {"generator": self.generator, "critic": self.critic}
+        if self.ema:
+            modules["ema"] = self.ema.module
+        return modules
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "critic": self.opt_d}
@@ -117,10 +120,8 @@ class GANTask(Task):
         loss_g = -self.critic(self.generator(z, self._labels(y)), self._labels(y)).mean()
         self.optimize(loss_g, self.opt_g)
         self.critic.requires_grad_(True)
-        if args.ema:
-            with torch.no_grad():
-                for pe, p in zip(self.ema.parameters(), self.generator.parameters(), strict=True):
-                    pe.lerp_(p, 1 - args.ema)
+        if self.ema:
+            self.ema.update(self.generator)
         return {"loss": torch.stack(d_losses).mean().item(), "g_loss": loss_g.item(), "wasserstein": torch.stack(w_dists).mean().item()}
 
     def validate(self) -> dict[str, float]:
@@ -132,7 +133,7 @@ class GANTask(Task):
         return {"val_loss": float(w)}
 
     def export_module(self) -> nn.Module:
-        return self.ema if self.args.ema else self.generator
+        return self.ema.module if self.ema else self.generator
 
     @torch.no_grad()
     def write_samples(self, run_dir: Path, seed: int) -> Path:

@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.models.vae import VAE, VAEConfig
 from training.data import ImageSplit, load_mnist
+from training.ema import WeightAverage
 from training.plots import image_grid
 from training.task import Task
 
@@ -56,6 +57,9 @@ class VAETask(Task):
         parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE when != 1); evaluation always uses 1")
         parser.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the digit label")
         parser.add_argument("--shift", type=int, default=0, help="augment: translate training images by up to this many pixels")
+        parser.add_argument(
+            "--ema", type=float, default=0.0, help="validate and export a moving average of the weights with this decay; 0 = off"
+        )
         parser.set_defaults(epochs=50, batch_size=128, lr=1e-3, warmup_epochs=0.0, patience=15)
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
@@ -70,12 +74,17 @@ class VAETask(Task):
         )
         self.model = VAE(self.config).to(device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        self.ema = WeightAverage(self.model, args.ema) if args.ema else None
         # one fixed noise draw for validation, so epochs are compared on the same sample
         g = torch.Generator().manual_seed(1234)
         self.val_eps = torch.randn(len(self.data.val), self.config.latent_dim, generator=g).to(device)
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.model}
+        return {"vae": self.model, "ema": self.ema.module} if self.ema else {"vae": self.model}
+
+    def served(self) -> VAE:
+        """The weights that are validated, sampled and exported: the average when there is one."""
+        return self.ema.module if self.ema else self.model
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"adam": self.opt}
@@ -96,16 +105,18 @@ class VAETask(Task):
         x, y = batch
         rec, kl, loss = self.model.negative_elbo(x, self._labels(y), beta=self.args.beta)
         grad_norm = self.optimize(loss.mean(), self.opt)
+        if self.ema:
+            self.ema.update(self.model)
         return {"loss": loss.mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item(), "grad_norm": grad_norm}
 
     def validate(self) -> dict[str, float]:
         x = self.data.val.images.to(self.device)
         y = self.data.val.labels.to(self.device)
-        rec, kl, nelbo = self.model.negative_elbo(x, self._labels(y), beta=1.0, eps=self.val_eps)
+        rec, kl, nelbo = self.served().negative_elbo(x, self._labels(y), beta=1.0, eps=self.val_eps)
         return {"val_loss": float(nelbo.mean()), "val_rec": float(rec.mean()), "val_kl": float(kl.mean())}
 
     def export_module(self) -> nn.Module:
-        return self.model
+        return self.served()
 
     @torch.no_grad()
     def write_samples(self, run_dir: Path, seed: int) -> Path:
@@ -113,7 +124,7 @@ class VAETask(Task):
         rows, cols = (10, 10) if self.config.num_classes else (8, 8)
         z = torch.randn(rows * cols, self.config.latent_dim, generator=g).to(self.device)
         labels = torch.arange(10, device=self.device).repeat_interleave(cols) if self.config.num_classes else None
-        images = self.model.decode(z, labels)
+        images = self.served().decode(z, labels)
         path = run_dir / "samples.png"
         image_grid(images, rows, cols).save(path)
         return path
