@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-epochs", type=int, nargs="+", default=[50, 100])
     parser.add_argument("--ours", default=OURS, help=f"arguments of `python -m training` for our run (default: {OURS!r})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-dir", type=Path, help="keep our run folder here (default: a temporary folder)")
     args = parser.parse_args(argv)
     configure_logging(level="warning")
     images, _ = load_t10k()
@@ -70,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline = train_baseline(train, heldout, args.baseline_epochs, args.seed)
     baseline_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
+        run_dir = args.run_dir or Path(tmp)
         t0 = time.perf_counter()
-        training_main([*shlex.split(args.ours), "--run-dir", tmp, "--save-every", "0", "--seed", str(args.seed)])
+        code = training_main([*shlex.split(args.ours), "--run-dir", str(run_dir), "--save-every", "0", "--seed", str(args.seed)])
+        if code:
+            return code
         ours_s = time.perf_counter() - t0
-        ours = load_model(Path(tmp) / "model.safetensors")
+        ours = load_model(run_dir / "model.safetensors")
         assert isinstance(ours.module, VAE)
         ours_nelbo = heldout_nelbo(ours.module, heldout)
 

@@ -401,3 +401,27 @@ def test_cli_trains_on_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_cli_missing_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train("vae", tmp_path / "run", "--epochs", "1", "--data-dir", str(tmp_path / "empty")) == 2
     assert _error_line(capsys.readouterr().err).startswith(f"error: {tmp_path / 'empty'}: no train-images-idx3-ubyte")
+
+
+# -- the options of each model train and export ---------------------------------------------------
+
+VARIANTS = {
+    "vae-gaussian-beta-conditional": (
+        [*TINY["vae"], "--likelihood", "gaussian", "--beta", "4", "--conditional"],
+        {"likelihood": "gaussian", "num_classes": 10},
+    ),
+    "gan-spectral-conditional": ([*TINY["gan"], "--spectral-norm", "--gp-weight", "0", "--conditional"], {"num_classes": 10}),
+    "gan-conv": (
+        ["gan", "--arch", "conv", "--width", "2", "--latent", "4", "--steps-per-epoch", "1", "--batch-size", "4", "--n-critic", "1"],
+        {"arch": "conv", "width": 2},
+    ),
+    "transformer-seed-block": ([*TINY["transformer"], "--block", "seed", "--dropout", "0.1"], {"block": "seed", "dropout": 0.1}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_model_options_train_and_export(tmp_path: Path, variant: str) -> None:
+    args, expected = VARIANTS[variant]
+    assert main([*args, "--device", "cpu", "--epochs", "1", "--run-dir", str(tmp_path)]) == 0
+    config = load_model(tmp_path / "model.safetensors").config
+    assert {k: getattr(config, k) for k in expected} == expected
