@@ -405,7 +405,7 @@ def test_cli_missing_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 # -- the options of each model train and export ---------------------------------------------------
 
-VARIANTS = {
+VARIANTS: dict[str, tuple[list[str], dict[str, Any]]] = {
     "vae-gaussian-beta-conditional": (
         [*TINY["vae"], "--likelihood", "gaussian", "--beta", "4", "--conditional"],
         {"likelihood": "gaussian", "num_classes": 10},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_drop(self.proj(y))
 
+    def forward_cached(
+        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of new tokens against a KV cache (inference only; see ``CharTransformer.forward_cached``).
+
+        x (B, T, C); kv (2, B, nh, L, hs), a view of this layer's keys and values; where = (rows (B, 1),
+        pos (B, T)) the cache cells of the new tokens; mask (B, 1, T, L), 0 where a query may attend, else -inf.
+        """
+        b, t, c = x.shape
+        hs = c // self.n_head
+        qkv = self.qkv(x).view(b, t, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
+        # One scatter writes both keys and values: kv[:, rows, :, pos] is (B, T, 2, nh, hs).
+        kv[:, where[0], :, where[1]] = qkv[:, :, 1:]
+        q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=1 / math.sqrt(hs))  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -85,6 +102,16 @@ class Block(nn.Module):
             return x + self.mlp(self.ln_2(x))
         # the seed (and the original Transformer): LN(x + f(x))
         x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+    def forward_cached(
+        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` for new tokens only, with attention against this layer's KV cache ``kv``."""
+        if self.pre_ln:
+            x = x + self.attn.forward_cached(self.ln_1(x), kv, where, mask)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn.forward_cached(x, kv, where, mask))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -121,4 +148,26 @@ class CharTransformer(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
+        return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, vocab)
+
+    def forward_cached(self, idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """Incremental forward with a KV cache (inference: no dropout, no autograd wanted).
+
+        idx (B, T) token ids at absolute positions pos (B, T) (each < block_size); cache
+        (n_layer, 2, B, nh, L, hs), a view into preallocated memory whose row b holds sequence b's
+        keys and values at positions 0..L-1. The new tokens' keys and values are written into the
+        cache at ``pos``, then each token attends to the cached positions <= its own, so cells past
+        a sequence's length (stale or unwritten) are masked out. Returns logits (B, T, vocab), equal
+        (to float tolerance) to ``forward`` over the whole sequence.
+        """
+        b = idx.shape[0]
+        span = cache.shape[-2]
+        # (B, 1, T, L) additive mask: query t of row b sees cached positions 0..pos[b, t] (causal, per
+        # sequence). Built once for all layers, as floats: SDPA would convert a boolean mask per call.
+        hidden = (torch.arange(span, device=idx.device) > pos.unsqueeze(-1)).unsqueeze(1)
+        mask = torch.zeros(hidden.shape, dtype=cache.dtype, device=idx.device).masked_fill_(hidden, -math.inf)
+        where = (torch.arange(b, device=idx.device).unsqueeze(1), pos)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
+        for block, kv in zip(self.blocks, cache, strict=True):
+            x = cast(Block, block).forward_cached(x, kv, where, mask)  # kv: (2, B, nh, L, hs)
         return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, vocab)

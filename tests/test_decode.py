@@ -1,0 +1,336 @@
+"""KV-cache decoding and continuous batching: logits against full forwards, batch independence, stops, cancellation, validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+
+from engine.decode import DecodeLoop, QueueFullError, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
+from engine.modelfile import load_model
+from engine.models.transformer import CharTransformer, TransformerConfig
+from engine.sampling import InvalidPromptError, InvalidRequestError, InvalidSamplingError, SamplingBatch, SamplingParams, sample
+
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
+VOCAB = "\n abcdefghij"
+
+
+def tiny_model(block: Literal["gpt2", "seed"] = "gpt2", block_size: int = 16, seed: int = 0) -> CharTransformer:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        vocab_size=len(VOCAB), block_size=block_size, n_layer=2, n_head=2, d_model=16, d_ff=32, dropout=0.0, block=block
+    )
+    model = CharTransformer(cfg).eval()
+    with torch.no_grad():  # wider than the training init: peaked logits, so no near-ties between tokens
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundled() -> DecodeLoop:
+    return DecodeLoop.from_loaded(load_model(BUNDLED), max_batch=8)
+
+
+def texts(events: list[TokenEvent]) -> dict[SequenceHandle, tuple[str, str | None]]:
+    """Each sequence's emitted text and finish reason."""
+    out: dict[SequenceHandle, tuple[str, str | None]] = {}
+    for e in events:
+        text, _ = out.get(e.handle, ("", None))
+        out[e.handle] = (text + e.text, e.finish_reason)
+    return out
+
+
+def run_alone(model: CharTransformer, request: SequenceRequest) -> tuple[str, str | None]:
+    loop = DecodeLoop(model, VOCAB, max_batch=1)
+    handle = loop.add(request)
+    return texts(loop.run_until_idle())[handle]
+
+
+# -- KV cache against full forward passes ------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", ["gpt2", "seed"])
+def test_kv_cache_logits_match_full_forward(block: Literal["gpt2", "seed"]) -> None:
+    model = tiny_model(block, block_size=12)
+    cache = SlotCache(model, max_batch=3)
+    cache.kv.normal_()  # stale garbage in every cell: the masks must hide whatever is past a sequence's length
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, len(VOCAB), (n,), generator=g).tolist() for n in (3, 9, 3)]
+    starts = [0, 0, 0]  # where each sequence's window (what its cache holds) begins
+    keep = 12 // 2
+    refills: list[list[int]] = []
+    with torch.inference_mode():
+        for slots in ([1, 2], [0]):  # one batched prefill right-padded (9 and 3 tokens), one alone
+            logits = cache.prefill(slots, [seqs[b] for b in slots])
+            for k, b in enumerate(slots):
+                torch.testing.assert_close(logits[k, : len(seqs[b])], model(torch.tensor([seqs[b]]))[0])
+        for _ in range(12):  # crosses the 12-token window: slot 1 alone, then slots 0 and 2 together
+            for s in seqs:
+                s.append(int(torch.randint(0, len(VOCAB), (1,), generator=g)))
+            rows = [b for b, s in enumerate(seqs) if len(s) - starts[b] <= 12]
+            refill = [b for b in range(3) if b not in rows]
+            logits = cache.decode(
+                [seqs[b][-1] if b in rows else 0 for b in range(3)], [len(seqs[b]) - 1 - starts[b] if b in rows else 0 for b in range(3)]
+            )
+            if refill:  # the context policy: re-prefill the last block_size // 2 tokens at positions 0..
+                for b in refill:
+                    starts[b] = len(seqs[b]) - keep
+                logits[refill] = cache.prefill(refill, [seqs[b][starts[b] :] for b in refill])[:, -1]
+                refills.append(refill)
+            for b in range(3):
+                window = torch.tensor([seqs[b][starts[b] :]])
+                torch.testing.assert_close(logits[b], model(window)[0, -1], rtol=1e-5, atol=1e-5)
+    assert [0, 2] in refills and [1] in refills  # the re-prefill paths (adjacent and scattered slots) really ran
+
+
+def test_greedy_bundled_model_matches_naive_forward_loop(bundled: DecodeLoop) -> None:
+    model = bundled._cache.model
+    prompt = "ROMEO:\nWhat light through yonder window breaks?\n"
+    ids = bundled.vocab.encode(prompt)
+    with torch.inference_mode():
+        for _ in range(40):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    expected = bundled.vocab.decode(ids[len(prompt) :])
+    handle = bundled.add(SequenceRequest(prompt, SamplingParams(temperature=0, max_new_tokens=40)))
+    assert texts(bundled.run_until_idle())[handle] == (expected, "length")
+
+
+def test_context_window_policy_matches_cropped_full_forward() -> None:
+    """Greedy decoding past the window equals full forwards over the documented crop (last block_size // 2 tokens)."""
+    model = tiny_model(block_size=8)
+    prompt = "abcdefghij a"  # 12 characters: the first 4 are dropped
+    ids = [VOCAB.index(c) for c in prompt][-8:]
+    start = 0
+    with torch.inference_mode():
+        for _ in range(30):
+            if len(ids) - start > 8:
+                start = len(ids) - 4
+            ids.append(int(model(torch.tensor([ids[start:]]))[0, -1].argmax()))
+    loop = DecodeLoop(model, VOCAB, max_batch=2)
+    handle = loop.add(SequenceRequest(prompt, SamplingParams(temperature=0, max_new_tokens=30)))
+    assert handle.truncated_chars == 4 and handle.prompt_tokens == 8
+    assert texts(loop.run_until_idle())[handle] == ("".join(VOCAB[i] for i in ids[8:]), "length")
+
+
+# -- continuous batching -----------------------------------------------------------------------
+
+REQUESTS = [
+    SequenceRequest("a", SamplingParams(temperature=1.0, seed=1, max_new_tokens=40)),
+    SequenceRequest("hi bad\n", SamplingParams(temperature=0.7, top_k=4, seed=2, max_new_tokens=25)),
+    SequenceRequest("jig", SamplingParams(temperature=0, max_new_tokens=33)),
+    SequenceRequest("cab bag", SamplingParams(temperature=1.3, top_p=0.8, seed=3, max_new_tokens=7)),
+    SequenceRequest("\n", SamplingParams(temperature=0.9, top_k=6, top_p=0.9, seed=4, max_new_tokens=45, stop=("ee", "j\n"))),
+    SequenceRequest("abcdefghij abcdefghij", SamplingParams(temperature=1.0, seed=5, max_new_tokens=3)),
+]
+
+
+def test_batched_decode_equals_one_at_a_time() -> None:
+    model = tiny_model(block_size=16)
+    alone = [run_alone(model, r) for r in REQUESTS]
+    loop = DecodeLoop(model, VOCAB, max_batch=3, max_pending=8)
+    events: list[TokenEvent] = []
+    handles = [loop.add(REQUESTS[0]), loop.add(REQUESTS[1])]
+    for _ in range(5):
+        events += loop.step()
+    handles += [loop.add(r) for r in REQUESTS[2:5]]  # joins mid-flight; two of them wait for a slot
+    for _ in range(3):
+        events += loop.step()
+    assert loop.active_count == 3 and loop.pending_count > 0
+    handles.append(loop.add(REQUESTS[5]))
+    events += loop.run_until_idle()
+    got = texts(events)
+    assert [got[h] for h in handles] == alone
+    assert len({len(t) for t, _ in alone}) > 3  # they really left at different steps
+    assert loop.active_count == 0 and loop.free_slots == 3
+
+
+def test_same_request_alone_and_in_mixed_batch(bundled: DecodeLoop) -> None:
+    request = SequenceRequest("KING:\n", SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=7, max_new_tokens=60))
+    h = bundled.add(request)
+    alone = texts(bundled.run_until_idle())[h]
+    others = [
+        SequenceRequest("First Citizen:\nWe are", SamplingParams(temperature=1.2, seed=s, max_new_tokens=20 + 7 * s)) for s in range(4)
+    ] + [SequenceRequest("a", SamplingParams(temperature=0, max_new_tokens=80))]
+    for r in others[:3]:
+        bundled.add(r)
+    events = bundled.step() + bundled.step()
+    h2 = bundled.add(request)  # joins a batch already decoding
+    for r in others[3:]:
+        bundled.add(r)
+    events += bundled.run_until_idle()
+    assert texts(events)[h2] == alone
+    assert alone[1] == "length" and len(alone[0]) == 60
+
+
+def test_one_forward_pass_per_step_for_all_active_sequences() -> None:
+    model = tiny_model()
+    loop = DecodeLoop(model, VOCAB, max_batch=4)
+    for r in REQUESTS[:4]:
+        loop.add(r)
+    loop.step()  # admission: four prefills
+    calls: list[int] = []
+    original = model.forward_cached
+
+    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        calls.append(idx.shape[0])
+        return original(idx, pos, cache)
+
+    model.forward_cached = counting  # type: ignore[method-assign]
+    events = loop.step()
+    assert calls == [4] and len(events) == 4 and all(e.token_id is not None for e in events)
+
+
+# -- cancellation, capacity, stops, length ------------------------------------------------------
+
+
+def test_cancel_frees_the_slot_for_a_new_sequence() -> None:
+    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1, max_pending=0)
+    a = loop.add(SequenceRequest("abc", SamplingParams(temperature=0, max_new_tokens=100)))
+    with pytest.raises(QueueFullError, match="decode loop is full: 1 sequences decoding and 0 waiting"):
+        loop.add(SequenceRequest("b"))
+    first = loop.step()
+    assert [e.handle for e in first] == [a] and loop.free_slots == 0
+    assert loop.cancel(a)
+    events = loop.step()
+    assert [(e.handle, e.finish_reason, e.token_id) for e in events] == [(a, "cancelled", None)]
+    assert loop.free_slots == 1 and not loop.has_work and not loop.cancel(a)
+    b = loop.add(SequenceRequest("b", SamplingParams(temperature=0, max_new_tokens=2)))
+    assert texts(loop.run_until_idle())[b][1] == "length"
+
+
+def test_cancel_a_waiting_sequence() -> None:
+    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1, max_pending=1)
+    a = loop.add(SequenceRequest("a", SamplingParams(temperature=0, max_new_tokens=3)))
+    b = loop.add(SequenceRequest("b", SamplingParams(temperature=0, max_new_tokens=3)))
+    assert loop.pending_count == 2  # admission happens at the next step
+    assert [e.handle for e in loop.step()] == [a]
+    assert loop.pending_count == 1 and loop.cancel(b)
+    events = loop.step()
+    assert {(e.handle, e.finish_reason) for e in events} == {(a, None), (b, "cancelled")}
+    assert loop.pending_count == 0
+    assert [e.handle for e in loop.run_until_idle()] == [a]
+
+
+def test_max_new_tokens_ends_with_length() -> None:
+    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=2)
+    h = loop.add(SequenceRequest("abc", SamplingParams(temperature=1.0, seed=0, max_new_tokens=5)))
+    events = loop.run_until_idle()
+    assert [e.n_generated for e in events] == [1, 2, 3, 4, 5]
+    assert [e.finish_reason for e in events] == [None] * 4 + ["length"]
+    assert len(texts(events)[h][0]) == 5
+
+
+def test_stop_string_spanning_tokens_ends_with_stop_and_is_not_emitted(bundled: DecodeLoop) -> None:
+    params = SamplingParams(temperature=0, max_new_tokens=60)
+    h = bundled.add(SequenceRequest("ROMEO:\n", params))
+    full, _ = texts(bundled.run_until_idle())[h]
+    stop = full[22:26]  # four characters = four tokens
+    assert stop.strip() and full.find(stop) > 3
+    h = bundled.add(SequenceRequest("ROMEO:\n", SamplingParams(temperature=0, max_new_tokens=60, stop=("zzz", stop))))
+    events = bundled.run_until_idle()
+    assert texts(events)[h] == (full[: full.find(stop)], "stop")
+    assert len(events) == full.find(stop) + len(stop)  # it stopped on the token that completed the stop string
+
+
+def test_stop_matcher_holds_back_possible_starts() -> None:
+    m = StopMatcher(["bcd", "xy"])
+    assert [m.feed(c) for c in "abcx"] == [("a", False), ("", False), ("", False), ("bc", False)]
+    assert m.held == "x"
+    assert m.feed("bcdz") == ("xbcdz"[: "xbcdz".find("bcd")], True)
+    m = StopMatcher(["ab"])
+    assert m.feed("a") == ("", False) and m.flush() == "a"
+
+
+def test_held_back_text_is_flushed_at_length() -> None:
+    model = tiny_model()
+    plain = run_alone(model, SequenceRequest("a", SamplingParams(temperature=0, max_new_tokens=6)))[0]
+    never = plain[-1] + "\t"  # starts like the last character, can never complete (tab is not in the vocab)
+    assert run_alone(model, SequenceRequest("a", SamplingParams(temperature=0, max_new_tokens=6, stop=(never,)))) == (plain, "length")
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "kept"), [(0, 1.0, 5), (3, 1.0, 3), (0, 0.7, 2), (4, 0.99, 4)])
+def test_sample_matches_the_filtered_distribution(top_k: int, top_p: float, kept: int) -> None:
+    logits = torch.tensor([1.0, 3.0, -1.0, 2.5, 0.5])
+    temperature = 0.8
+    probs = torch.softmax(logits / temperature, dim=0)
+    order = probs.argsort(descending=True)
+    expected = torch.zeros(5)
+    expected[order[:kept]] = probs[order[:kept]] / probs[order[:kept]].sum()
+    n = 40_000
+    batch = SamplingBatch.build([SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * n, vocab_size=5)
+    ids = sample(logits.expand(n, 5), batch, torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(ids, minlength=5) / n
+    torch.testing.assert_close(freq, expected, atol=0.012, rtol=0)
+    assert int((freq > 0).sum()) == kept
+
+
+def test_greedy_rows_take_argmax_among_sampled_rows() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0], [2.0, 0.0, 1.0]])
+    batch = SamplingBatch.build([SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1)], vocab_size=3)
+    assert sample(logits, batch, torch.tensor([0.99, 0.5])).tolist() == [1, 0]
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": math.nan}, "temperature must be a finite number >= 0 (0 means greedy), got nan"),
+        ({"temperature": -0.5}, "temperature must be a finite number >= 0 (0 means greedy), got -0.5"),
+        ({"temperature": math.inf}, "temperature must be a finite number >= 0 (0 means greedy), got inf"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1] (1 turns it off), got 0.0"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1] (1 turns it off), got 1.5"),
+        ({"top_p": math.nan}, "top_p must be in (0, 1] (1 turns it off), got nan"),
+        ({"top_k": -1}, "top_k must be an integer >= 0 (0 turns it off), got -1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer between 1 and 4096, got 0"),
+        ({"max_new_tokens": 4097}, "max_new_tokens must be an integer between 1 and 4096, got 4097"),
+        ({"seed": -1}, "seed must be an integer in [0, 2**64), got -1"),
+        ({"stop": ("ok", "")}, "stop string 1 must be a non-empty string, got ''"),
+        ({"stop": "\n"}, "stop must be a sequence of strings, not a string: '\\n'"),
+        ({"stop": ("x" * 65,)}, "stop string 0 has 65 characters; the limit is 64"),
+    ],
+)
+def test_bad_settings_raise_precise_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidSamplingError) as info:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message
+    assert isinstance(info.value, InvalidRequestError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "message"),
+    [
+        ("abc", InvalidPromptError, "prompt character 'z' at position 3 is not in the model's vocabulary"),
+        ("", InvalidPromptError, 'prompt is empty: the model needs at least one character to condition on (send "\\n" to start afresh)'),
+    ],
+)
+def test_bad_prompts_raise_precise_errors(prompt: str, error: type[Exception], message: str) -> None:
+    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1)
+    with pytest.raises(error) as info:
+        loop.add(SequenceRequest(prompt + ("z!" if prompt else "")))
+    assert str(info.value) == message
+    assert not loop.has_work
+
+
+def test_loop_cap_on_max_new_tokens() -> None:
+    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1, max_new_tokens_cap=100)
+    with pytest.raises(InvalidSamplingError, match=r"^max_new_tokens must be an integer between 1 and 100, got 101$"):
+        loop.add(SequenceRequest("a", SamplingParams(max_new_tokens=101)))
+
+
+def test_seed_is_reported_and_reproduces() -> None:
+    model = tiny_model()
+    loop = DecodeLoop(model, VOCAB, max_batch=2)
+    h = loop.add(SequenceRequest("ab", SamplingParams(temperature=1.0, max_new_tokens=20)))
+    first = texts(loop.run_until_idle())[h]
+    assert run_alone(model, SequenceRequest("ab", SamplingParams(temperature=1.0, seed=h.seed, max_new_tokens=20))) == first
+    other = run_alone(model, SequenceRequest("ab", SamplingParams(temperature=1.0, seed=h.seed + 1, max_new_tokens=20)))
+    assert other != first  # the seed really steers the draw
