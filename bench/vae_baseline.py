@@ -25,7 +25,7 @@ from engine.models.vae import VAE, VAEConfig
 from training.__main__ import main as training_main
 from training.data import TRAIN_COUNT, load_t10k
 
-OURS = "vae --epochs 400 --shift 1 --patience 40"
+OURS = "vae --epochs 800 --shift 1 --lr 3e-3 --warmup-epochs 5 --grad-clip 0 --patience 100"
 
 
 @torch.no_grad()

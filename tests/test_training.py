@@ -194,7 +194,8 @@ def test_cli_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], comm
 def test_early_stopping_exports_the_best_epoch(tmp_path: Path) -> None:
     # a learning rate this high makes the tiny VAE's validation loss rise after epoch 1
     run = tmp_path / "run"
-    assert train("vae", run, "--epochs", "5", "--save-every", "1", "--lr", "0.3", "--min-lr-ratio", "1", "--patience", "1") == 0
+    args = ["--epochs", "5", "--save-every", "1", "--lr", "0.3", "--min-lr-ratio", "1", "--patience", "1"]
+    assert train("vae", run, *args, "--warmup-epochs", "0", "--grad-clip", "1", "--shift", "0") == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["history"][1]["val_loss"] > metrics["history"][0]["val_loss"], "set-up: epoch 2 should be worse"
     assert metrics["epochs_run"] == 2
@@ -258,7 +259,8 @@ def test_gan_defaults_are_the_papers() -> None:
 
 def test_task_defaults_reach_the_parser() -> None:
     p = build_parser()
-    assert (p.parse_args(["vae"]).epochs, p.parse_args(["vae"]).lr) == (50, 1e-3)
+    vae = p.parse_args(["vae"])  # the bundled model's recipe
+    assert (vae.epochs, vae.lr, vae.shift, vae.grad_clip) == (800, 3e-3, 1, 0.0)
     assert (p.parse_args(["gan"]).batch_size, p.parse_args(["gan"]).lr) == (64, 1e-4)
     assert p.parse_args(["transformer"]).warmup_epochs == 0.4
 
