@@ -7,6 +7,7 @@ learning-rate schedule, clipping, validation, early stopping, checkpoints and th
 from __future__ import annotations
 
 import argparse
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,11 +69,15 @@ class Task(ABC):
     def write_samples(self, run_dir: Path, seed: int) -> Path:
         """Write the run's sample artefact (PNG grid or text file)."""
 
-    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
-        """Backward, global-norm gradient clipping, step; returns the pre-clip gradient norm."""
+    def optimize(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Backward, global-norm gradient clipping, step; returns the pre-clip gradient norm.
+
+        The norm stays a tensor: reading it forces a device sync, which a GPU caller may skip.
+        """
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip) if self.grad_clip > 0 else torch.zeros(())
+        # with clipping off, an infinite limit still measures the norm (a figure worth logging)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
         optimizer.step()
-        return float(norm)
+        return norm.detach()

@@ -106,7 +106,7 @@ class TransformerTask(Task):
         logits = self.model(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
         grad_norm = self.optimize(loss, self.opt)
-        return {"loss": loss.item(), "grad_norm": grad_norm}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
 
     def validate(self) -> dict[str, float]:
         total, count = 0.0, 0

@@ -111,7 +111,7 @@ class VAETask(Task):
         grad_norm = self.optimize(loss.mean(), self.opt)
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": loss.mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item(), "grad_norm": grad_norm}
+        return {"loss": loss.mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item(), "grad_norm": grad_norm.item()}
 
     def validate(self) -> dict[str, float]:
         x = self.data.val.images.to(self.device)
