@@ -37,6 +37,11 @@ def loss_curve(history: list[dict[str, float]], path: Path, title: str) -> Path:
     keys = [k for k in (history[0] if history else {}) if k.endswith("loss")]
     for key in keys:
         ax.plot(epochs, [row[key] for row in history], label=key, marker="." if len(epochs) < 30 else None)
+    if len(epochs) >= 20 and keys:
+        # the first epochs' losses dwarf the rest: zoom onto everything after the first 5%
+        tail = [row[k] for row in history[len(history) // 20 :] for k in keys]
+        low, high = min(tail), max(tail)
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(f"{title}: loss per epoch")
