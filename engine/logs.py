@@ -42,6 +42,10 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    """A logger bound to a component name (``logger=name`` on every line)."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(logger=name)
+    """A logger for a component (``component=name`` on every line).
+
+    Lazy: the configuration is read at each event, so module-level loggers follow a later
+    ``configure_logging`` (binding eagerly would freeze the configuration of import time).
+    """
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
     return logger
