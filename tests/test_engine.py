@@ -1,0 +1,126 @@
+"""engine.engine: model code on engine threads, results back on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.decode import DecodeLoop, QueueFullError, SequenceRequest
+from engine.engine import Engine, EngineError
+from engine.images import ImageRequest
+from engine.modelfile import export_model
+from engine.models.transformer import CharTransformer, TransformerConfig
+from engine.models.vae import VAE, VAEConfig
+from engine.registry import ModelRegistry
+from engine.sampling import InvalidPromptError, SamplingParams
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+VOCAB = "\n !,.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> ModelRegistry:
+    torch.manual_seed(0)
+    text = CharTransformer(TransformerConfig(vocab_size=len(VOCAB), block_size=32, n_layer=1, n_head=2, d_model=16, d_ff=32, dropout=0.0))
+    export_model(tmp_path / "text.safetensors", "char-transformer", text, vocab=VOCAB)
+    export_model(tmp_path / "digits.safetensors", "vae", VAE(VAEConfig(hidden_dim=8, latent_dim=4)))
+    return ModelRegistry.from_folder(tmp_path)
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    e = Engine(decode_batch=4, decode_pending=2)
+    yield e
+    e.close()
+
+
+def sync_text(registry: ModelRegistry, prompt: str, params: SamplingParams) -> str:
+    loop = DecodeLoop.from_loaded(registry.get("text").model, max_batch=1)
+    loop.add(SequenceRequest(prompt, params))
+    return "".join(ev.text for ev in loop.run_until_idle())
+
+
+async def collect(engine: Engine, registry: ModelRegistry, prompt: str, params: SamplingParams) -> tuple[str, str | None]:
+    events = [ev async for ev in engine.stream_text(registry.get("text"), SequenceRequest(prompt, params))]
+    return "".join(ev.text for ev in events), events[-1].finish_reason
+
+
+async def test_stream_text_equals_the_synchronous_loop(engine: Engine, registry: ModelRegistry) -> None:
+    params = SamplingParams(temperature=0.9, seed=5, max_new_tokens=20)
+    text, reason = await collect(engine, registry, "ROMEO:", params)
+    assert reason == "length"
+    assert text == sync_text(registry, "ROMEO:", params)
+
+
+async def test_concurrent_streams_each_get_their_own_answer(engine: Engine, registry: ModelRegistry) -> None:
+    settings = [SamplingParams(temperature=1.0, seed=s, max_new_tokens=10 + s) for s in range(6)]  # 6 > 4 slots: 2 wait
+    results = await asyncio.gather(*(collect(engine, registry, "A", p) for p in settings))
+    for params, (text, reason) in zip(settings, results, strict=True):
+        assert reason == "length"
+        assert text == sync_text(registry, "A", params)
+
+
+async def test_closing_the_stream_early_frees_the_slot(engine: Engine, registry: ModelRegistry) -> None:
+    served = registry.get("text")
+    stream = engine.stream_text(served, SequenceRequest("A", SamplingParams(max_new_tokens=1000, seed=1)))
+    first = await anext(stream)
+    assert first.finish_reason is None
+    await stream.aclose()  # the client went away
+    worker = engine.text_worker(served)
+    for _ in range(200):
+        if not worker.loop.has_work:
+            break
+        await asyncio.sleep(0.01)
+    assert not worker.loop.has_work
+
+
+async def test_bad_prompt_is_refused_before_any_event(engine: Engine, registry: ModelRegistry) -> None:
+    with pytest.raises(InvalidPromptError):
+        await collect(engine, registry, "ROMEO: \u00e9", SamplingParams(max_new_tokens=5))
+
+
+async def test_a_full_decode_loop_refuses_at_once(engine: Engine, registry: ModelRegistry) -> None:
+    served = registry.get("text")
+    streams = [engine.stream_text(served, SequenceRequest("A", SamplingParams(max_new_tokens=1000, seed=i))) for i in range(4)]
+    for s in streams[:4]:  # 4 sequences decoding fill the slots
+        await anext(s)
+    worker = engine.text_worker(served)
+    worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)  # 2 may wait
+    worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)
+    with pytest.raises(QueueFullError, match="decode loop is full"):
+        worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)
+    for s in streams[:4]:
+        await s.aclose()
+
+
+async def test_images_run_on_the_pool_and_equal_a_direct_run(engine: Engine, registry: ModelRegistry) -> None:
+    served = registry.get("digits")
+    assert served.images is not None
+    request = ImageRequest(n=5, seed=11)
+    (result,) = await engine.generate_images(served, [served.images.prepare(request)])
+    (direct,) = served.images.generate([request])
+    assert result.pixels.shape == (5, 28, 28) and result.pixels.dtype == np.uint8
+    assert np.array_equal(result.pixels, direct.pixels)
+
+
+async def test_a_failing_model_fails_its_requests_and_the_worker_restarts(
+    engine: Engine, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = registry.get("text")
+    worker = engine.text_worker(served)
+
+    def boom() -> list[object]:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(worker.loop, "step", boom)
+    with pytest.raises(EngineError, match="generation failed in text: RuntimeError"):
+        await collect(engine, registry, "A", SamplingParams(max_new_tokens=5))
+    assert worker.failed is not None
+    _, reason = await collect(engine, registry, "A", SamplingParams(max_new_tokens=5, seed=2))  # a fresh worker
+    assert reason == "length" and engine.text_worker(served) is not worker
