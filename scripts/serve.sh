@@ -4,5 +4,5 @@
 # in the README's table, from the files in models/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GENSERVE_EXTRAS=${GENSERVE_EXTRAS:-dev} bash scripts/setup.sh
+bash scripts/setup.sh
 exec .venv/bin/python -m training.eval models/vae.safetensors models/gan.safetensors models/transformer.safetensors "$@"
