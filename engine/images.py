@@ -55,6 +55,10 @@ class InvalidImageRequest(ValueError):
         super().__init__(message)
 
 
+_F255 = np.float32(255.0)  # float32 scalars keep numpy's in-place ops in float32
+_FHALF = np.float32(0.5)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_n: int = DEFAULT_MAX_N  # samples one request may ask for
@@ -255,10 +259,17 @@ class ImageGenerator:
         times slower (50 us vs 10 us for a batch of 100 here); on a GPU the cast runs there, so a
         quarter of the bytes cross to the host.
         """
+        if x.device.type == "cpu":
+            # Measured at batch 100: torch clamp_ then numpy's in-place multiply-add with float32
+            # scalars and cast take 34 us, torch's add + clamp then numpy's cast 58 us.
+            y = x if in_place else x.clone()
+            y.clamp_(0.0, 1.0)  # guards a model whose output strays outside [0, 1]
+            a = y.numpy()
+            np.multiply(a, _F255, out=a)
+            a += _FHALF
+            return a.astype(np.uint8)
         y = torch.add(self._half, x, alpha=255.0, out=x) if in_place else torch.add(self._half, x, alpha=255.0)
-        y.clamp_(0.0, 255.0)  # guards a model whose output strays outside [0, 1]
-        if y.device.type == "cpu":
-            return y.numpy().astype(np.uint8)
+        y.clamp_(0.0, 255.0)
         return y.to(torch.uint8).cpu().numpy()
 
     # -- conveniences ---------------------------------------------------------------------------
