@@ -249,7 +249,8 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             tensors = {name: f.get_tensor(name) for name in expected}
     except Exception as e:  # safetensors raises its own error types; name the file
         raise ModelFileError(p, f"safetensors could not read the tensors: {e}") from e
-    module = kind.module_cls(config)
-    module.load_state_dict(tensors, strict=True)
-    module.to(device).eval()
+    # The skeleton's meta parameters take the file's tensors as they are (assign=True): no random
+    # initialisation and no second copy of the weights.
+    skeleton.load_state_dict(tensors, strict=True, assign=True)
+    module = skeleton.to(device).eval()
     return LoadedModel(path=p, kind=kind_name, config=config, module=module, vocab=vocab, training=training)
