@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy engine training tests bench
+.venv/bin/mypy engine training server clients scripts tests bench
 .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""genserve wire protocol: Python modules generated from proto/genserve (see scripts/gen_proto.py)."""
