@@ -60,9 +60,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         made = generate(Path(tmp))
         stale = [str(rel) for rel in made if not (ROOT / rel).exists() or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)]
-        extra = sorted(
-            str(p.relative_to(ROOT)) for p in (ROOT / PACKAGE).glob("*_pb2*.py*") if p.relative_to(ROOT) not in set(made)
-        )
+        extra = sorted(str(p.relative_to(ROOT)) for p in (ROOT / PACKAGE).glob("*_pb2*.py*") if p.relative_to(ROOT) not in set(made))
     if stale or extra:
         print(f"generated code is out of date: {', '.join(stale + extra)}; run: python scripts/gen_proto.py", file=sys.stderr)
         return 1

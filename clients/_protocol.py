@@ -1,0 +1,104 @@
+"""The edge between our values and genserve.v1 messages: building requests, assembling answers.
+
+Shared by the one-call methods (``Generate``) and the session (``GenerateStream``), which see
+the same ``GenerateResponse`` messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from clients._exceptions import ServerError
+from clients._types import ImageResult, TextResult, finish_reason
+from genserve.v1 import generator_pb2 as pb
+
+Labels = int | Sequence[int] | None
+
+
+def image_request(
+    model: str, n: int, *, seed: int | None = None, labels: Labels = None, version: int = 0, want_float: bool = False, id: str = ""
+) -> pb.GenerateRequest:
+    """``labels``: one label for every sample, or one per sample; None lets the seed draw them."""
+    label_list = [labels] if isinstance(labels, int) else list(labels or ())
+    params = pb.ImageParams(n=n, seed=seed, labels=label_list, want_float=want_float)
+    return pb.GenerateRequest(model=model, version=version, id=id, image=params)
+
+
+def text_request(
+    model: str,
+    prompt: str,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+    version: int = 0,
+    id: str = "",
+) -> pb.GenerateRequest:
+    """Unset sampling options take the server's defaults (256 tokens, temperature 1, no top-k/top-p)."""
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    params = pb.TextParams(
+        prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stops
+    )
+    return pb.GenerateRequest(model=model, version=version, id=id, text=params)
+
+
+class ImageAssembler:
+    """Places the chunks of one image request (in any order) into one (n, height, width) array."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.received = 0
+        self._images: npt.NDArray[np.uint8] | None = None
+        self._floats: npt.NDArray[np.float32] | None = None
+        self._labels: list[int] = []
+
+    def add(self, chunk: pb.Images) -> int:
+        """Take one chunk; returns the number of samples it held."""
+        count, h, w, offset = chunk.count, chunk.height, chunk.width, chunk.offset
+        if offset + count > self.n or len(chunk.pixels) != count * h * w:
+            raise ServerError(f"malformed image chunk: offset {offset}, count {count}, {h}x{w}, {len(chunk.pixels)} bytes, n {self.n}")
+        if self._images is None:
+            self._images = np.zeros((self.n, h, w), dtype=np.uint8)
+        elif self._images.shape[1:] != (h, w):
+            raise ServerError(f"image chunk of {h}x{w} after chunks of {self._images.shape[1]}x{self._images.shape[2]}")
+        self._images[offset : offset + count] = np.frombuffer(chunk.pixels, dtype=np.uint8).reshape(count, h, w)
+        if chunk.floats:
+            if self._floats is None:
+                self._floats = np.zeros((self.n, h, w), dtype=np.float32)
+            self._floats[offset : offset + count] = np.frombuffer(chunk.floats, dtype="<f4").reshape(count, h, w)
+        if chunk.labels:
+            if not self._labels:
+                self._labels = [0] * self.n
+            self._labels[offset : offset + count] = chunk.labels
+        self.received += count
+        return count
+
+    def result(self, finish: pb.Finish, id: str = "") -> ImageResult:
+        if self._images is None or self.received != self.n:
+            raise ServerError(f"the server finished the request after {self.received} of {self.n} samples")
+        return ImageResult(self._images, tuple(self._labels), finish.seed, finish.model, finish.version, id, self._floats)
+
+
+class TextAssembler:
+    """Joins the pieces of one text request."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+
+    @property
+    def received(self) -> int:
+        return len(self.pieces)
+
+    def add(self, text: pb.Text) -> str:
+        self.pieces.append(text.text)
+        return text.text
+
+    def result(self, finish: pb.Finish, id: str = "") -> TextResult:
+        text = "".join(self.pieces)
+        return TextResult(text, finish_reason(finish.reason), finish.n_generated, finish.seed, finish.model, finish.version, id)

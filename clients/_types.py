@@ -1,0 +1,100 @@
+"""Values the SDK hands back: what a model accepts, and the result of one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from genserve.v1 import generator_pb2 as pb
+
+__all__ = ["ImageResult", "ImageSpec", "ModelInfo", "TextResult", "TextSpec"]
+
+FinishReason = Literal["complete", "length", "stop", "error", "unspecified"]
+
+_REASONS: dict[int, FinishReason] = {
+    pb.FINISH_REASON_UNSPECIFIED: "unspecified",
+    pb.FINISH_REASON_COMPLETE: "complete",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_ERROR: "error",
+}
+
+
+def finish_reason(value: int) -> FinishReason:
+    return _REASONS.get(value, "unspecified")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    """What an image model accepts."""
+
+    max_n: int  # samples one request may ask for
+    image_size: int  # samples are image_size x image_size
+    latent_dim: int
+    conditional: bool  # labels accepted (drawn from the seed when none are given)
+    label_min: int  # inclusive label range, conditional models only
+    label_max: int
+
+
+@dataclass(frozen=True, slots=True)
+class TextSpec:
+    """What a text model accepts."""
+
+    vocab: str  # the characters a prompt may use
+    context_window: int  # longer prompts are refused
+    max_new_tokens: int  # the most tokens one request may ask for
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One served model version, as ``list_models()`` reports it."""
+
+    name: str
+    version: int
+    kind: str  # "vae", "wgan-gp" or "char-transformer"
+    summary: str
+    parameters: int
+    device: str
+    latest: bool  # a request for version 0 gets this version
+    image: ImageSpec | None = None  # set for image models
+    text: TextSpec | None = None  # set for text models
+
+    @classmethod
+    def from_proto(cls, m: pb.ModelInfo) -> ModelInfo:
+        which = m.WhichOneof("accepts")
+        image = text = None
+        if which == "image":
+            i = m.image
+            image = ImageSpec(i.max_n, i.image_size, i.latent_dim, i.conditional, i.label_min, i.label_max)
+        elif which == "text":
+            text = TextSpec(m.text.vocab, m.text.context_window, m.text.max_new_tokens)
+        return cls(m.name, m.version, m.kind, m.summary, m.parameters, m.device, m.latest, image, text)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """The samples of one image request, with what the server reports about them."""
+
+    images: npt.NDArray[np.uint8]  # (n, height, width), 0..255
+    labels: tuple[int, ...]  # the label of each sample (conditional models), else empty
+    seed: int  # the seed used: the same seed gives the same samples
+    model: str
+    version: int  # the version that served the request
+    id: str = ""  # the request's id within a session
+    floats: npt.NDArray[np.float32] | None = field(default=None, repr=False)  # (n, height, width) in [0, 1], when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class TextResult:
+    """The text of one text request (the generated characters, without the prompt)."""
+
+    text: str
+    finish_reason: FinishReason  # "length" (max_new_tokens reached) or "stop" (a stop string was generated)
+    n_generated: int  # tokens generated
+    seed: int
+    model: str
+    version: int
+    id: str = ""

@@ -1,0 +1,1 @@
+"""genserve server: the gRPC front, the GenStage-style pipeline and its supervisor (python -m server)."""

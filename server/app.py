@@ -1,0 +1,172 @@
+"""One genserve server: models, engine, pipeline, supervisor, gRPC (with health and reflection),
+metrics, and the one drain routine used by signals, by a supervisor that gave up, and by tests.
+
+Health: the service names "" and "genserve.v1.Generator" report readiness (SERVING while new work
+is admitted; NOT_SERVING while starting or draining); "liveness" reports SERVING for as long as the
+process can answer. A full queue changes neither: it refuses work (RESOURCE_EXHAUSTED) but is healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import anyio
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from engine.device import choose_device
+from engine.engine import Engine
+from engine.images import ImageLimits
+from engine.logs import get_logger
+from engine.registry import ModelRegistry
+from genserve.v1 import generator_pb2 as pb
+from genserve.v1 import generator_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.pipeline import Pipeline
+from server.service import GeneratorService
+from server.stages import Stage
+from server.supervisor import Supervisor
+
+log = get_logger("server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "genserve.v1.Generator"
+READINESS_NAMES = ("", SERVICE_NAME)
+LIVENESS_NAME = "liveness"
+
+
+class GenServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.port = config.port
+        self.exit_code = 0
+        self.metrics = Metrics()
+        self._shutdown = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._closing = False
+        self._stop_metrics: Callable[[], None] | None = None
+        self._supervisor_task: asyncio.Task[None] | None = None
+        self.engine: Engine | None = None
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "[::]") else self.config.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Load the models, start the stages, then listen; returns once the server is ready."""
+        c = self.config
+        choice = choose_device(c.device, threads=c.threads or None)
+        limits = ImageLimits(max_batch=max(c.batch_size, 1))
+        loop = asyncio.get_running_loop()
+        self.registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
+        if not len(self.registry):
+            raise RuntimeError(f"no model could be loaded from {c.models_dir}; see the model_refused lines above")
+        self.engine = Engine(image_threads=c.image_threads, decode_batch=c.decode_batch, decode_pending=c.decode_pending)
+        self.pipeline = Pipeline(c, self.registry, self.engine, self.metrics)
+        self.supervisor = Supervisor(
+            self.pipeline.stages,
+            intensity=c.restart_intensity,
+            period=c.restart_period_s,
+            on_give_up=self._give_up,
+            on_restart=self._on_restart,
+        )
+        ready = asyncio.Event()
+        self._supervisor_task = asyncio.create_task(self._run_supervisor(ready), name="supervisor")
+        await ready.wait()
+
+        limit = c.max_message_mb << 20
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ]
+        )
+        self.service = GeneratorService(c, self.pipeline, self.metrics)
+        pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.grpc)
+        self.port = self.grpc.add_insecure_port(c.address)
+        if self.port == 0:
+            raise OSError(f"could not listen on {c.address}")
+        await self.grpc.start()
+        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
+        for name in READINESS_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.ready.set(1)
+        if c.metrics_port:
+            self._stop_metrics = self.metrics.serve(c.host, c.metrics_port)
+        log.info(
+            "server_ready",
+            address=self.address,
+            models=[f"{m.name}@{m.version}" for m in self.registry.list_models()],
+            refused=[str(f.path) for f in self.registry.failures],
+            metrics=f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
+            batch_size=c.batch_size,
+            batch_timeout_ms=c.batch_timeout_ms,
+            processors=c.processors,
+        )
+
+    async def _run_supervisor(self, ready: asyncio.Event) -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.supervisor.run)
+            ready.set()
+
+    def _on_restart(self, stage: Stage) -> None:
+        self.metrics.restarts.labels(stage.name).inc()
+
+    def _give_up(self, reason: str) -> None:
+        log.error("supervisor_gave_up", reason=reason, action="draining, then exiting with status 1")
+        self.request_shutdown(exit_code=1)
+
+    def request_shutdown(self, exit_code: int = 0) -> None:
+        """Begin the drain (signal handlers call this); the first non-zero exit code sticks."""
+        if exit_code and not self.exit_code:
+            self.exit_code = exit_code
+        self._shutdown.set()
+
+    async def serve_forever(self) -> int:
+        """Run until a shutdown is requested, drain, and return the exit code."""
+        await self._shutdown.wait()
+        await self.stop()
+        return self.exit_code
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new work, let in-flight work finish within the grace period, fail the rest
+        with UNAVAILABLE, then stop the stages, the engine and the listener."""
+        if self._closing:
+            await self._stopped.wait()
+            return
+        self._closing = True
+        grace = self.config.grace_s if grace is None else grace
+        self.pipeline.accepting = False
+        self.metrics.ready.set(0)
+        for name in READINESS_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        inflight = len(self.pipeline.inflight)
+        log.info("draining", inflight=inflight, grace_s=grace)
+        finished_in_time = True
+        try:
+            async with asyncio.timeout(grace):
+                await self.pipeline.wait_idle()
+        except TimeoutError:
+            finished_in_time = False
+        failed = self.pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
+        await self.grpc.stop(grace=1.0)  # lets the handlers send the outcomes just decided
+        self.supervisor.stop()
+        if self._supervisor_task is not None:
+            self._supervisor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor_task
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+        log.info("stopped", drained=inflight - failed, failed=failed, in_time=finished_in_time, exit_code=self.exit_code)
+        self._stopped.set()

@@ -1,0 +1,118 @@
+"""Server settings: one dataclass, filled from defaults, then GENSERVE_* environment variables, then flags.
+
+Every field is a command-line flag (`--batch-size`) and an environment variable
+(`GENSERVE_BATCH_SIZE`); a flag wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+ENV_PREFIX = "GENSERVE_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 or [::] for every interface)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and logs it)"})
+    models_dir: str = field(default="models", metadata={"help": "folder of *.safetensors models to serve"})
+    device: str = field(default="auto", metadata={"help": "auto (GPU when there is one), cpu, cuda or cuda:N"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
+    image_threads: int = field(default=1, metadata={"help": "engine threads running image batches"})
+    processors: int = field(default=2, metadata={"help": "processor stages preparing inputs (concurrency)"})
+    batch_size: int = field(default=128, metadata={"help": "samples per image batch: a batch closes when full"})
+    batch_timeout_ms: float = field(default=2.0, metadata={"help": "... or this long after its first request"})
+    batch_concurrency: int = field(default=2, metadata={"help": "batches in flight per model (one runs while the next fills)"})
+    decode_batch: int = field(default=64, metadata={"help": "text sequences decoded together per model"})
+    decode_pending: int = field(default=256, metadata={"help": "text sequences waiting for a decode slot per model"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "cap on the tokens one text request may ask for"})
+    max_inflight: int = field(default=8192, metadata={"help": "accepted requests not yet finished; beyond it RESOURCE_EXHAUSTED"})
+    queue_size: int = field(default=1024, metadata={"help": "capacity of each link between stages"})
+    stream_credits: int = field(default=512, metadata={"help": "requests one GenerateStream may have in flight (its credit)"})
+    request_timeout_s: float = field(default=30.0, metadata={"help": "deadline of a request that brings none"})
+    restart_intensity: int = field(default=3, metadata={"help": "stage restarts allowed within the restart period ..."})
+    restart_period_s: float = field(default=5.0, metadata={"help": "... past which the server drains and exits non-zero"})
+    grace_s: float = field(default=10.0, metadata={"help": "on SIGTERM/SIGINT, time for in-flight work to finish"})
+    log_format: str = field(default="console", metadata={"help": "console or json", "choices": ("console", "json")})
+    log_level: str = field(
+        default="info", metadata={"help": "debug, info, warning or error", "choices": ("debug", "info", "warning", "error")}
+    )
+    metrics_port: int = field(default=9464, metadata={"help": "Prometheus /metrics port (0: off)"})
+    max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message accepted or sent, in MiB"})
+
+    def __post_init__(self) -> None:
+        positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
+        positive += ["max_new_tokens", "max_inflight", "queue_size", "stream_credits", "restart_intensity", "max_message_mb"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_timeout_ms", "request_timeout_s", "restart_period_s", "grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("port", "metrics_port", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _convert(kind: Any, raw: str, name: str) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(name)}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def from_env(environ: Mapping[str, str] | None = None, base: ServerConfig | None = None) -> ServerConfig:
+    """Defaults (or base) overridden by GENSERVE_* variables."""
+    environ = os.environ if environ is None else environ
+    base = base or ServerConfig()
+    updates = {}
+    for f in fields(ServerConfig):
+        raw = environ.get(env_name(f.name))
+        if raw is not None and raw != "":
+            updates[f.name] = _convert(type(getattr(base, f.name)), raw, f.name)
+    return replace(base, **updates)
+
+
+def build_parser(base: ServerConfig) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve the models of a folder over gRPC (genserve.v1.Generator, health, reflection).",
+        epilog="Every option is also read from an environment variable, GENSERVE_<OPTION> (e.g. GENSERVE_BATCH_SIZE=64); "
+        "a flag wins over the environment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(ServerConfig):
+        assert f.default is not MISSING
+        value = getattr(base, f.name)
+        kwargs: dict[str, Any] = {"default": value, "type": type(value), "help": f"{f.metadata['help']} [{env_name(f.name)}]"}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Flags over environment over defaults; a bad value exits with argparse's usage message."""
+    try:
+        base = from_env(environ)
+    except ValueError as e:
+        raise SystemExit(f"python -m server: error: {e}") from None
+    parser = build_parser(base)
+    args = parser.parse_args(argv)
+    try:
+        return ServerConfig(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))

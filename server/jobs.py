@@ -1,0 +1,101 @@
+"""A request inside the server: a message with a status (Broadway's model).
+
+Every admitted request becomes one ``Job``. Stages pass jobs along; whatever happens (a result, a
+user error, a crashed stage, a passed deadline, a client that went away) ends in exactly one call
+of ``Job.finish``: the first one wins, later ones are no-ops. Work for a job that has finished is
+dropped by the next stage that sees it (``job.done``), so cancelled and expired requests cost no
+model time once they leave the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import grpc
+
+from engine.decode import SequenceHandle, SequenceRequest, TokenEvent
+from engine.images import ImageChunk, ImageRequest, ImageResult
+from engine.registry import ServedModel
+
+if TYPE_CHECKING:
+    from engine.engine import TextWorker
+
+Reason = Literal["complete", "length", "stop", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a job ended: OK with a finish reason, or a gRPC status code and a message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+    reason: Reason = "complete"
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+    @classmethod
+    def error(cls, code: grpc.StatusCode, message: str) -> Outcome:
+        return cls(code, message, "error")
+
+
+class Sink(Protocol):
+    """The caller's side of a job: where its chunks and its one terminal outcome go."""
+
+    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None: ...
+
+    def finish(self, job: Job, outcome: Outcome) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    id: str
+    rpc: str  # "Generate" or "GenerateStream", for metrics and logs
+    served: ServedModel
+    sink: Sink
+    deadline: float  # on the event loop's clock
+    image: ImageRequest | None = None
+    text: SequenceRequest | None = None
+    created: float = field(default_factory=time.perf_counter)
+    done: bool = False
+    outcome: Outcome | None = None
+    chunks: list[ImageChunk] = field(default_factory=list)  # prepared image work, at most a batch each
+    seed: int = 0  # the seed used (drawn when the request gave none)
+    sent: int = 0  # samples or tokens delivered
+    handle: SequenceHandle | None = None  # text: the sequence in its decode loop
+    worker: TextWorker | None = None
+    timer: asyncio.TimerHandle | None = None
+    on_finish: Callable[[Job], None] | None = None  # the pipeline's bookkeeping (in-flight set, metrics)
+
+    @property
+    def kind(self) -> Literal["image", "text"]:
+        return "image" if self.image is not None else "text"
+
+    def emit(self, item: ImageResult | TokenEvent) -> None:
+        """Deliver one chunk (images) or token (text) to the caller, unless the job has ended."""
+        if not self.done:
+            self.sink.emit(self, item)
+
+    def finish(self, outcome: Outcome) -> bool:
+        """End the job with ``outcome``; True if this call ended it (only the first one does)."""
+        if self.done:
+            return False
+        self.done = True
+        self.outcome = outcome
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.handle is not None and self.worker is not None and not outcome.ok:
+            self.worker.cancel(self.handle)  # leaves the decode loop at its next step, freeing its cache
+        if self.on_finish is not None:
+            self.on_finish(self)
+        self.sink.finish(self, outcome)
+        return True
+
+    def fail(self, code: grpc.StatusCode, message: str) -> bool:
+        return self.finish(Outcome.error(code, message))

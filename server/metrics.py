@@ -1,0 +1,46 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("genserve_queue_depth", "Items waiting in a link, by the stage that reads it", ["stage"], registry=r)
+        self.inflight = Gauge("genserve_inflight_requests", "Accepted requests not yet finished", registry=r)
+        self.ready = Gauge("genserve_ready", "1 while the server admits new work", registry=r)
+        self.batch_size = Histogram("genserve_batch_size", "Samples per image forward pass", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            "genserve_batch_seconds", "Time of one image batch on the engine", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "genserve_request_seconds", "Time from admission to the terminal outcome", ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.requests = Counter("genserve_requests_total", "Finished requests by outcome", ["model", "rpc", "code"], registry=r)
+        self.rejections = Counter("genserve_rejections_total", "Requests refused before admission", ["rpc", "code"], registry=r)
+        self.restarts = Counter("genserve_stage_restarts_total", "Stage restarts by the supervisor", ["stage"], registry=r)
+        self.tokens = Counter("genserve_tokens_total", "Tokens generated", ["model"], registry=r)
+        self.samples = Counter("genserve_samples_total", "Image samples generated", ["model"], registry=r)
+
+    def track_depth(self, stage: str, depth: Callable[[], float]) -> None:
+        """Read a link's depth at scrape time (no cost on the hot path)."""
+        self.queue_depth.labels(stage).set_function(depth)
+
+    def serve(self, host: str, port: int) -> Callable[[], None]:
+        """Expose /metrics on a background thread (prometheus_client's own HTTP server); returns its stop."""
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+
+        def stop() -> None:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)
+
+        return stop

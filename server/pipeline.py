@@ -1,0 +1,145 @@
+r"""The pipeline: its links, its stages, and admission (the producer's front door).
+
+    ingress -> Producer -> work -> Processor xN -> images/<model> -> Batcher -> results -> Router
+                                               \-> text/<model>   -> TextFeeder -> decode loop (engine thread)
+
+Admission (``admit``) runs in the RPC handler, synchronously: it checks the model, the request's
+limits and the server's room, gives the job its deadline timer, and offers it to the ingress. A
+full ingress, or more than ``max_inflight`` unfinished jobs, refuses at once (RESOURCE_EXHAUSTED);
+nothing is parked without bound. Every link holds at most ``queue_size`` items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import grpc
+
+from engine.engine import Engine
+from engine.registry import ModelRegistry, ServedModel
+from server.config import ServerConfig
+from server.jobs import Job
+from server.links import Link
+from server.metrics import Metrics
+from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+
+
+class Refused(Exception):
+    """Raised when admission refuses a request; carries the gRPC status for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Pipeline:
+    def __init__(self, config: ServerConfig, registry: ModelRegistry, engine: Engine, metrics: Metrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.engine = engine
+        self.metrics = metrics
+        self.inflight: set[Job] = set()
+        self.accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
+        size = config.queue_size
+        self.ingress: Link[Job] = Link("producer", size)
+        self.work: Link[Job] = Link("processor", size)
+        self.results: Link[ImageDone] = Link("router", size)
+        self.image_links: dict[str, Link[ImageWork]] = {}
+        self.text_links: dict[str, Link[Job]] = {}
+        for info in registry.list_models():
+            if info.image is not None:
+                self.image_links.setdefault(info.name, Link(f"batcher-{info.name}", size))
+            elif info.text is not None:
+                self.text_links.setdefault(info.name, Link(f"text-{info.name}", size))
+        self.stages: list[Stage] = self._build_stages()
+        for name, depth in self._depth_readers().items():
+            metrics.track_depth(name, depth)
+        metrics.inflight.set_function(lambda: len(self.inflight))
+
+    def _build_stages(self) -> list[Stage]:
+        c = self.config
+        stages: list[Stage] = [Producer(self.ingress, self.work)]
+        stages += [Processor(i, self.work, self.image_links, self.text_links, max_chunk=c.batch_size) for i in range(c.processors)]
+        for name, link in self.image_links.items():
+            stages.append(
+                Batcher(
+                    name,
+                    link,
+                    self.results,
+                    self.engine,
+                    batch_size=c.batch_size,
+                    batch_timeout=c.batch_timeout_ms / 1000,
+                    concurrency=c.batch_concurrency,
+                    observe_batch=self._observe_batch,
+                )
+            )
+        for name, text_link in self.text_links.items():
+            stages.append(TextFeeder(name, text_link, self.engine, self.registry, max_pending=c.decode_pending))
+        stages.append(Router(self.results))
+        return stages
+
+    def _observe_batch(self, model: str, n: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(model).observe(n)
+        self.metrics.batch_seconds.labels(model).observe(seconds)
+        self.metrics.samples.labels(model).inc(n)
+
+    def admit(self, job: Job, timeout: float | None) -> None:
+        """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
+        if not self.accepting:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
+        if len(self.inflight) >= self.config.max_inflight:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at its limit of {self.config.max_inflight} requests in flight")
+        if not self.ingress.offer(job):
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off")
+        loop = asyncio.get_running_loop()
+        budget = self.config.request_timeout_s if timeout is None else min(timeout, self.config.request_timeout_s)
+        job.deadline = loop.time() + budget
+        job.timer = loop.call_at(job.deadline, self._expire, job)
+        job.on_finish = self._finished
+        self.inflight.add(job)
+        self._idle.clear()
+
+    @staticmethod
+    def _expire(job: Job) -> None:
+        job.timer = None
+        job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")
+
+    def _finished(self, job: Job) -> None:
+        self.inflight.discard(job)
+        if not self.inflight:
+            self._idle.set()
+        outcome = job.outcome
+        code = outcome.code.name if outcome is not None else "UNKNOWN"
+        name = job.served.name
+        self.metrics.requests.labels(name, job.rpc, code).inc()
+        self.metrics.latency.labels(name, job.rpc).observe(time.perf_counter() - job.created)
+        if job.text is not None and job.sent:
+            self.metrics.tokens.labels(name).inc(job.sent)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def fail_all(self, code: grpc.StatusCode, message: str) -> int:
+        """End every unfinished job (the end of a drain); returns how many there were."""
+        jobs = list(self.inflight)
+        for job in jobs:
+            job.fail(code, message)
+        return len(jobs)
+
+    def lookup(self, name: str, version: int) -> ServedModel:
+        return self.registry.get(name, version or None)
+
+    def _depth_readers(self) -> dict[str, Callable[[], int]]:
+        readers: dict[str, Callable[[], int]] = {self.ingress.name: self.ingress.__len__, self.work.name: self.work.__len__}
+        readers[self.results.name] = self.results.__len__
+        readers.update({link.name: link.__len__ for link in self.image_links.values()})
+        readers.update({link.name: link.__len__ for link in self.text_links.values()})
+        return readers
+
+    def link_depths(self) -> dict[str, int]:
+        return {name: read() for name, read in self._depth_readers().items()}

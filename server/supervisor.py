@@ -1,0 +1,125 @@
+"""A one_for_one supervisor for the pipeline's stages, on an anyio task group.
+
+Each stage is started with ``TaskGroup.start`` (its readiness is ``task_status.started()``). When
+a stage raises, returns, or is cancelled by anyone but the supervisor, the jobs it held are failed
+with UNAVAILABLE (a retryable status: the client may send them again) and the stage is started
+again, on the same links, so queued work carries on. Past ``intensity`` restarts within ``period``
+seconds (OTP's max_restarts / max_seconds) the supervisor gives up: it calls ``on_give_up``,
+which drains the server and makes it exit non-zero, so a process manager can take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+
+import anyio
+import grpc
+from anyio.abc import TaskStatus
+
+from engine.logs import get_logger
+from server.stages import Stage
+
+log = get_logger("server.supervisor")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        *,
+        intensity: int = 3,
+        period: float = 5.0,
+        on_give_up: Callable[[str], None] = lambda reason: None,
+        on_restart: Callable[[Stage], None] = lambda stage: None,
+    ) -> None:
+        self.stages = {s.name: s for s in stages}
+        if len(self.stages) != len(stages):
+            raise ValueError("stage names must be unique")
+        self.intensity = intensity
+        self.period = period
+        self.on_give_up = on_give_up
+        self.on_restart = on_restart
+        self.restarts: collections.deque[float] = collections.deque()
+        self.restart_count: dict[str, int] = dict.fromkeys(self.stages, 0)
+        self.gave_up = False
+        self._stopping = False
+        self._tasks: dict[str, asyncio.Task[object] | None] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every stage, report ready, and keep them running until cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for stage in self.stages.values():
+                    await tg.start(self._supervise, stage)
+                log.info("stages_started", stages=list(self.stages))
+                task_status.started()
+        finally:
+            self._stopping = True
+
+    def stop(self) -> None:
+        """Stop restarting (shutdown): stages end when the enclosing task group is cancelled."""
+        self._stopping = True
+
+    def kill(self, name: str) -> None:
+        """Cancel one stage's task, as a fault would (chaos tests); it will be restarted."""
+        task = self._tasks.get(name)
+        if task is None:
+            raise KeyError(f"no running stage named {name!r}; stages: {', '.join(self.stages)}")
+        task.cancel()
+
+    async def _supervise(self, stage: Stage, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        status: TaskStatus[None] = task_status
+        while True:
+            self._tasks[stage.name] = asyncio.current_task()
+            failure: str
+            try:
+                await stage.run(task_status=status)
+                failure = "returned"
+            except asyncio.CancelledError:
+                if self._stopping or self.gave_up:
+                    raise
+                # cancelled by someone else than our task group (a chaos test, a stray cancel):
+                # uncancel so this task goes on, then restart the stage like any other failure
+                task = asyncio.current_task()
+                if task is not None:
+                    while task.uncancel():
+                        pass
+                failure = "cancelled"
+            except Exception as e:
+                log.exception("stage_failed", stage=stage.name, error=f"{type(e).__name__}: {e}")
+                failure = f"{type(e).__name__}: {e}"
+            finally:
+                self._tasks[stage.name] = None
+            status = anyio.TASK_STATUS_IGNORED
+            if self._stopping:
+                return
+            self._fail_held(stage, failure)
+            if not self._allow_restart():
+                self.gave_up = True
+                log.error("restart_intensity_exceeded", stage=stage.name, intensity=self.intensity, period_s=self.period)
+                self.on_give_up(f"stage {stage.name} failed {self.intensity + 1} times within {self.period:g} s")
+                return
+            self.restart_count[stage.name] += 1
+            self.on_restart(stage)
+            log.warning("stage_restarted", stage=stage.name, reason=failure, restarts=self.restart_count[stage.name])
+            await anyio.lowlevel.checkpoint()
+
+    def _fail_held(self, stage: Stage, failure: str) -> None:
+        jobs = stage.release()
+        for job in jobs:
+            job.fail(grpc.StatusCode.UNAVAILABLE, f"stage {stage.name} failed while holding this request; it may be retried")
+        if jobs:
+            log.warning("stage_work_failed", stage=stage.name, jobs=len(jobs), reason=failure)
+
+    def _allow_restart(self) -> bool:
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > self.period:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.intensity:
+            return False
+        self.restarts.append(now)
+        return True
