@@ -69,12 +69,13 @@ def answer(request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
         images = pb.Images(offset=0, count=n, height=IMAGE_SIZE, width=IMAGE_SIZE, pixels=PIXELS[: n * size])
         out = [pb.GenerateResponse(id=rid, images=images)]
         reason = pb.FINISH_REASON_COMPLETE
-    finish = pb.Finish(reason=reason, code=0, seed=request.image.seed, model=request.model, version=1, n_generated=n)
+    seed = request.text.seed if request.HasField("text") else request.image.seed
+    finish = pb.Finish(reason=reason, code=0, seed=seed, model=request.model, version=1, n_generated=n)
     out.append(pb.GenerateResponse(id=rid, finish=finish))
     return out
 
 
-class EchoGenerator(pb_grpc.GeneratorServicer):  # type: ignore[misc]
+class EchoGenerator(pb_grpc.GeneratorServicer):
     """Answers every request at once; holds nothing between calls but a stream's credit."""
 
     def __init__(self, credits: int) -> None:

@@ -34,6 +34,7 @@ import array
 import asyncio
 import contextlib
 import ctypes
+import importlib.metadata
 import itertools
 import json
 import math
@@ -356,11 +357,13 @@ async def execute(job: Job) -> dict[str, Any]:
     return rec.payload()
 
 
-def run_loop(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
-    """Run ``coro`` on uvloop when it is installed, else on asyncio's own loop."""
+def run_loop(coro: Coroutine[Any, Any, dict[str, Any]], use_uvloop: bool) -> dict[str, Any]:
+    """Run ``coro`` on uvloop when asked and installed, else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
+        use_uvloop = False
+    if not use_uvloop:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
@@ -372,7 +375,7 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def client_main(conn: Connection) -> None:
+def client_main(conn: Connection, use_uvloop: bool) -> None:
     """A load-generator process: runs the jobs it is sent, one at a time, until None or EOF."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
@@ -384,7 +387,7 @@ def client_main(conn: Connection) -> None:
         if job is None:
             return
         try:
-            result = run_loop(execute(job))
+            result = run_loop(execute(job), use_uvloop)
         except Exception as e:
             result = {"error": f"{type(e).__name__}: {e}"}
         try:
@@ -469,13 +472,13 @@ class Server:
 class Clients:
     """The load-generator processes (spawned: a fresh interpreter, no inherited gRPC state)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, use_uvloop: bool = True) -> None:
         ctx = mp.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs: list[Any] = []
         for i in range(n):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=client_main, args=(child,), name=f"bench-client-{i}", daemon=True)
+            proc = ctx.Process(target=client_main, args=(child, use_uvloop), name=f"bench-client-{i}", daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -829,10 +832,9 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
 
 def uvloop_version() -> str | None:
     try:
-        import uvloop
-    except ImportError:
+        return importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return str(uvloop.__version__)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -858,7 +860,8 @@ def print_header(out: dict[str, Any]) -> None:
 
 def print_closed(rows: list[dict[str, Any]]) -> None:
     print("closed loop: one-sample VAE requests; req/s finishing OK, latency ms per request")
-    head = f"{'call':<15}{'in flight':>10} | {'echo req/s':>11}{'p50':>8}{'p99':>8} | {'server req/s':>13}{'p50':>8}{'p99':>8} | {'srv/echo':>8}  server not OK"
+    head = f"{'call':<15}{'in flight':>10} | {'echo req/s':>11}{'p50':>8}{'p99':>8} | {'server req/s':>13}{'p50':>8}{'p99':>8} | "
+    head += f"{'srv/echo':>8}  server not OK"
     print(head)
     print("-" * len(head))
     by = {(r["call"], r["in_flight"], r["side"]): r for r in rows}
@@ -871,15 +874,17 @@ def print_closed(rows: list[dict[str, Any]]) -> None:
         )
     streams = [r for r in rows if "msgs_out_s" in r]
     if streams:
-        print("GenerateStream messages/s out, in (requests per message out): " + "; ".join(
-            f"{r['side']} {r['in_flight']}: {fmt(r['msgs_out_s'])}, {fmt(r['msgs_in_s'])} ({r['requests_per_msg_out']:.1f})" for r in streams
-        ))  # fmt: skip
+        parts = [
+            f"{r['side']} {r['in_flight']}: {fmt(r['msgs_out_s'])}, {fmt(r['msgs_in_s'])} ({r['requests_per_msg_out']:.1f})"
+            for r in streams
+        ]
+        print("GenerateStream messages/s out, in (requests per message out): " + "; ".join(parts))
     print(flush=True)
 
 
 def print_open(out: dict[str, Any]) -> None:
     print(
-        "open loop: Generate started on a schedule at a fraction of the side's best closed-loop rate; latency ms from the scheduled start"
+        "open loop: Generate started on a schedule at a fraction of each side's best closed-loop rate; latency ms from the scheduled start"
     )
     head = f"{'side':<8}{'fraction':>9}{'offered/s':>11}{'sent/s':>9}{'goodput/s':>11}{'p50':>8}{'p90':>8}{'p99':>8}{'lag p99':>9}  not OK"
     print(head)

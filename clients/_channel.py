@@ -105,10 +105,10 @@ async def resolve_targets(targets: Sequence[str]) -> str:
         except ValueError:  # a host name
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-        for a in dict.fromkeys(addresses):
+        for a in addresses:
             (v4 if a.version == 4 else v6).append(f"{a}:{port}" if a.version == 4 else f"[{a}]:{port}")
     # one URI holds one address family: prefer IPv4 when both appear
-    return "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+    return "ipv4:" + ",".join(dict.fromkeys(v4)) if v4 else "ipv6:" + ",".join(dict.fromkeys(v6))
 
 
 def open_channel(

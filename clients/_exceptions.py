@@ -3,7 +3,7 @@
 Exception tree::
 
     GenserveError                  every failure the SDK raises for a call or a request
-    ├── InvalidRequest             INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
+    ├── InvalidRequest             INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION, ALREADY_EXISTS (a session id in use)
     │   └── ModelNotFound          NOT_FOUND
     ├── Overloaded                 RESOURCE_EXHAUSTED   (retried, then raised)
     ├── Unavailable                UNAVAILABLE          (retried, then raised)
@@ -98,6 +98,7 @@ _BY_CODE: dict[grpc.StatusCode, type[GenserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
     grpc.StatusCode.FAILED_PRECONDITION: InvalidRequest,
+    grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,

@@ -22,7 +22,7 @@ import itertools
 import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
@@ -50,8 +50,9 @@ class _Request:
     assembler: ImageAssembler | TextAssembler
     deadline: float | None  # loop time
     state: Literal["queued", "backoff", "sent"] = "queued"
-    attempts: int = 0
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    attempts: int = 0  # times sent
+    expiry: asyncio.TimerHandle | None = None  # fails the future at the deadline
+    retry: asyncio.TimerHandle | None = None  # queues it again after a back-off
 
     def fresh_assembler(self) -> None:
         self.assembler = ImageAssembler(self.assembler.n) if isinstance(self.assembler, ImageAssembler) else TextAssembler()
@@ -86,6 +87,7 @@ class Session:
         self._cancels: list[str] = []  # ids to cancel on the server, sent with the next message
         self._finished: collections.deque[asyncio.Future[Any]] = collections.deque()  # for results()
         self._pending = 0  # futures not yet done
+        self._in_flight = 0  # requests sent and not finished by the server
         self._ids = itertools.count(1)
         self._wake_writer = asyncio.Event()
         self._changed = asyncio.Event()  # a future finished, or the stream ended
@@ -98,12 +100,12 @@ class Session:
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet finished by the server."""
-        return sum(1 for r in self._requests.values() if r.state == "sent")
+        return self._in_flight
 
     @property
     def queued(self) -> int:
         """Requests waiting for credit (or for a retry)."""
-        return len(self._requests) - self.in_flight
+        return len(self._requests) - self._in_flight
 
     async def __aenter__(self) -> Self:
         if self._state != "new":
@@ -115,12 +117,13 @@ class Session:
         ready = asyncio.create_task(self._ready.wait())
         try:
             await asyncio.wait([ready, self._tasks[0]], timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not self._ready.is_set():
+                raise self._error or DeadlineExceeded(f"the server granted no credit within {self.timeout} s")
+        except BaseException:
+            await self.aclose()
+            raise
         finally:
             ready.cancel()
-        if not self._ready.is_set():
-            error = self._error or DeadlineExceeded(f"the server granted no credit within {self.timeout} s")
-            await self.aclose()
-            raise error
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -220,9 +223,9 @@ class Session:
         if self._error is not None:
             raise self._error
         if id is None:
-            id = next(self._ids).__str__()
+            id = str(next(self._ids))
             while id in self._requests:
-                id = next(self._ids).__str__()
+                id = str(next(self._ids))
         elif id in self._requests:
             raise ValueError(f"request id {id!r} is already in flight")
         return id
@@ -236,7 +239,7 @@ class Session:
         self._pending += 1
         request.future.add_done_callback(lambda _: self._settled(request))
         if deadline is not None:
-            request.timers.append(loop.call_at(deadline, self._expire, request))
+            request.expiry = loop.call_at(deadline, self._expire, request)
         self._enqueue(request)
         return request.future
 
@@ -250,16 +253,14 @@ class Session:
     # -- settling ---------------------------------------------------------------------------------
 
     def _settled(self, request: _Request) -> None:
-        """A request's future is done: forget it locally, or have the server cancel it."""
+        """A request's future is done (asyncio runs this soon after): forget it, or have the server cancel it."""
         self._pending -= 1
-        if request.future.cancelled() or request.future.exception() is not None:
-            if request.state == "sent" and self._requests.get(request.id) is request:
-                self._cancels.append(request.id)  # stays in _requests until the server's Finish
+        if self._requests.get(request.id) is request:  # not finished by the server: cancelled, expired or malformed
+            if request.state == "sent":
+                self._cancels.append(request.id)  # stays tracked (its id and credit in use) until its Finish
                 self._wake_writer.set()
-            elif request.state != "sent":
-                self._forget(request)
-                if request.state == "queued":
-                    self._queue.remove(request)
+            else:
+                self._forget(request)  # the writer skips it in the queue
         if self.collect and not request.future.cancelled():
             self._finished.append(request.future)
         self._changed.set()
@@ -267,36 +268,33 @@ class Session:
     def _forget(self, request: _Request) -> None:
         if self._requests.get(request.id) is request:
             del self._requests[request.id]
-        for timer in request.timers:
-            timer.cancel()
-        request.timers.clear()
+        for timer in (request.expiry, request.retry):
+            if timer is not None:
+                timer.cancel()
 
     def _expire(self, request: _Request) -> None:
         if not request.future.done():
-            request.future.set_exception(DeadlineExceeded(f"no result within {self.timeout_of(request)} s", request_id=request.id))
-
-    def timeout_of(self, request: _Request) -> str:
-        m = request.message
-        return f"the deadline (timeout_ms {m.timeout_ms})" if m.timeout_ms else "the deadline"
+            request.future.set_exception(DeadlineExceeded("the request did not finish within its deadline", request_id=request.id))
 
     def _finish(self, request: _Request, finish: pb.Finish) -> None:
-        self._forget(request)
-        future = request.future
-        if finish.code == 0:
-            if not future.done():
-                try:
-                    future.set_result(request.assembler.result(finish, request.id))
-                except GenserveError as e:
-                    e.request_id = request.id
-                    future.set_exception(e)
-        elif finish.code in _RETRYABLE and self._may_retry(request):
+        if finish.code in _RETRYABLE and self._may_retry(request):
             assert self.retry is not None
-            wait = random.uniform(0, self.retry.backoff(request.attempts))
             request.state = "backoff"
             request.fresh_assembler()
-            self._requests[request.id] = request
-            request.timers.append(asyncio.get_running_loop().call_later(wait, self._enqueue, request))
-        elif not future.done():
+            wait = random.uniform(0, self.retry.backoff(request.attempts))  # full jitter, as gRPC's own retries
+            request.retry = asyncio.get_running_loop().call_later(wait, self._enqueue, request)
+            return
+        self._forget(request)
+        future = request.future
+        if future.done():
+            return
+        if finish.code == 0:
+            try:
+                future.set_result(request.assembler.result(finish, request.id))
+            except GenserveError as e:
+                e.request_id = request.id
+                future.set_exception(e)
+        else:
             future.set_exception(from_status(finish.code, finish.message, request_id=request.id))
 
     def _may_retry(self, request: _Request) -> bool:
@@ -315,6 +313,7 @@ class Session:
                 failure = type(error)(error.details, code=error.code, request_id=request.id)
                 request.future.set_exception(failure)
         self._queue.clear()
+        self._in_flight = 0
         self._changed.set()
 
     # -- the two tasks ----------------------------------------------------------------------------
@@ -328,9 +327,12 @@ class Session:
             now = loop.time()
             while self._queue and self.credit > 0 and len(batch) < MAX_PER_MESSAGE:
                 request = self._queue.popleft()
+                if request.future.done():  # cancelled or expired while queued
+                    continue
                 if request.deadline is not None:  # tell the server the time left
                     request.message.timeout_ms = max(1, math.ceil((request.deadline - now) * 1000))
                 request.state = "sent"
+                self._in_flight += 1
                 request.attempts += 1
                 self.credit -= 1
                 batch.append(request.message)
@@ -338,7 +340,7 @@ class Session:
             if batch or cancels:
                 try:
                     await self._call.write(pb.StreamRequest(requests=batch, cancel=cancels))
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                     return  # the stream ended: the reader reports why
                 if self._queue and self.credit > 0:
                     self._wake_writer.set()
@@ -361,7 +363,7 @@ class Session:
         finally:
             if self._requests or error is not None or self._state == "open":
                 n = len(self._requests)
-                self._fail_all(error or Unavailable(f"the server ended the stream with {n} request(s) unfinished"))
+                self._fail_all(error or Unavailable("the server ended the stream" + (f" with {n} request(s) unfinished" if n else "")))
 
     def _take(self, result: pb.GenerateResponse) -> None:
         request = self._requests.get(result.id)
@@ -378,6 +380,7 @@ class Session:
                     raise GenserveError(f"text for image request {request.id!r}")
                 request.assembler.add(result.text)
             elif which == "finish":
+                self._in_flight -= 1
                 self._finish(request, result.finish)
         except GenserveError as e:
             if not request.future.done():

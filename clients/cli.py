@@ -1,0 +1,231 @@
+"""``python -m clients``: list models, write a grid of generated digits, stream generated text.
+
+Exit status: 0 on success, 1 when the server is down or refuses a request (one line on stderr),
+2 for a usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from tqdm import tqdm
+
+from clients._channel import DEFAULT_TARGET
+from clients._client import DEFAULT_TIMEOUT
+from clients._exceptions import GenserveError, Unavailable
+from clients._sync import Client
+from clients._types import ModelInfo
+
+PROG = "python -m clients"
+PROGRESS_MIN = 256  # samples from which `images` shows a progress bar (on a terminal)
+PAD = 2  # pixels between the tiles of a grid
+PAD_VALUE = 128  # mid grey, so tiles stand apart from the digits' black background
+
+
+def image_grid(images: npt.NDArray[np.uint8], *, cols: int | None = None, scale: int = 1) -> npt.NDArray[np.uint8]:
+    """(n, h, w) samples tiled row by row into one (H, W) image, ``PAD`` grey pixels between tiles."""
+    n, h, w = images.shape
+    cols = min(n, cols or math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + PAD) + PAD, cols * (w + PAD) + PAD), PAD_VALUE, dtype=np.uint8)
+    for i, tile in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[PAD + r * (h + PAD) : PAD + r * (h + PAD) + h, PAD + c * (w + PAD) : PAD + c * (w + PAD) + w] = tile
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+
+
+def write_grid(images: npt.NDArray[np.uint8], path: str | Path, *, cols: int | None = None, scale: int = 1) -> None:
+    Image.fromarray(image_grid(images, cols=cols, scale=scale), mode="L").save(path, format="PNG")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes; the subcommands' copies keep what was given before the command."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    env_target = os.environ.get("GENSERVE_TARGET")
+    g = parser.add_argument_group("connection")
+    g.add_argument(
+        "--target",
+        action="append",
+        dest="target" if defaults else "more_targets",  # argparse would replace, not extend, the list given before the command
+        metavar="HOST:PORT",
+        default=default(None),
+        help=f"a server; repeat for several, served round robin (default: $GENSERVE_TARGET or {env_target or DEFAULT_TARGET})",
+    )
+    g.add_argument("--timeout", type=_seconds, metavar="S", default=default(DEFAULT_TIMEOUT), help="deadline of each call in seconds")
+    g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --ca-cert)")
+    g.add_argument("--ca-cert", metavar="PEM", default=default(None), help="trust this CA certificate (implies --tls)")
+    g.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=default(None),
+        help="bearer token sent with every call (default: $GENSERVE_TOKEN)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Talk to a genserve server: list its models, generate digits, stream text.",
+        epilog=f"Examples:\n  {PROG} models\n  {PROG} images gan -n 16 --label 7 --out sevens.png\n"
+        f'  {PROG} text transformer --prompt "ROMEO:" --max-tokens 200',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _connection_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = commands.add_parser("models", help="list the served models", description="List the models the server serves.")
+    models.add_argument("--json", action="store_true", help="one JSON object per model version")
+    _connection_options(models, defaults=False)
+
+    images = commands.add_parser(
+        "images", help="generate digits into a PNG grid", description="Generate samples of an image model and write them as a PNG grid."
+    )
+    images.add_argument("model", help="a served image model (see `models`)")
+    images.add_argument("-n", type=_positive, default=16, help="samples (default 16)")
+    images.add_argument("--seed", type=int, help="the same seed gives the same samples (default: drawn by the server)")
+    images.add_argument(
+        "--label", type=int, action="append", metavar="L", help="conditional models: the digit; repeat to give one per sample"
+    )
+    images.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
+    images.add_argument("--out", "-o", default="grid.png", help="PNG file to write (default grid.png)")
+    images.add_argument("--npy", metavar="PATH", help="also write the (n, 28, 28) uint8 samples to this .npy file")
+    images.add_argument("--cols", type=_positive, help="tiles per row (default: a square grid)")
+    images.add_argument("--scale", type=_positive, default=2, help="enlarge the grid by this factor (default 2)")
+    _connection_options(images, defaults=False)
+
+    text = commands.add_parser(
+        "text", help="stream generated text", description="Stream the text a text model generates after a prompt, as it comes."
+    )
+    text.add_argument("model", help="a served text model (see `models`)")
+    text.add_argument("--prompt", "-p", required=True, help='the text to continue, e.g. "ROMEO:"')
+    text.add_argument("--max-tokens", type=_positive, metavar="N", help="tokens to generate (default: the server's, 256)")
+    text.add_argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default 1.0)")
+    text.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (default: off)")
+    text.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1] (default: off)")
+    text.add_argument("--seed", type=int, help="the same seed gives the same text")
+    text.add_argument("--stop", action="append", metavar="TEXT", help="end once this text is generated (repeatable)")
+    text.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
+    text.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt first")
+    _connection_options(text, defaults=False)
+    return parser
+
+
+def make_client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Client:
+    targets = (args.target or []) + getattr(args, "more_targets", [])
+    targets = targets or [os.environ.get("GENSERVE_TARGET") or DEFAULT_TARGET]
+    root = None
+    if args.ca_cert:
+        try:
+            root = Path(args.ca_cert).read_bytes()
+        except OSError as e:
+            parser.error(f"--ca-cert: {e.strerror}: {args.ca_cert}")
+    token = args.token or os.environ.get("GENSERVE_TOKEN") or None
+    return Client(targets, timeout=args.timeout, tls=args.tls, root_certificates=root, token=token)
+
+
+def _describe(model: ModelInfo) -> str:
+    if model.image is not None:
+        i = model.image
+        labels = f", labels {i.label_min}-{i.label_max}" if i.conditional else ""
+        accepts = f"images {i.image_size}x{i.image_size}, n <= {i.max_n}{labels}"
+    elif model.text is not None:
+        accepts = f"text, context {model.text.context_window}, <= {model.text.max_new_tokens} new tokens"
+    else:
+        accepts = "?"
+    latest = " (latest)" if model.latest else ""
+    return f"{model.name} v{model.version}{latest}  {model.kind}  {model.parameters:,} params  {model.device}  {accepts}"
+
+
+def _models(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    models = client.list_models()
+    for m in models:
+        print(json.dumps(asdict(m)) if args.json else _describe(m), file=out)
+    if not models and not args.json:
+        print("(no models)", file=out)
+
+
+def _images(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    labels = args.label[0] if args.label and len(args.label) == 1 else args.label
+    with tqdm(total=args.n, unit="img", desc=args.model, disable=True if args.n < PROGRESS_MIN else None, file=sys.stderr) as bar:
+        images = client.generate_images(args.model, args.n, seed=args.seed, labels=labels, version=args.version, progress=bar.update)
+    write_grid(images, args.out, cols=args.cols, scale=args.scale)
+    print(f"wrote {args.out} ({len(images)} samples)", file=out)
+    if args.npy:
+        np.save(args.npy, images)
+        print(f"wrote {args.npy} {images.shape} {images.dtype}", file=out)
+
+
+def _text(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    if not args.no_echo:
+        out.write(args.prompt)
+        out.flush()
+    pieces = client.stream_text(
+        args.model,
+        args.prompt,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+        version=args.version,
+    )
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+
+
+def _error_line(error: GenserveError, targets: Sequence[str]) -> str:
+    if isinstance(error, Unavailable):
+        return f"cannot reach the server at {', '.join(targets)}: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = sys.stdout
+    client = make_client(args, parser)
+    try:
+        with client:
+            {"models": _models, "images": _images, "text": _text}[args.command](client, args, out)
+    except GenserveError as e:
+        out.flush()
+        print(f"{PROG}: error: {_error_line(e, client.targets)}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing the output
+        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0

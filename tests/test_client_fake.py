@@ -1,0 +1,299 @@
+"""The SDK against a scriptable in-process server (tests/conftest_client.py): retries, balancing,
+tokens, and the session's credit accounting, where a real server cannot be steered precisely."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import grpc
+import numpy as np
+import pytest
+from conftest_client import fake_server, sample_value, until
+
+from clients import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    ImageResult,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RetryPolicy,
+    TextResult,
+    Unauthenticated,
+    Unavailable,
+)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+
+
+async def test_every_call_of_the_async_client() -> None:
+    async with fake_server(chunk=3) as (address, fake), AsyncClient(address, token="s3cret") as client:
+        models = await client.list_models()
+        assert [m.name for m in models] == ["vae", "transformer"]
+        assert models[0].image is not None and models[0].image.max_n == 1024 and models[0].text is None
+        assert models[1].text is not None and models[1].text.vocab == "abc" and models[1].version == 2
+
+        chunks: list[int] = []
+        images = await client.generate_images("vae", 7, seed=3, progress=chunks.append)
+        assert images.shape == (7, 28, 28) and images.dtype == np.uint8
+        assert images[:, 5, 5].tolist() == [sample_value(i) for i in range(7)]  # the chunks came last first
+        assert chunks == [1, 3, 3]
+
+        pieces = [p async for p in client.stream_text("transformer", "ROMEO:", max_new_tokens=4)]
+        assert pieces == ["R", "O", "M", "E"]
+        assert await client.generate_text("transformer", "JULIET", max_new_tokens=100) == "JULIET"
+        assert all(m.get("authorization") == "Bearer s3cret" for m in fake.metadata)
+
+
+async def test_a_wrong_token_raises_unauthenticated() -> None:
+    async with fake_server() as (address, fake):
+        fake.token = "right"
+        async with AsyncClient(address, token="wrong") as client:
+            with pytest.raises(Unauthenticated, match="missing or wrong bearer token"):
+                await client.list_models()
+        async with AsyncClient(address) as client:
+            with pytest.raises(Unauthenticated):
+                await client.generate_images("vae", 1)
+        async with AsyncClient(address, token="right") as client:
+            assert len(await client.list_models()) == 2
+
+
+async def test_a_refused_call_is_retried_and_succeeds() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address, retry=FAST_RETRY) as client:
+        fake.refuse.extend([grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE])
+        assert (await client.generate_images("vae", 2)).shape == (2, 28, 28)
+        assert fake.calls["Generate"] == 3
+        fake.refuse.append(grpc.StatusCode.UNAVAILABLE)
+        assert await client.generate_text("transformer", "abc") == "abc"
+        fake.refuse.append(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert len(await client.list_models()) == 2
+        assert fake.calls["ListModels"] == 2
+
+
+async def test_retries_stop_at_max_attempts() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address, retry=FAST_RETRY) as client:
+        fake.refuse.extend([grpc.StatusCode.RESOURCE_EXHAUSTED] * 5)
+        with pytest.raises(Overloaded, match="refused by the fake"):
+            await client.generate_images("vae", 2)
+        assert fake.calls["Generate"] == 3
+    async with fake_server() as (address, fake), AsyncClient(address, retry=None) as client:
+        fake.refuse.append(grpc.StatusCode.UNAVAILABLE)
+        with pytest.raises(Unavailable):
+            await client.list_models()
+        assert fake.calls["ListModels"] == 1
+
+
+async def test_errors_that_are_not_retried() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address, retry=FAST_RETRY) as client:
+        with pytest.raises(ModelNotFound, match="no model named 'nope'"):
+            await client.generate_images("nope", 1)
+        assert fake.calls["Generate"] == 1
+        fake.after_first_chunk = grpc.StatusCode.UNAVAILABLE  # output began: a retry would duplicate it
+        with pytest.raises(Unavailable, match="failed after a chunk"):
+            await client.generate_images("vae", 9)
+        assert fake.calls["Generate"] == 2
+
+
+async def test_an_unreachable_server_raises_unavailable_after_retrying() -> None:
+    async with fake_server() as (address, _):
+        pass  # its port is free again now
+    async with AsyncClient(address, retry=FAST_RETRY, timeout=5) as client:
+        with pytest.raises(Unavailable, match=r"failed to connect|connections to all backends failing"):
+            await client.list_models()
+
+
+async def test_several_targets_are_served_round_robin() -> None:
+    async with fake_server() as (a, fake_a), fake_server() as (b, fake_b):
+        async with AsyncClient([a, b]) as client:
+            for _ in range(20):
+                await client.list_models()
+            assert fake_a.calls["ListModels"] + fake_b.calls["ListModels"] == 20
+            assert fake_a.calls["ListModels"] >= 5 and fake_b.calls["ListModels"] >= 5
+        async with fake_server() as (c, _):
+            dead = c
+        async with AsyncClient([dead, a]) as client:  # a server that is down is skipped
+            for _ in range(5):
+                assert len(await client.list_models()) == 2
+
+
+async def test_a_deadline_ends_a_slow_stream() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address, timeout=0.2) as client:
+        fake.text_delay = 0.1
+        pieces: list[str] = []
+        with pytest.raises(DeadlineExceeded):
+            async for piece in client.stream_text("transformer", "abcdefgh"):
+                pieces.append(piece)
+        assert 0 < len(pieces) < 8
+        assert await client.generate_text("transformer", "ab", timeout=5) == "ab"  # per-call timeout wins
+
+
+# -- the session ---------------------------------------------------------------------------------
+
+
+async def test_session_never_sends_beyond_its_credit_and_batches_sends() -> None:
+    async with fake_server(credits=3) as (address, fake), AsyncClient(address) as client:
+        fake.gate.clear()
+        async with client.session() as s:
+            assert s.credit == 3
+            futures = [s.submit_images("vae", 2, seed=i) for i in range(10)]
+            await until(lambda: fake.in_flight == 3)
+            assert s.in_flight == 3 and s.queued == 7 and s.credit == 0
+            assert len(fake.messages) == 1 and len(fake.messages[0].requests) == 3  # one message for all it could send
+            fake.gate.set()
+            results = [r async for r in s.results()]
+        assert fake.max_in_flight == 3 and fake.overdrawn == 0
+        assert sorted(r.id for r in results) == sorted(f.result().id for f in futures)
+        assert all(isinstance(r, ImageResult) and r.images.shape == (2, 28, 28) for r in results)
+        assert len(fake.messages) < 10  # batched
+        assert {f.result().seed for f in futures} == set(range(10))
+
+
+async def test_session_results_come_in_completion_order() -> None:
+    async with fake_server(credits=8) as (address, fake), AsyncClient(address) as client:
+        fake.text_delay = 0.02
+        async with client.session() as s:
+            slow = s.submit_text("transformer", "abcdef", max_new_tokens=6, id="slow")
+            fast = s.submit_images("vae", 1, id="fast")
+            order = [r.id async for r in s.results()]
+        assert order == ["fast", "slow"]
+        text = slow.result()
+        assert isinstance(text, TextResult) and (text.text, text.finish_reason, text.n_generated) == ("abcdef", "length", 6)
+        assert fast.result().id == "fast"
+
+
+async def test_session_failures_raise_or_are_returned() -> None:
+    async with fake_server() as (address, _), AsyncClient(address) as client, client.session() as s:
+        bad = s.submit_images("nope", 1, id="bad")
+        s.submit_images("vae", 1)
+        outcomes = [r async for r in s.results(return_exceptions=True)]
+        assert len(outcomes) == 2
+        assert sum(isinstance(o, ModelNotFound) for o in outcomes) == 1
+        with pytest.raises(ModelNotFound, match="request 'bad': no model named 'nope'"):
+            bad.result()
+        s.submit_images("nope", 1)
+        with pytest.raises(ModelNotFound):
+            async for _ in s.results():
+                pass
+        with pytest.raises(ValueError, match="request id 'x' is already in flight"):
+            s.submit_images("vae", 1, id="x")
+            s.submit_images("vae", 1, id="x")
+
+
+async def test_session_retries_a_refused_request() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address, retry=FAST_RETRY) as client:
+        fake.refuse_ids = {"a": grpc.StatusCode.RESOURCE_EXHAUSTED, "b": grpc.StatusCode.INVALID_ARGUMENT}
+        async with client.session() as s:
+            a = s.submit_images("vae", 3, id="a")
+            b = s.submit_images("vae", 3, id="b")
+            assert (await a).images.shape == (3, 28, 28)
+            with pytest.raises(InvalidRequest, match="refused by the fake"):
+                await b
+        sent = [r.id for m in fake.messages for r in m.requests]
+        assert sorted(sent) == ["a", "a", "b"]
+
+
+async def test_session_cancels_queued_and_in_flight_requests() -> None:
+    async with fake_server(credits=2) as (address, fake), AsyncClient(address) as client:
+        fake.gate.clear()
+        async with client.session() as s:
+            running = [s.submit_images("vae", 1, id=f"r{i}") for i in range(2)]
+            queued = s.submit_images("vae", 1, id="q")
+            await until(lambda: fake.in_flight == 2)
+            assert s.cancel("r0") and queued.cancel()
+            await until(lambda: fake.cancelled == ["r0"])
+            fake.gate.set()
+            assert [r.id async for r in s.results()] == ["r1"]
+        assert running[0].cancelled() and queued.cancelled() and running[1].result().id == "r1"
+        assert "q" not in [r.id for m in fake.messages for r in m.requests]  # never sent
+
+
+async def test_session_request_deadline() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address) as client:
+        fake.gate.clear()
+        async with client.session(timeout=0.1) as s:
+            late = s.submit_images("vae", 1, id="late")
+            with pytest.raises(DeadlineExceeded, match="request 'late'"):
+                await late
+            await until(lambda: fake.cancelled == ["late"])  # and the server was told
+        sent = fake.messages[0].requests[0]
+        assert 0 < sent.timeout_ms <= 100
+
+
+async def test_session_ending_stream_fails_what_is_left() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address) as client:
+        fake.gate.clear()
+        async with client.session() as s:
+            future = s.submit_images("vae", 1)
+            await until(lambda: fake.in_flight == 1)
+            fake.end_stream.set()
+            with pytest.raises(Unavailable, match="ended the stream with 1 request"):
+                await future
+            with pytest.raises(Unavailable):
+                s.submit_images("vae", 1)
+
+
+async def test_session_to_a_down_server_raises_on_enter() -> None:
+    async with fake_server() as (address, _):
+        pass
+    async with AsyncClient(address, retry=None) as client:
+        with pytest.raises(Unavailable):
+            async with client.session():
+                pass
+
+
+async def test_leaving_a_session_by_an_exception_cancels_what_is_left() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address) as client:
+        fake.gate.clear()
+        with pytest.raises(KeyError):
+            async with client.session() as s:
+                future = s.submit_images("vae", 1)
+                await until(lambda: fake.in_flight == 1)
+                raise KeyError
+        assert future.cancelled()
+        await until(lambda: fake.in_flight == 0)
+
+
+# -- the blocking client, on its own loop thread -----------------------------------------------
+
+
+async def test_sync_client_and_session() -> None:
+    async with fake_server(credits=2) as (address, fake):
+
+        def use() -> None:
+            with Client(address, token="t") as client:
+                assert [m.name for m in client.list_models()] == ["vae", "transformer"]
+                assert client.generate_images("vae", 4, labels=3).shape == (4, 28, 28)
+                pieces = client.stream_text("transformer", "abcdef", max_new_tokens=6)
+                assert next(pieces) == "a"
+                pieces.close()  # leaving early cancels the call
+                assert client.generate_text("transformer", "xyz") == "xyz"
+                with client.session() as s:
+                    futures = [s.submit_images("vae", 1, seed=i) for i in range(5)] + [s.submit_text("transformer", "ab")]
+                    results = list(s.results())
+                assert len(results) == 6 and all(f.done() for f in futures)
+                assert isinstance(futures[-1].result(), TextResult)
+                with pytest.raises(ModelNotFound):
+                    client.generate_images("nope", 1)
+
+        await asyncio.to_thread(use)
+        assert fake.max_in_flight <= 2 and fake.overdrawn == 0
+        assert fake.metadata[0]["authorization"] == "Bearer t"
+
+
+async def test_sync_session_future_cancel_reaches_the_server() -> None:
+    async with fake_server() as (address, fake):
+        fake.gate.clear()
+
+        def use() -> None:
+            with Client(address) as client, client.session() as s:
+                future = s.submit_images("vae", 1, id="c")
+                assert future.cancel()
+                with pytest.raises(concurrent.futures.CancelledError):
+                    future.result()
+
+        await asyncio.to_thread(use)
+        assert fake.in_flight == 0

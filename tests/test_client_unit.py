@@ -1,0 +1,214 @@
+"""The SDK's pieces without a network: status mapping, messages, retry config, targets, grid, argument parsing."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients import (
+    AsyncClient,
+    DeadlineExceeded,
+    GenserveError,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    RetryPolicy,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
+from clients._channel import resolve_targets, service_config, split_host_port
+from clients._exceptions import from_status
+from clients._protocol import ImageAssembler, TextAssembler, image_request, text_request
+from clients.cli import PAD, PAD_VALUE, build_parser, image_grid, make_client, write_grid
+from genserve.v1 import generator_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)  # the async tests carry their own asyncio mark
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequest),
+        (grpc.StatusCode.OUT_OF_RANGE, InvalidRequest),
+        (grpc.StatusCode.ALREADY_EXISTS, InvalidRequest),
+        (grpc.StatusCode.NOT_FOUND, ModelNotFound),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, Overloaded),
+        (grpc.StatusCode.UNAVAILABLE, Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+        (grpc.StatusCode.PERMISSION_DENIED, Unauthenticated),
+        (grpc.StatusCode.INTERNAL, ServerError),
+        (grpc.StatusCode.UNIMPLEMENTED, ServerError),
+        (grpc.StatusCode.CANCELLED, ServerError),
+    ],
+)
+def test_status_codes_map_to_the_exception_tree(code: grpc.StatusCode, cls: type[GenserveError]) -> None:
+    for given in (code, code.value[0]):  # a StatusCode, or the number a Finish carries
+        error = from_status(given, "why")
+        assert type(error) is cls
+        assert isinstance(error, GenserveError)
+        assert error.code is code
+        assert str(error) == "why"
+
+
+def test_errors_name_their_request_and_status() -> None:
+    assert isinstance(ModelNotFound("x"), InvalidRequest)
+    assert str(from_status(grpc.StatusCode.NOT_FOUND, "no model 'x'", request_id="7")) == "request '7': no model 'x'"
+    assert str(from_status(grpc.StatusCode.UNAVAILABLE)) == "UNAVAILABLE"
+    assert from_status(99).code is grpc.StatusCode.UNKNOWN
+    with pytest.raises(ValueError, match="OK is not an error"):
+        from_status(0)
+
+
+def test_image_request_takes_one_label_or_one_per_sample() -> None:
+    assert list(image_request("gan", 3, labels=7).image.labels) == [7]
+    assert list(image_request("gan", 3, labels=[1, 2, 3]).image.labels) == [1, 2, 3]
+    request = image_request("vae", 3)
+    assert not request.image.labels and not request.image.HasField("seed") and request.version == 0
+    assert request.image.HasField("seed") is False
+    assert image_request("vae", 3, seed=0).image.HasField("seed")  # seed 0 is a seed, not "unset"
+
+
+def test_text_request_leaves_unset_options_to_the_server() -> None:
+    t = text_request("transformer", "ROMEO:", stop="\n\n").text
+    assert list(t.stop) == ["\n\n"]
+    assert not any(t.HasField(f) for f in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"))
+    t = text_request("transformer", "ROMEO:", temperature=0.0, max_new_tokens=5, stop=["a", "b"]).text
+    assert t.HasField("temperature") and t.temperature == 0.0 and t.max_new_tokens == 5 and list(t.stop) == ["a", "b"]
+
+
+def _chunk(offset: int, count: int, value: int, *, floats: bool = False) -> pb.Images:
+    pixels = np.full((count, 2, 3), value, np.uint8)
+    f = (pixels.astype("<f4") / 255).tobytes() if floats else b""
+    return pb.Images(offset=offset, count=count, height=2, width=3, pixels=pixels.tobytes(), floats=f, labels=[value] * count)
+
+
+def test_image_assembler_places_chunks_by_offset() -> None:
+    a = ImageAssembler(5)
+    assert a.add(_chunk(3, 2, 30, floats=True)) == 2
+    assert a.add(_chunk(0, 3, 10, floats=True)) == 3
+    result = a.result(pb.Finish(seed=4, model="m", version=2), "r")
+    assert result.images.shape == (5, 2, 3) and result.images.dtype == np.uint8
+    assert result.images[:, 0, 0].tolist() == [10, 10, 10, 30, 30]
+    assert result.labels == (10, 10, 10, 30, 30)
+    assert (result.seed, result.model, result.version, result.id) == (4, "m", 2, "r")
+    assert result.floats is not None and result.floats[4, 1, 2] == pytest.approx(30 / 255)
+
+
+def test_image_assembler_refuses_malformed_or_missing_chunks() -> None:
+    a = ImageAssembler(2)
+    with pytest.raises(ServerError, match="malformed image chunk"):
+        a.add(_chunk(1, 2, 0))
+    a.add(_chunk(0, 1, 0))
+    with pytest.raises(ServerError, match="after 1 of 2 samples"):
+        a.result(pb.Finish())
+
+
+def test_text_assembler_joins_pieces() -> None:
+    a = TextAssembler()
+    for piece in ("RO", "ME", "O"):
+        a.add(pb.Text(text=piece))
+    result = a.result(pb.Finish(reason=pb.FINISH_REASON_STOP, n_generated=3))
+    assert (result.text, result.finish_reason, result.n_generated) == ("ROMEO", "stop", 3)
+
+
+def test_retry_policy_becomes_grpc_service_config() -> None:
+    config = json.loads(service_config(RetryPolicy(max_attempts=4, initial_backoff=0.05, max_backoff=1.5)))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "genserve.v1.Generator"}]
+    assert method["retryPolicy"] == {
+        "maxAttempts": 4,
+        "initialBackoff": "0.050s",
+        "maxBackoff": "1.500s",
+        "backoffMultiplier": 2.0,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    assert "methodConfig" not in json.loads(service_config(None))
+    assert "methodConfig" not in json.loads(service_config(RetryPolicy(max_attempts=1)))
+    assert RetryPolicy().backoff(1) == 0.1 and RetryPolicy().backoff(10) == 2.0
+    with pytest.raises(ValueError, match="max_attempts must be from 1 to 5"):
+        RetryPolicy(max_attempts=6)
+    with pytest.raises(ValueError, match="initial_backoff <= max_backoff"):
+        RetryPolicy(initial_backoff=3.0)
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("example.com:50052") == ("example.com", 50052)
+    assert split_host_port("example.com") == ("example.com", 50051)
+    assert split_host_port("[::1]:7") == ("::1", 7)
+    assert split_host_port("::1") == ("::1", 50051)
+    with pytest.raises(ValueError, match="not a host:port target"):
+        split_host_port("host:port")
+
+
+@pytest.mark.asyncio
+async def test_several_targets_become_one_round_robin_address_list() -> None:
+    assert await resolve_targets(["dns:///example.com:5"]) == "dns:///example.com:5"  # one target: gRPC resolves it
+    assert await resolve_targets(["127.0.0.1:1", "127.0.0.2:2", "127.0.0.1:1"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert await resolve_targets(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    assert (await resolve_targets(["localhost:3", "127.0.0.1:4"])).startswith("ipv4:127.0.0.1:3,")
+    with pytest.raises(ValueError, match="several targets must each be host:port"):
+        await resolve_targets(["unix:/tmp/a", "127.0.0.1:1"])
+
+
+@pytest.mark.asyncio
+async def test_a_closed_client_cannot_be_used_or_reopened() -> None:
+    client = AsyncClient("127.0.0.1:1")
+    assert repr(client) == "AsyncClient(127.0.0.1:1, unopened)"
+    async with client:
+        with pytest.raises(RuntimeError, match=re.escape("Cannot open a client instance more than once.")):
+            await client.__aenter__()
+    await client.aclose()  # twice is fine
+    with pytest.raises(RuntimeError, match=re.escape("Cannot reopen a client instance, once it has been closed.")):
+        await client.__aenter__()
+    with pytest.raises(RuntimeError, match=re.escape("Cannot send a request, as the client has been closed.")):
+        await client.list_models()
+    with pytest.raises(ValueError, match="timeout must be > 0 or None"):
+        AsyncClient(timeout=0)
+
+
+def test_image_grid_tiles_samples_row_by_row() -> None:
+    images = np.stack([np.full((4, 4), 10 * (i + 1), np.uint8) for i in range(5)])
+    grid = image_grid(images)  # 5 samples: 3 columns, 2 rows
+    assert grid.shape == (2 * (4 + PAD) + PAD, 3 * (4 + PAD) + PAD)
+    assert grid[0, 0] == PAD_VALUE
+    assert grid[PAD, PAD] == 10 and grid[PAD, PAD + 2 * (4 + PAD)] == 30 and grid[PAD + 4 + PAD, PAD + 4 + PAD] == 50
+    assert grid[-3, -3] == PAD_VALUE  # the empty sixth tile
+    assert image_grid(images, cols=5, scale=3).shape == (3 * (4 + 2 * PAD), 3 * (5 * (4 + PAD) + PAD))
+
+
+def test_write_grid_writes_a_grayscale_png(tmp_path: Path) -> None:
+    images = np.zeros((16, 28, 28), np.uint8)
+    images[:, 10:18, 10:18] = 255
+    path = tmp_path / "grid.png"
+    write_grid(images, path)
+    with Image.open(path) as png:
+        assert (png.format, png.mode, png.size) == ("PNG", "L", (4 * 30 + 2, 4 * 30 + 2))
+        assert np.asarray(png)[PAD + 12, PAD + 12] == 255
+
+
+def test_connection_options_go_before_or_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GENSERVE_TARGET", raising=False)
+    parser = build_parser()
+    args = parser.parse_args(["--target", "a:1", "--timeout", "5", "images", "vae", "--target", "b:2", "-n", "4", "--target", "c:3"])
+    assert make_client(args, parser).targets == ("a:1", "b:2", "c:3")
+    assert (args.timeout, args.n, args.out, args.label) == (5.0, 4, "grid.png", None)
+    args = parser.parse_args(["text", "transformer", "--prompt", "ROMEO:", "--stop", "\n", "--token", "t", "--timeout", "2"])
+    assert (args.timeout, args.token, args.stop, args.max_tokens) == (2.0, "t", ["\n"], None)
+    assert make_client(args, parser).targets == ("127.0.0.1:50051",)
+
+
+@pytest.mark.parametrize("argv", [[], ["images"], ["images", "vae", "-n", "0"], ["text", "t"], ["models", "--timeout", "-1"]])
+def test_usage_errors_exit_with_status_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(argv)
+    assert exit.value.code == 2
+    assert "usage: python -m clients" in capsys.readouterr().err
