@@ -110,11 +110,24 @@ class _Portal:
         loop.close()
 
 
+def _notify_cancelled(future: concurrent.futures.Future[Any]) -> None:
+    """Wake ``concurrent.futures.wait`` on a cancelled future (``cancel()`` alone leaves that to an executor)."""
+    try:
+        future.set_running_or_notify_cancel()
+    except RuntimeError:  # notified already
+        pass
+
+
+def _cancel(future: concurrent.futures.Future[Any]) -> None:
+    if future.cancel():
+        _notify_cancelled(future)
+
+
 def _copy(task: asyncio.Task[T], result: concurrent.futures.Future[T]) -> None:
     if result.done():
         return
     if task.cancelled():
-        result.cancel()
+        _cancel(result)
     elif (error := task.exception()) is not None:
         result.set_exception(error)
     else:
@@ -128,7 +141,7 @@ def _concurrent(future: asyncio.Future[T], loop: asyncio.AbstractEventLoop) -> c
     def settle(inner: asyncio.Future[T]) -> None:
         try:
             if inner.cancelled():
-                outer.cancel()
+                _cancel(outer)
             elif (error := inner.exception()) is not None:
                 outer.set_exception(error)
             else:
@@ -137,8 +150,10 @@ def _concurrent(future: asyncio.Future[T], loop: asyncio.AbstractEventLoop) -> c
             pass
 
     def propagate(f: concurrent.futures.Future[T]) -> None:
-        if f.cancelled() and not loop.is_closed():
-            loop.call_soon_threadsafe(future.cancel)
+        if f.cancelled():
+            _notify_cancelled(f)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(future.cancel)
 
     future.add_done_callback(settle)
     outer.add_done_callback(propagate)

@@ -184,9 +184,6 @@ def _images(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def _text(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    if not args.no_echo:
-        out.write(args.prompt)
-        out.flush()
     pieces = client.stream_text(
         args.model,
         args.prompt,
@@ -198,10 +195,16 @@ def _text(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         stop=args.stop or (),
         version=args.version,
     )
-    for piece in pieces:
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+    wrote = False  # the prompt goes out with the first piece: a refused request prints nothing
+    try:
+        for piece in pieces:
+            out.write(piece if wrote or args.no_echo else args.prompt + piece)
+            wrote = True
+            out.flush()
+    finally:
+        if wrote:  # end the line, also before an error line when the stream breaks off
+            out.write("\n")
+            out.flush()
 
 
 def _error_line(error: GenserveError, targets: Sequence[str]) -> str:

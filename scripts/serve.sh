@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set everything up, then run genserve on the bundled models.
-# Until the gRPC server lands (issue 4), this evaluates the bundled models instead: the figures
-# in the README's table, from the files in models/.
+# Set everything up, then serve the bundled models (models/) over gRPC on 127.0.0.1:50051,
+# with Prometheus metrics on :9464. Extra arguments go to `python -m server` (see --help);
+# every option is also a GENSERVE_* environment variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m training.eval models/vae.safetensors models/gan.safetensors models/transformer.safetensors "$@"
+exec .venv/bin/python -m server --models-dir models "$@"

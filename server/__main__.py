@@ -22,17 +22,19 @@ async def _main(argv: Sequence[str] | None) -> int:
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
-    def on_signal(signum: int) -> None:
+    def on_signal(signum: int, frame: object = None) -> None:
+        # a plain signal handler (not loop.add_signal_handler): asyncio.Runner's own SIGINT handling
+        # would otherwise turn a second Ctrl-C into a KeyboardInterrupt
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:  # a second signal: stop waiting for the drain
             log.warning("forced_exit", signal=signal.Signals(signum).name)
             os._exit(1)
         log.info("signal_received", signal=signal.Signals(signum).name, action=f"draining for up to {config.grace_s:g} s")
-        server.request_shutdown()
+        loop.call_soon_threadsafe(server.request_shutdown)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+        signal.signal(sig, on_signal)
     try:
         await server.start()
     except (OSError, RuntimeError) as e:

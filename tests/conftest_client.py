@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -191,17 +193,31 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
 
 
 @asynccontextmanager
-async def fake_server(servicer: FakeGenerator | None = None, **kwargs: Any) -> AsyncIterator[tuple[str, FakeGenerator]]:
-    """A started fake on 127.0.0.1 (a free port); yields its address and servicer."""
+async def fake_server(
+    servicer: FakeGenerator | None = None, *, tls: grpc.ServerCredentials | None = None, **kwargs: Any
+) -> AsyncIterator[tuple[str, FakeGenerator]]:
+    """A started fake on 127.0.0.1 (a free port), with TLS when given credentials; yields its address and servicer."""
     servicer = servicer or FakeGenerator(**kwargs)
     server = grpc.aio.server()
     pb_grpc.add_GeneratorServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", tls) if tls else server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         yield f"127.0.0.1:{port}", servicer
     finally:
         await server.stop(None)
+
+
+def self_signed(folder: Path) -> tuple[bytes, bytes]:
+    """A certificate (and its key) for localhost and 127.0.0.1, made by the openssl command."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert.read_bytes(), key.read_bytes()
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

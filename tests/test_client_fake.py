@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
+import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest_client import fake_server, sample_value, until
+from conftest_client import fake_server, sample_value, self_signed, until
 
 from clients import (
     AsyncClient,
@@ -60,6 +63,26 @@ async def test_a_wrong_token_raises_unauthenticated() -> None:
                 await client.generate_images("vae", 1)
         async with AsyncClient(address, token="right") as client:
             assert len(await client.list_models()) == 2
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+async def test_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    async with fake_server(tls=grpc.ssl_server_credentials([(key, cert)])) as (address, fake):
+        port = address.rsplit(":", 1)[1]
+        async with AsyncClient(f"localhost:{port}", tls=True, root_certificates=cert, token="t") as client:
+            assert len(await client.list_models()) == 2
+            assert (await client.generate_images("vae", 2)).shape == (2, 28, 28)
+        async with AsyncClient([f"localhost:{port}", address], root_certificates=cert) as client:  # the first name is checked
+            for _ in range(4):
+                assert len(await client.list_models()) == 2
+        async with AsyncClient(address, retry=None) as client:  # plaintext to a TLS server
+            with pytest.raises(Unavailable):
+                await client.list_models()
+        async with AsyncClient(f"localhost:{port}", tls=True, retry=None) as client:  # the system's roots do not trust it
+            with pytest.raises(Unavailable):
+                await client.list_models()
+        assert fake.metadata[0]["authorization"] == "Bearer t"
 
 
 async def test_a_refused_call_is_retried_and_succeeds() -> None:
@@ -297,3 +320,20 @@ async def test_sync_session_future_cancel_reaches_the_server() -> None:
 
         await asyncio.to_thread(use)
         assert fake.in_flight == 0
+
+
+async def test_sync_cancel_wakes_waiters() -> None:
+    """concurrent.futures.wait returns for a cancelled session future, however it was cancelled."""
+    async with fake_server() as (address, fake):
+        fake.gate.clear()
+
+        def use() -> None:
+            with Client(address) as client, client.session() as s:
+                future = s.submit_images("vae", 1)
+                other = s.submit_images("vae", 1)
+                s.cancel(other)
+                threading.Timer(0.05, future.cancel).start()
+                done, _ = concurrent.futures.wait([future, other], timeout=5)
+                assert len(done) == 2 and future.cancelled() and other.cancelled()
+
+        await asyncio.to_thread(use)
