@@ -676,13 +676,14 @@ def measure_batch_ms(models_dir: str, batch: int, threads: int) -> float:
 
 @dataclass
 class Bench:
+    """What every point shares: the load generators, the servers to watch, the timing."""
+
     clients: Clients
     n_clients: int
     servers: list[Server]
     warm_s: float
     dur_s: float
     drain_s: float
-    out: dict[str, Any] = field(default_factory=dict)
     seed: itertools.count[int] = field(default_factory=lambda: itertools.count(0, 1_000_000))
 
     def point(
@@ -741,7 +742,9 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
             batch_ms = ex.submit(measure_batch_ms, args.models_dir, cfg.batch_size, cfg.threads).result(timeout=300)
 
     logs = tempfile.TemporaryDirectory(prefix="bench-serve-")
-    echo_port, sut_port = free_port(), free_port()
+    echo_port = free_port()
+    while (sut_port := free_port()) == echo_port:
+        pass
     echo_cmd = [sys.executable, "-m", "bench.echo", "--port", str(echo_port), "--credits", str(cfg.stream_credits)]
     sut_cmd = [a.replace("{port}", str(sut_port)) for a in server_cmd]
     if args.only_echo:
@@ -754,7 +757,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
     try:
         for s in sides:
             s.start()
-        clients = Clients(args.clients)
+        clients = Clients(args.clients, use_uvloop=args.client_loop == "uvloop")
         bench = Bench(clients, args.clients, sides, warm_s, dur_s, drain_s=3.0 if quick else 5.0)
         ready = {}
         for s in sides:
@@ -769,7 +772,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
                 "processor": platform.processor() or platform.machine(),
                 "python": platform.python_version(),
                 "grpcio": grpc.__version__,
-                "uvloop": uvloop_version(),
+                "uvloop": uvloop_version() if args.client_loop == "uvloop" else None,
                 "load_generator_processes": args.clients,
                 "quick": quick,
             },
@@ -1011,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; --quick 2)")
     parser.add_argument("--overload-duration", type=float, default=None, help="seconds of overload (default 30; --quick 5)")
     parser.add_argument("--clients", type=int, default=1, choices=(1, 2), help="load-generator processes")
+    parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of the load generators")
     parser.add_argument("--models-dir", default="models", help="the server's --models-dir")
     parser.add_argument("--server-args", default="", help='more flags for python -m server, e.g. "--batch-timeout-ms 1 --max-inflight 512"')
     parser.add_argument("--target-cmd", default=None, help="serve with this command instead of python -m server ({port} is replaced)")

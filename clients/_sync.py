@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Iterator, Sequence
 from types import TracebackType
@@ -112,10 +113,8 @@ class _Portal:
 
 def _notify_cancelled(future: concurrent.futures.Future[Any]) -> None:
     """Wake ``concurrent.futures.wait`` on a cancelled future (``cancel()`` alone leaves that to an executor)."""
-    try:
+    with contextlib.suppress(RuntimeError):  # notified already
         future.set_running_or_notify_cancel()
-    except RuntimeError:  # notified already
-        pass
 
 
 def _cancel(future: concurrent.futures.Future[Any]) -> None:

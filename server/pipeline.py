@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -42,6 +43,7 @@ class Pipeline:
         self.engine = engine
         self.metrics = metrics
         self.inflight: set[Job] = set()
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.accepting = True
         self._idle = asyncio.Event()
         self._idle.set()
@@ -114,12 +116,18 @@ class Pipeline:
         if not self.inflight:
             self._idle.set()
         outcome = job.outcome
-        code = outcome.code.name if outcome is not None else "UNKNOWN"
+        code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name
-        self.metrics.requests.labels(name, job.rpc, code).inc()
-        self.metrics.latency.labels(name, job.rpc).observe(time.perf_counter() - job.created)
+        counters = self._children.get((name, job.rpc, code))
+        if counters is None:  # label lookups cost microseconds: keep the children per label set
+            m = self.metrics
+            counters = (m.requests.labels(name, job.rpc, code.name), m.latency.labels(name, job.rpc), m.tokens.labels(name))
+            self._children[(name, job.rpc, code)] = counters
+        requests, latency, tokens = counters
+        requests.inc()
+        latency.observe(time.perf_counter() - job.created)
         if job.text is not None and job.sent:
-            self.metrics.tokens.labels(name).inc(job.sent)
+            tokens.inc(job.sent)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

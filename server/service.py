@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import uuid
+import itertools
+import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -35,6 +36,8 @@ MAX_ID_LENGTH = 128  # characters of a client's request id
 MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
 MAX_BYTES_PER_MESSAGE = 4 << 20  # ... and roughly this many payload bytes
 DEFAULT_MAX_NEW_TOKENS = 256
+_ID_PREFIX = os.urandom(4).hex()  # ids of Generate calls that bring none: unique per process, cheap
+_ids = itertools.count(1)
 
 _REASONS = {
     "complete": pb.FINISH_REASON_COMPLETE,
@@ -232,7 +235,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     # -- Generate -----------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        job_id = request.id[:MAX_ID_LENGTH] or uuid.uuid4().hex
+        job_id = request.id[:MAX_ID_LENGTH] or f"{_ID_PREFIX}-{next(_ids)}"
         sink = CallSink()
         try:
             job = self.build_job(request, "Generate", job_id, sink)

@@ -211,11 +211,10 @@ async def fake_server(
 def self_signed(folder: Path) -> tuple[bytes, bytes]:
     """A certificate (and its key) for localhost and 127.0.0.1, made by the openssl command."""
     key, cert = folder / "key.pem", folder / "cert.pem"
+    names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
+        [*command, "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost", "-addext", names], check=True, capture_output=True
     )
     return cert.read_bytes(), key.read_bytes()
 

@@ -168,22 +168,21 @@ async def test_overloaded_then_a_retry_that_succeeds_after_the_server_refused_on
     again after a jittered back-off; once the blocking request is cancelled, an attempt is
     admitted and the call succeeds.
     """
-    async with running_server(models_dir=MODELS, max_inflight=1, log_level="warning") as srv:
-        async with AsyncClient(srv.address, retry=None) as plain:
-            blocker = plain.stream_text("transformer", "ROMEO:", max_new_tokens=1000)
-            await anext(blocker)  # admitted: the server is at its limit now
-            with pytest.raises(Overloaded, match="limit of 1 requests in flight"):
-                await plain.generate_images("vae", 4, seed=0)
-            assert rejections(srv, "Generate") == 1
+    async with running_server(models_dir=MODELS, max_inflight=1, log_level="warning") as srv, AsyncClient(srv.address, retry=None) as plain:
+        blocker = plain.stream_text("transformer", "ROMEO:", max_new_tokens=1000)
+        await anext(blocker)  # admitted: the server is at its limit now
+        with pytest.raises(Overloaded, match="limit of 1 requests in flight"):
+            await plain.generate_images("vae", 4, seed=0)
+        assert rejections(srv, "Generate") == 1
 
-            retry = RetryPolicy(max_attempts=5, initial_backoff=0.2, max_backoff=0.5)
-            async with AsyncClient(srv.address, retry=retry) as retrying:
-                call = asyncio.create_task(retrying.generate_images("vae", 4, seed=0))
-                await until(lambda: rejections(srv, "Generate") == 2)  # its first attempt was refused
-                await blocker.aclose()  # frees the slot before the next attempt
-                images = await call
-            assert images.shape == (4, 28, 28)
-            assert np.array_equal(images, await plain.generate_images("vae", 4, seed=0))
+        retry = RetryPolicy(max_attempts=5, initial_backoff=0.2, max_backoff=0.5)
+        async with AsyncClient(srv.address, retry=retry) as retrying:
+            call = asyncio.create_task(retrying.generate_images("vae", 4, seed=0))
+            await until(lambda: rejections(srv, "Generate") == 2)  # its first attempt was refused
+            await blocker.aclose()  # frees the slot before the next attempt
+            images = await call
+        assert images.shape == (4, 28, 28)
+        assert np.array_equal(images, await plain.generate_images("vae", 4, seed=0))
 
 
 async def test_session_many_requests_within_the_credit(client: AsyncClient, server: GenServer) -> None:
