@@ -45,6 +45,8 @@ class Link(Generic[T]):
 
     async def take(self, demand: int) -> list[T]:
         """Up to ``demand`` items, waiting for the first; never more than asked for."""
+        if demand < 1:
+            raise ValueError(f"link {self.name}: demand must be >= 1, got {demand}")
         first = await self._queue.get()
         items = [first]
         queue = self._queue

@@ -218,7 +218,7 @@ class Batcher(Stage):
 
     def _add(self, items: list[ImageWork], size: int) -> int:
         for i, work in enumerate(items):
-            if size + work.chunk.n > self.batch_size:  # does not fit: it and the rest open the next batch
+            if size + work.chunk.n > self.batch_size and self.pending:  # does not fit: it and the rest open the next batch
                 self.carry.extend(items[i:])
                 return size
             self.pending.append(work)
@@ -252,9 +252,11 @@ class Batcher(Stage):
                 groups.setdefault(id(w.job.served), []).append(w)
             for group in groups.values():
                 await self._run_group(group)
-        finally:
-            self.running.pop(batch_id, None)
+        except BaseException:
             slots.release()
+            raise  # the batch stays in `running`, so the supervisor fails its jobs (UNAVAILABLE)
+        self.running.pop(batch_id, None)
+        slots.release()
 
     async def _run_group(self, group: list[ImageWork]) -> None:
         served = group[0].job.served

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -47,7 +48,6 @@ class Supervisor:
         self.gave_up = False
         self._stopping = False
         self._tasks: dict[str, asyncio.Task[object] | None] = {}
-        self._scopes: dict[str, anyio.CancelScope] = {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every stage, report ready, and keep them running until cancelled."""
@@ -71,8 +71,13 @@ class Supervisor:
             raise KeyError(f"no running stage named {name!r}; stages: {', '.join(self.stages)}")
         task.cancel()
 
+    def _shutting_down(self) -> bool:
+        """Stopping, or a cancel scope around us is cancelled (our task group's or its owner's): a
+        cancel that came from no scope (``kill``, a stray ``task.cancel()``) is a fault instead."""
+        return self._stopping or anyio.current_effective_deadline() == -math.inf
+
     async def _supervise(self, stage: Stage, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        status: TaskStatus[None] = task_status
+        status = _ReadyOnce(task_status)  # kept across restarts until the stage has reported ready once
         while True:
             self._tasks[stage.name] = asyncio.current_task()
             failure: str
@@ -80,7 +85,7 @@ class Supervisor:
                 await stage.run(task_status=status)
                 failure = "returned"
             except asyncio.CancelledError:
-                if self._stopping or self.gave_up:
+                if self._shutting_down() or self.gave_up:
                     raise
                 # cancelled by someone else than our task group (a chaos test, a stray cancel):
                 # uncancel so this task goes on, then restart the stage like any other failure
@@ -94,10 +99,11 @@ class Supervisor:
                 failure = f"{type(e).__name__}: {e}"
             finally:
                 self._tasks[stage.name] = None
-            status = anyio.TASK_STATUS_IGNORED
-            if self._stopping:
+            if self._shutting_down():
                 return
             self._fail_held(stage, failure)
+            if self.gave_up:  # the server is draining already: no restart, and no second give-up
+                return
             if not self._allow_restart():
                 self.gave_up = True
                 log.error("restart_intensity_exceeded", stage=stage.name, intensity=self.intensity, period_s=self.period)
@@ -123,3 +129,20 @@ class Supervisor:
             return False
         self.restarts.append(now)
         return True
+
+
+class _ReadyOnce:
+    """Passes the first ``started()`` on to the supervisor's own task status; ignores the rest.
+
+    A stage that fails before it reports ready is restarted, and its next run's ``started()``
+    is the one that counts, so the supervisor does not wait for ever.
+    """
+
+    def __init__(self, inner: TaskStatus[None]) -> None:
+        self._inner = inner
+        self._done = False
+
+    def started(self, value: None = None) -> None:
+        if not self._done:
+            self._done = True
+            self._inner.started(value)

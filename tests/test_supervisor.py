@@ -224,11 +224,6 @@ async def test_more_failures_than_the_intensity_within_the_period_give_up() -> N
         await shutdown(sup, tg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor bug: once gave_up is set, a later failure of another stage within the period calls on_give_up "
-    "again, with a false reason ('stage b failed 2 times within 60 s' for a stage that failed once)",
-)
 async def test_after_giving_up_another_failure_neither_restarts_nor_gives_up_again() -> None:
     flaky, bystander = FakeStage("flaky"), FakeStage("bystander")
     rec = Recorder()
@@ -298,11 +293,6 @@ async def test_ready_only_after_every_stage_reported_started() -> None:
         await shutdown(sup, tg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor bug: a stage that fails before task_status.started() is restarted with TASK_STATUS_IGNORED, "
-    "so tg.start(sup.run) never returns even after the restarted stage is ready",
-)
 async def test_a_stage_that_fails_before_it_is_ready_still_lets_the_supervisor_report_ready() -> None:
     stage = FakeStage("slow-starter")
     stage.fail_before_ready = 1  # the first run raises before started(); the restart comes up fine
@@ -348,12 +338,6 @@ async def test_stop_prevents_restarts_of_a_stage_that_then_fails() -> None:
         tg.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor bug: cancelling the task group that runs Supervisor.run without calling stop() first is "
-    "taken for a stray cancel: every stage is counted as restarted (restart_count, on_restart, held jobs failed "
-    "UNAVAILABLE) before the re-delivered cancel ends it",
-)
 async def test_cancelling_the_enclosing_group_without_stop_does_not_restart() -> None:
     sink = RecordingSink()
     stages = [FakeStage("a", [make_job("j", sink)]), FakeStage("b")]
