@@ -78,8 +78,12 @@ def split_host_port(target: str) -> tuple[str, int]:
         port = rest.removeprefix(":")
     elif target.count(":") == 1:
         host, port = target.split(":")
-    elif ":" in target:  # a bare IPv6 address
+    elif ":" in target:  # a bare IPv6 address, or no host:port at all
         host, port = target, ""
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"not a host:port target: {target!r}") from None
     else:
         host, port = target, ""
     if not host or (port and not port.isdigit()):

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from clients._channel import DEFAULT_TARGET, RetryPolicy, open_channel, resolve_targets
+from clients._channel import DEFAULT_TARGET, RetryPolicy, open_channel, resolve_targets, split_host_port
 from clients._exceptions import ServerError, from_rpc_error, from_status
 from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
 from clients._session import Session
@@ -60,6 +60,9 @@ class AsyncClient:
         self.targets = (target,) if isinstance(target, str) else tuple(target)
         if not self.targets:
             raise ValueError("no target given")
+        if len(self.targets) > 1:
+            for t in self.targets:
+                split_host_port(t)  # several targets must each be host:port: say so now, not at the first call
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, got {timeout}")
         self.timeout = timeout

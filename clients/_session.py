@@ -221,7 +221,7 @@ class Session:
         if self._state != "open":
             raise RuntimeError("Cannot submit a request: the session is not open (use `async with client.session() as s`).")
         if self._error is not None:
-            raise self._error
+            raise type(self._error)(self._error.details, code=self._error.code)
         if id is None:
             id = str(next(self._ids))
             while id in self._requests:

@@ -148,7 +148,10 @@ def make_client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Cl
         except OSError as e:
             parser.error(f"--ca-cert: {e.strerror}: {args.ca_cert}")
     token = args.token or os.environ.get("GENSERVE_TOKEN") or None
-    return Client(targets, timeout=args.timeout, tls=args.tls, root_certificates=root, token=token)
+    try:
+        return Client(targets, timeout=args.timeout, tls=args.tls, root_certificates=root, token=token)
+    except ValueError as e:
+        parser.error(f"--target: {e}")
 
 
 def _describe(model: ModelInfo) -> str:

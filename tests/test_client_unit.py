@@ -145,8 +145,11 @@ def test_split_host_port() -> None:
     assert split_host_port("example.com") == ("example.com", 50051)
     assert split_host_port("[::1]:7") == ("::1", 7)
     assert split_host_port("::1") == ("::1", 50051)
-    with pytest.raises(ValueError, match="not a host:port target"):
-        split_host_port("host:port")
+    for bad in ("host:port", "dns:///host:1", ":1"):
+        with pytest.raises(ValueError, match="not a host:port target"):
+            split_host_port(bad)
+    with pytest.raises(ValueError, match="not a host:port target: 'a:b'"):
+        AsyncClient(["a:b", "c:1"])
 
 
 @pytest.mark.asyncio
