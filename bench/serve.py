@@ -111,6 +111,13 @@ class Records:
         self.code = array.array("i")
         self.tokens = array.array("i")
         self.counts = {"msgs_out": 0, "msgs_in": 0, "tokens_in_window": 0}
+        self.details: dict[str, str] = {}  # status code name -> the first details string seen with it
+
+    def failed(self, e: grpc.aio.AioRpcError) -> int:
+        """The status code of a failed call; its details kept for the report."""
+        code = e.code()
+        self.details.setdefault(code.name, str(e.details()))
+        return int(code.value[0])
 
     def add(self, due: float, sent: float, first: float, end: float, code: int, tokens: int = 0) -> None:
         c = self.cols
@@ -126,6 +133,7 @@ class Records:
         out["code"] = self.code.tobytes()
         out["tokens"] = self.tokens.tobytes()
         out["counts"] = dict(self.counts)
+        out["details"] = dict(self.details)
         return out
 
 
@@ -149,7 +157,7 @@ async def image_call(stub: Any, rec: Records, due: float, seed: int, timeout: fl
             if resp.HasField("finish"):
                 code = resp.finish.code
     except grpc.aio.AioRpcError as e:
-        code = e.code().value[0]
+        code = rec.failed(e)
     except asyncio.CancelledError:
         now = time.monotonic()
         rec.add(due, sent, first or now, now, UNFINISHED)
@@ -221,7 +229,7 @@ async def run_text(stub: Any, job: Job, rec: Records) -> None:
                     elif kind == "finish":
                         code = resp.finish.code
             except grpc.aio.AioRpcError as e:
-                code = e.code().value[0]
+                code = rec.failed(e)
             end = time.monotonic()
             rec.add(sent, sent, first or end, end, code, tokens)
 
@@ -542,6 +550,7 @@ class Calls:
     code: np.ndarray
     tokens: np.ndarray
     counts: dict[str, int]
+    details: dict[str, str]
 
     @classmethod
     def merge(cls, payloads: Sequence[dict[str, Any]]) -> Calls:
@@ -549,11 +558,13 @@ class Calls:
             return np.concatenate([np.frombuffer(p[name], dtype=dtype) for p in payloads])
 
         counts: dict[str, int] = {}
+        details: dict[str, str] = {}
         for p in payloads:
             for k, v in p["counts"].items():
                 counts[k] = counts.get(k, 0) + v
+            details = p["details"] | details
         f8, i4 = np.float64, np.int32
-        return cls(col("due", f8), col("sent", f8), col("first", f8), col("end", f8), col("code", i4), col("tokens", i4), counts)
+        return cls(col("due", f8), col("sent", f8), col("first", f8), col("end", f8), col("code", i4), col("tokens", i4), counts, details)
 
 
 def pct_ms(seconds: np.ndarray, q: float) -> float:
@@ -580,6 +591,7 @@ def closed_figures(calls: Calls, job: Job) -> dict[str, Any]:
         "p90_ms": pct_ms(lat, 90),
         "p99_ms": pct_ms(lat, 99),
         "not_ok": code_counts(calls.code[in_window | (calls.code == UNFINISHED)]),
+        "details": calls.details,
     }
     if calls.counts.get("msgs_out"):
         out["msgs_out_s"] = calls.counts["msgs_out"] / (job.warm_s + job.dur_s)
@@ -611,6 +623,7 @@ def open_figures(calls: Calls, job: Job, offered: float) -> dict[str, Any]:
         "refusal_p50_ms": pct_ms((calls.end - calls.sent)[refused], 50),
         "refusal_p99_ms": pct_ms((calls.end - calls.sent)[refused], 99),
         "not_ok": code_counts(code[due & ~refused]),
+        "details": calls.details,
     }
 
 
@@ -626,6 +639,7 @@ def text_figures(calls: Calls, job: Job) -> dict[str, Any]:
         "ttft_p99_ms": pct_ms(ttft, 99),
         "ms_per_token_p50": pct_ms((calls.end - calls.first)[ok] / np.maximum(calls.tokens[ok] - 1, 1), 50),
         "not_ok": code_counts(calls.code[started]),
+        "details": calls.details,
     }
 
 
@@ -812,6 +826,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
                 rate = max(best[s.name] * frac, 1.0)
                 calls, job = bench.point("open", s, rate=rate, cap=max(4 * int(rate), 64))
                 out["open"].append({"side": s.name, "fraction": frac} | open_figures(calls, job, rate))
+        print_open(out)
 
         for s in sides:
             if s is sut and not has_text:
@@ -820,13 +835,13 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
             out["text"].append({"side": s.name, "streams": 1, "max_new_tokens": ttft_tokens} | text_figures(calls, job))
             calls, job = bench.point("text", s, concurrency=text_streams, max_tokens=text_tokens)
             out["text"].append({"side": s.name, "streams": text_streams, "max_new_tokens": text_tokens} | text_figures(calls, job))
+        print_text(out["text"], ttft_tokens, text_tokens)
 
         cap = int(cfg.max_inflight * 1.25) + 256  # above the server's limit, so that it is the server that refuses
         out["overload"] = [overload(bench, side, 2 * best[side.name], cap, overload_s) for side in sides]
         out["server_rss_after_mb"] = tree_rss_bytes(sut.pid) / MB
-        print_open(out)
-        print_text(out["text"], ttft_tokens, text_tokens)
         print_overload(out)
+        print_details(out)
     finally:
         if clients is not None:
             clients.close()
@@ -956,6 +971,19 @@ def print_overload(out: dict[str, Any]) -> None:
         f"server idle {s['server_rss_idle_mb']:.0f} MB, after {out['server_rss_after_mb']:.0f} MB)\n",
         flush=True,
     )
+
+
+def print_details(out: dict[str, Any]) -> None:
+    """The details string that came with each failing status code, once per side and code."""
+    seen: dict[tuple[str, str], str] = {}
+    for section in ("closed", "open", "text", "overload"):
+        for r in out[section]:
+            for code, details in r.get("details", {}).items():
+                seen.setdefault((r["side"], code), details)
+    for (side, code), details in seen.items():
+        print(f"{side} {code}: {details!r}")
+    if seen:
+        print()
 
 
 def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
