@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, TokenEvent
-from engine.images import ImageChunk, ImageResult
+from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.logs import get_logger
 from engine.registry import ServedModel
 
@@ -99,8 +101,14 @@ def _threadsafe_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Token
 class Engine:
     """Runs model code for the server: image batches on a thread pool, text on decode-loop threads."""
 
-    def __init__(self, *, image_threads: int = 1, decode_batch: int = 32, decode_pending: int = 64) -> None:
+    def __init__(self, *, image_threads: int = 1, decode_batch: int = 32, decode_pending: int = 64, inline_image_ms: float = 0.0) -> None:
         self._pool = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="engine-images")
+        # Image models whose whole batch is measured (``calibrate``) below this many ms run on the
+        # calling (event loop) thread. A hop to a pool thread looks free but is not: the worker
+        # must win the GIL back from a busy event loop between torch ops, which turned a 0.2 ms
+        # VAE batch into 3-6 ms inside the server. 0: every batch goes to the pool.
+        self.inline_image_ms = inline_image_ms
+        self._inline: dict[tuple[str, int], bool] = {}
         self._decode_batch = decode_batch
         self._decode_pending = decode_pending
         self._workers: dict[tuple[str, int], TextWorker] = {}
@@ -112,12 +120,32 @@ class Engine:
         if served.images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
         try:
+            if self._inline.get((served.name, served.version), False):
+                return served.images.run(list(chunks))
             return await asyncio.get_running_loop().run_in_executor(self._pool, served.images.run, list(chunks))
         except ValueError:
             raise
         except Exception as e:
             log.exception("image_batch_failed", model=served.name, version=served.version)
             raise EngineError(f"generation failed in {served.name}: {type(e).__name__}") from e
+
+    def calibrate(self, served: ServedModel, batch: int, rounds: int = 5) -> float:
+        """Time a full batch of ``served`` (median ms, call before serving) and decide where its
+        batches run: inline when below ``inline_image_ms``, else on the pool."""
+        images = served.images
+        if images is None:
+            raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
+        chunk = images.prepare(ImageRequest(n=min(batch, images.limits.max_batch), seed=0))
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            images.run([chunk])
+            times.append((time.perf_counter() - started) * 1000)
+        ms = statistics.median(times)
+        inline = ms < self.inline_image_ms
+        self._inline[(served.name, served.version)] = inline
+        log.info("image_batches_placed", model=served.name, version=served.version, batch=chunk.n, batch_ms=round(ms, 3), inline=inline)
+        return ms
 
     def text_worker(self, served: ServedModel) -> TextWorker:
         """The decode loop of this model version (started on first use; restarted after a failure)."""

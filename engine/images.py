@@ -88,10 +88,10 @@ class ImageChunk:
     labels: torch.Tensor | None  # (n,) int64, CPU; None for unconditional models
     offset: int = 0
     total: int = 0
+    n: int = field(init=False)  # samples in this chunk: z's rows, read once (batchers sum it often)
 
-    @property
-    def n(self) -> int:
-        return int(self.z.shape[0])
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n", int(self.z.shape[0]))
 
     def split(self, size: int) -> list[ImageChunk]:
         """Consecutive slices of at most ``size`` samples (views: no copy)."""

@@ -356,6 +356,11 @@ class ModelRegistry:
             out.extend(replace(versions[v].info, latest=v == top) for v in sorted(versions))
         return out
 
+    def served(self) -> list[ServedModel]:
+        """Every served version's entry, by name then version."""
+        table = self._table
+        return [table[name][v] for name in sorted(table) for v in sorted(table[name])]
+
     def names(self) -> list[str]:
         return sorted(self._table)
 

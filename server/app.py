@@ -66,7 +66,12 @@ class GenServer:
         self.registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
         if not len(self.registry):
             raise RuntimeError(f"no model could be loaded from {c.models_dir}; see the model_refused lines above")
-        self.engine = Engine(image_threads=c.image_threads, decode_batch=c.decode_batch, decode_pending=c.decode_pending)
+        self.engine = Engine(
+            image_threads=c.image_threads, decode_batch=c.decode_batch, decode_pending=c.decode_pending, inline_image_ms=c.inline_batch_ms
+        )
+        for served in self.registry.served():
+            if served.images is not None:
+                self.engine.calibrate(served, c.batch_size)
         self.pipeline = Pipeline(c, self.registry, self.engine, self.metrics)
         self.supervisor = Supervisor(
             self.pipeline.stages,

@@ -23,6 +23,9 @@ class ServerConfig:
     device: str = field(default="auto", metadata={"help": "auto (GPU when there is one), cpu, cuda or cuda:N"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
     image_threads: int = field(default=1, metadata={"help": "engine threads running image batches"})
+    inline_batch_ms: float = field(
+        default=2.0, metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"}
+    )
     processors: int = field(default=2, metadata={"help": "processor stages preparing inputs (concurrency)"})
     batch_size: int = field(default=128, metadata={"help": "samples per image batch: a batch closes when full"})
     batch_timeout_ms: float = field(default=2.0, metadata={"help": "... or this long after its first request"})
@@ -53,7 +56,7 @@ class ServerConfig:
         for name in ("batch_timeout_ms", "request_timeout_s", "restart_period_s", "grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "threads"):
+        for name in ("port", "metrics_port", "threads", "inline_batch_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 

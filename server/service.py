@@ -51,27 +51,52 @@ def _brief(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def chunk_message(job_id: str, item: ImageResult | TokenEvent) -> pb.GenerateResponse:
+def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> int:
+    """Write one chunk into ``message`` (in place: no copy into the stream's response later);
+    returns its payload size in bytes."""
     if isinstance(item, TokenEvent):
-        ids = [item.token_id] if item.token_id is not None else []
-        return pb.GenerateResponse(id=job_id, text=pb.Text(text=item.text, token_ids=ids, n_generated=item.n_generated))
+        text = message.text
+        text.text = item.text
+        if item.token_id is not None:
+            text.token_ids.append(item.token_id)
+        text.n_generated = item.n_generated
+        return len(item.text)
     pixels = item.pixels
-    images = pb.Images(offset=item.offset, count=pixels.shape[0], height=pixels.shape[1], width=pixels.shape[2], pixels=pixels.tobytes())
+    images = message.images
+    images.offset = item.offset
+    images.count, images.height, images.width = pixels.shape
+    images.pixels = pixels.tobytes()
+    size = pixels.size
     if item.labels is not None:
         images.labels.extend(item.labels.tolist())
     if item.floats is not None:
         images.floats = item.floats.astype("<f4", copy=False).tobytes()
-    return pb.GenerateResponse(id=job_id, images=images)
+        size += item.floats.size * 4
+    return int(size)
 
 
-def finish_message(job_id: str, job: Job | None, outcome: Outcome) -> pb.GenerateResponse:
-    finish = pb.Finish(reason=_REASONS[outcome.reason], code=outcome.code.value[0], message=outcome.message)
+def fill_finish(finish: pb.Finish, job: Job | None, outcome: Outcome) -> None:
+    finish.reason = _REASONS[outcome.reason]
+    if not outcome.ok:
+        finish.code = outcome.code.value[0]
+        finish.message = outcome.message
     if job is not None:
         finish.seed = job.seed
         finish.model = job.served.name
         finish.version = job.served.version
         finish.n_generated = job.sent
-    return pb.GenerateResponse(id=job_id, finish=finish)
+
+
+def chunk_message(job_id: str, item: ImageResult | TokenEvent) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(id=job_id)
+    fill_chunk(message, item)
+    return message
+
+
+def finish_message(job_id: str, job: Job | None, outcome: Outcome) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(id=job_id)
+    fill_finish(message.finish, job, outcome)
+    return message
 
 
 class CallSink:
@@ -88,19 +113,35 @@ class CallSink:
 
 
 class StreamSink:
-    """The outbox of one GenerateStream: results waiting to be coalesced, credits to give back."""
+    """The outbox of one GenerateStream: results written straight into the next response
+    message (no copies), credits to give back; full messages wait in ``full``."""
 
     def __init__(self, credits: int) -> None:
         self.credit = credits  # what the client may still send
         self.credit_back = 0  # returned credits not yet announced
         self.jobs: dict[str, Job] = {}
-        self.outbox: collections.deque[pb.GenerateResponse] = collections.deque()
+        self.full: collections.deque[pb.StreamResponse] = collections.deque()
+        self.current = pb.StreamResponse()
+        self.count = 0  # results in ``current``
+        self.size = 0  # payload bytes in ``current``
         self.ready = asyncio.Event()
         self.reader_done = False
 
-    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        self.outbox.append(chunk_message(job.id, item))
+    @property
+    def empty(self) -> bool:
+        return not self.full and not self.count
+
+    def _result(self, job_id: str) -> pb.GenerateResponse:
+        if self.count >= MAX_RESULTS_PER_MESSAGE or self.size >= MAX_BYTES_PER_MESSAGE:
+            self.full.append(self.current)
+            self.current = pb.StreamResponse()
+            self.count = self.size = 0
+        self.count += 1
         self.ready.set()
+        return self.current.results.add(id=job_id)
+
+    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
+        self.size += fill_chunk(self._result(job.id), item)
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         if self.jobs.get(job.id) is job:
@@ -109,27 +150,24 @@ class StreamSink:
 
     def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True) -> None:
         """A terminal message for ``job_id``; ``credit``: the request had used a credit, give it back."""
-        self.outbox.append(finish_message(job_id, job, outcome))
+        fill_finish(self._result(job_id).finish, job, outcome)
         if credit:
             self.credit += 1
             self.credit_back += 1
-        self.ready.set()
 
     def next_message(self) -> pb.StreamResponse | None:
-        results: list[pb.GenerateResponse] = []
-        size = 0
-        outbox = self.outbox
-        while outbox and len(results) < MAX_RESULTS_PER_MESSAGE and size < MAX_BYTES_PER_MESSAGE:
-            msg = outbox.popleft()
-            results.append(msg)
-            if msg.HasField("images"):
-                size += len(msg.images.pixels) + len(msg.images.floats)
-        if not outbox:
+        if self.full:
+            message = self.full.popleft()
+        elif self.count or self.credit_back:
+            message, self.current = self.current, pb.StreamResponse()
+            self.count = self.size = 0
+        else:
+            message = None
+        if message is not None and self.credit_back:
+            message.credits = self.credit_back
+            self.credit_back = 0
+        if self.empty:
             self.ready.clear()
-        if not results and not self.credit_back:
-            return None
-        message = pb.StreamResponse(results=results, credits=self.credit_back)
-        self.credit_back = 0
         return message
 
 
@@ -273,7 +311,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 message = stream.next_message()
                 if message is not None:
                     yield message
-                if stream.reader_done and not stream.jobs and not stream.outbox:
+                if stream.reader_done and not stream.jobs and stream.empty:
                     if reader.done() and not reader.cancelled() and reader.exception() is not None:
                         raise reader.exception()  # type: ignore[misc]
                     return
