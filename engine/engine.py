@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -129,9 +128,9 @@ class Engine:
             log.exception("image_batch_failed", model=served.name, version=served.version)
             raise EngineError(f"generation failed in {served.name}: {type(e).__name__}") from e
 
-    def calibrate(self, served: ServedModel, batch: int, rounds: int = 5) -> float:
-        """Time a full batch of ``served`` (median ms, call before serving) and decide where its
-        batches run: inline when below ``inline_image_ms``, else on the pool."""
+    def calibrate(self, served: ServedModel, batch: int, rounds: int = 7) -> float:
+        """Time a full batch of ``served`` (the fastest of ``rounds``: start-up is noisy; call before
+        serving) and decide where its batches run: inline when below ``inline_image_ms``, else on the pool."""
         images = served.images
         if images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
@@ -141,7 +140,7 @@ class Engine:
             started = time.perf_counter()
             images.run([chunk])
             times.append((time.perf_counter() - started) * 1000)
-        ms = statistics.median(times)
+        ms = min(times)
         inline = ms < self.inline_image_ms
         self._inline[(served.name, served.version)] = inline
         log.info("image_batches_placed", model=served.name, version=served.version, batch=chunk.n, batch_ms=round(ms, 3), inline=inline)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import os
 from collections.abc import Callable
 
 import anyio
@@ -25,6 +27,7 @@ from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
+from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline import Pipeline
@@ -60,6 +63,9 @@ class GenServer:
     async def start(self) -> None:
         """Load the models, start the stages, then listen; returns once the server is ready."""
         c = self.config
+        # security files first: a wrong path fails in a moment, not after the models have loaded
+        credentials = server_credentials(c)
+        tokens = load_tokens(c.token_file, os.environ)
         choice = choose_device(c.device, threads=c.threads or None)
         limits = ImageLimits(max_batch=max(c.batch_size, 1))
         loop = asyncio.get_running_loop()
@@ -80,24 +86,36 @@ class GenServer:
             on_give_up=self._give_up,
             on_restart=self._on_restart,
         )
+        # Everything loaded so far lives as long as the server: move it out of the collector's
+        # sight, so collections triggered by per-request garbage do not rescan it (+12% requests/s)
+        gc.collect()
+        gc.freeze()
         ready = asyncio.Event()
         self._supervisor_task = asyncio.create_task(self._run_supervisor(ready), name="supervisor")
         await ready.wait()
 
         limit = c.max_message_mb << 20
+        interceptors = []
+        if tokens:
+            public = PUBLIC_SERVICES if c.public_health else ()
+            interceptors.append(BearerTokenAuth(tokens, public=public, on_refusal=self._on_unauthenticated))
         self.grpc = grpc.aio.server(
+            interceptors=interceptors or None,  # none at all without tokens: an interceptor costs every call
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-            ]
+            ],
         )
         self.service = GeneratorService(c, self.pipeline, self.metrics)
         pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.grpc)
-        self.port = self.grpc.add_insecure_port(c.address)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(c.address)
+        else:
+            self.port = self.grpc.add_secure_port(c.address, credentials)
         if self.port == 0:
             raise OSError(f"could not listen on {c.address}")
         await self.grpc.start()
@@ -116,12 +134,21 @@ class GenServer:
             batch_size=c.batch_size,
             batch_timeout_ms=c.batch_timeout_ms,
             processors=c.processors,
+            tls="on" if credentials is not None else "off",
+            mtls="on" if c.tls_client_ca else "off",
+            auth=f"on, {len(tokens)} tokens" if tokens else "off",
+            public_health=c.public_health if tokens else None,
         )
+        if tokens and credentials is None:
+            log.warning("tokens_in_cleartext", hint="bearer tokens travel unencrypted without TLS: set --tls-cert and --tls-key")
 
     async def _run_supervisor(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.supervisor.run)
             ready.set()
+
+    def _on_unauthenticated(self, rpc: str) -> None:
+        self.metrics.rejections.labels(rpc, "UNAUTHENTICATED").inc()
 
     def _on_restart(self, stage: Stage) -> None:
         self.metrics.restarts.labels(stage.name).inc()

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 ENV_PREFIX = "GENSERVE_"
+TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/auth.py, never a config field
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class ServerConfig:
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
     image_threads: int = field(default=1, metadata={"help": "engine threads running image batches"})
     inline_batch_ms: float = field(
-        default=2.0, metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"}
+        default=3.0, metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"}
     )
     processors: int = field(default=2, metadata={"help": "processor stages preparing inputs (concurrency)"})
     batch_size: int = field(default=128, metadata={"help": "samples per image batch: a batch closes when full"})
@@ -46,6 +47,20 @@ class ServerConfig:
     )
     metrics_port: int = field(default=9464, metadata={"help": "Prometheus /metrics port (0: off)"})
     max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message accepted or sent, in MiB"})
+    # Security (server/auth.py). Paths only: no secret is ever a field, so none shows in --help or in a log.
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve TLS (with --tls-key; empty: plaintext)"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(
+        default="", metadata={"help": "PEM CA certificates: require clients to present a certificate they signed (mutual TLS)"}
+    )
+    token_file: str = field(
+        default="",
+        metadata={
+            "help": f"file of bearer tokens, one a line (# comments); with it or {TOKENS_ENV} every call needs "
+            "'authorization: Bearer <token>'"
+        },
+    )
+    public_health: bool = field(default=True, metadata={"help": "health checks and reflection need no token (--no-public-health: they do)"})
 
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
@@ -59,6 +74,11 @@ class ServerConfig:
         for name in ("port", "metrics_port", "threads", "inline_batch_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{given}={getattr(self, given)} needs {missing} too: TLS takes a certificate chain and its key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"tls_client_ca={self.tls_client_ca} needs tls_cert and tls_key: mutual TLS is TLS first")
 
     @property
     def address(self) -> str:
@@ -70,7 +90,14 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(kind: Any, raw: str, name: str) -> Any:
+    if kind is bool:  # bool("false") is True
+        if raw.lower() not in _BOOLS:
+            raise ValueError(f"{env_name(name)}={raw!r} is not a valid bool (true/false, yes/no, on/off, 1/0)")
+        return _BOOLS[raw.lower()]
     try:
         return kind(raw)
     except ValueError:
@@ -94,13 +121,17 @@ def build_parser(base: ServerConfig) -> argparse.ArgumentParser:
         prog="python -m server",
         description="Serve the models of a folder over gRPC (genserve.v1.Generator, health, reflection).",
         epilog="Every option is also read from an environment variable, GENSERVE_<OPTION> (e.g. GENSERVE_BATCH_SIZE=64); "
-        "a flag wins over the environment.",
+        "a flag wins over the environment. Bearer tokens come from --token-file and from "
+        f"{TOKENS_ENV}=<token>,<token> (no flag, so that no token shows in a process list).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(ServerConfig):
         assert f.default is not MISSING
         value = getattr(base, f.name)
         kwargs: dict[str, Any] = {"default": value, "type": type(value), "help": f"{f.metadata['help']} [{env_name(f.name)}]"}
+        if isinstance(value, bool):  # --flag / --no-flag
+            del kwargs["type"]
+            kwargs["action"] = argparse.BooleanOptionalAction
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)

@@ -9,7 +9,6 @@ model time once they leave the queue.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ class Job:
     sent: int = 0  # samples or tokens delivered
     handle: SequenceHandle | None = None  # text: the sequence in its decode loop
     worker: TextWorker | None = None
-    timer: asyncio.TimerHandle | None = None
+    tick: int = 0  # the deadline's slot in the pipeline's timing wheel (0: none)
     on_finish: Callable[[Job], None] | None = None  # the pipeline's bookkeeping (in-flight set, metrics)
 
     @property
@@ -87,9 +86,6 @@ class Job:
             return False
         self.done = True
         self.outcome = outcome
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.handle is not None and self.worker is not None and not outcome.ok:
             self.worker.cancel(self.handle)  # leaves the decode loop at its next step, freeing its cache
         if self.on_finish is not None:

@@ -4,7 +4,7 @@ r"""The pipeline: its links, its stages, and admission (the producer's front doo
                                                \-> text/<model>   -> TextFeeder -> decode loop (engine thread)
 
 Admission (``admit``) runs in the RPC handler, synchronously: it checks the model, the request's
-limits and the server's room, gives the job its deadline timer, and offers it to the ingress. A
+limits and the server's room, files the job's deadline, and offers it to the ingress. A
 full ingress, or more than ``max_inflight`` unfinished jobs, refuses at once (RESOURCE_EXHAUSTED);
 nothing is parked without bound. Every link holds at most ``queue_size`` items.
 """
@@ -12,6 +12,7 @@ nothing is parked without bound. Every link holds at most ``queue_size`` items.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,8 @@ from server.jobs import Job
 from server.links import Link
 from server.metrics import Metrics
 from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+
+DEADLINE_TICK = 0.01  # seconds: deadlines are enforced to within one tick
 
 
 class Refused(Exception):
@@ -43,6 +46,9 @@ class Pipeline:
         self.engine = engine
         self.metrics = metrics
         self.inflight: set[Job] = set()
+        self._wheel: dict[int, set[Job]] = {}  # deadline tick -> jobs due then
+        self._swept = 0
+        self._sweeper: asyncio.TimerHandle | None = None
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.accepting = True
         self._idle = asyncio.Event()
@@ -101,17 +107,39 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         budget = self.config.request_timeout_s if timeout is None else min(timeout, self.config.request_timeout_s)
         job.deadline = loop.time() + budget
-        job.timer = loop.call_at(job.deadline, self._expire, job)
+        job.tick = math.ceil(job.deadline / DEADLINE_TICK)
+        bucket = self._wheel.get(job.tick)
+        if bucket is None:
+            bucket = self._wheel[job.tick] = set()
+        bucket.add(job)
+        if self._sweeper is None:
+            self._swept = math.floor(loop.time() / DEADLINE_TICK)
+            self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep)
         job.on_finish = self._finished
         self.inflight.add(job)
         self._idle.clear()
 
-    @staticmethod
-    def _expire(job: Job) -> None:
-        job.timer = None
-        job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")
+    def _sweep(self) -> None:
+        """Fail the jobs whose deadline tick has passed; runs every tick while jobs are in flight.
+
+        A timing wheel instead of one loop timer per job: a timer costs ~4 us to start and cancel
+        (15% of the throughput of one-image requests), a set add/discard well under 1 us. Deadlines
+        are enforced within one tick (10 ms). A loop callback, not a stage: no stage failure can
+        stop deadlines from being enforced.
+        """
+        loop = asyncio.get_running_loop()
+        now = math.floor(loop.time() / DEADLINE_TICK)
+        for tick in range(self._swept + 1, now + 1):
+            bucket = self._wheel.pop(tick, None)
+            for job in list(bucket or ()):
+                job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")
+        self._swept = max(self._swept, now)
+        self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep) if self.inflight else None
 
     def _finished(self, job: Job) -> None:
+        bucket = self._wheel.get(job.tick)
+        if bucket is not None:
+            bucket.discard(job)
         self.inflight.discard(job)
         if not self.inflight:
             self._idle.set()

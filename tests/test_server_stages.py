@@ -802,7 +802,7 @@ async def test_admit_refuses_beyond_max_inflight(registry: ModelRegistry, engine
         pipeline.admit(jobs[2], None)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in refused.value.message
     assert pipeline.inflight == {jobs[0], jobs[1]} and len(pipeline.ingress) == 2
-    assert jobs[2].timer is None and jobs[2].on_finish is None
+    assert jobs[2].tick == 0 and jobs[2].on_finish is None
     jobs[0].finish(Outcome())  # room again
     pipeline.admit(jobs[2], None)
     assert pipeline.inflight == {jobs[1], jobs[2]}
@@ -818,7 +818,7 @@ async def test_admit_refuses_when_the_ingress_is_full(registry: ModelRegistry, e
     with pytest.raises(Refused) as refused:
         pipeline.admit(jobs[2], None)
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in refused.value.message
-    assert jobs[2] not in pipeline.inflight and jobs[2].timer is None
+    assert jobs[2] not in pipeline.inflight and jobs[2].tick == 0
     assert pipeline.ingress.take_nowait(5) == jobs[:2]
     pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "test over")
 
@@ -843,7 +843,7 @@ async def test_a_job_past_its_deadline_fails_and_leaves_inflight(registry: Model
     assert pipeline.inflight == {job, other}
     outcome = await sink.outcome(job)  # nothing runs the stages: only the timer can end it
     assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert job.timer is None and pipeline.inflight == {other}
+    assert pipeline.inflight == {other}
     labels = {"model": "digits", "rpc": "Generate", "code": "DEADLINE_EXCEEDED"}
     assert metrics.registry.get_sample_value("genserve_requests_total", labels) == 1
     assert not other.done  # 30 s away
