@@ -138,13 +138,16 @@ class ChaosReport:
     failed: dict[str, int]  # terminal outcomes other than OK, by status (CLIENT_CANCELLED: the client's own)
     lost: int
     duplicates: int
-    late: int
+    late: int  # outcome later than its deadline + tolerance, or none (the deadline: see Req.due)
     late_examples: list[str]
+    late_by_client_clock: int  # ... counting the deadline from the send instead (info: includes the wait for admission)
+    admission_delay_ms: dict[str, float]  # send -> admission, as the client saw it
     lost_examples: list[str]
     sent_by_call: dict[str, int]  # "Generate image" etc.
     probes: dict[str, dict[str, int]]  # probe kind -> outcomes
     touched: int
     touched_outcomes: dict[str, int]
+    touched_by_fault: dict[str, dict[str, int]]
     untouched: int
     untouched_ok: int
     untouched_success: float
@@ -160,6 +163,7 @@ class ChaosReport:
     health_not_serving_samples: int
     health_samples: int
     inflight_after: int
+    leftovers: list[str]
     drain_s: float
     post_chaos: dict[str, str]
     rss_start_mb: float
@@ -195,6 +199,11 @@ class Req:
     outcome: str | None = None
     outcomes: int = 0
     touched: set[str] = field(default_factory=set)
+
+    @property
+    def due(self) -> float:
+        """Its deadline: the server's (admission + timeout) once admitted, else the client's (send + timeout)."""
+        return self.server_deadline if self.server_deadline is not None else self.deadline
 
 
 class Ledger:
@@ -342,7 +351,7 @@ class Injector:
         """Hold this batch past the latest deadline of its requests."""
         now = time.monotonic()
         ids = [c.request.request_id for c in chunks]
-        deadlines = [self.ledger.reqs[i].deadline for i in ids if i in self.ledger.reqs]
+        deadlines = [self.ledger.reqs[i].due for i in ids if i in self.ledger.reqs]
         stall = min(max([*deadlines, now]) - now + 0.25, self.config.max_stall_s)
         fault = Fault("stall", model, now, now + stall, ids)
         self.faults.append(fault)
@@ -466,6 +475,7 @@ class Load:
         # per full batch on one CPU thread) get 30 % of it, in small requests
         self.main_image = "vae" if "vae" in self.image_models else (self.image_models or [""])[0]
         self.given_up: list[str] = []
+        self.credit_errors: list[str] = []  # streams whose credit did not all come back
 
     # requests ---------------------------------------------------------------------------------
 
@@ -592,6 +602,7 @@ class Session:
         self.outstanding: dict[str, Req] = {}
         self.finished: set[str] = set()
         self.credit = 0
+        self.granted: int | None = None  # the first message's credit: all of it is back once every request has finished
         self.changed = asyncio.Event()
         self.stream_error: str | None = None
 
@@ -601,6 +612,8 @@ class Session:
                 message = await call.read()
                 if message is grpc.aio.EOF:
                     return
+                if self.granted is None:
+                    self.granted = message.credits
                 self.credit += message.credits
                 for result in message.results:
                     req = self.outstanding.get(result.id)
@@ -647,17 +660,17 @@ class Session:
                 if room <= 0:
                     await self._wait(lambda: min(config.session_window - len(self.outstanding), self.credit) > 0 or reader.done(), 0.05)
                     continue
+                cancel = []
+                if self.outstanding and self.rng.random() < config.session_cancel_p:  # one already sent: the server has it
+                    victim = self.rng.choice(list(self.outstanding.values()))
+                    victim.probe = "cancel"
+                    cancel.append(victim.id)
                 batch = []
                 for _ in range(min(room, self.rng.randint(1, 8))):
                     sent += 1
                     req, message = self.load.mixed(self.rng, f"{self.name}-{sent}", "GenerateStream")
                     self.outstanding[req.id] = req
                     batch.append(message)
-                cancel = []
-                if self.outstanding and self.rng.random() < config.session_cancel_p:
-                    victim = self.rng.choice(list(self.outstanding.values()))
-                    victim.probe = "cancel"
-                    cancel.append(victim.id)
                 self.credit -= len(batch)
                 await call.write(pb.StreamRequest(requests=batch, cancel=cancel))
                 if drop_after is not None and dropped_at is None:
@@ -676,6 +689,8 @@ class Session:
                 await call.done_writing()
             latest = max((r.deadline for r in self.outstanding.values()), default=time.monotonic())
             await self._wait(lambda: reader.done(), max(0.0, latest + config.safety_s - time.monotonic()))
+            if reader.done() and self.stream_error is None and not self.outstanding and self.credit != self.granted:
+                self.load.credit_errors.append(f"{self.name}: credit {self.credit} at the end, {self.granted} granted")
         finally:
             if not reader.done():
                 reader.cancel()
@@ -801,6 +816,7 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
                 await server.pipeline.wait_idle()
         drain_s = time.monotonic() - drain_started
         inflight_after = len(server.pipeline.inflight)
+        leftovers = await _leftovers(server)
         health = {name: await health_of(server.address, name) for name in READINESS_NAMES}
         post = await one_of_each(server.address, models)
         supervisor = server.supervisor
@@ -823,12 +839,42 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
         wall=wall,
         drain_s=drain_s,
         inflight_after=inflight_after,
+        leftovers=leftovers,
         health=health,
         post=post,
         restarts=(sum(injector.kills.values()), restarts_supervisor, restarts_metric),
         kinds=kinds,
         rss=(rss_start, max(monitor.rss_peak, rss_end), rss_end),
     )
+
+
+async def _leftovers(server: GenServer, timeout: float = 3.0) -> list[str]:
+    """What is left in the server once no request is in flight: items in links, jobs held by stages,
+    sequences in decode loops. Waits up to ``timeout`` for it to clear (stages drop ended jobs lazily)."""
+    engine = server.engine
+    assert engine is not None
+    text = [s for s in server.registry.served() if s.images is None]
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [f"link {name}: {n}" for name, n in server.pipeline.link_depths().items() if n]
+        for stage in server.supervisor.stages.values():
+            held = len(list(stage.holding()))
+            if held:
+                left.append(f"stage {stage.name} holds {held} jobs")
+        for served in text:
+            loop = engine.text_worker(served).loop
+            if loop.has_work:
+                left.append(f"decode loop {served.name}: {loop.active_count} active, {loop.pending_count} waiting")
+        if not left or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.05)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _classify(ledger: Ledger, faults: list[Fault]) -> None:
@@ -863,6 +909,7 @@ def _report(
     wall: float,
     drain_s: float,
     inflight_after: int,
+    leftovers: list[str],
     health: dict[str, str],
     post: dict[str, str],
     restarts: tuple[int, int, int],
@@ -879,7 +926,9 @@ def _report(
     untouched_examples: list[str] = []
     late_examples: list[str] = []
     lost_examples: list[str] = []
-    completed = lost = late = untouched = untouched_ok = touched = 0
+    admission: list[float] = []
+    touched_by: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    completed = lost = late = late_client = untouched = untouched_ok = touched = 0
     for r in reqs:
         sent_by[f"{r.rpc} {r.kind}"] += 1
         outcome = r.outcome or "LOST"
@@ -891,18 +940,22 @@ def _report(
             completed += 1
         else:
             failed[r.outcome] += 1
-        if r.ended is None or r.ended > r.deadline + config.late_tolerance_s:
+        if r.admitted is not None:
+            admission.append(r.admitted - r.sent)
+        if r.ended is not None and r.ended > r.deadline + config.late_tolerance_s:
+            late_client += 1
+        if r.ended is None or r.ended > r.due + config.late_tolerance_s:
             late += 1
             if len(late_examples) < 5:
-                past = "never" if r.ended is None else f"{r.ended - r.deadline:+.3f} s"
-                admitted = "never admitted" if r.admitted is None else f"admitted {r.admitted - r.sent:.3f} s after sending"
-                server = "" if r.ended is None or r.server_deadline is None else f", {r.ended - r.server_deadline:+.3f} s past the server's"
-                late_examples.append(f"{r.id} ({r.rpc} {r.model}, {outcome}) {past} past its deadline{server}; {admitted}")
+                past = "never" if r.ended is None else f"{r.ended - r.due:+.3f} s"
+                admitted = "never admitted" if r.admitted is None else f"admitted {r.admitted - r.sent:.3f} s after it was sent"
+                late_examples.append(f"{r.id} ({r.rpc} {r.model}, {outcome}) ended {past} past its deadline; {admitted}")
         if r.probe:
             probes[r.probe][outcome] += 1
         elif r.touched:
             touched += 1
             touched_outcomes[outcome] += 1
+            touched_by["+".join(sorted(r.touched))][outcome] += 1
         else:
             untouched += 1
             if outcome == OK:
@@ -936,6 +989,8 @@ def _report(
         Check("every stage kind faulted", not missing, f"never faulted: {missing}" if missing else "all"),
         Check("image faults fired", not injector.image_models or (faults["forward-error"] > 0 and faults["stall"] > 0), str(dict(faults))),
         Check("drained", inflight_after == 0, f"{inflight_after} in flight {drain_s:.2f} s after the load"),
+        Check("nothing left behind", not leftovers, "; ".join(leftovers) or "links empty, stages hold nothing, decode loops idle"),
+        Check("stream credits all returned", not load.credit_errors, "; ".join(load.credit_errors[:5]) or "every closed stream"),
         Check("health SERVING", all(v == "SERVING" for v in health.values()), str(health)),
         Check("serves after", all(v == OK for v in post.values()), str(post)),
         Check(
@@ -955,11 +1010,18 @@ def _report(
         duplicates=ledger.duplicates,
         late=late,
         late_examples=late_examples,
+        late_by_client_clock=late_client,
+        admission_delay_ms={
+            "p50": 1000 * _quantile(admission, 0.5),
+            "p99": 1000 * _quantile(admission, 0.99),
+            "max": 1000 * max(admission, default=0.0),
+        },
         lost_examples=lost_examples,
         sent_by_call=dict(sorted(sent_by.items())),
         probes={k: dict(v.most_common()) for k, v in sorted(probes.items())},
         touched=touched,
         touched_outcomes=dict(touched_outcomes.most_common()),
+        touched_by_fault={k: dict(v.most_common()) for k, v in sorted(touched_by.items())},
         untouched=untouched,
         untouched_ok=untouched_ok,
         untouched_success=success,
@@ -975,6 +1037,7 @@ def _report(
         health_not_serving_samples=monitor.not_serving,
         health_samples=monitor.health_samples,
         inflight_after=inflight_after,
+        leftovers=leftovers,
         drain_s=drain_s,
         post_chaos=post,
         rss_start_mb=rss_start,
@@ -995,10 +1058,12 @@ def format_report(r: ChaosReport) -> str:
         ("failed, by status", counts(r.failed)),
         ("lost", str(r.lost)),
         ("duplicate outcomes", str(r.duplicates)),
-        ("past deadline", str(r.late)),
+        ("past deadline", f"{r.late} (counted from the send: {r.late_by_client_clock})"),
+        ("admission delay", ", ".join(f"{k} {v:.1f} ms" for k, v in r.admission_delay_ms.items())),
         ("deadline probes", counts(r.probes.get("deadline", {}))),
         ("cancelled by client", counts(r.probes.get("cancel", {}))),
         ("touched by a fault", f"{r.touched}: {counts(r.touched_outcomes)}"),
+        *((f"  by {kind}", counts(outcomes)) for kind, outcomes in r.touched_by_fault.items()),
         ("untouched succeeded", f"{r.untouched_ok}/{r.untouched} = {r.untouched_success:.3%}  failures: {counts(r.untouched_failures)}"),
         ("faults injected", counts(r.faults)),
         ("kills by stage", f"{counts(r.kills_by_stage)} (skipped: {r.kills_skipped})"),
