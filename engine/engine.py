@@ -47,9 +47,9 @@ class TextWorker:
 
     def submit(self, request: SequenceRequest, sink: Sink) -> SequenceHandle:
         """Queue a sequence; raises InvalidRequestError or QueueFullError at once."""
-        if self.failed is not None:
-            raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
-        with self._sinks_lock:
+        with self._sinks_lock:  # checked under the lock: the failure path sets it under the same lock
+            if self.failed is not None:
+                raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
             handle = self.loop.add(request)
             self._sinks[handle.id] = sink
         self._wake.set()
@@ -74,8 +74,10 @@ class TextWorker:
                 events = self.loop.step()
             except Exception as e:  # model code failed: every waiting request hears of it
                 log.exception("decode_loop_failed", model=self.served.name, version=self.served.version)
-                self.failed = e
                 with self._sinks_lock:
+                    # without its traceback: the traceback holds this frame, whose `self` would
+                    # keep the dead worker and its KV cache alive until the cyclic collector ran
+                    self.failed = e.with_traceback(None)
                     sinks, self._sinks = list(self._sinks.values()), {}
                 for sink in sinks:
                     sink(e)

@@ -25,11 +25,15 @@ the SDK would retry UNAVAILABLE and enforce deadlines on the client, hiding both
 of mixed requests in flight within their credits, deadline probes and disconnectors.
 
 The books. Every request has a globally unique id (sent as ``GenerateRequest.id``, so the server's
-job has it too), its send time and deadline (send time + its ``timeout_ms``). Its terminal
-outcome is the ``Finish`` (OK, or the Finish's code on a stream) or the call's status
-(``Generate``), or CLIENT_CANCELLED when the client itself gave up on it; a second terminal
-message, a message after the Finish, or a Finish for an unknown id is a duplicate. A request with
-no outcome ``safety_s`` after its deadline is given up on: it is lost.
+job has it too) and a ``timeout_ms``. Its terminal outcome is the ``Finish`` (OK, or the Finish's
+code on a stream) or the call's status (``Generate``), or CLIENT_CANCELLED when the client itself
+gave up on it; a second terminal message, a message after the Finish, or output for an id not in
+flight is a duplicate. A request with no outcome ``safety_s`` after its deadline is given up on:
+it is lost. Its deadline: ``timeout_ms`` counts from the server's admission (the server cannot
+know when a request was sent), so a request is late when its outcome arrives more than
+``late_tolerance_s`` after admission + timeout (``Pipeline.admit`` is wrapped to note both), or,
+if it was never admitted, after send + timeout. The wait for admission (client and server share
+one event loop here) is reported apart, with how many would be late counted from the send.
 
 Which requests a fault touched (the classification rule). A fault's victims are taken at the
 moment of the fault, from the component it hits:
@@ -45,11 +49,13 @@ for one timely outcome. Every other request is "untouched"; at least ``min_untou
 them must succeed (OK). Anything else that fails them (a fault reaching beyond what it held,
 overload, a lost wake-up) counts against the server.
 
-After the load: in-flight jobs drain to 0, health ("" and genserve.v1.Generator) is SERVING, the
-kills counted here equal the supervisor's restarts and the sum of ``genserve_stage_restarts_total``,
-fresh requests of every model succeed, and the process RSS (the server is in-process) is back
-within ``memory_bound_mb`` of where it was after warm-up. The summary is printed; the exit status
-is 1 when a check failed.
+After the load: in-flight jobs drain to 0 and nothing is left behind (links empty, no stage holds a
+job, decode loops idle), every closed stream got all its credit back, health ("" and
+genserve.v1.Generator) is SERVING, the kills counted here equal the supervisor's restarts and the
+sum of ``genserve_stage_restarts_total``, every stage kind and decode loop was faulted, fresh
+requests of every model succeed, and the process RSS (the server is in-process) is back within
+``memory_bound_mb`` of where it was after warm-up (after ``gc.collect()``; the RSS before it and the
+peak are reported too). The summary is printed; the exit status is 1 when a check failed.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
 import random
 import sys
 import threading
@@ -141,6 +148,7 @@ class ChaosReport:
     late: int  # outcome later than its deadline + tolerance, or none (the deadline: see Req.due)
     late_examples: list[str]
     late_by_client_clock: int  # ... counting the deadline from the send instead (info: includes the wait for admission)
+    worst_past_deadline_ms: float  # the latest outcome relative to its deadline (negative: all came before)
     admission_delay_ms: dict[str, float]  # send -> admission, as the client saw it
     lost_examples: list[str]
     sent_by_call: dict[str, int]  # "Generate image" etc.
@@ -476,7 +484,14 @@ class Load:
         # per full batch on one CPU thread) get 30 % of it, in small requests
         self.main_image = "vae" if "vae" in self.image_models else (self.image_models or [""])[0]
         self.given_up: list[str] = []
-        self.credit_errors: list[str] = []  # streams whose credit did not all come back
+        self.errors: list[str] = []  # protocol errors: no credit, credit not all returned, a client that crashed
+
+    async def guard(self, client: Coroutine[Any, Any, None]) -> None:
+        """Run a client; a crash is recorded (and fails the run's checks) instead of ending the run."""
+        try:
+            await client
+        except Exception as e:
+            self.errors.append(f"a client crashed: {type(e).__name__}: {e}")
 
     # requests ---------------------------------------------------------------------------------
 
@@ -653,7 +668,8 @@ class Session:
         dropped_at = None
         try:
             if not await self._wait(lambda: self.credit > 0 or reader.done(), 5.0):
-                raise RuntimeError(f"{self.name}: no credit from the server within 5 s")
+                self.load.errors.append(f"{self.name}: no credit from the server within 5 s")
+                return
             while time.monotonic() < until and sent < quota and not reader.done():
                 if dropped_at is not None and time.monotonic() >= dropped_at:
                     break
@@ -673,7 +689,10 @@ class Session:
                     self.outstanding[req.id] = req
                     batch.append(message)
                 self.credit -= len(batch)
-                await call.write(pb.StreamRequest(requests=batch, cancel=cancel))
+                try:
+                    await call.write(pb.StreamRequest(requests=batch, cancel=cancel))
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # the call ended: the reader has its status
+                    break
                 if drop_after is not None and dropped_at is None:
                     dropped_at = time.monotonic() + drop_after
                 await asyncio.sleep(0)
@@ -691,7 +710,7 @@ class Session:
             latest = max((r.deadline for r in self.outstanding.values()), default=time.monotonic())
             await self._wait(lambda: reader.done(), max(0.0, latest + config.safety_s - time.monotonic()))
             if reader.done() and self.stream_error is None and not self.outstanding and self.credit != self.granted:
-                self.load.credit_errors.append(f"{self.name}: credit {self.credit} at the end, {self.granted} granted")
+                self.load.errors.append(f"{self.name}: credit {self.credit} at the end, {self.granted} granted")
         finally:
             if not reader.done():
                 reader.cancel()
@@ -736,10 +755,13 @@ class Monitor:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < until:
                 self.rss_peak = max(self.rss_peak, rss_mb())
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
                 self.health_samples += 1
-                if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                    self.not_serving += 1
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.aio.AioRpcError:
+                    serving = False
+                self.not_serving += not serving
                 await asyncio.sleep(0.25)
 
 
@@ -806,7 +828,7 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
                 tg.create_task(injector.run(until), name="chaos-injector")
                 tg.create_task(monitor.run(until), name="chaos-monitor")
                 for i, client in enumerate(clients):
-                    tg.create_task(client, name=f"chaos-client-{i}")
+                    tg.create_task(load.guard(client), name=f"chaos-client-{i}")
             await injector.settle()
         finally:
             injector.uninstall()
@@ -931,6 +953,7 @@ def _report(
     admission: list[float] = []
     touched_by: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     completed = lost = late = late_client = untouched = untouched_ok = touched = 0
+    worst = -math.inf
     for r in reqs:
         sent_by[f"{r.rpc} {r.kind}"] += 1
         outcome = r.outcome or "LOST"
@@ -944,8 +967,9 @@ def _report(
             failed[r.outcome] += 1
         if r.admitted is not None:
             admission.append(r.admitted - r.sent)
-        if r.ended is not None and r.ended > r.deadline + config.late_tolerance_s:
-            late_client += 1
+        if r.ended is not None:
+            worst = max(worst, r.ended - r.due)
+            late_client += r.ended > r.deadline + config.late_tolerance_s
         if r.ended is None or r.ended > r.due + config.late_tolerance_s:
             late += 1
             if len(late_examples) < 5:
@@ -992,7 +1016,9 @@ def _report(
         Check("image faults fired", not injector.image_models or (faults["forward-error"] > 0 and faults["stall"] > 0), str(dict(faults))),
         Check("drained", inflight_after == 0, f"{inflight_after} in flight {drain_s:.2f} s after the load"),
         Check("nothing left behind", not leftovers, "; ".join(leftovers) or "links empty, stages hold nothing, decode loops idle"),
-        Check("stream credits all returned", not load.credit_errors, "; ".join(load.credit_errors[:5]) or "every closed stream"),
+        Check(
+            "clients saw no protocol error", not load.errors, "; ".join(load.errors[:5]) or "credits all returned on every closed stream"
+        ),
         Check("health SERVING", all(v == "SERVING" for v in health.values()), str(health)),
         Check("serves after", all(v == OK for v in post.values()), str(post)),
         Check(
@@ -1013,6 +1039,7 @@ def _report(
         late=late,
         late_examples=late_examples,
         late_by_client_clock=late_client,
+        worst_past_deadline_ms=1000 * worst if reqs else 0.0,
         admission_delay_ms={
             "p50": 1000 * _quantile(admission, 0.5),
             "p99": 1000 * _quantile(admission, 0.99),
@@ -1061,7 +1088,10 @@ def format_report(r: ChaosReport) -> str:
         ("failed, by status", counts(r.failed)),
         ("lost", str(r.lost)),
         ("duplicate outcomes", str(r.duplicates)),
-        ("past deadline", f"{r.late} (counted from the send: {r.late_by_client_clock})"),
+        (
+            "past deadline",
+            f"{r.late}; latest {r.worst_past_deadline_ms:+.0f} ms from its deadline; from the send: {r.late_by_client_clock} late",
+        ),
         ("admission delay", ", ".join(f"{k} {v:.1f} ms" for k, v in r.admission_delay_ms.items())),
         ("deadline probes", counts(r.probes.get("deadline", {}))),
         ("cancelled by client", counts(r.probes.get("cancel", {}))),
@@ -1088,7 +1118,12 @@ def format_report(r: ChaosReport) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.chaos", description=__doc__.split("\n\n")[2] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m server.chaos",
+        description="Run a genserve server in this process under mixed load (images and text, Generate and GenerateStream, "
+        "many clients) while injecting faults: stage kills, decode-loop and forward-pass failures, stalled batches, "
+        "clients that disconnect, deadlines that expire while queued. Print the books; exit 1 if an invariant fails.",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load and fault injection")
     parser.add_argument("--seed", type=int, default=0, help="seeds the fault schedule and the clients' requests")
     parser.add_argument("--models-dir", default="models")
