@@ -54,7 +54,10 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         size = config.queue_size
-        self.ingress: Link[Job] = Link("producer", size)
+        # The ingress holds max_inflight (plus slack for jobs that ended while queued, which the
+        # producer drops): admission's limit is the number of unfinished requests, so a burst the
+        # credits allowed is not refused for queue room. The links behind are bounded by queue_size.
+        self.ingress: Link[Job] = Link("producer", config.max_inflight + size)
         self.work: Link[Job] = Link("processor", size)
         self.results: Link[ImageDone] = Link("router", size)
         self.image_links: dict[str, Link[ImageWork]] = {}

@@ -809,17 +809,19 @@ async def test_admit_refuses_beyond_max_inflight(registry: ModelRegistry, engine
     assert pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "test over") == 2
 
 
-async def test_admit_refuses_when_the_ingress_is_full(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
-    pipeline, _ = make_pipeline(registry, engine, max_inflight=100, queue_size=2)
+async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
+    registry: ModelRegistry, engine: Engine, digits: ServedModel
+) -> None:
+    pipeline, _ = make_pipeline(registry, engine, max_inflight=5, queue_size=2)
     sink = RecordingSink()
-    jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(3)]
-    pipeline.admit(jobs[0], None)
-    pipeline.admit(jobs[1], None)
+    jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(6)]
+    for job in jobs[:5]:
+        pipeline.admit(job, None)  # the ingress holds max_inflight; the links behind it hold queue_size
     with pytest.raises(Refused) as refused:
-        pipeline.admit(jobs[2], None)
-    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in refused.value.message
-    assert jobs[2] not in pipeline.inflight and jobs[2].tick == 0
-    assert pipeline.ingress.take_nowait(5) == jobs[:2]
+        pipeline.admit(jobs[5], None)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in refused.value.message
+    assert jobs[5] not in pipeline.inflight and jobs[5].tick == 0
+    assert pipeline.ingress.take_nowait(10) == jobs[:5] and pipeline.work.capacity == 2 and pipeline.ingress.capacity == 7
     pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "test over")
 
 
