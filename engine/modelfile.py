@@ -249,6 +249,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             tensors = {name: f.get_tensor(name) for name in expected}
     except Exception as e:  # safetensors raises its own error types; name the file
         raise ModelFileError(p, f"safetensors could not read the tensors: {e}") from e
+    for name, tensor in tensors.items():  # one pass over the weights: a NaN would serve blank images or crash sampling
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(p, "has non-finite values (NaN or infinity)", tensor=name)
     # The skeleton's meta parameters take the file's tensors as they are (assign=True): no random
     # initialisation and no second copy of the weights.
     skeleton.load_state_dict(tensors, strict=True, assign=True)

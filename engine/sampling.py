@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+MIN_TEMPERATURE = 1e-6  # smaller temperatures decode greedily (their limit), so the division cannot overflow
 MAX_NEW_TOKENS = 4096  # hard cap per request; a DecodeLoop may set a lower one
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 64  # characters per stop string
@@ -55,7 +56,7 @@ def check_max_new_tokens(value: object, cap: int) -> None:
 class SamplingParams:
     """How one sequence is sampled; validated on construction (raises InvalidSamplingError).
 
-    temperature: 0 means greedy (argmax), else logits are divided by it.
+    temperature: 0 means greedy (argmax), else logits are divided by it; below 1e-6 it is greedy too.
     top_k: keep the k most likely tokens (0 = off). top_p: keep the smallest set of most likely
     tokens whose probability reaches top_p (nucleus sampling; 1 = off); applied after top-k.
     seed: seeds this sequence's own generator; None draws one (``SequenceHandle.seed`` reports it).
@@ -97,7 +98,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below MIN_TEMPERATURE sampling is greedy, its limit: logits / 1e-40 overflow float32 to
+        # inf, and softmax of inf is NaN (a bad-input test found this crashing the decode loop).
+        return self.temperature < MIN_TEMPERATURE
 
 
 class UniformStream:
@@ -149,7 +152,7 @@ class SamplingBatch:
         top_p = [p.top_p if p.top_p < 1 else math.inf for p in params]
         return cls(
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            temperature=torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1),
+            temperature=torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device).unsqueeze(1),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device).unsqueeze(1),
             top_p=torch.tensor(top_p, device=device).unsqueeze(1),
             all_greedy=all(greedy),

@@ -26,12 +26,11 @@ from engine.images import ImageLimits
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
-from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.service import GeneratorService
+from server.service import GeneratorService, register
 from server.stages import Stage
 from server.supervisor import Supervisor
 
@@ -108,7 +107,7 @@ class GenServer:
             ],
         )
         self.service = GeneratorService(c, self.pipeline, self.metrics)
-        pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc)
+        register(self.service, self.grpc)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.grpc)

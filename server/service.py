@@ -14,7 +14,8 @@ import asyncio
 import collections
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -34,10 +35,13 @@ log = get_logger("server.service")
 
 MAX_ID_LENGTH = 128  # characters of a client's request id
 MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
-MAX_BYTES_PER_MESSAGE = 4 << 20  # ... and roughly this many payload bytes
+MAX_BYTES_PER_MESSAGE = 1 << 20  # ... and at most this many payload bytes (a quarter of grpc's default receive limit)
+MESSAGE_OVERHEAD = 64  # bytes of framing per result, on top of its payload
 DEFAULT_MAX_NEW_TOKENS = 256
 _ID_PREFIX = os.urandom(4).hex()  # ids of Generate calls that bring none: unique per process, cheap
 _ids = itertools.count(1)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 
 _REASONS = {
     "complete": pb.FINISH_REASON_COMPLETE,
@@ -116,32 +120,43 @@ class StreamSink:
     """The outbox of one GenerateStream: results written straight into the next response
     message (no copies), credits to give back; full messages wait in ``full``."""
 
-    def __init__(self, credits: int) -> None:
+    def __init__(self, credits: int, max_bytes: int = MAX_BYTES_PER_MESSAGE, max_pending: int = 4096) -> None:
         self.credit = credits  # what the client may still send
         self.credit_back = 0  # returned credits not yet announced
         self.jobs: dict[str, Job] = {}
         self.full: collections.deque[pb.StreamResponse] = collections.deque()
         self.current = pb.StreamResponse()
         self.count = 0  # results in ``current``
-        self.size = 0  # payload bytes in ``current``
+        self.size = 0  # bytes in ``current``
+        self.max_bytes = max_bytes  # a message never grows past this (unless one result alone is bigger)
+        self.pending = 0  # results not yet handed to grpc
+        self.max_pending = max_pending  # beyond it the reader stops taking requests: the client is not reading
         self.ready = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.drained.set()
         self.reader_done = False
+        self.malformed: str | None = None  # a request message that did not parse ends the stream
 
     @property
     def empty(self) -> bool:
         return not self.full and not self.count
 
-    def _result(self, job_id: str) -> pb.GenerateResponse:
-        if self.count >= MAX_RESULTS_PER_MESSAGE or self.size >= MAX_BYTES_PER_MESSAGE:
+    def _result(self, job_id: str, size: int) -> pb.GenerateResponse:
+        size += MESSAGE_OVERHEAD + len(job_id)
+        if self.count and (self.count >= MAX_RESULTS_PER_MESSAGE or self.size + size > self.max_bytes):
             self.full.append(self.current)
             self.current = pb.StreamResponse()
             self.count = self.size = 0
         self.count += 1
+        self.size += size
+        self.pending += 1
+        if self.pending > self.max_pending:
+            self.drained.clear()
         self.ready.set()
         return self.current.results.add(id=job_id)
 
     def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        self.size += fill_chunk(self._result(job.id), item)
+        fill_chunk(self._result(job.id, payload_size(item)), item)
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         if self.jobs.get(job.id) is job:
@@ -150,7 +165,7 @@ class StreamSink:
 
     def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True) -> None:
         """A terminal message for ``job_id``; ``credit``: the request had used a credit, give it back."""
-        fill_finish(self._result(job_id).finish, job, outcome)
+        fill_finish(self._result(job_id, len(outcome.message)).finish, job, outcome)
         if credit:
             self.credit += 1
             self.credit_back += 1
@@ -163,12 +178,63 @@ class StreamSink:
             self.count = self.size = 0
         else:
             message = None
-        if message is not None and self.credit_back:
-            message.credits = self.credit_back
-            self.credit_back = 0
+        if message is not None:
+            self.pending -= len(message.results)
+            if self.pending <= self.max_pending:
+                self.drained.set()
+            if self.credit_back:
+                message.credits = self.credit_back
+                self.credit_back = 0
         if self.empty:
             self.ready.clear()
         return message
+
+
+def payload_size(item: ImageResult | TokenEvent) -> int:
+    if isinstance(item, TokenEvent):
+        return len(item.text) * 4 + 8
+    size = item.pixels.nbytes + 4 * len(item.pixels)  # + a label each
+    return size if item.floats is None else size + item.floats.size * 4
+
+
+class Malformed:
+    """What a request message that does not parse deserializes to: the handler refuses it with
+    INVALID_ARGUMENT (grpc's own deserializer failure would be UNKNOWN)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # DecodeError, or a UnicodeDecodeError in a string field
+            return Malformed(f"{type(e).__name__}: {e}"[:200])
+
+    return deserialize
+
+
+def register(service: GeneratorService, server: grpc.aio.Server) -> None:
+    """Add the servicer to ``server``, with deserializers that turn bad bytes into INVALID_ARGUMENT."""
+    handlers = {
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels,
+            request_deserializer=tolerant(pb.ListModelsRequest.FromString),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=tolerant(pb.GenerateRequest.FromString),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": grpc.stream_stream_rpc_method_handler(
+            service.GenerateStream,
+            request_deserializer=tolerant(pb.StreamRequest.FromString),
+            response_serializer=pb.StreamResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
@@ -181,6 +247,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     # -- ListModels -------------------------------------------------------------------------
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
         response = pb.ListModelsResponse()
         for info in self.registry.list_models():
             entry = pb.ModelInfo(
@@ -273,6 +341,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     # -- Generate -----------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
         job_id = request.id[:MAX_ID_LENGTH] or f"{_ID_PREFIX}-{next(_ids)}"
         sink = CallSink()
         try:
@@ -302,7 +372,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     async def GenerateStream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        stream = StreamSink(self.config.stream_credits)
+        budget = min(MAX_BYTES_PER_MESSAGE, (self.config.max_message_mb << 20) // 2)
+        stream = StreamSink(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
         reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
         try:
             yield pb.StreamResponse(credits=stream.credit)
@@ -311,6 +382,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 message = stream.next_message()
                 if message is not None:
                     yield message
+                if stream.malformed is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stream message does not parse: {stream.malformed}")
                 if stream.reader_done and not stream.jobs and stream.empty:
                     if reader.done() and not reader.cancelled() and reader.exception() is not None:
                         raise reader.exception()  # type: ignore[misc]
@@ -325,11 +398,16 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     ) -> None:
         try:
             async for message in request_iterator:
+                if isinstance(message, Malformed):
+                    stream.malformed = message.error
+                    return
                 for job_id in message.cancel:
                     job = stream.jobs.get(job_id)
                     if job is not None:
                         job.fail(grpc.StatusCode.CANCELLED, "cancelled by the client")
-                for request in message.requests:
+                for i, request in enumerate(message.requests):
+                    if i % 64 == 0 and not stream.drained.is_set():  # the client is not reading: stop taking requests
+                        await stream.drained.wait()
                     self._stream_request(request, stream, context)
         finally:
             stream.reader_done = True
