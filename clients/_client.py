@@ -42,6 +42,7 @@ class AsyncClient:
         takes its own ``timeout`` too (None there means this default).
     retry: how UNAVAILABLE and RESOURCE_EXHAUSTED are retried; None turns retries off.
     tls: connect with TLS, trusting ``root_certificates`` (PEM) or the system's roots.
+    client_certificate, client_key: PEM chain and key this client presents (mutual TLS; implies tls).
     token: a bearer token sent as ``authorization: Bearer <token>`` with every call.
     options: extra gRPC channel options.
     """
@@ -56,7 +57,11 @@ class AsyncClient:
         root_certificates: bytes | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None:
+        if (client_certificate is None) != (client_key is None):
+            raise ValueError("client_certificate and client_key go together (mutual TLS needs both)")
         self.targets = (target,) if isinstance(target, str) else tuple(target)
         if not self.targets:
             raise ValueError("no target given")
@@ -67,7 +72,8 @@ class AsyncClient:
             raise ValueError(f"timeout must be > 0 or None, got {timeout}")
         self.timeout = timeout
         self.retry = retry
-        self._credentials = grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
+        secure = tls or root_certificates is not None or client_certificate is not None
+        self._credentials = grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate) if secure else None
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = tuple(options)
         self._state = _State.UNOPENED

@@ -180,9 +180,19 @@ class Client:
         root_certificates: bytes | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
     ) -> None:
         self._async = AsyncClient(
-            target, timeout=timeout, retry=retry, tls=tls, root_certificates=root_certificates, token=token, options=options
+            target,
+            timeout=timeout,
+            retry=retry,
+            tls=tls,
+            root_certificates=root_certificates,
+            token=token,
+            options=options,
+            client_certificate=client_certificate,
+            client_key=client_key,
         )
         self._portal = _Portal()
 

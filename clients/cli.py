@@ -82,6 +82,8 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     g.add_argument("--timeout", type=_seconds, metavar="S", default=default(DEFAULT_TIMEOUT), help="deadline of each call in seconds")
     g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --ca-cert)")
     g.add_argument("--ca-cert", metavar="PEM", default=default(None), help="trust this CA certificate (implies --tls)")
+    g.add_argument("--cert", metavar="PEM", default=default(None), help="client certificate for mutual TLS (with --key; implies --tls)")
+    g.add_argument("--key", metavar="PEM", default=default(None), help="the client certificate's private key")
     g.add_argument(
         "--token",
         metavar="TOKEN",
@@ -147,9 +149,20 @@ def make_client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Cl
             root = Path(args.ca_cert).read_bytes()
         except OSError as e:
             parser.error(f"--ca-cert: {e.strerror}: {args.ca_cert}")
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    pair: list[bytes | None] = [None, None]
+    for i, (flag, path) in enumerate((("--cert", args.cert), ("--key", args.key))):
+        if path:
+            try:
+                pair[i] = Path(path).read_bytes()
+            except OSError as e:
+                parser.error(f"{flag}: {e.strerror}: {path}")
     token = args.token or os.environ.get("GENSERVE_TOKEN") or None
     try:
-        return Client(targets, timeout=args.timeout, tls=args.tls, root_certificates=root, token=token)
+        return Client(
+            targets, timeout=args.timeout, tls=args.tls, root_certificates=root, token=token, client_certificate=pair[0], client_key=pair[1]
+        )
     except ValueError as e:
         parser.error(f"--target: {e}")
 

@@ -3,6 +3,7 @@ made here by the openssl command (a second, unrelated one plays the stranger).""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -451,3 +452,32 @@ async def test_the_interceptor_keeps_no_token_in_sight() -> None:
     assert auth.refusal_reason([("authorization", f"Bearer {ENV_TOKEN}0")]) == "invalid bearer token"
     with pytest.raises(ValueError, match="at least one token"):
         BearerTokenAuth([])
+
+
+async def test_the_sdk_presents_a_client_certificate_for_mutual_tls(mtls_server: GenServer, pki: Pki) -> None:
+    cert, key = pki.client.pem, pki.client.key.read_bytes()
+    async with clients.AsyncClient(
+        mtls_server.address, root_certificates=pki.ca.pem, retry=None, client_certificate=cert, client_key=key
+    ) as client:
+        assert {m.name for m in await client.list_models()} == {"vae", "gan", "transformer"}
+    async with clients.AsyncClient(mtls_server.address, root_certificates=pki.ca.pem, retry=None, timeout=5) as client:
+        with pytest.raises(clients.Unavailable):  # no certificate: the handshake fails
+            await client.list_models()
+    with pytest.raises(ValueError, match="go together"):
+        clients.AsyncClient(mtls_server.address, client_certificate=pki.client.pem)
+
+
+async def test_the_cli_takes_a_client_certificate(mtls_server: GenServer, pki: Pki) -> None:
+    args = ["--target", mtls_server.address, "--ca-cert", str(pki.ca.cert), "--cert", str(pki.client.cert), "--key", str(pki.client.key)]
+
+    async def cli(*argv: str) -> tuple[int, str, str]:  # a subprocess, awaited: the server shares this event loop
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "clients", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    code, out, err = await cli(*args, "models")
+    assert code == 0 and "transformer" in out, err
+    code, out, err = await cli(*args[:4], "--timeout", "5", "models")  # no client certificate
+    assert code == 1 and "error" in err
