@@ -88,6 +88,11 @@ class Job:
         self.outcome = outcome
         if self.handle is not None and self.worker is not None and not outcome.ok:
             self.worker.cancel(self.handle)  # leaves the decode loop at its next step, freeing its cache
+        # Drop what the job no longer needs: a finished job can outlive its request inside a
+        # reference cycle (an exception's traceback, say), and must not keep latents or a dead
+        # decode worker's KV cache alive with it until the cyclic collector runs.
+        self.worker = None
+        self.chunks = []
         if self.on_finish is not None:
             self.on_finish(self)
         self.sink.finish(self, outcome)
