@@ -22,7 +22,7 @@ class ServerConfig:
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and logs it)"})
     models_dir: str = field(default="models", metadata={"help": "folder of *.safetensors models to serve"})
     device: str = field(default="auto", metadata={"help": "auto (GPU when there is one), cpu, cuda or cuda:N"})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: all usable cores but one, for the event loop)"})
     image_threads: int = field(default=1, metadata={"help": "engine threads running image batches"})
     inline_batch_ms: float = field(
         default=3.0, metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"}
