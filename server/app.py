@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import os
 from collections.abc import Callable
 
 import anyio
