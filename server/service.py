@@ -55,28 +55,25 @@ def _brief(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> int:
+def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> None:
     """Write one chunk into ``message`` (in place: no copy into the stream's response later);
-    returns its payload size in bytes."""
+    ``payload_size`` says how big it is, before it is written."""
     if isinstance(item, TokenEvent):
         text = message.text
         text.text = item.text
         if item.token_id is not None:
             text.token_ids.append(item.token_id)
         text.n_generated = item.n_generated
-        return len(item.text)
+        return
     pixels = item.pixels
     images = message.images
     images.offset = item.offset
     images.count, images.height, images.width = pixels.shape
     images.pixels = pixels.tobytes()
-    size = pixels.size
     if item.labels is not None:
         images.labels.extend(item.labels.tolist())
     if item.floats is not None:
         images.floats = item.floats.astype("<f4", copy=False).tobytes()
-        size += item.floats.size * 4
-    return int(size)
 
 
 def fill_finish(finish: pb.Finish, job: Job | None, outcome: Outcome) -> None:
