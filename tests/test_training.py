@@ -24,6 +24,7 @@ from training.checkpoint import load_checkpoint, module_state
 from training.data import DataError, load_mnist, load_shakespeare, read_idx
 from training.loop import lr_factor
 from training.transformer import SAMPLE_PROMPTS
+from training.vae import VAETask
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -191,13 +192,20 @@ def test_cli_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], comm
         assert any(not torch.equal(raw[n], a[n]) for n in a)
 
 
-def test_early_stopping_exports_the_best_epoch(tmp_path: Path) -> None:
-    # a learning rate this high makes the tiny VAE's validation loss rise after epoch 1
+def test_early_stopping_exports_the_best_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The validation figure is scripted (it rises after epoch 1 by construction), so the set-up
+    # holds on every CPU and thread count; the weights still train, so epochs really differ.
+    scripted = iter([10.0, 20.0, 15.0, 12.0, 11.0])
+    real_validate = VAETask.validate
+
+    def validate(self: VAETask) -> dict[str, float]:
+        return {**real_validate(self), "val_loss": next(scripted)}
+
+    monkeypatch.setattr(VAETask, "validate", validate)
     run = tmp_path / "run"
-    args = ["--epochs", "5", "--save-every", "1", "--lr", "0.3", "--min-lr-ratio", "1", "--patience", "1"]
-    assert train("vae", run, *args, "--warmup-epochs", "0", "--grad-clip", "1", "--shift", "0") == 0
+    assert train("vae", run, "--epochs", "5", "--save-every", "1", "--patience", "1") == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["history"][1]["val_loss"] > metrics["history"][0]["val_loss"], "set-up: epoch 2 should be worse"
+    assert [row["val_loss"] for row in metrics["history"]] == [10.0, 20.0]
     assert metrics["epochs_run"] == 2
     assert metrics["best_epoch"] == 1
     assert metrics["stop_reason"].startswith("early stopping")
