@@ -85,6 +85,7 @@ async def test_list_models_describes_what_each_model_accepts(stub: pb_grpc.Gener
     assert set(models) == {"vae", "gan", "transformer"}
     assert models["vae"].kind == "vae" and models["vae"].image.image_size == 28 and not models["vae"].image.conditional
     assert models["gan"].image.conditional and (models["gan"].image.label_min, models["gan"].image.label_max) == (0, 9)
+    assert not models["vae"].image.HasField("label_min") and not models["vae"].image.HasField("label_max")  # no range to state
     assert "R" in models["transformer"].text.vocab and models["transformer"].text.context_window == 128
     assert models["transformer"].text.max_new_tokens == 512
     assert all(m.latest and m.version == 1 for m in models.values())
