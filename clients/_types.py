@@ -68,8 +68,8 @@ class ModelInfo:
         image = text = None
         if which == "image":
             i = m.image
-            low = i.label_min if i.HasField("label_min") else None
-            high = i.label_max if i.HasField("label_max") else None
+            # by conditional, not HasField: a server from before the fields were optional leaves out a label_min of 0
+            low, high = (i.label_min, i.label_max) if i.conditional else (None, None)
             image = ImageSpec(i.max_n, i.image_size, i.latent_dim, i.conditional, low, high)
         elif which == "text":
             text = TextSpec(m.text.vocab, m.text.context_window, m.text.max_new_tokens)

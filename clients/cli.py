@@ -239,9 +239,11 @@ def _images(client: Client, args: argparse.Namespace, out: TextIO, received: Rec
             bar.update(count)
 
         images = client.generate_images(args.model, args.n, seed=args.seed, labels=args.labels, version=args.version, progress=progress)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/, which git ignores
     write_grid(images, args.out, cols=args.cols, scale=args.scale)
     print(f"wrote {args.out} ({len(images)} samples)", file=out)
     if args.npy:
+        Path(args.npy).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.npy, images)
         print(f"wrote {args.npy} {images.shape} {images.dtype}", file=out)
 
