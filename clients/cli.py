@@ -108,7 +108,8 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         dest="target" if defaults else "more_targets",  # argparse would replace, not extend, the list given before the command
         metavar="HOST:PORT",
         default=default(None),
-        help=f"a server; repeat for several, served round robin (default: $GENSERVE_TARGET or {env_target or DEFAULT_TARGET})",
+        help=f"a server (a bare host: port 50051); repeat for several, served round robin "
+        f"(default: $GENSERVE_TARGET or {env_target or DEFAULT_TARGET})",
     )
     g.add_argument("--timeout", type=_seconds, metavar="S", default=default(DEFAULT_TIMEOUT), help="deadline of each call in seconds")
     g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --ca-cert)")
@@ -139,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(models, defaults=False)
 
     images = commands.add_parser(
-        "images", help="generate digits into a PNG grid", description="Generate samples of an image model and write them as a PNG grid."
+        "images",
+        help="generate digits into an image grid",
+        description="Generate samples of an image model and write them as an image grid.",
     )
     images.add_argument("model", help="a served image model (see `models`)")
     images.add_argument("-n", type=_positive, default=16, help="samples (default 16)")

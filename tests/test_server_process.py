@@ -119,6 +119,8 @@ def _generate(address: str, request: pb.GenerateRequest, results: list[object]) 
 
 
 def test_sigterm_under_load_finishes_in_flight_work_and_exits_zero(server_process: ServerProcess) -> None:
+    ready = next(e for e in server_process.events if e.get("event") == "server_ready")
+    assert (ready["auth"], ready["public_health"]) == ("off", True)  # no tokens: health is open, and the line says so
     results: list[object] = []
     requests = [pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=150, seed=i)) for i in range(6)]
     requests += [pb.GenerateRequest(model="vae", image=pb.ImageParams(n=500, seed=i)) for i in range(4)]
