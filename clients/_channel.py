@@ -91,6 +91,25 @@ def split_host_port(target: str) -> tuple[str, int]:
     return host, int(port) if port else DEFAULT_PORT
 
 
+URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")  # gRPC's own target syntax
+
+
+def with_default_port(target: str) -> str:
+    """``host`` -> ``host:50051`` (gRPC alone would dial 443); anything else as given.
+
+    ``host:port``, ``[v6]:port`` and gRPC URIs (``dns:///h:1``, ``unix:/path``) are left alone.
+    """
+    if "://" in target or target.startswith(URI_SCHEMES):
+        return target
+    try:
+        host, port = split_host_port(target)
+    except ValueError:  # not host[:port]: gRPC judges it
+        return target
+    if (target.startswith("[") and "]:" in target) or target.count(":") == 1:
+        return target
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def resolve_targets(targets: Sequence[str]) -> str:
     """The channel target for ``targets``: as given when one, else an ``ipv4:``/``ipv6:`` list of every address."""
     if not targets:

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from clients._channel import DEFAULT_TARGET, RetryPolicy, open_channel, resolve_targets, split_host_port
+from clients._channel import DEFAULT_TARGET, RetryPolicy, open_channel, resolve_targets, split_host_port, with_default_port
 from clients._exceptions import ServerError, from_rpc_error, from_status
 from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
 from clients._session import Session
@@ -62,7 +62,7 @@ class AsyncClient:
     ) -> None:
         if (client_certificate is None) != (client_key is None):
             raise ValueError("client_certificate and client_key go together (mutual TLS needs both)")
-        self.targets = (target,) if isinstance(target, str) else tuple(target)
+        self.targets = tuple(with_default_port(t) for t in ((target,) if isinstance(target, str) else target))
         if not self.targets:
             raise ValueError("no target given")
         if len(self.targets) > 1:
@@ -155,7 +155,8 @@ class AsyncClient:
         """``n`` samples of an image model as a (n, 28, 28) uint8 array.
 
         seed: the same seed gives the same samples (drawn by the server when None).
-        labels: conditional models: one label for all samples or one per sample (drawn from the seed when None).
+        labels: conditional models: one label for all samples; a list, cycled over the samples when shorter
+            (``range(10)`` with n=40: 0-9 four times); or a string such as "0-9" or "1,3,5"; None: drawn from the seed.
         version: 0 for the latest.
         progress: called with the number of samples of each chunk as it arrives (``tqdm.update`` fits).
         """

@@ -15,15 +15,44 @@ from clients._exceptions import ServerError
 from clients._types import ImageResult, TextResult, finish_reason
 from genserve.v1 import generator_pb2 as pb
 
-Labels = int | Sequence[int] | None
+Labels = int | str | Sequence[int] | None
+
+
+def parse_labels(spec: str) -> list[int]:
+    """``"0-9"``, ``"7"``, ``"1,3,5"`` or ``"0-4,9"`` as a list of labels, in the order written."""
+    labels: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(f"labels {spec!r}: {part!r} is not a label or a range like 0-9") from None
+        if last < first:
+            raise ValueError(f"labels {spec!r}: the range {part!r} runs backwards")
+        labels.extend(range(first, last + 1))
+    return labels
+
+
+def expand_labels(labels: Labels, n: int) -> list[int]:
+    """The labels a request carries for ``n`` samples.
+
+    One label (an int, or a list of one) is every sample's. A list of k labels with 1 < k < n is
+    cycled: sample i gets ``labels[i % k]``, so ``range(10)`` (or ``"0-9"``) with n=40 is 0-9 four
+    times. A list of n labels is one per sample; more than n is left for the server to refuse.
+    """
+    if isinstance(labels, str):
+        labels = parse_labels(labels)
+    label_list = [labels] if isinstance(labels, int) else list(labels or ())
+    if 1 < len(label_list) < n:
+        label_list = [label_list[i % len(label_list)] for i in range(n)]
+    return label_list
 
 
 def image_request(
     model: str, n: int, *, seed: int | None = None, labels: Labels = None, version: int = 0, want_float: bool = False, id: str = ""
 ) -> pb.GenerateRequest:
-    """``labels``: one label for every sample, or one per sample; None lets the seed draw them."""
-    label_list = [labels] if isinstance(labels, int) else list(labels or ())
-    params = pb.ImageParams(n=n, seed=seed, labels=label_list, want_float=want_float)
+    """``labels``: see ``expand_labels`` (one for all, a list cycled over the samples, "0-9"); None: drawn from the seed."""
+    params = pb.ImageParams(n=n, seed=seed, labels=expand_labels(labels, n), want_float=want_float)
     return pb.GenerateRequest(model=model, version=version, id=id, image=params)
 
 

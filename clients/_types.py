@@ -35,8 +35,8 @@ class ImageSpec:
     image_size: int  # samples are image_size x image_size
     latent_dim: int
     conditional: bool  # labels accepted (drawn from the seed when none are given)
-    label_min: int  # inclusive label range, conditional models only
-    label_max: int
+    label_min: int | None  # inclusive label range: conditional models only, else None
+    label_max: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +68,9 @@ class ModelInfo:
         image = text = None
         if which == "image":
             i = m.image
-            image = ImageSpec(i.max_n, i.image_size, i.latent_dim, i.conditional, i.label_min, i.label_max)
+            # by conditional, not HasField: a server from before the fields were optional leaves out a label_min of 0
+            low, high = (i.label_min, i.label_max) if i.conditional else (None, None)
+            image = ImageSpec(i.max_n, i.image_size, i.latent_dim, i.conditional, low, high)
         elif which == "text":
             text = TextSpec(m.text.vocab, m.text.context_window, m.text.max_new_tokens)
         return cls(m.name, m.version, m.kind, m.summary, m.parameters, m.device, m.latest, image, text)

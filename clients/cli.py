@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from clients._channel import DEFAULT_TARGET
 from clients._client import DEFAULT_TIMEOUT
 from clients._exceptions import GenserveError, Unavailable
+from clients._protocol import parse_labels
 from clients._sync import Client
 from clients._types import ModelInfo
 
@@ -45,8 +46,31 @@ def image_grid(images: npt.NDArray[np.uint8], *, cols: int | None = None, scale:
     return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
 
 
+# The grid's format comes from the file name; these are the lossless and common ones Pillow writes.
+IMAGE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+
+def image_format(path: str | Path) -> str:
+    """Pillow's format name for ``path``'s extension; a ValueError names the path and the extensions known."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        known = ", ".join(IMAGE_FORMATS)
+        raise ValueError(f"{path}: cannot tell the image format from {suffix or 'a name without an extension'}; end it in one of {known}")
+    return IMAGE_FORMATS[suffix]
+
+
 def write_grid(images: npt.NDArray[np.uint8], path: str | Path, *, cols: int | None = None, scale: int = 1) -> None:
-    Image.fromarray(image_grid(images, cols=cols, scale=scale), mode="L").save(path, format="PNG")
+    """Write the grid in the format its extension names (``grid.png``, ``grid.jpg``, ...)."""
+    Image.fromarray(image_grid(images, cols=cols, scale=scale), mode="L").save(path, format=image_format(path))
 
 
 def _positive(text: str) -> int:
@@ -54,6 +78,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _labels(text: str) -> list[int]:
+    try:
+        return parse_labels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _seconds(text: str) -> float:
@@ -77,7 +108,8 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         dest="target" if defaults else "more_targets",  # argparse would replace, not extend, the list given before the command
         metavar="HOST:PORT",
         default=default(None),
-        help=f"a server; repeat for several, served round robin (default: $GENSERVE_TARGET or {env_target or DEFAULT_TARGET})",
+        help=f"a server (a bare host: port 50051); repeat for several, served round robin "
+        f"(default: $GENSERVE_TARGET or {env_target or DEFAULT_TARGET})",
     )
     g.add_argument("--timeout", type=_seconds, metavar="S", default=default(DEFAULT_TIMEOUT), help="deadline of each call in seconds")
     g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --ca-cert)")
@@ -96,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Talk to a genserve server: list its models, generate digits, stream text.",
-        epilog=f"Examples:\n  {PROG} models\n  {PROG} images gan -n 16 --label 7 --out sevens.png\n"
+        epilog=f"Examples:\n  {PROG} models\n  {PROG} images gan -n 16 --labels 7 --out sevens.png\n"
         f'  {PROG} text transformer --prompt "ROMEO:" --max-tokens 200',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -108,16 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_options(models, defaults=False)
 
     images = commands.add_parser(
-        "images", help="generate digits into a PNG grid", description="Generate samples of an image model and write them as a PNG grid."
+        "images",
+        help="generate digits into an image grid",
+        description="Generate samples of an image model and write them as an image grid.",
     )
     images.add_argument("model", help="a served image model (see `models`)")
     images.add_argument("-n", type=_positive, default=16, help="samples (default 16)")
     images.add_argument("--seed", type=int, help="the same seed gives the same samples (default: drawn by the server)")
     images.add_argument(
-        "--label", type=int, action="append", metavar="L", help="conditional models: the digit; repeat to give one per sample"
+        "--labels",
+        "--label",
+        type=_labels,
+        action="extend",
+        metavar="SPEC",
+        help="conditional models: the digits to draw, e.g. 7, 0-9 or 1,3,5 (repeatable). Fewer labels than samples are "
+        "cycled: -n 40 --labels 0-9 is 0-9 four times, one digit per column with --cols 10 (default: drawn from the seed)",
     )
     images.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
-    images.add_argument("--out", "-o", default="grid.png", help="PNG file to write (default grid.png)")
+    images.add_argument(
+        "--out",
+        "-o",
+        default="grid.png",
+        help="image file to write; its extension picks the format: .png, .jpg, .webp, ... (default grid.png)",
+    )
     images.add_argument("--npy", metavar="PATH", help="also write the (n, 28, 28) uint8 samples to this .npy file")
     images.add_argument("--cols", type=_positive, help="tiles per row (default: a square grid)")
     images.add_argument("--scale", type=_positive, default=2, help="enlarge the grid by this factor (default 2)")
@@ -180,7 +225,7 @@ def _describe(model: ModelInfo) -> str:
     return f"{model.name} v{model.version}{latest}  {model.kind}  {model.parameters:,} params  {model.device}  {accepts}"
 
 
-def _models(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+def _models(client: Client, args: argparse.Namespace, out: TextIO, received: Received) -> None:
     models = client.list_models()
     for m in models:
         print(json.dumps(asdict(m)) if args.json else _describe(m), file=out)
@@ -188,18 +233,26 @@ def _models(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         print("(no models)", file=out)
 
 
-def _images(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    labels = args.label[0] if args.label and len(args.label) == 1 else args.label
+def _images(client: Client, args: argparse.Namespace, out: TextIO, received: Received) -> None:
+    received.unit = "samples"
     with tqdm(total=args.n, unit="img", desc=args.model, disable=True if args.n < PROGRESS_MIN else None, file=sys.stderr) as bar:
-        images = client.generate_images(args.model, args.n, seed=args.seed, labels=labels, version=args.version, progress=bar.update)
+
+        def progress(count: int) -> None:
+            received.count += count
+            bar.update(count)
+
+        images = client.generate_images(args.model, args.n, seed=args.seed, labels=args.labels, version=args.version, progress=progress)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/, which git ignores
     write_grid(images, args.out, cols=args.cols, scale=args.scale)
     print(f"wrote {args.out} ({len(images)} samples)", file=out)
     if args.npy:
+        Path(args.npy).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.npy, images)
         print(f"wrote {args.npy} {images.shape} {images.dtype}", file=out)
 
 
-def _text(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+def _text(client: Client, args: argparse.Namespace, out: TextIO, received: Received) -> None:
+    received.unit = "characters"
     pieces = client.stream_text(
         args.model,
         args.prompt,
@@ -216,6 +269,7 @@ def _text(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         for piece in pieces:
             out.write(piece if wrote or args.no_echo else args.prompt + piece)
             wrote = True
+            received.count += len(piece)
             out.flush()
     finally:
         if wrote:  # end the line, also before an error line when the stream breaks off
@@ -223,9 +277,32 @@ def _text(client: Client, args: argparse.Namespace, out: TextIO) -> None:
             out.flush()
 
 
-def _error_line(error: GenserveError, targets: Sequence[str]) -> str:
+# How gRPC words a call that never reached a server (refused, unresolvable, no route), as opposed
+# to an UNAVAILABLE the server sent (draining: "server is shutting down") or a connection lost mid-call
+_UNREACHED = ("failed to connect", "connections to all backends failing", "dns resolution failed", "name resolution", "no route")
+_CONNECTION_LOST = ("socket closed", "stream removed", "connection reset", "goaway")
+
+
+@dataclass
+class Received:
+    """What a command got from the server before an error, so the error line can say so."""
+
+    count: int = 0
+    unit: str = ""
+
+
+def _error_line(error: GenserveError, targets: Sequence[str], received: Received) -> str:
+    where = ", ".join(targets)
+    after = f" after {received.count} {received.unit}" if received.count else ""
+    details = str(error).lower()
     if isinstance(error, Unavailable):
-        return f"cannot reach the server at {', '.join(targets)}: {error}"
+        if any(phrase in details for phrase in _CONNECTION_LOST):
+            return f"the connection to the server at {where} closed{after or ' mid-call'}: {error}"
+        if not received.count and any(phrase in details for phrase in _UNREACHED):
+            return f"cannot reach the server at {where}: {error}"
+        return f"the server at {where} is unavailable{after}: {error}"
+    if after:
+        return f"{type(error).__name__}{after}: {error}"
     return f"{type(error).__name__}: {error}"
 
 
@@ -233,13 +310,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = sys.stdout
+    if args.command == "images":
+        try:
+            image_format(args.out)  # before the request, not after the samples came
+        except ValueError as e:
+            parser.error(f"--out {e}")
     client = make_client(args, parser)
+    received = Received()
     try:
         with client:
-            {"models": _models, "images": _images, "text": _text}[args.command](client, args, out)
+            {"models": _models, "images": _images, "text": _text}[args.command](client, args, out, received)
     except GenserveError as e:
         out.flush()
-        print(f"{PROG}: error: {_error_line(e, client.targets)}", file=sys.stderr)
+        print(f"{PROG}: error: {_error_line(e, client.targets, received)}", file=sys.stderr)
         return 1
     except OSError as e:  # writing the output
         print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)

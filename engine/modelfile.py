@@ -117,12 +117,37 @@ def export_model(
     }
     if vocab is not None:
         metadata["vocab"] = json.dumps(vocab)
+    return save_atomically(tensors, path, metadata)
+
+
+def save_atomically(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> Path:
+    """Write a safetensors file via a temporary sibling, so readers never see a half-written file.
+
+    safetensors creates its files with mode 0600; a model file is meant to be read by the server,
+    its operator and other users alike, so the file gets the mode a plain ``open()`` would give it
+    (0666 less the umask: 0644 with the usual 022).
+    """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)  # readers never see a half-written file
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, out)
     return out
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``os.umask`` sets as it reads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:

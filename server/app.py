@@ -18,7 +18,6 @@ import anyio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from engine.device import choose_device
 from engine.engine import Engine
@@ -30,6 +29,7 @@ from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_cr
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline import Pipeline
+from server.reflection import enable_reflection
 from server.service import GeneratorService, register
 from server.stages import Stage
 from server.supervisor import Supervisor
@@ -71,20 +71,62 @@ class GenServer:
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
-        """Load the models, start the stages, then listen; returns once the server is ready."""
+        """Listen, load the models, start the stages, then serve; returns once the server is ready.
+
+        The listeners are bound first, so a taken port fails in a moment, not after the models
+        have loaded. A failed start undoes what it did (stages, engine threads, ports) before it
+        raises: a start that failed is not followed by stage restarts.
+        """
+        async with contextlib.AsyncExitStack() as undo:
+            await self._start(undo)
+            undo.pop_all()  # started: from now on stop() is the way down
+
+    async def _start(self, undo: contextlib.AsyncExitStack) -> None:
         c = self.config
         # security files first: a wrong path fails in a moment, not after the models have loaded
         credentials = server_credentials(c)
         tokens = load_tokens(c.token_file, os.environ)
+        limit = c.max_message_mb << 20
+        interceptors = []
+        if tokens:
+            public = PUBLIC_SERVICES if c.public_health else ()
+            interceptors.append(BearerTokenAuth(tokens, public=public, on_refusal=self._on_unauthenticated))
+        self.grpc = grpc.aio.server(
+            interceptors=interceptors or None,  # none at all without tokens: an interceptor costs every call
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ],
+        )
+        undo.push_async_callback(self.grpc.stop, None)
+        self.port = self._listen(credentials)
+        if c.metrics_port:
+            try:
+                self._stop_metrics = self.metrics.serve(c.host, c.metrics_port)
+            except OSError as e:
+                raise OSError(
+                    f"cannot serve metrics on {c.host}:{c.metrics_port}: {e.strerror or e}; each server on a machine needs its "
+                    "own metrics port: give another with --metrics-port N, or --metrics-port 0 to turn metrics off"
+                ) from None
+            undo.callback(self._stop_metrics)
+
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = ImageLimits(max_batch=max(c.batch_size, 1))
         loop = asyncio.get_running_loop()
         self.registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
         if not len(self.registry):
-            raise RuntimeError(f"no model could be loaded from {c.models_dir}; see the model_refused lines above")
+            if self.registry.failures:
+                raise RuntimeError(
+                    f"no model could be loaded from {c.models_dir}: every model file was refused (the model_refused lines above)"
+                )
+            raise RuntimeError(
+                f"no model files (*.safetensors) in {os.path.abspath(c.models_dir)}; give a folder of models with --models-dir"
+            )
         self.engine = Engine(
             image_threads=c.image_threads, decode_batch=c.decode_batch, decode_pending=c.decode_pending, inline_image_ms=c.inline_batch_ms
         )
+        undo.push_async_callback(self._close_engine)
         for served in self.registry.served():
             if served.images is not None:
                 self.engine.calibrate(served, c.batch_size)
@@ -102,39 +144,19 @@ class GenServer:
         gc.freeze()
         ready = asyncio.Event()
         self._supervisor_task = asyncio.create_task(self._run_supervisor(ready), name="supervisor")
+        undo.push_async_callback(self._stop_supervisor)
         await ready.wait()
 
-        limit = c.max_message_mb << 20
-        interceptors = []
-        if tokens:
-            public = PUBLIC_SERVICES if c.public_health else ()
-            interceptors.append(BearerTokenAuth(tokens, public=public, on_refusal=self._on_unauthenticated))
-        self.grpc = grpc.aio.server(
-            interceptors=interceptors or None,  # none at all without tokens: an interceptor costs every call
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-            ],
-        )
         self.service = GeneratorService(c, self.pipeline, self.metrics)
         register(self.service, self.grpc)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.grpc)
-        if credentials is None:
-            self.port = self.grpc.add_insecure_port(c.address)
-        else:
-            self.port = self.grpc.add_secure_port(c.address, credentials)
-        if self.port == 0:
-            raise OSError(f"could not listen on {c.address}")
+        enable_reflection((SERVICE_NAME, "grpc.health.v1.Health"), self.grpc)
         await self.grpc.start()
         await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
         for name in READINESS_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ready.set(1)
-        if c.metrics_port:
-            self._stop_metrics = self.metrics.serve(c.host, c.metrics_port)
         log.info(
             "server_ready",
             address=self.address,
@@ -147,15 +169,41 @@ class GenServer:
             tls="on" if credentials is not None else "off",
             mtls="on" if c.tls_client_ca else "off",
             auth=f"on, {len(tokens)} tokens" if tokens else "off",
-            public_health=c.public_health if tokens else None,
+            public_health=c.public_health or not tokens,  # without tokens every service is open
         )
         if tokens and credentials is None:
             log.warning("tokens_in_cleartext", hint="bearer tokens travel unencrypted without TLS: set --tls-cert and --tls-key")
+
+    def _listen(self, credentials: grpc.ServerCredentials | None) -> int:
+        """Bind the gRPC port (it is served from ``grpc.start()``); an error names the address and the flag."""
+        address = self.config.address
+        try:
+            port = self.grpc.add_insecure_port(address) if credentials is None else self.grpc.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc's "Failed to bind to address ...": the cause is only in its C++ log line
+            port = 0
+        if port == 0:
+            raise OSError(
+                f"cannot listen for gRPC on {address}: the port is in use (another server?) or the address is not this "
+                "machine's; give another with --port N (0: any free port) or --host"
+            )
+        return port
 
     async def _run_supervisor(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(self.supervisor.run)
             ready.set()
+
+    async def _stop_supervisor(self) -> None:
+        """End the stages as a shutdown, not a fault: the supervisor stops restarting first."""
+        self.supervisor.stop()
+        if self._supervisor_task is not None:
+            self._supervisor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor_task
+
+    async def _close_engine(self) -> None:
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
     def _on_unauthenticated(self, rpc: str) -> None:
         self.metrics.rejections.labels(rpc, "UNAUTHENTICATED").inc()
@@ -201,13 +249,8 @@ class GenServer:
             finished_in_time = False
         failed = self.pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
         await self.grpc.stop(grace=1.0)  # lets the handlers send the outcomes just decided
-        self.supervisor.stop()
-        if self._supervisor_task is not None:
-            self._supervisor_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor_task
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        await self._stop_supervisor()
+        await self._close_engine()
         if self._stop_metrics is not None:
             self._stop_metrics()
         log.info("stopped", drained=inflight - failed, failed=failed, in_time=finished_in_time, exit_code=self.exit_code)

@@ -258,7 +258,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 latest=info.latest,
             )
             if info.image is not None:
-                low, high = info.image.label_range or (0, -1)
+                low, high = info.image.label_range or (None, None)  # unconditional: the range stays unset
                 entry.image.CopyFrom(
                     pb.ImageAccepts(
                         max_n=info.image.max_n,

@@ -74,6 +74,8 @@ async def test_list_models(client: AsyncClient) -> None:
     gan, text = models["gan"], models["transformer"]
     assert gan.image is not None and gan.image.conditional and (gan.image.label_min, gan.image.label_max) == (0, 9)
     assert gan.image.image_size == 28 and gan.text is None and gan.latest
+    vae = models["vae"].image
+    assert vae is not None and not vae.conditional and (vae.label_min, vae.label_max) == (None, None)
     assert text.text is not None and "R" in text.text.vocab and text.text.context_window > 0
 
 

@@ -23,10 +23,10 @@ from clients import (
     Unauthenticated,
     Unavailable,
 )
-from clients._channel import resolve_targets, service_config, split_host_port
+from clients._channel import resolve_targets, service_config, split_host_port, with_default_port
 from clients._exceptions import from_status
-from clients._protocol import ImageAssembler, TextAssembler, image_request, text_request
-from clients.cli import PAD, PAD_VALUE, build_parser, image_grid, make_client, write_grid
+from clients._protocol import ImageAssembler, TextAssembler, image_request, parse_labels, text_request
+from clients.cli import PAD, PAD_VALUE, Received, _error_line, build_parser, image_format, image_grid, main, make_client, write_grid
 from genserve.v1 import generator_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)  # the async tests carry their own asyncio mark
@@ -74,6 +74,24 @@ def test_image_request_takes_one_label_or_one_per_sample() -> None:
     assert not request.image.labels and not request.image.HasField("seed") and request.version == 0
     assert request.image.HasField("seed") is False
     assert image_request("vae", 3, seed=0).image.HasField("seed")  # seed 0 is a seed, not "unset"
+
+
+def test_fewer_labels_than_samples_are_cycled() -> None:
+    assert list(image_request("gan", 40, labels=range(10)).image.labels) == list(range(10)) * 4  # 0-9 four times
+    assert list(image_request("gan", 5, labels=[1, 2]).image.labels) == [1, 2, 1, 2, 1]
+    assert list(image_request("gan", 40, labels="0-9").image.labels) == list(range(10)) * 4
+    assert list(image_request("gan", 2, labels=[1, 2, 3]).image.labels) == [1, 2, 3]  # more than n: the server refuses
+
+
+def test_label_specs() -> None:
+    assert parse_labels("0-9") == list(range(10))
+    assert parse_labels("7") == [7] and parse_labels("1,3,5") == [1, 3, 5] and parse_labels("0-2, 9") == [0, 1, 2, 9]
+    for bad, reason in [("a", "'a' is not a label or a range like 0-9"), ("9-0", "the range '9-0' runs backwards"), ("1,", "'' is not")]:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            parse_labels(bad)
+    parser = build_parser()
+    args = parser.parse_args(["images", "gan", "--labels", "0-4", "--label", "9", "--labels", "1,2"])
+    assert args.labels == [0, 1, 2, 3, 4, 9, 1, 2]
 
 
 def test_text_request_leaves_unset_options_to_the_server() -> None:
@@ -152,6 +170,15 @@ def test_split_host_port() -> None:
         AsyncClient(["a:b", "c:1"])
 
 
+def test_a_bare_host_gets_port_50051_not_443() -> None:
+    assert with_default_port("localhost") == "localhost:50051"
+    assert with_default_port("::1") == "[::1]:50051" and with_default_port("[::1]") == "[::1]:50051"
+    for given in ("localhost:7", "[::1]:7", "dns:///example.com", "unix:/tmp/s", "ipv4:127.0.0.1:1,127.0.0.2:2"):
+        assert with_default_port(given) == given
+    assert AsyncClient("localhost").targets == ("localhost:50051",)
+    assert AsyncClient(["a", "b:2"]).targets == ("a:50051", "b:2")
+
+
 @pytest.mark.asyncio
 async def test_several_targets_become_one_round_robin_address_list() -> None:
     assert await resolve_targets(["dns:///example.com:5"]) == "dns:///example.com:5"  # one target: gRPC resolves it
@@ -198,12 +225,51 @@ def test_write_grid_writes_a_grayscale_png(tmp_path: Path) -> None:
         assert np.asarray(png)[PAD + 12, PAD + 12] == 255
 
 
+@pytest.mark.parametrize(("name", "format"), [("grid.jpg", "JPEG"), ("grid.JPEG", "JPEG"), ("grid.webp", "WEBP"), ("grid.png", "PNG")])
+def test_write_grid_picks_the_format_by_extension(tmp_path: Path, name: str, format: str) -> None:
+    path = tmp_path / name
+    write_grid(np.zeros((4, 28, 28), np.uint8), path)
+    with Image.open(path) as image:
+        assert image.format == format
+
+
+def test_an_unknown_image_extension_is_refused_before_any_request(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:  # the target is down: a request would fail otherwise
+        main(["images", "vae", "--out", "grid.xyz", "--target", "127.0.0.1:1"])
+    assert exit.value.code == 2
+    assert "--out grid.xyz: cannot tell the image format from .xyz; end it in one of .png, .jpg" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a name without an extension"):
+        image_format("grid")
+
+
+@pytest.mark.parametrize(
+    ("error", "received", "line"),
+    [
+        (
+            Unavailable("failed to connect to all addresses; last error: Connection refused"),
+            Received(),
+            "cannot reach the server at h:1: failed to connect",
+        ),
+        (
+            Unavailable("server is shutting down; send the request to another server"),
+            Received(),
+            "the server at h:1 is unavailable: server is shutting down",
+        ),
+        (Unavailable("Stream removed (Socket closed)"), Received(57, "characters"), "the connection to the server at h:1 closed after 57"),
+        (Unavailable("Socket closed"), Received(), "the connection to the server at h:1 closed mid-call: Socket closed"),
+        (DeadlineExceeded("Deadline Exceeded"), Received(8, "samples"), "DeadlineExceeded after 8 samples: Deadline Exceeded"),
+    ],
+)
+def test_error_lines_say_what_happened(error: GenserveError, received: Received, line: str) -> None:
+    assert _error_line(error, ["h:1"], received).startswith(line)
+
+
 def test_connection_options_go_before_or_after_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GENSERVE_TARGET", raising=False)
     parser = build_parser()
     args = parser.parse_args(["--target", "a:1", "--timeout", "5", "images", "vae", "--target", "b:2", "-n", "4", "--target", "c:3"])
     assert make_client(args, parser).targets == ("a:1", "b:2", "c:3")
-    assert (args.timeout, args.n, args.out, args.label) == (5.0, 4, "grid.png", None)
+    assert (args.timeout, args.n, args.out, args.labels) == (5.0, 4, "grid.png", None)
     args = parser.parse_args(["text", "transformer", "--prompt", "ROMEO:", "--stop", "\n", "--token", "t", "--timeout", "2"])
     assert (args.timeout, args.token, args.stop, args.max_tokens) == (2.0, "t", ["\n"], None)
     assert make_client(args, parser).targets == ("127.0.0.1:50051",)

@@ -186,6 +186,16 @@ def test_transformer_head_is_stored_once(tmp_path: Path) -> None:
     assert metadata["format_version"] == "1"
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_exported_file_mode_follows_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    before = os.umask(umask)
+    try:
+        path = export_model(tmp_path / "m.safetensors", "vae", tiny_vae())
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == mode  # safetensors alone writes 0600 whatever the umask
+
+
 def test_export_refuses_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^unknown model kind 'diffusion'$"):
         export_model(tmp_path / "m.safetensors", "diffusion", tiny_vae())

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
-from server.testing import running_server
+from server.testing import make_config, running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
@@ -85,6 +85,7 @@ async def test_list_models_describes_what_each_model_accepts(stub: pb_grpc.Gener
     assert set(models) == {"vae", "gan", "transformer"}
     assert models["vae"].kind == "vae" and models["vae"].image.image_size == 28 and not models["vae"].image.conditional
     assert models["gan"].image.conditional and (models["gan"].image.label_min, models["gan"].image.label_max) == (0, 9)
+    assert not models["vae"].image.HasField("label_min") and not models["vae"].image.HasField("label_max")  # no range to state
     assert "R" in models["transformer"].text.vocab and models["transformer"].text.context_window == 128
     assert models["transformer"].text.max_new_tokens == 512
     assert all(m.latest and m.version == 1 for m in models.values())
@@ -347,7 +348,15 @@ async def test_reflection_lists_the_services(server: GenServer) -> None:
 
         replies = [r async for r in stub.ServerReflectionInfo(ask())]
         names = {s.name for s in replies[0].list_services_response.service}
-        assert {"genserve.v1.Generator", "grpc.health.v1.Health"} <= names
+        assert {"genserve.v1.Generator", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+        # grpc.reflection.v1, which grpcurl and grpcui ask for first: the same messages under another name
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        replies = [r async for r in v1(ask())]
+        assert {s.name for s in replies[0].list_services_response.service} == names
 
 
 async def test_metrics_count_requests_batches_and_rejections(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
@@ -388,6 +397,19 @@ async def test_work_held_by_a_killed_stage_is_failed_with_unavailable_not_lost()
         assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE for r in results)
         assert "may be retried" in str(results[0])
         assert (await collect(stub, image(n=64)))[-1].finish.code == 0  # the restarted batcher serves (a full batch: no 5 s wait)
+
+
+async def test_a_failed_start_stops_its_stages_without_restarting_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object) -> None:
+        raise RuntimeError("injected: registering the service failed")
+
+    monkeypatch.setattr("server.app.register", fail)  # fails after the supervisor has started every stage
+    srv = GenServer(make_config(models_dir=MODELS))
+    with pytest.raises(RuntimeError, match="injected"):
+        await srv.start()
+    assert srv._supervisor_task is not None and srv._supervisor_task.done()
+    assert sum(srv.supervisor.restart_count.values()) == 0 and not srv.supervisor.gave_up
+    assert srv.metrics.registry.get_sample_value("genserve_stage_restarts_total", {"stage": "router"}) is None
 
 
 # -- servers of their own -----------------------------------------------------------------------------

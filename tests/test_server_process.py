@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -89,6 +90,25 @@ def test_bad_settings_are_refused_with_a_clear_message() -> None:
     assert result.returncode == 1 and "no/such/folder" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_taken_port_is_named_with_its_flag_and_no_stage_restarts(flag: str) -> None:
+    with socket.socket() as taken:  # what a first server holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": "0", "--metrics-port": "0", flag: str(port)}
+        result = run_server_cli(*[a for pair in ports.items() for a in pair])
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port}" in result.stderr and f"another with {flag} N" in result.stderr
+    assert "stage_restarted" not in result.stderr and "model_loaded" not in result.stderr  # it failed before loading anything
+
+
+def test_an_empty_models_folder_is_named(tmp_path: Path) -> None:
+    result = run_server_cli("--models-dir", str(tmp_path), "--port", "0", "--metrics-port", "0")
+    assert result.returncode == 1 and f"no model files (*.safetensors) in {tmp_path}" in result.stderr
+    assert "model_refused" not in result.stderr
+
+
 def _generate(address: str, request: pb.GenerateRequest, results: list[object]) -> None:
     with grpc.insecure_channel(address) as channel:
         try:
@@ -99,6 +119,8 @@ def _generate(address: str, request: pb.GenerateRequest, results: list[object]) 
 
 
 def test_sigterm_under_load_finishes_in_flight_work_and_exits_zero(server_process: ServerProcess) -> None:
+    ready = next(e for e in server_process.events if e.get("event") == "server_ready")
+    assert (ready["auth"], ready["public_health"]) == ("off", True)  # no tokens: health is open, and the line says so
     results: list[object] = []
     requests = [pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=150, seed=i)) for i in range(6)]
     requests += [pb.GenerateRequest(model="vae", image=pb.ImageParams(n=500, seed=i)) for i in range(4)]

@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from engine.modelfile import ModelFileError, read_header
+from engine.modelfile import ModelFileError, read_header, save_atomically
 
 CHECKPOINT_VERSION = 1
 
@@ -73,11 +72,7 @@ def save_checkpoint(
     for rname, t in rng.items():
         tensors[f"rng.{rname}"] = t.cpu().contiguous()
     full = dict(state, version=CHECKPOINT_VERSION, optimizers=optim_meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(full)})
-    os.replace(tmp, path)  # an interrupted save never leaves a half-written checkpoint
-    return path
+    return save_atomically(tensors, path, {"checkpoint": json.dumps(full)})  # an interrupted save leaves no half-written file
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -1,0 +1,194 @@
+"""The README's examples work as typed: a broken example fails CI.
+
+- every ``$`` command of a ``console`` block runs against a real server (one, on a free port,
+  reached through ``$GENSERVE_TARGET`` so the commands stay as a user types them), in a scratch
+  folder; the output shown must be what it prints (a shown output ending in ``...`` is checked
+  up to its first line, for sampled text), an error shown must be the error printed;
+- every ``python`` block runs as a script, its ``127.0.0.1:50051`` pointed at that server;
+- every ``python -m server``, ``python -m clients``, ``python -m training`` and
+  ``scripts/serve.sh`` line of an ``sh`` block is parsed by the real argument parser, so a renamed
+  or removed flag fails (those commands serve, train or benchmark for minutes: not run here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+README_ADDRESS = "127.0.0.1:50051"  # what the README's Python dials; the test's server is elsewhere
+
+
+def blocks(kind: str) -> list[str]:
+    return re.findall(rf"^```{kind}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+@dataclass(frozen=True)
+class Example:
+    command: str
+    shown: list[str]  # the output printed under it in the README
+
+
+def console_examples() -> list[Example]:
+    examples: list[Example] = []
+    for block in blocks("console"):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                examples.append(Example(line[2:], []))
+            elif examples:
+                examples[-1].shown.append(line)
+    return examples
+
+
+def sh_commands() -> list[str]:
+    """Each command line of the sh blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in blocks("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(" ".join(shlex.quote(w) for w in words))
+    return commands
+
+
+class Server:
+    """``python -m server`` on a free port (CPU, so ``models`` prints as in the README), JSON logs read on a thread."""
+
+    def __init__(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--log-format",
+            "json",
+        ]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.address = ""
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(90) or not self.address:
+            self.proc.kill()
+            raise AssertionError("server did not become ready:\n" + "".join(self.lines[-5:]))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            with contextlib.suppress(json.JSONDecodeError):
+                if json.loads(line).get("event") == "server_ready":
+                    self.address = json.loads(line)["address"]
+                    self._ready.set()
+        self._ready.set()  # it exited before it was ready
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    srv = Server()
+    yield srv
+    srv.stop()
+
+
+def environment(server: Server) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
+    # one torch thread, as for every test: the machine is shared (tests/conftest.py)
+    return {**env, "GENSERVE_TARGET": server.address, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_the_readme_has_the_tour() -> None:  # the parsing below finds what it should
+    commands = [e.command for e in console_examples()]
+    assert any(" clients models" in c for c in commands) and any(" clients images gan" in c for c in commands)
+    assert any(" clients text " in c for c in commands) and len(blocks("python")) >= 3 and len(sh_commands()) >= 10
+
+
+@pytest.mark.parametrize("example", console_examples(), ids=lambda e: e.command.split(" -m ")[-1][:40])
+def test_console_commands_work_as_typed(example: Example, server: Server, tmp_path: Path) -> None:
+    argv = shlex.split(example.command)
+    assert argv[0] == ".venv/bin/python", "README commands run the project's venv python"
+    result = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=environment(server), capture_output=True, text=True, timeout=60)
+    shown = "\n".join(example.shown).strip("\n")
+    if shown.startswith("python -m clients: error:"):
+        assert (result.returncode, result.stderr.strip()) == (1, shown)
+        return
+    assert result.returncode == 0, result.stderr
+    if shown.endswith("..."):  # sampled text: the first line is the prompt
+        assert result.stdout.startswith(example.shown[0]), result.stdout
+    else:
+        assert result.stdout.strip("\n") == shown
+    for path in re.findall(r"^wrote (\S+)", result.stdout, flags=re.M):
+        assert (tmp_path / path).is_file()
+
+
+@pytest.mark.parametrize("index", range(len(blocks("python"))))
+def test_python_blocks_run(index: int, server: Server, tmp_path: Path) -> None:
+    code = blocks("python")[index]
+    script = tmp_path / "example.py"
+    script.write_text(code.replace(README_ADDRESS, server.address))
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=environment(server), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"README python block {index}:\n{code}\n{result.stderr[-2000:]}"
+
+
+def parse(command: str) -> None:
+    """Parse one README command line with the parser of the program it runs; SystemExit(2) is a usage error."""
+    from clients.cli import build_parser as clients_parser
+    from server.config import parse_args as server_args
+    from training.__main__ import build_parser as training_parser
+
+    words = shlex.split(command)
+    environ = {}
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        environ[key] = value
+    if words[:2] == ["bash", "scripts/serve.sh"]:
+        program, argv = "server", ["--models-dir", "models", *words[2:]]
+    elif len(words) >= 3 and words[0].endswith("python") and words[1] == "-m":
+        program, argv = words[2], words[3:]
+    else:
+        return  # another program (grpcurl, cp, bash scripts/test.sh) or module (bench, training.eval, server.chaos)
+    with contextlib.redirect_stdout(io.StringIO()):  # --help prints and exits 0
+        try:
+            if program == "server":
+                server_args(argv, environ)
+            elif program == "clients":
+                clients_parser().parse_args(argv)
+            elif program == "training":
+                training_parser().parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 0, f"README command does not parse: {command}"
+
+
+@pytest.mark.parametrize("command", sh_commands())
+def test_sh_commands_parse(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parse(command)
+    assert "error:" not in capsys.readouterr().err
