@@ -252,7 +252,7 @@ class WorkerGroup:
             try:
                 self._forget_parent()
                 code = run_worker(config, index, self.board, parent)
-            except BaseException as e:  # noqa: BLE001 (a worker's last word, whatever it was)
+            except BaseException as e:
                 log.exception("worker_crashed", worker=index, error=repr(e))
             finally:
                 sys.stdout.flush()
@@ -353,7 +353,7 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the server's own log
 
 
