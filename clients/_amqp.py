@@ -105,7 +105,7 @@ class AsyncAmqpClient:
                 self._channel = channel
             return self._channel
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._waiting.pop(message.correlation_id or "", None)
         if future is None or future.done():  # a redelivered request's second reply, or one that came too late
             self.duplicates += 1
