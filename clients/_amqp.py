@@ -96,7 +96,9 @@ class AsyncAmqpClient:
                 except ImportError:  # pragma: no cover (a dependency of genserve)
                     raise RuntimeError("AmqpClient needs aio-pika: pip install aio-pika") from None
                 self._connection = await aio_pika.connect_robust(self.url)
-                channel = await self._connection.channel()
+                # no publisher confirms: a request the broker lost ends at its deadline anyway, and a
+                # confirm per request is a round trip
+                channel = await self._connection.channel(publisher_confirms=False)
                 # the request queue as the servers declare it: a request published before any server started waits in it
                 await channel.declare_queue(dead_letter_queue(self.queue), durable=True)
                 await channel.declare_queue(self.queue, durable=True, arguments=queue_arguments(self.queue))

@@ -9,9 +9,10 @@ genserve/v1/amqp.py. What it promises, and why:
 - Demand reaches the broker: ``basic_qos(prefetch_count)`` is what the pipeline has room for
   (``min(max_inflight, queue_size)``: one link's worth, so a server never sits on more
   unacknowledged requests than it can start on, and several servers share a queue's backlog).
-- A request is acknowledged only after its reply is published and confirmed by the broker. If the
-  server dies first, the broker redelivers the request to another consumer: at-least-once, and a
-  client may see a reply twice (the SDK drops the second by correlation id).
+- A request is acknowledged only after its reply is published (on the same channel, so the
+  broker has the reply before it sees the ack). If the server dies first, the broker redelivers
+  the request to another consumer: at-least-once, and a client may see a reply twice (the SDK
+  drops the second by correlation id).
 - A refused or failed request gets an error reply (its ``Finish`` carries the code). A server that
   is full or draining (RESOURCE_EXHAUSTED, UNAVAILABLE) puts the request back for another server,
   once: a request that was already redelivered gets the error instead, so a request that crashes
@@ -135,7 +136,10 @@ class AmqpIngress:
             connection.close_callbacks.add(self._on_lost)
             connection.reconnect_callbacks.add(self._on_back)
             self._linked = True
-            channel = self.channel = await connection.channel()  # publisher confirms: a reply is acked once the broker has it
+            # No publisher confirms: a reply and then its request's ack go out on this one channel,
+            # which the broker handles in order, so the ack cannot overtake the reply; a confirm
+            # per reply would be one more round trip for no further guarantee.
+            channel = self.channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=self.prefetch)
             self._queue = await declare_queues(channel, self.queue_name)
             self._consumer_tag = await self._queue.consume(self._on_message)
@@ -228,7 +232,7 @@ class AmqpIngress:
         message = aio_pika.Message(
             reply.response.SerializeToString(), correlation_id=reply.id, content_type=CONTENT_TYPE, type="genserve.v1.StreamResponse"
         )
-        await channel.default_exchange.publish(message, routing_key=reply.message.reply_to or "")
+        await channel.default_exchange.publish(message, routing_key=reply.message.reply_to or "", mandatory=False)  # a gone client: drop
         await reply.message.ack()
 
     # -- drain -------------------------------------------------------------------------------------
