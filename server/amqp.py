@@ -112,6 +112,7 @@ class AmqpIngress:
         self._consumer_tag: str | None = None
         self._consuming = False
         self._linked = False  # the connection is up (close and reconnect callbacks keep it)
+        self.reconnects = 0
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
         Gauge("genserve_amqp_up", "1 while the AMQP ingress consumes its queue", registry=metrics.registry).set_function(
@@ -158,6 +159,7 @@ class AmqpIngress:
 
     def _on_back(self, *args: Any) -> None:
         self._linked = True
+        self.reconnects += 1
         log.info("amqp_reconnected", queue=self.queue_name)
 
     # -- requests --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,6 +210,32 @@ async def test_the_amqp_ingress_down_leaves_grpc_serving(small_models: Path) -> 
             assert await check(AMQP_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await check("") == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await check(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.asyncio
+async def test_a_lost_broker_connection_reconnects_while_grpc_serves(small_models: Path, queue: str) -> None:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not on PATH: the test closes the server's connection from the broker's side")
+    async with running_server(models_dir=str(small_models), amqp_url=URL, amqp_queue=queue) as server:
+        ingress = server.amqp
+        assert ingress is not None
+        await wait_until(lambda: ingress.up, "the AMQP ingress to consume")
+        listing = await rabbitmqctl("list_connections", "pid", "client_properties", "-q")
+        (pid,) = [line.split("\t")[0] for line in listing.splitlines() if f"genserve {queue}" in line]
+        await rabbitmqctl("close_connection", pid, "test: the broker closes the server's connection")
+        async with AsyncClient(server.address, retry=None) as client:  # gRPC is not held up by the broker
+            assert (await client.generate_images("vae", 1, seed=0)).shape == (1, 28, 28)
+        await wait_until(lambda: ingress.reconnects >= 1 and ingress.up, "the ingress to reconnect and consume again")
+        assert server.readiness()[AMQP_NAME]
+        async with AsyncAmqpClient(URL, queue=queue, timeout=20) as amqp:  # the restored consumer serves
+            assert (await amqp.generate_images("vae", 2, seed=1)).shape == (2, 28, 28)
+
+
+async def rabbitmqctl(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec("rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
 
 
 class _health:
