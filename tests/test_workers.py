@@ -190,6 +190,26 @@ def test_a_worker_that_cannot_start_stops_the_group(tmp_path: Path) -> None:
     assert "before it started serving" in str(g.find("workers_gave_up")[0]["reason"])
 
 
+def test_a_second_signal_kills_the_workers(small_models: Path) -> None:
+    g = Group("--workers", "2", "--models-dir", str(small_models), "--grace-s", "60")
+    try:
+        # each worker logs its device once its signal handlers are in and its models start loading
+        wait_for(lambda: len(g.find("device_chosen")) == 2, "two workers loading their models", 60)
+        g.proc.send_signal(signal.SIGTERM)  # their drain would wait for the loading to end
+        wait_for(lambda: any(e["component"] == "server.workers" for e in g.find("signal_received")), "the first signal", 30)
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.proc.wait(timeout=30) == 1
+        assert str(g.find("workers_killed")[0]["why"]) == "second signal (SIGTERM)"
+    finally:
+        if g.proc.poll() is None:
+            g.proc.kill()
+
+
+def test_connections_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="connections must be >= 1, got 0"):
+        AsyncClient("127.0.0.1:1", connections=0)
+
+
 def test_the_port_of_a_group_is_refused_to_another_server() -> None:
     config = ServerConfig(port=0)
     held, port = reserve_port(config)
