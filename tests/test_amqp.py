@@ -1,7 +1,7 @@
 """The RabbitMQ ingress and the SDK's AmqpClient, against a real broker on localhost.
 
-Without a broker at 127.0.0.1:5672 these tests skip, saying so; with CI=true they fail instead
-(CI machines run one). Each test uses queues named after itself, deleted afterwards.
+Without a broker at 127.0.0.1:5672 the tests that need one skip, saying so; with CI=true they
+fail instead (CI machines run one). Each test uses queues named after itself, deleted afterwards.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
@@ -48,8 +49,8 @@ def broker_reachable() -> bool:
         return False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _broker() -> None:
+@pytest.fixture(scope="module")
+def broker() -> None:
     if broker_reachable():
         return
     reason = f"no RabbitMQ broker at {BROKER[0]}:{BROKER[1]} (start one: rabbitmq-server -detached)"
@@ -68,7 +69,7 @@ def small_models(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def queue(request: pytest.FixtureRequest) -> Iterator[str]:
+def queue(broker: None, request: pytest.FixtureRequest) -> Iterator[str]:
     """A request queue private to this test; it and its dead letters are deleted afterwards."""
     name = f"test.{request.node.name}.{uuid.uuid4().hex[:8]}"
     yield name
@@ -255,6 +256,19 @@ class _health:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
+
+
+@pytest.mark.asyncio
+async def test_the_client_keeps_the_first_reply_of_each_request() -> None:
+    """At-least-once: a redelivered request's second reply, or a late one, is dropped."""
+    client = AsyncAmqpClient(URL)
+    first = asyncio.get_running_loop().create_future()
+    client._waiting["r1"] = first
+    reply = SimpleNamespace(correlation_id="r1", body=b"first")
+    await client._on_reply(reply)  # type: ignore[arg-type]
+    await client._on_reply(SimpleNamespace(correlation_id="r1", body=b"second"))  # type: ignore[arg-type]
+    await client._on_reply(SimpleNamespace(correlation_id="unknown", body=b""))  # type: ignore[arg-type]
+    assert first.result() == b"first" and client.duplicates == 2
 
 
 class ServerProcess:
