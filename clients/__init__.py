@@ -9,6 +9,7 @@
 The command line: ``python -m clients --help``.
 """
 
+from clients._amqp import AmqpClient, AsyncAmqpClient
 from clients._channel import RetryPolicy
 from clients._client import AsyncClient
 from clients._exceptions import (
@@ -26,6 +27,8 @@ from clients._sync import Client, SyncSession
 from clients._types import ImageResult, ImageSpec, ModelInfo, TextResult, TextSpec
 
 __all__ = [
+    "AmqpClient",
+    "AsyncAmqpClient",
     "AsyncClient",
     "Client",
     "DeadlineExceeded",

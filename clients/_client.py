@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from types import TracebackType
@@ -45,6 +46,9 @@ class AsyncClient:
     client_certificate, client_key: PEM chain and key this client presents (mutual TLS; implies tls).
     token: a bearer token sent as ``authorization: Bearer <token>`` with every call.
     options: extra gRPC channel options.
+    connections: channels (so TCP connections) to open, each call taking the next one. A server
+        run with ``--workers N`` spreads connections, not calls, over its workers: one channel
+        reaches one worker, so give about 2N here. Each channel round-robins over the targets.
     """
 
     def __init__(
@@ -59,7 +63,11 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
+        connections: int = 1,
     ) -> None:
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
+        self.connections = connections
         if (client_certificate is None) != (client_key is None):
             raise ValueError("client_certificate and client_key go together (mutual TLS needs both)")
         self.targets = tuple(with_default_port(t) for t in ((target,) if isinstance(target, str) else target))
@@ -77,8 +85,9 @@ class AsyncClient:
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = tuple(options)
         self._state = _State.UNOPENED
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: Any = None
+        self._channels: list[grpc.aio.Channel] = []
+        self._stubs: list[Any] = []
+        self._calls = itertools.count()
 
     def __repr__(self) -> str:
         return f"AsyncClient({', '.join(self.targets)}, {self._state.name.lower()})"
@@ -97,23 +106,27 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Close the connections; calls still running end with CANCELLED. Closing twice is harmless."""
         self._state = _State.CLOSED
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
+        channels, self._channels, self._stubs = self._channels, [], []
+        for channel in channels:
             await channel.close()
 
     async def _open(self) -> Any:
         if self._state is _State.CLOSED:
             raise RuntimeError("Cannot send a request, as the client has been closed.")
-        if self._stub is None:
+        if not self._stubs:
             target = await resolve_targets(self.targets)
-            if self._stub is None:  # another call may have opened it meanwhile
+            if not self._stubs:  # another call may have opened it meanwhile
                 authority = self.targets[0] if len(self.targets) > 1 else None
-                self._channel = open_channel(
-                    target, authority=authority, retry=self.retry, credentials=self._credentials, options=self._options
-                )
-                self._stub = pb_grpc.GeneratorStub(self._channel)
+                options = self._options
+                if self.connections > 1:  # channels alike share one connection from grpc's global pool; not these
+                    options = (*options, ("grpc.use_local_subchannel_pool", 1))
+                self._channels = [
+                    open_channel(target, authority=authority, retry=self.retry, credentials=self._credentials, options=options)
+                    for _ in range(self.connections)
+                ]
+                self._stubs = [pb_grpc.GeneratorStub(channel) for channel in self._channels]
                 self._state = _State.OPENED
-        return self._stub
+        return self._stubs[next(self._calls) % len(self._stubs)]
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

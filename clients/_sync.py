@@ -182,6 +182,7 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
+        connections: int = 1,
     ) -> None:
         self._async = AsyncClient(
             target,
@@ -193,6 +194,7 @@ class Client:
             options=options,
             client_certificate=client_certificate,
             client_key=client_key,
+            connections=connections,
         )
         self._portal = _Portal()
 

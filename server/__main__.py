@@ -6,19 +6,25 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from engine.logs import configure_logging, get_logger
-from server.config import parse_args
+from server.config import ServerConfig, parse_args
+
+if TYPE_CHECKING:
+    from server.app import GenServer
 
 log = get_logger("server")
 
 
-async def _main(argv: Sequence[str] | None) -> int:
+async def _main(config: ServerConfig, setup: Callable[[GenServer], None] | None = None) -> int:
+    """Serve until a signal; ``setup`` prepares the server before it starts (a worker of a group)."""
     from server.app import GenServer  # after logging is configured: imports torch, loads models
 
-    config = parse_args(argv)
     server = GenServer(config)
+    if setup is not None:
+        setup(server)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -46,11 +52,19 @@ async def _main(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)  # --help and bad flags exit here, before anything heavy is imported
     configure_logging(config.log_format, config.log_level)  # type: ignore[arg-type]
+    if config.workers != 1:
+        from server.workers import serve_workers  # the parent of a group: no torch, no gRPC object
+
+        return serve_workers(config)
+    return run_loop(_main(config))
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not on Windows): the stock loop works, just slower
-        return asyncio.run(_main(argv))
-    return uvloop.run(_main(argv))
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 if __name__ == "__main__":

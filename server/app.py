@@ -4,6 +4,10 @@ metrics, and the one drain routine used by signals, by a supervisor that gave up
 Health: the service names "" and "genserve.v1.Generator" report readiness (SERVING while new work
 is admitted; NOT_SERVING while starting or draining); "liveness" reports SERVING for as long as the
 process can answer. A full queue changes neither: it refuses work (RESOURCE_EXHAUSTED) but is healthy.
+With --amqp-url, "genserve.amqp" says whether the RabbitMQ ingress is consuming, and "" (the whole
+server) needs it too; "genserve.v1.Generator" stays gRPC's alone, so a load balancer keeps sending
+gRPC calls while the broker is away. With --workers, each name is SERVING only when it is so in
+every worker (server/workers.py), whichever worker answers the check.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 import grpc
@@ -34,11 +39,17 @@ from server.service import GeneratorService, register
 from server.stages import Stage
 from server.supervisor import Supervisor
 
+if TYPE_CHECKING:
+    from server.amqp import AmqpIngress
+
 log = get_logger("server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "genserve.v1.Generator"
 READINESS_NAMES = ("", SERVICE_NAME)
 LIVENESS_NAME = "liveness"
+AMQP_NAME = "genserve.amqp"
+READY_GRPC, READY_AMQP = 1, 2  # readiness flags, ANDed over the workers of a group
+READINESS_POLL_S = 0.1  # how often readiness that depends on others (broker, other workers) is re-read
 
 
 def default_threads() -> int:
@@ -53,8 +64,14 @@ def default_threads() -> int:
 
 
 class GenServer:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # --workers: the processes of one group share the port
+        self.group_gate: Callable[[int], int] | None = None  # --workers: this worker's readiness flags -> the group's
+        self.amqp: AmqpIngress | None = None
+        self._serving = False
+        self._health: dict[str, bool] = {}
+        self._health_task: asyncio.Task[None] | None = None
         self.port = config.port
         self.exit_code = 0
         self.metrics = Metrics()
@@ -96,7 +113,8 @@ class GenServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+                # a second server on the same port must fail, not share it; workers of one group share it
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ],
         )
         undo.push_async_callback(self.grpc.stop, None)
@@ -154,9 +172,15 @@ class GenServer:
         enable_reflection((SERVICE_NAME, "grpc.health.v1.Health"), self.grpc)
         await self.grpc.start()
         await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
-        for name in READINESS_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics.ready.set(1)
+        if c.amqp_url:
+            from server.amqp import AmqpIngress  # aio-pika only when asked for
+
+            self.amqp = AmqpIngress(c, self.service, self.pipeline, self.metrics)
+            await self.amqp.start()
+        self._serving = True
+        await self._refresh_health()
+        if self.amqp is not None or self.group_gate is not None:
+            self._health_task = asyncio.create_task(self._watch_health(), name="readiness")
         log.info(
             "server_ready",
             address=self.address,
@@ -187,6 +211,30 @@ class GenServer:
                 "machine's; give another with --port N (0: any free port) or --host"
             )
         return port
+
+    def readiness(self) -> dict[str, bool]:
+        """Health name -> SERVING (True) or NOT_SERVING, from this server and, in a group, every worker."""
+        flags = (READY_GRPC if self._serving else 0) | (READY_AMQP if self.amqp is None or self.amqp.up else 0)
+        if self.group_gate is not None:
+            flags = self.group_gate(flags)
+        states = {name: bool(flags & READY_GRPC) for name in READINESS_NAMES}
+        if self.amqp is not None:
+            states[""] = flags == READY_GRPC | READY_AMQP
+            states[AMQP_NAME] = bool(flags & READY_AMQP)
+        return states
+
+    async def _refresh_health(self) -> None:
+        for name, serving in self.readiness().items():
+            if self._health.get(name) != serving:
+                self._health[name] = serving
+                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health.set(name, status)
+        self.metrics.ready.set(1 if self._serving else 0)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(READINESS_POLL_S)
+            await self._refresh_health()
 
     async def _run_supervisor(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as tg:
@@ -236,9 +284,10 @@ class GenServer:
         self._closing = True
         grace = self.config.grace_s if grace is None else grace
         self.pipeline.accepting = False
-        self.metrics.ready.set(0)
-        for name in READINESS_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._serving = False
+        if self.amqp is not None:
+            await self.amqp.stop_consuming()  # what it had taken but not admitted goes back to the queue
+        await self._refresh_health()
         inflight = len(self.pipeline.inflight)
         log.info("draining", inflight=inflight, grace_s=grace)
         finished_in_time = True
@@ -248,6 +297,10 @@ class GenServer:
         except TimeoutError:
             finished_in_time = False
         failed = self.pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
+        if self.amqp is not None:
+            await self.amqp.close()  # after the last replies are published and acknowledged
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.grpc.stop(grace=1.0)  # lets the handlers send the outcomes just decided
         await self._stop_supervisor()
         await self._close_engine()

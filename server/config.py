@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 ENV_PREFIX = "GENSERVE_"
+SECRET_FIELDS = ("amqp_url",)  # may hold a password: --help never shows its value
 TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/auth.py, never a config field
 
 
@@ -61,6 +62,18 @@ class ServerConfig:
         },
     )
     public_health: bool = field(default=True, metadata={"help": "health checks and reflection need no token (--no-public-health: they do)"})
+    # Scale-out (server/workers.py, server/amqp.py).
+    workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT); 0: one per usable core"})
+    amqp_url: str = field(
+        default="",
+        metadata={
+            "help": "also take requests from RabbitMQ, e.g. amqp://user:pass@host:5672/ (empty: off); "
+            "prefer the environment variable, which no process list shows"
+        },
+    )
+    amqp_queue: str = field(
+        default="genserve.requests", metadata={"help": "queue of requests with --amqp-url (dead letters go to <queue>.dead)"}
+    )
 
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
@@ -71,7 +84,7 @@ class ServerConfig:
         for name in ("batch_timeout_ms", "request_timeout_s", "restart_period_s", "grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "threads", "inline_batch_ms"):
+        for name in ("port", "metrics_port", "threads", "inline_batch_ms", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -79,6 +92,10 @@ class ServerConfig:
             raise ValueError(f"{given}={getattr(self, given)} needs {missing} too: TLS takes a certificate chain and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"tls_client_ca={self.tls_client_ca} needs tls_cert and tls_key: mutual TLS is TLS first")
+        if self.amqp_url and not self.amqp_url.startswith(("amqp://", "amqps://")):
+            raise ValueError("amqp_url must start with amqp:// or amqps://")  # not echoed: it may hold a password
+        if self.amqp_url and not self.amqp_queue:
+            raise ValueError("amqp_queue is empty: name the queue of requests")
 
     @property
     def address(self) -> str:
@@ -134,6 +151,8 @@ def build_parser(base: ServerConfig) -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if f.name in SECRET_FIELDS:  # "%(default).0s" prints nothing and stops argparse appending the default
+            kwargs["help"] += " (default: " + ("set, not shown" if value else "empty") + ")%(default).0s"
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
     return parser
 

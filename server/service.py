@@ -27,7 +27,7 @@ from engine.sampling import InvalidRequestError, SamplingParams, check_max_new_t
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig
-from server.jobs import Job, Outcome
+from server.jobs import Job, Outcome, Sink
 from server.metrics import Metrics
 from server.pipeline import Pipeline, Refused
 
@@ -286,7 +286,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         except ModelNotFound as e:
             raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
 
-    def build_job(self, request: pb.GenerateRequest, rpc: str, job_id: str, sink: CallSink | StreamSink) -> Job:
+    def build_job(self, request: pb.GenerateRequest, rpc: str, job_id: str, sink: Sink) -> Job:
         """A job for ``request``, or Refused (INVALID_ARGUMENT, NOT_FOUND) with a precise reason."""
         which = request.WhichOneof("params")
         if which is None:
