@@ -5,12 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
-VENV=$(mktemp -d)/venv
-trap 'rm -rf "$(dirname "$VENV")"' EXIT
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+VENV=$TMP/venv
 "$PYTHON" -m venv "$VENV"
-# a non-editable install from a copy of the tree, so nothing of the checkout's own imports leaks in
-"$VENV/bin/python" -m pip install -q -c constraints.txt .
-cd "$(dirname "$VENV")"  # away from the checkout: imports come from the installed wheel only
+# a non-editable install from a copy of the tree (setuptools builds in the source folder, and the
+# checkout's own files must not be importable from the test)
+mkdir "$TMP/src"
+git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$TMP/src"
+"$VENV/bin/python" -m pip install -q -c constraints.txt "$TMP/src"
+cd "$TMP"  # away from the checkout: imports come from the installed wheel only
 "$VENV/bin/python" -m clients --help >/dev/null
 if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "client-only install pulled in torch" >&2
