@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, TokenEvent
+from engine.errors import EngineError
 from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.logs import get_logger
 from engine.registry import ServedModel
@@ -25,10 +26,6 @@ from engine.registry import ServedModel
 log = get_logger("engine")
 
 Sink = Callable[[TokenEvent | BaseException], None]
-
-
-class EngineError(RuntimeError):
-    """Raised when model code failed for a request (the request gets a retryable status)."""
 
 
 class TextWorker:

@@ -38,6 +38,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from engine.errors import InvalidImageRequest, brief_repr
 from engine.modelfile import LoadedModel
 
 IMAGE_KINDS = ("vae", "wgan-gp")
@@ -46,14 +47,6 @@ DEFAULT_MAX_N = 1024
 DEFAULT_MAX_BATCH = 256
 
 Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-class InvalidImageRequest(ValueError):
-    """A request that can never succeed as sent (gRPC INVALID_ARGUMENT); ``field`` names the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message)
 
 
 _F255 = np.float32(255.0)  # float32 scalars keep numpy's in-place ops in float32
@@ -129,15 +122,6 @@ class ImageResult:
     def last(self) -> bool:
         """True for the chunk that completes its request."""
         return self.offset + len(self.pixels) == self.total
-
-
-def brief_repr(value: object, limit: int = 40) -> str:
-    """repr of user input, cut short: error messages never echo unbounded input."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int of more than 4300 digits refuses to print
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(v: object) -> bool:

@@ -26,17 +26,9 @@ from server.jobs import Job
 from server.links import Link
 from server.metrics import Metrics
 from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+from server.statuses import Refused
 
 DEADLINE_TICK = 0.01  # seconds: deadlines are enforced to within one tick
-
-
-class Refused(Exception):
-    """Raised when admission refuses a request; carries the gRPC status for the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Pipeline:

@@ -20,16 +20,18 @@ from typing import Any
 import grpc
 
 from engine.decode import SequenceRequest, TokenEvent
+from engine.errors import InvalidRequestError, ModelNotFound
 from engine.images import ImageRequest, ImageResult
 from engine.logs import get_logger
-from engine.registry import ModelNotFound, ServedModel
-from engine.sampling import InvalidRequestError, SamplingParams, check_max_new_tokens
+from engine.registry import ServedModel
+from engine.sampling import SamplingParams, check_max_new_tokens
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.jobs import Job, Outcome
 from server.metrics import Metrics
-from server.pipeline import Pipeline, Refused
+from server.pipeline import Pipeline
+from server.statuses import Refused, status_of
 
 log = get_logger("server.service")
 
@@ -284,7 +286,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         try:
             return self.registry.get(request.model, request.version or None)
         except ModelNotFound as e:
-            raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
+            raise Refused(*status_of(e)) from None
 
     def build_job(self, request: pb.GenerateRequest, rpc: str, job_id: str, sink: CallSink | StreamSink) -> Job:
         """A job for ``request``, or Refused (INVALID_ARGUMENT, NOT_FOUND) with a precise reason."""
@@ -327,7 +329,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 stop=tuple(t.stop),
             )
         except InvalidRequestError as e:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise Refused(*status_of(e)) from None
         if not t.prompt:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, 'prompt is empty: send at least one character (e.g. "\\n")')
         return Job(job_id, rpc, served, sink, 0.0, text=SequenceRequest(t.prompt, params, job_id))

@@ -22,14 +22,15 @@ import anyio
 import grpc
 from anyio.abc import TaskStatus
 
-from engine.decode import QueueFullError, TokenEvent
-from engine.engine import Engine, EngineError
-from engine.images import ImageChunk, ImageResult, InvalidImageRequest
+from engine.decode import TokenEvent
+from engine.engine import Engine
+from engine.errors import EngineError, InvalidImageRequest, InvalidRequestError, ModelNotFound, QueueFullError
+from engine.images import ImageChunk, ImageResult
 from engine.logs import get_logger
-from engine.registry import ModelNotFound, ModelRegistry
-from engine.sampling import InvalidRequestError
+from engine.registry import ModelRegistry
 from server.jobs import Job, Outcome
 from server.links import Link
+from server.statuses import retryable, status_of
 
 log = get_logger("server.stages")
 
@@ -143,7 +144,7 @@ class Processor(Stage):
             try:
                 whole = images.prepare(job.image)
             except InvalidImageRequest as e:
-                job.fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                job.fail(*status_of(e))
                 return
             job.seed = whole.seed
             size = min(images.limits.max_batch, self.max_chunk)
@@ -263,13 +264,10 @@ class Batcher(Stage):
         started = time.perf_counter()
         try:
             results = await self.engine.generate_images(served, [w.chunk for w in group])
-        except EngineError as e:
+        except (EngineError, ValueError) as e:  # ValueError: a request the model cannot take (admission checks first)
+            status = status_of(e)
             for w in group:
-                w.job.fail(grpc.StatusCode.UNAVAILABLE, f"{e}; the request may be retried")
-            return
-        except ValueError as e:  # a request the model cannot take (admission checks first; kept as a guard)
-            for w in group:
-                w.job.fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                w.job.fail(*status)
             return
         self.observe_batch(self.model, sum(w.chunk.n for w in group), time.perf_counter() - started)
         for w, result in zip(group, results, strict=True):
@@ -369,14 +367,8 @@ class TextFeeder(Stage):
             worker = self.engine.text_worker(job.served)
             job.worker = worker
             job.handle = worker.submit(job.text, self._sink(job))
-        except InvalidRequestError as e:
-            job.fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            return
-        except QueueFullError as e:
-            job.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-            return
-        except EngineError as e:
-            job.fail(grpc.StatusCode.UNAVAILABLE, f"{e}; the request may be retried")
+        except (InvalidRequestError, QueueFullError, EngineError) as e:
+            job.fail(*status_of(e))
             return
         job.seed = job.handle.seed
         if job.done:  # it ended (deadline, client gone) between take and submit
@@ -400,7 +392,7 @@ class TextFeeder(Stage):
         while events:
             job, event = events.popleft()
             if isinstance(event, BaseException):
-                job.fail(grpc.StatusCode.UNAVAILABLE, f"text generation failed in {self.model}: {type(event).__name__}; retry")
+                job.fail(*retryable(f"text generation failed in {self.model}: {type(event).__name__}"))
                 self._room.set()
                 continue
             if event.text:  # empty while a stop string is undecided

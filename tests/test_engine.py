@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.decode import DecodeLoop, QueueFullError, SequenceRequest
-from engine.engine import Engine, EngineError
+from engine.decode import DecodeLoop, SequenceRequest
+from engine.engine import Engine
+from engine.errors import EngineError, InvalidPromptError, QueueFullError
 from engine.images import ImageRequest
 from engine.modelfile import export_model
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
 from engine.registry import ModelRegistry
-from engine.sampling import InvalidPromptError, SamplingParams
+from engine.sampling import SamplingParams
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 

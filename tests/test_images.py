@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.images import SEED_LIMIT, ImageChunk, ImageGenerator, ImageLimits, ImageRequest, InvalidImageRequest
+from engine.errors import InvalidImageRequest
+from engine.images import SEED_LIMIT, ImageChunk, ImageGenerator, ImageLimits, ImageRequest
 from engine.modelfile import LoadedModel, export_model, load_model
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig

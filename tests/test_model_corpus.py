@@ -38,9 +38,10 @@ from model_corpus import CASES, GOOD, SKIPPED, VOCAB, Case, Corpus, build_corpus
 
 import engine.modelfile
 import engine.registry
+from engine.errors import ModelFileError, ModelNotFound
 from engine.logs import configure_logging
-from engine.modelfile import ModelFileError, export_model, load_model
-from engine.registry import FolderReport, ModelNotFound, ModelRegistry
+from engine.modelfile import export_model, load_model
+from engine.registry import FolderReport, ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.testing import ServerThread

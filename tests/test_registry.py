@@ -17,9 +17,10 @@ import structlog
 import torch
 from torch import nn
 
-from engine.device import DeviceUnavailableError, choose_device, configure_threads, resolve_device
+from engine.device import choose_device, configure_threads, resolve_device
+from engine.errors import DeviceUnavailableError, ModelFileError, ModelNotFound
 from engine.images import ImageGenerator, ImageLimits, ImageRequest
-from engine.modelfile import ModelFileError, export_model, load_model
+from engine.modelfile import export_model, load_model
 from engine.models.classifier import ClassifierConfig, DigitClassifier
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
@@ -27,7 +28,6 @@ from engine.models.vae import VAE, VAEConfig
 from engine.registry import (
     DEFAULT_MODELS_DIR,
     LoadFailure,
-    ModelNotFound,
     ModelRegistry,
     ServedModel,
     parse_file_name,

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engine.decode import DecodeLoop, SequenceRequest, TokenEvent
-from engine.engine import Engine, EngineError
+from engine.engine import Engine
+from engine.errors import EngineError
 from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.modelfile import export_model
 from engine.models.transformer import CharTransformer, TransformerConfig
@@ -26,8 +27,9 @@ from server.config import ServerConfig
 from server.jobs import Job, Outcome
 from server.links import Link
 from server.metrics import Metrics
-from server.pipeline import Pipeline, Refused
+from server.pipeline import Pipeline
 from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+from server.statuses import Refused
 from server.supervisor import Supervisor
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]

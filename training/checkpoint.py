@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.modelfile import ModelFileError, read_header
+from engine.errors import ModelFileError
+from engine.modelfile import read_header
 
 CHECKPOINT_VERSION = 1
 

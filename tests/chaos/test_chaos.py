@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from engine.decode import SequenceRequest
-from engine.engine import Engine, EngineError
+from engine.engine import Engine
+from engine.errors import EngineError
 from engine.images import ImageLimits
 from engine.logs import configure_logging
 from engine.registry import ModelRegistry, ServedModel
