@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, TokenEvent
 from engine.errors import EngineError
+from engine.faults import Faults
 from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.logs import get_logger
 from engine.registry import ServedModel
@@ -31,8 +32,9 @@ Sink = Callable[[TokenEvent | BaseException], None]
 class TextWorker:
     """Drives one DecodeLoop on its own thread and routes each event to its request's sink."""
 
-    def __init__(self, served: ServedModel, *, max_batch: int, max_pending: int) -> None:
+    def __init__(self, served: ServedModel, *, max_batch: int, max_pending: int, faults: Faults | None = None) -> None:
         self.served = served
+        self.faults = faults
         self.loop = DecodeLoop.from_loaded(served.model, max_batch=max_batch, max_pending=max_pending)
         self._sinks: dict[int, Sink] = {}
         self._sinks_lock = threading.Lock()  # held across add + register, so no event beats its sink
@@ -68,6 +70,8 @@ class TextWorker:
                 self._wake.clear()
                 continue
             try:
+                if self.faults is not None:
+                    self.faults.before_decode_step(self.served)
                 events = self.loop.step()
             except Exception as e:  # model code failed: every waiting request hears of it
                 log.exception("decode_loop_failed", model=self.served.name, version=self.served.version)
@@ -99,7 +103,16 @@ def _threadsafe_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Token
 class Engine:
     """Runs model code for the server: image batches on a thread pool, text on decode-loop threads."""
 
-    def __init__(self, *, image_threads: int = 1, decode_batch: int = 32, decode_pending: int = 64, inline_image_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        image_threads: int = 1,
+        decode_batch: int = 32,
+        decode_pending: int = 64,
+        inline_image_ms: float = 0.0,
+        faults: Faults | None = None,
+    ) -> None:
+        self.faults = faults  # the fault-injection seam (engine/faults.py): None in the product; see install_faults
         self._pool = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="engine-images")
         # Image models whose whole batch is measured (``calibrate``) below this many ms run on the
         # calling (event loop) thread. A hop to a pool thread looks free but is not: the worker
@@ -117,15 +130,37 @@ class Engine:
         """One forward pass for ``chunks`` (prepared by ``served.images.prepare``), on the pool."""
         if served.images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
+        run: Callable[[Sequence[ImageChunk]], list[ImageResult]] = served.images.run
+        if self.faults is not None:
+            await self.faults.before_image_batch(served, chunks)
+            run = self._with_faults(served, self.faults)
         try:
             if self._inline.get((served.name, served.version), False):
-                return served.images.run(list(chunks))
-            return await asyncio.get_running_loop().run_in_executor(self._pool, served.images.run, list(chunks))
+                return run(list(chunks))
+            return await asyncio.get_running_loop().run_in_executor(self._pool, run, list(chunks))
         except ValueError:
             raise
         except Exception as e:
             log.exception("image_batch_failed", model=served.name, version=served.version)
             raise EngineError(f"generation failed in {served.name}: {type(e).__name__}") from e
+
+    def install_faults(self, faults: Faults | None) -> None:
+        """Install (or, with None, remove) a fault-injection harness, for running decode loops too."""
+        with self._workers_lock:
+            self.faults = faults
+            for worker in self._workers.values():
+                worker.faults = faults
+
+    @staticmethod
+    def _with_faults(served: ServedModel, faults: Faults) -> Callable[[Sequence[ImageChunk]], list[ImageResult]]:
+        images = served.images
+        assert images is not None
+
+        def run(chunks: Sequence[ImageChunk]) -> list[ImageResult]:
+            faults.before_forward(served, chunks)
+            return images.run(chunks)
+
+        return run
 
     def calibrate(self, served: ServedModel, batch: int, rounds: int = 7) -> float:
         """Time a full batch of ``served`` (the fastest of ``rounds``: start-up is noisy; call before
@@ -153,7 +188,7 @@ class Engine:
                 raise EngineError("engine is closed")
             worker = self._workers.get(key)
             if worker is None or worker.failed is not None:
-                worker = TextWorker(served, max_batch=self._decode_batch, max_pending=self._decode_pending)
+                worker = TextWorker(served, max_batch=self._decode_batch, max_pending=self._decode_pending, faults=self.faults)
                 self._workers[key] = worker
                 log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self._decode_batch)
             return worker

@@ -43,6 +43,7 @@ class Pipeline:
         self._sweeper: asyncio.TimerHandle | None = None
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.accepting = True
+        self.on_admit: Callable[[Job], None] | None = None  # an observer of admissions (tests/chaos notes when); None in the product
         self._idle = asyncio.Event()
         self._idle.set()
         size = config.queue_size
@@ -113,6 +114,8 @@ class Pipeline:
         job.on_finish = self._finished
         self.inflight.add(job)
         self._idle.clear()
+        if self.on_admit is not None:
+            self.on_admit(job)
 
     def _sweep(self) -> None:
         """Fail the jobs whose deadline tick has passed; runs every tick while jobs are in flight.

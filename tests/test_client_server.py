@@ -1,4 +1,4 @@
-"""The SDK and the command line against a real server on localhost (server/testing.py) and the bundled models.
+"""The SDK and the command line against a real server on localhost (tests/serving.py) and the bundled models.
 
 The blocking ``Client`` and ``python -m clients`` run in a worker thread (``asyncio.to_thread``):
 the server shares the test's event loop and must keep running while they wait.
@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest_client import until
 from PIL import Image
 
 from clients import (
@@ -32,7 +31,8 @@ from clients import (
 )
 from clients.cli import main
 from server.app import GenServer
-from server.testing import running_server
+from tests.conftest_client import until
+from tests.serving import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 

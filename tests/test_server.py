@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
-from server.testing import running_server
+from tests.serving import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
