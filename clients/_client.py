@@ -12,15 +12,13 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from clients._channel import DEFAULT_TARGET, RetryPolicy, open_channel, resolve_targets, split_host_port
+from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy, open_channel, resolve_targets, split_host_port
 from clients._exceptions import ServerError, from_rpc_error, from_status
 from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
 from clients._session import Session
 from clients._types import ModelInfo
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-
-DEFAULT_TIMEOUT = 30.0
 
 
 class _State(enum.Enum):

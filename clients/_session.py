@@ -28,7 +28,7 @@ from typing import Any, Literal, Self, overload
 
 import grpc
 
-from clients._channel import RetryPolicy
+from clients._channel import DEFAULT_TIMEOUT, RetryPolicy
 from clients._exceptions import DeadlineExceeded, GenserveError, Unavailable, from_rpc_error, from_status
 from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
 from clients._types import ImageResult, TextResult
@@ -72,7 +72,7 @@ class Session:
         open_stub: Callable[[], Awaitable[Any]],
         *,
         metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         collect: bool = True,
     ) -> None:

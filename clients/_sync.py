@@ -18,8 +18,8 @@ from typing import Any, Literal, Self, TypeVar, overload
 import numpy as np
 import numpy.typing as npt
 
-from clients._channel import DEFAULT_TARGET, RetryPolicy
-from clients._client import DEFAULT_TIMEOUT, AsyncClient
+from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy
+from clients._client import AsyncClient
 from clients._exceptions import GenserveError
 from clients._protocol import Labels
 from clients._session import Result, Session

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, TokenEvent
 from engine.errors import EngineError
@@ -29,13 +30,27 @@ log = get_logger("engine")
 Sink = Callable[[TokenEvent | BaseException], None]
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much the engine runs at once. No defaults here: the server builds them from its
+    ``ServerConfig`` (``ServerConfig.engine_limits()``), whose defaults are the only ones."""
+
+    image_threads: int  # pool threads running image batches
+    decode_batch: int  # sequences one text model decodes together
+    decode_pending: int  # sequences waiting for a decode slot, per text model
+    inline_image_ms: float  # image models whose full batch takes less run on the calling thread (0: never)
+    max_new_tokens: int  # the most tokens one text request may ask for
+
+
 class TextWorker:
     """Drives one DecodeLoop on its own thread and routes each event to its request's sink."""
 
-    def __init__(self, served: ServedModel, *, max_batch: int, max_pending: int, faults: Faults | None = None) -> None:
+    def __init__(self, served: ServedModel, limits: EngineLimits, faults: Faults | None = None) -> None:
         self.served = served
         self.faults = faults
-        self.loop = DecodeLoop.from_loaded(served.model, max_batch=max_batch, max_pending=max_pending)
+        self.loop = DecodeLoop.from_loaded(
+            served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
+        )
         self._sinks: dict[int, Sink] = {}
         self._sinks_lock = threading.Lock()  # held across add + register, so no event beats its sink
         self._wake = threading.Event()
@@ -103,25 +118,15 @@ def _threadsafe_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Token
 class Engine:
     """Runs model code for the server: image batches on a thread pool, text on decode-loop threads."""
 
-    def __init__(
-        self,
-        *,
-        image_threads: int = 1,
-        decode_batch: int = 32,
-        decode_pending: int = 64,
-        inline_image_ms: float = 0.0,
-        faults: Faults | None = None,
-    ) -> None:
+    def __init__(self, limits: EngineLimits, *, faults: Faults | None = None) -> None:
+        self.limits = limits
         self.faults = faults  # the fault-injection seam (engine/faults.py): None in the product; see install_faults
-        self._pool = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="engine-images")
+        self._pool = ThreadPoolExecutor(max_workers=limits.image_threads, thread_name_prefix="engine-images")
         # Image models whose whole batch is measured (``calibrate``) below this many ms run on the
         # calling (event loop) thread. A hop to a pool thread looks free but is not: the worker
         # must win the GIL back from a busy event loop between torch ops, which turned a 0.2 ms
         # VAE batch into 3-6 ms inside the server. 0: every batch goes to the pool.
-        self.inline_image_ms = inline_image_ms
         self._inline: dict[tuple[str, int], bool] = {}
-        self._decode_batch = decode_batch
-        self._decode_pending = decode_pending
         self._workers: dict[tuple[str, int], TextWorker] = {}
         self._workers_lock = threading.Lock()
         self._closed = False
@@ -162,20 +167,20 @@ class Engine:
 
         return run
 
-    def calibrate(self, served: ServedModel, batch: int, rounds: int = 7) -> float:
-        """Time a full batch of ``served`` (the fastest of ``rounds``: start-up is noisy; call before
-        serving) and decide where its batches run: inline when below ``inline_image_ms``, else on the pool."""
+    def calibrate(self, served: ServedModel, rounds: int = 7) -> float:
+        """Time a full batch of ``served`` (its ``max_batch``; the fastest of ``rounds``: start-up is noisy;
+        call before serving) and decide where its batches run: inline when below ``inline_image_ms``, else on the pool."""
         images = served.images
         if images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
-        chunk = images.prepare(ImageRequest(n=min(batch, images.limits.max_batch), seed=0))
+        chunk = images.prepare(ImageRequest(n=images.limits.max_batch, seed=0))
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
             images.run([chunk])
             times.append((time.perf_counter() - started) * 1000)
         ms = min(times)
-        inline = ms < self.inline_image_ms
+        inline = ms < self.limits.inline_image_ms
         self._inline[(served.name, served.version)] = inline
         log.info("image_batches_placed", model=served.name, version=served.version, batch=chunk.n, batch_ms=round(ms, 3), inline=inline)
         return ms
@@ -188,9 +193,9 @@ class Engine:
                 raise EngineError("engine is closed")
             worker = self._workers.get(key)
             if worker is None or worker.failed is not None:
-                worker = TextWorker(served, max_batch=self._decode_batch, max_pending=self._decode_pending, faults=self.faults)
+                worker = TextWorker(served, self.limits, self.faults)
                 self._workers[key] = worker
-                log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self._decode_batch)
+                log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
             return worker
 
     async def stream_text(self, served: ServedModel, request: SequenceRequest) -> AsyncGenerator[TokenEvent, None]:

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 import grpc
@@ -22,7 +23,6 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.device import choose_device
 from engine.engine import Engine
-from engine.images import ImageLimits
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
@@ -52,6 +52,15 @@ def default_threads() -> int:
     return max(1, cores - 1)
 
 
+T = TypeVar("T")
+
+
+def _started(part: T | None, name: str) -> T:
+    if part is None:
+        raise RuntimeError(f"GenServer.{name} exists once start() has run")
+    return part
+
+
 class GenServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -63,7 +72,29 @@ class GenServer:
         self._closing = False
         self._stop_metrics: Callable[[], None] | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
-        self.engine: Engine | None = None
+        # built by start(), in this order; read through the properties below
+        self._registry: ModelRegistry | None = None
+        self._engine: Engine | None = None
+        self._pipeline: Pipeline | None = None
+        self._supervisor: Supervisor | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: HealthServicer | None = None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return _started(self._registry, "registry")
+
+    @property
+    def engine(self) -> Engine:
+        return _started(self._engine, "engine")
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return _started(self._pipeline, "pipeline")
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return _started(self._supervisor, "supervisor")
 
     @property
     def address(self) -> str:
@@ -77,20 +108,19 @@ class GenServer:
         credentials = server_credentials(c)
         tokens = load_tokens(c.token_file, os.environ)
         choice = choose_device(c.device, threads=c.threads or default_threads())
-        limits = ImageLimits(max_batch=max(c.batch_size, 1))
+        limits = c.image_limits()
         loop = asyncio.get_running_loop()
-        self.registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
-        if not len(self.registry):
+        registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
+        if not len(registry):
             raise RuntimeError(f"no model could be loaded from {c.models_dir}; see the model_refused lines above")
-        self.engine = Engine(
-            image_threads=c.image_threads, decode_batch=c.decode_batch, decode_pending=c.decode_pending, inline_image_ms=c.inline_batch_ms
-        )
-        for served in self.registry.served():
+        self._registry = registry
+        engine = self._engine = Engine(c.engine_limits())
+        for served in registry.served():
             if served.images is not None:
-                self.engine.calibrate(served, c.batch_size)
-        self.pipeline = Pipeline(c, self.registry, self.engine, self.metrics)
-        self.supervisor = Supervisor(
-            self.pipeline.stages,
+                engine.calibrate(served)
+        pipeline = self._pipeline = Pipeline(c, registry, engine, self.metrics)
+        self._supervisor = Supervisor(
+            pipeline.stages,
             intensity=c.restart_intensity,
             period=c.restart_period_s,
             on_give_up=self._give_up,
@@ -109,7 +139,7 @@ class GenServer:
         if tokens:
             public = PUBLIC_SERVICES if c.public_health else ()
             interceptors.append(BearerTokenAuth(tokens, public=public, on_refusal=self._on_unauthenticated))
-        self.grpc = grpc.aio.server(
+        server = self._grpc = grpc.aio.server(
             interceptors=interceptors or None,  # none at all without tokens: an interceptor costs every call
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -117,29 +147,28 @@ class GenServer:
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ],
         )
-        self.service = GeneratorService(c, self.pipeline, self.metrics)
-        register(self.service, self.grpc)
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.grpc)
+        register(GeneratorService(c, pipeline, self.metrics), server)
+        health = self._health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
         if credentials is None:
-            self.port = self.grpc.add_insecure_port(c.address)
+            self.port = server.add_insecure_port(c.address)
         else:
-            self.port = self.grpc.add_secure_port(c.address, credentials)
+            self.port = server.add_secure_port(c.address, credentials)
         if self.port == 0:
             raise OSError(f"could not listen on {c.address}")
-        await self.grpc.start()
-        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        await health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
         for name in READINESS_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ready.set(1)
         if c.metrics_port:
             self._stop_metrics = self.metrics.serve(c.host, c.metrics_port)
         log.info(
             "server_ready",
             address=self.address,
-            models=[f"{m.name}@{m.version}" for m in self.registry.list_models()],
-            refused=[str(f.path) for f in self.registry.failures],
+            models=[f"{m.name}@{m.version}" for m in registry.list_models()],
+            refused=[str(f.path) for f in registry.failures],
             metrics=f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
             batch_size=c.batch_size,
             batch_timeout_ms=c.batch_timeout_ms,
@@ -190,7 +219,7 @@ class GenServer:
         self.pipeline.accepting = False
         self.metrics.ready.set(0)
         for name in READINESS_NAMES:
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await _started(self._health, "health").set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         inflight = len(self.pipeline.inflight)
         log.info("draining", inflight=inflight, grace_s=grace)
         finished_in_time = True
@@ -200,14 +229,14 @@ class GenServer:
         except TimeoutError:
             finished_in_time = False
         failed = self.pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
-        await self.grpc.stop(grace=1.0)  # lets the handlers send the outcomes just decided
+        await _started(self._grpc, "grpc").stop(grace=1.0)  # lets the handlers send the outcomes just decided
         self.supervisor.stop()
         if self._supervisor_task is not None:
             self._supervisor_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor_task
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        if self._engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._engine.close)
         if self._stop_metrics is not None:
             self._stop_metrics()
         log.info("stopped", drained=inflight - failed, failed=failed, in_time=finished_in_time, exit_code=self.exit_code)

@@ -10,7 +10,11 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.engine import EngineLimits
+    from engine.images import ImageLimits
 
 ENV_PREFIX = "GENSERVE_"
 TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/auth.py, never a config field
@@ -79,6 +83,25 @@ class ServerConfig:
             raise ValueError(f"{given}={getattr(self, given)} needs {missing} too: TLS takes a certificate chain and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"tls_client_ca={self.tls_client_ca} needs tls_cert and tls_key: mutual TLS is TLS first")
+
+    # The engine's limits come from here and only here (the engine has no defaults of its own).
+    # Imported late: this module must not import torch, so that --help and bad flags answer at once.
+    def engine_limits(self) -> EngineLimits:
+        from engine.engine import EngineLimits
+
+        return EngineLimits(
+            image_threads=self.image_threads,
+            decode_batch=self.decode_batch,
+            decode_pending=self.decode_pending,
+            inline_image_ms=self.inline_batch_ms,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    def image_limits(self) -> ImageLimits:
+        """A request's limits for image models: batches of ``batch_size`` (bigger requests are split)."""
+        from engine.images import ImageLimits
+
+        return ImageLimits(max_batch=self.batch_size)
 
     @property
     def address(self) -> str:

@@ -19,6 +19,7 @@ from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
 from engine.registry import ModelRegistry
 from engine.sampling import SamplingParams
+from server.config import ServerConfig
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -36,7 +37,7 @@ def registry(tmp_path: Path) -> ModelRegistry:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    e = Engine(decode_batch=4, decode_pending=2)
+    e = Engine(ServerConfig(decode_batch=4, decode_pending=2).engine_limits())
     yield e
     e.close()
 

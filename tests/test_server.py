@@ -209,7 +209,7 @@ async def test_a_client_that_goes_away_leaves_the_decode_loop(stub: pb_grpc.Gene
     call.cancel()
     await wait_until(lambda: not server.pipeline.inflight)
     served = server.registry.get("transformer")
-    await wait_until(lambda: server.engine.text_worker(served).loop.active_count == 0)  # type: ignore[union-attr]
+    await wait_until(lambda: server.engine.text_worker(served).loop.active_count == 0)
 
 
 # -- GenerateStream -------------------------------------------------------------------------------

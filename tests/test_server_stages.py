@@ -63,7 +63,7 @@ def text_model(registry: ModelRegistry) -> ServedModel:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    e = Engine(decode_batch=4, decode_pending=4)
+    e = Engine(ServerConfig(decode_batch=4, decode_pending=4, max_new_tokens=4096).engine_limits())  # long sequences to cancel
     yield e
     e.close()
 

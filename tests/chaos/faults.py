@@ -57,7 +57,6 @@ class Injector(Faults):
 
     def install(self) -> None:
         engine = self.server.engine
-        assert engine is not None
         engine.install_faults(self)
         self.server.pipeline.on_admit = self._note_admission
 
@@ -65,7 +64,6 @@ class Injector(Faults):
         for watcher in self._watchers:
             watcher.cancel()
         engine = self.server.engine
-        assert engine is not None
         engine.install_faults(None)
         self.server.pipeline.on_admit = None
 
@@ -168,7 +166,6 @@ class Injector(Faults):
         if model in self._decode_pending:  # the last one has not fired yet (no text work since)
             return
         engine = self.server.engine
-        assert engine is not None
         worker = engine.text_worker(self.server.registry.get(model))
         fired = threading.Event()
         fault = Fault("decode-step", model, time.monotonic(), window=True)

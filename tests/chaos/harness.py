@@ -92,7 +92,6 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
         "threads": config.threads,
         "restart_intensity": 100_000,  # the injected faults must never make the supervisor give up
         "restart_period_s": 1.0,
-        "request_timeout_s": 30.0,
         **config.server,
     }
     ledger = Ledger()
@@ -176,7 +175,6 @@ async def _leftovers(server: GenServer, timeout: float = 3.0) -> list[str]:
     """What is left in the server once no request is in flight: items in links, jobs held by stages,
     sequences in decode loops. Waits up to ``timeout`` for it to clear (stages drop ended jobs lazily)."""
     engine = server.engine
-    assert engine is not None
     text = [s for s in server.registry.served() if s.images is None]
     deadline = time.monotonic() + timeout
     while True:

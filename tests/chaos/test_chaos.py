@@ -21,6 +21,7 @@ from engine.images import ImageLimits
 from engine.logs import configure_logging
 from engine.registry import ModelRegistry, ServedModel
 from engine.sampling import SamplingParams
+from server.config import ServerConfig
 from tests.chaos.config import ChaosConfig
 from tests.chaos.harness import run_chaos
 from tests.chaos.report import format_report
@@ -62,7 +63,7 @@ def transformer() -> ServedModel:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    engine = Engine(decode_batch=4, decode_pending=4)
+    engine = Engine(ServerConfig(decode_batch=4, decode_pending=4).engine_limits())
     yield engine
     engine.close()
 
