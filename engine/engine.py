@@ -27,7 +27,7 @@ from engine.registry import ServedModel
 
 log = get_logger("engine")
 
-Sink = Callable[[TokenEvent | BaseException], None]
+OnEvent = Callable[[TokenEvent | BaseException], None]  # a sequence's listener, called on the decode thread
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class EngineLimits:
 
 
 class TextWorker:
-    """Drives one DecodeLoop on its own thread and routes each event to its request's sink."""
+    """Drives one DecodeLoop on its own thread and hands each event to its sequence's listener."""
 
     def __init__(self, served: ServedModel, limits: EngineLimits, faults: Faults | None = None) -> None:
         self.served = served
@@ -51,21 +51,21 @@ class TextWorker:
         self.loop = DecodeLoop.from_loaded(
             served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
         )
-        self._sinks: dict[int, Sink] = {}
-        self._sinks_lock = threading.Lock()  # held across add + register, so no event beats its sink
+        self._listeners: dict[int, OnEvent] = {}
+        self._listeners_lock = threading.Lock()  # held across add + register, so no event beats its listener
         self._wake = threading.Event()
         self._stopping = False
         self.failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"decode-{served.name}@{served.version}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: SequenceRequest, sink: Sink) -> SequenceHandle:
+    def submit(self, request: SequenceRequest, on_event: OnEvent) -> SequenceHandle:
         """Queue a sequence; raises InvalidRequestError or QueueFullError at once."""
-        with self._sinks_lock:  # checked under the lock: the failure path sets it under the same lock
+        with self._listeners_lock:  # checked under the lock: the failure path sets it under the same lock
             if self.failed is not None:
                 raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
             handle = self.loop.add(request)
-            self._sinks[handle.id] = sink
+            self._listeners[handle.id] = on_event
         self._wake.set()
         return handle
 
@@ -90,29 +90,34 @@ class TextWorker:
                 events = self.loop.step()
             except Exception as e:  # model code failed: every waiting request hears of it
                 log.exception("decode_loop_failed", model=self.served.name, version=self.served.version)
-                with self._sinks_lock:
+                with self._listeners_lock:
                     # without its traceback: the traceback holds this frame, whose `self` would
                     # keep the dead worker and its KV cache alive until the cyclic collector ran
                     self.failed = e.with_traceback(None)
-                    sinks, self._sinks = list(self._sinks.values()), {}
-                for sink in sinks:
-                    sink(e)
+                    listeners, self._listeners = list(self._listeners.values()), {}
+                for on_event in listeners:
+                    on_event(e)
                 return
-            with self._sinks_lock:
-                routed: list[tuple[Sink | None, TokenEvent]] = [
-                    (self._sinks.pop(ev.handle.id, None) if ev.finished else self._sinks.get(ev.handle.id), ev) for ev in events
+            with self._listeners_lock:
+                routed: list[tuple[OnEvent | None, TokenEvent]] = [
+                    (self._listeners.pop(ev.handle.id, None) if ev.finished else self._listeners.get(ev.handle.id), ev) for ev in events
                 ]
             for target, ev in routed:
                 if target is not None:
                     target(ev)
 
 
-def _threadsafe_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent | BaseException]) -> Sink:
-    def sink(item: TokenEvent | BaseException) -> None:
+def generation_failed(served: ServedModel, cause: BaseException) -> EngineError:
+    """The error a request hears when model code failed under it (its cause is logged, not sent)."""
+    return cause if isinstance(cause, EngineError) else EngineError(f"generation failed in {served.name}: {type(cause).__name__}")
+
+
+def _into_queue(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent | BaseException]) -> OnEvent:
+    def on_event(item: TokenEvent | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening any more
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    return sink
+    return on_event
 
 
 class Engine:
@@ -147,7 +152,7 @@ class Engine:
             raise
         except Exception as e:
             log.exception("image_batch_failed", model=served.name, version=served.version)
-            raise EngineError(f"generation failed in {served.name}: {type(e).__name__}") from e
+            raise generation_failed(served, e) from e
 
     def install_faults(self, faults: Faults | None) -> None:
         """Install (or, with None, remove) a fault-injection harness, for running decode loops too."""
@@ -198,21 +203,29 @@ class Engine:
                 log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
             return worker
 
+    def submit_text(self, served: ServedModel, request: SequenceRequest, on_event: OnEvent) -> tuple[TextWorker, SequenceHandle]:
+        """The one text path: queue a sequence in its model's decode loop; ``on_event`` gets each
+        token event, then the last one (with a finish reason), or the exception that ended the loop,
+        on the decode thread. Raises InvalidRequestError, QueueFullError or EngineError at once.
+        Cancel with ``worker.cancel(handle)``. The server's text stage calls this; so does ``stream_text``."""
+        worker = self.text_worker(served)
+        return worker, worker.submit(request, on_event)
+
     async def stream_text(self, served: ServedModel, request: SequenceRequest) -> AsyncGenerator[TokenEvent, None]:
-        """Token events of one sequence, as they are decoded; the last one has a finish reason.
+        """Token events of one sequence, as they are decoded; the last one has a finish reason
+        (the library's API, on top of ``submit_text``).
 
         Raises InvalidRequestError or QueueFullError before the first event. Closing the iterator
         early (client gone, deadline) cancels the sequence, which frees its slot at the next step.
         """
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        worker = self.text_worker(served)
-        handle = worker.submit(request, _threadsafe_sink(asyncio.get_running_loop(), queue))
+        worker, handle = self.submit_text(served, request, _into_queue(asyncio.get_running_loop(), queue))
         finished = False
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise EngineError(f"generation failed in {served.name}: {type(item).__name__}") from item
+                    raise generation_failed(served, item) from item
                 finished = item.finished
                 yield item
                 if finished:

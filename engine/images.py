@@ -5,7 +5,7 @@ Flow (synchronous; the server calls it from an engine thread):
     gen = ImageGenerator(loaded_model, ImageLimits(max_n=1024, max_batch=256))
     chunk = gen.prepare(ImageRequest(n=16, seed=7))     # validate, draw z (processor stage)
     results = gen.run([chunk, other_chunk])             # ONE forward pass (engine thread)
-    for part in gen.generate_chunks(big_request): ...   # a request > max_batch, chunk by chunk
+    parts = [gen.run([p])[0] for p in chunk.split(64)]  # a request > max_batch, piece by piece
 
 Randomness is per request. ``prepare`` draws the request's whole latent block, (n, latent_dim),
 from its own ``torch.Generator().manual_seed(seed)`` on the CPU, and then, for a conditional
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -273,12 +273,3 @@ class ImageGenerator:
     def generate(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
         """Prepare and run ``requests`` as one forward pass (their total must fit in max_batch)."""
         return self.run([self.prepare(r) for r in requests])
-
-    def generate_chunks(self, request: ImageRequest) -> Iterator[ImageResult]:
-        """One request in chunks of at most max_batch samples, each yielded as soon as it is done.
-
-        Validation (and the latent draw) happens before the first chunk is asked for, so a bad
-        request fails at the call, not at the first ``next()``.
-        """
-        chunks = self.prepare(request).split(self.limits.max_batch)
-        return (self.run([c])[0] for c in chunks)

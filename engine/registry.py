@@ -66,7 +66,6 @@ class ImageInfo:
     latent_dim: int
     conditional: bool  # config.num_classes > 0
     labels_accepted: bool  # conditional models only
-    labels_required: bool  # never: a conditional model draws labels from the request's seed
     label_range: tuple[int, int] | None  # inclusive, e.g. (0, 9); None when labels are not accepted
 
 
@@ -291,7 +290,6 @@ class ModelRegistry:
                 latent_dim=cfg.latent_dim,
                 conditional=c > 0,
                 labels_accepted=c > 0,
-                labels_required=False,
                 label_range=(0, c - 1) if c > 0 else None,
             )
         elif model.kind in TEXT_KINDS and model.vocab is not None:

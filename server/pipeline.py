@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from engine.engine import Engine
-from engine.registry import ModelRegistry, ServedModel
+from engine.registry import ModelRegistry
 from server.config import ServerConfig
 from server.jobs import Job
 from server.links import Link
@@ -164,9 +164,6 @@ class Pipeline:
         for job in jobs:
             job.fail(code, message)
         return len(jobs)
-
-    def lookup(self, name: str, version: int) -> ServedModel:
-        return self.registry.get(name, version or None)
 
     def _depth_readers(self) -> dict[str, Callable[[], int]]:
         readers: dict[str, Callable[[], int]] = {self.ingress.name: self.ingress.__len__, self.work.name: self.work.__len__}

@@ -102,20 +102,20 @@ def finish_message(job_id: str, job: Job | None, outcome: Outcome) -> pb.Generat
     return message
 
 
-class CallSink:
-    """The sink of one Generate call: chunks and the outcome, in order, for the handler to yield."""
+class CallQueue:
+    """The queue of one Generate call: chunks and the outcome, in order, for the handler to yield."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[pb.GenerateResponse | Outcome] = asyncio.Queue()
+        self.items: asyncio.Queue[pb.GenerateResponse | Outcome] = asyncio.Queue()
 
     def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        self.queue.put_nowait(chunk_message(job.id, item))
+        self.items.put_nowait(chunk_message(job.id, item))
 
     def finish(self, job: Job, outcome: Outcome) -> None:
-        self.queue.put_nowait(outcome)
+        self.items.put_nowait(outcome)
 
 
-class StreamSink:
+class StreamOutbox:
     """The outbox of one GenerateStream: results written straight into the next response
     message (no copies), credits to give back; full messages wait in ``full``."""
 
@@ -288,7 +288,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         except ModelNotFound as e:
             raise Refused(*status_of(e)) from None
 
-    def build_job(self, request: pb.GenerateRequest, rpc: str, job_id: str, sink: CallSink | StreamSink) -> Job:
+    def build_job(self, request: pb.GenerateRequest, rpc: str, job_id: str, recipient: CallQueue | StreamOutbox) -> Job:
         """A job for ``request``, or Refused (INVALID_ARGUMENT, NOT_FOUND) with a precise reason."""
         which = request.WhichOneof("params")
         if which is None:
@@ -313,7 +313,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 want_float=p.want_float,
                 request_id=job_id,
             )
-            return Job(job_id, rpc, served, sink, 0.0, image=image)
+            return Job(job_id, rpc, served, recipient, 0.0, image=image)
         if served.info.text is None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send image params, not text")
         t = request.text
@@ -332,7 +332,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             raise Refused(*status_of(e)) from None
         if not t.prompt:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, 'prompt is empty: send at least one character (e.g. "\\n")')
-        return Job(job_id, rpc, served, sink, 0.0, text=SequenceRequest(t.prompt, params, job_id))
+        return Job(job_id, rpc, served, recipient, 0.0, text=SequenceRequest(t.prompt, params, job_id))
 
     def _refused(self, rpc: str, code: grpc.StatusCode) -> None:
         self.metrics.rejections.labels(rpc, code.name).inc()
@@ -343,9 +343,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
         job_id = request.id[:MAX_ID_LENGTH] or f"{_ID_PREFIX}-{next(_ids)}"
-        sink = CallSink()
+        queue = CallQueue()
         try:
-            job = self.build_job(request, "Generate", job_id, sink)
+            job = self.build_job(request, "Generate", job_id, queue)
             self.pipeline.admit(job, _timeout(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("Generate", e.code)
@@ -353,7 +353,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             await context.abort(e.code, e.message)
         try:
             while True:
-                item = await sink.queue.get()
+                item = await queue.items.get()
                 if isinstance(item, Outcome):
                     if item.ok:
                         yield finish_message(job_id, job, item)
@@ -372,7 +372,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         budget = min(MAX_BYTES_PER_MESSAGE, (self.config.max_message_mb << 20) // 2)
-        stream = StreamSink(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
+        stream = StreamOutbox(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
         reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
         try:
             yield pb.StreamResponse(credits=stream.credit)
@@ -393,7 +393,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 job.fail(grpc.StatusCode.CANCELLED, "the stream ended before the request finished")
 
     async def _read_stream(
-        self, request_iterator: AsyncIterator[pb.StreamRequest], stream: StreamSink, context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.StreamRequest], stream: StreamOutbox, context: grpc.aio.ServicerContext
     ) -> None:
         try:
             async for message in request_iterator:
@@ -412,7 +412,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             stream.reader_done = True
             stream.ready.set()
 
-    def _stream_request(self, request: pb.GenerateRequest, stream: StreamSink, context: grpc.aio.ServicerContext) -> None:
+    def _stream_request(self, request: pb.GenerateRequest, stream: StreamOutbox, context: grpc.aio.ServicerContext) -> None:
         job_id = request.id
         if stream.credit <= 0:
             self._refused("GenerateStream", grpc.StatusCode.RESOURCE_EXHAUSTED)

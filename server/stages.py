@@ -23,14 +23,14 @@ import grpc
 from anyio.abc import TaskStatus
 
 from engine.decode import TokenEvent
-from engine.engine import Engine
+from engine.engine import Engine, generation_failed
 from engine.errors import EngineError, InvalidImageRequest, InvalidRequestError, ModelNotFound, QueueFullError
 from engine.images import ImageChunk, ImageResult
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from server.jobs import Job, Outcome
 from server.links import Link
-from server.statuses import retryable, status_of
+from server.statuses import status_of
 
 log = get_logger("server.stages")
 
@@ -364,9 +364,7 @@ class TextFeeder(Stage):
     def _submit(self, job: Job) -> None:
         assert job.text is not None
         try:
-            worker = self.engine.text_worker(job.served)
-            job.worker = worker
-            job.handle = worker.submit(job.text, self._sink(job))
+            job.worker, job.handle = self.engine.submit_text(job.served, job.text, self._on_event(job))
         except (InvalidRequestError, QueueFullError, EngineError) as e:
             job.fail(*status_of(e))
             return
@@ -374,8 +372,8 @@ class TextFeeder(Stage):
         if job.done:  # it ended (deadline, client gone) between take and submit
             job.worker.cancel(job.handle)
 
-    def _sink(self, job: Job) -> Callable[[TokenEvent | BaseException], None]:
-        def sink(event: TokenEvent | BaseException) -> None:  # on the decode thread
+    def _on_event(self, job: Job) -> Callable[[TokenEvent | BaseException], None]:
+        def on_event(event: TokenEvent | BaseException) -> None:  # on the decode thread
             self._events.append((job, event))
             if not self._scheduled:
                 self._scheduled = True
@@ -384,7 +382,7 @@ class TextFeeder(Stage):
                     with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening any more
                         loop.call_soon_threadsafe(self._route)
 
-        return sink
+        return on_event
 
     def _route(self) -> None:
         self._scheduled = False
@@ -392,7 +390,7 @@ class TextFeeder(Stage):
         while events:
             job, event = events.popleft()
             if isinstance(event, BaseException):
-                job.fail(*retryable(f"text generation failed in {self.model}: {type(event).__name__}"))
+                job.fail(*status_of(generation_failed(job.served, event)))
                 self._room.set()
                 continue
             if event.text:  # empty while a stop string is undecided

@@ -68,8 +68,8 @@ def engine() -> Iterator[Engine]:
     e.close()
 
 
-class RecordingSink:
-    """Records what each job emitted and every terminal outcome (exactly one is expected)."""
+class RecordingRecipient:
+    """A job recipient that records what each job emitted and every terminal outcome (exactly one is expected)."""
 
     def __init__(self) -> None:
         self.items: dict[str, list[Any]] = {}
@@ -133,11 +133,11 @@ class FakeEngine:
                 await self.changed.wait()
 
 
-def image_job(served: ServedModel, sink: RecordingSink, job_id: str, n: int, seed: int | None = 1, **kw: Any) -> Job:
+def image_job(served: ServedModel, sink: RecordingRecipient, job_id: str, n: int, seed: int | None = 1, **kw: Any) -> Job:
     return Job(job_id, "Generate", served, sink, 0.0, image=ImageRequest(n=n, seed=seed, request_id=job_id, **kw))
 
 
-def text_job(served: ServedModel, sink: RecordingSink, job_id: str, prompt: str, params: SamplingParams) -> Job:
+def text_job(served: ServedModel, sink: RecordingRecipient, job_id: str, prompt: str, params: SamplingParams) -> Job:
     return Job(job_id, "Generate", served, sink, 0.0, text=SequenceRequest(prompt, params, job_id))
 
 
@@ -261,7 +261,7 @@ async def test_a_link_needs_room() -> None:
 
 
 async def test_a_full_batch_closes_without_waiting_for_the_timeout(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -280,7 +280,7 @@ async def test_a_full_batch_closes_without_waiting_for_the_timeout(digits: Serve
 
 
 async def test_a_partial_batch_closes_after_the_timeout(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -299,7 +299,7 @@ async def test_a_partial_batch_closes_after_the_timeout(digits: ServedModel) -> 
 async def test_the_batch_timeout_counts_from_its_first_piece(digits: ServedModel) -> None:
     """Pieces keep arriving more often than the timeout: the batch must still close about one timeout
     after its first piece, not wait for a quiet spell (that would hold it until the stream stops)."""
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 64)
     out: Link[ImageDone] = Link("out", 64)
@@ -314,7 +314,7 @@ async def test_the_batch_timeout_counts_from_its_first_piece(digits: ServedModel
 
 
 async def test_a_piece_that_does_not_fit_opens_the_next_batch(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -329,7 +329,7 @@ async def test_a_piece_that_does_not_fit_opens_the_next_batch(digits: ServedMode
 
 
 async def test_at_most_concurrency_batches_run_at_once(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     gate = asyncio.Event()
     engine = FakeEngine(gate)
     inbox: Link[ImageWork] = Link("in", 16)
@@ -352,7 +352,7 @@ async def test_at_most_concurrency_batches_run_at_once(digits: ServedModel) -> N
 
 
 async def test_finished_jobs_are_not_sent_to_the_engine(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -374,7 +374,7 @@ async def test_finished_jobs_are_not_sent_to_the_engine(digits: ServedModel) -> 
 
 
 async def test_an_engine_error_fails_its_batch_unavailable_and_the_batcher_goes_on(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine(failures=[EngineError("generation failed in digits: RuntimeError"), ValueError("bad batch")])
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -403,7 +403,7 @@ async def test_an_engine_error_fails_its_batch_unavailable_and_the_batcher_goes_
 
 @pytest.mark.parametrize("fault", ["engine raises", "kill"])
 async def test_jobs_of_a_running_batch_fail_unavailable_when_the_batcher_dies(digits: ServedModel, fault: str) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     gate = asyncio.Event()
     engine = FakeEngine(gate, failures=[RuntimeError("not an EngineError")] if fault == "engine raises" else [])
     inbox: Link[ImageWork] = Link("in", 16)
@@ -432,7 +432,7 @@ async def test_jobs_of_a_running_batch_fail_unavailable_when_the_batcher_dies(di
 
 
 async def test_a_killed_idle_batcher_is_restarted_and_serves_again(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -458,7 +458,7 @@ async def test_a_killed_idle_batcher_is_restarted_and_serves_again(digits: Serve
 
 
 async def test_a_big_request_is_split_into_contiguous_pieces(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "big", 10, seed=7)
@@ -478,7 +478,7 @@ async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: S
     assert digits.images is not None
     expected = digits.images.prepare(ImageRequest(n=10, seed=123)).z
     for max_chunk in (1, 3, 4, 16):
-        sink = RecordingSink()
+        sink = RecordingRecipient()
         inbox: Link[Job] = Link("work", 8)
         images: Link[ImageWork] = Link("images", 16)
         job = image_job(digits, sink, "j", 10, seed=123)
@@ -490,7 +490,7 @@ async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: S
 
 
 async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "j", 6, seed=None)
@@ -503,7 +503,7 @@ async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
 
 
 async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, text_model: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     lost_image = image_job(digits, sink, "img", 2)
@@ -518,7 +518,7 @@ async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, tex
 
 
 async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     labelled = image_job(digits, sink, "labels", 2, labels=[1, 2])  # the VAE is unconditional
@@ -536,7 +536,7 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
 
 
 async def test_the_processor_forwards_text_and_skips_finished_jobs(digits: ServedModel, text_model: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     texts: Link[Job] = Link("texts", 8)
@@ -562,7 +562,7 @@ def results_of(job: Job, size: int) -> list[ImageDone]:
 
 
 async def test_results_reach_their_job_and_it_completes_once_after_its_last_piece(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[ImageDone] = Link("router", 16)
     a = image_job(digits, sink, "a", 5, seed=1)
     b = image_job(digits, sink, "b", 2, seed=2)
@@ -577,7 +577,7 @@ async def test_results_reach_their_job_and_it_completes_once_after_its_last_piec
         assert a.sent == 3
         await inbox.put(a_parts[1])
         assert await sink.outcome(a) == Outcome(reason="complete")
-        # a stray piece after the end neither reaches the sink nor ends the job again
+        # a stray piece after the end neither reaches the recipient nor ends the job again
         await inbox.put(a_parts[1])
         c = image_job(digits, sink, "c", 1, seed=3)
         await inbox.put(results_of(c, 1)[0])
@@ -589,7 +589,7 @@ async def test_results_reach_their_job_and_it_completes_once_after_its_last_piec
 
 
 async def test_the_router_drops_pieces_of_finished_jobs(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[ImageDone] = Link("router", 16)
     gone = image_job(digits, sink, "gone", 2)
     parts = results_of(gone, 2)
@@ -607,7 +607,7 @@ async def test_the_router_drops_pieces_of_finished_jobs(digits: ServedModel) -> 
 
 
 async def test_the_producer_forwards_live_jobs_in_order_and_skips_finished_ones(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 16)
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(6)]
@@ -623,7 +623,7 @@ async def test_the_producer_forwards_live_jobs_in_order_and_skips_finished_ones(
 
 
 async def test_the_producer_is_held_back_by_a_full_link(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 2)
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(5)]
@@ -637,7 +637,7 @@ async def test_the_producer_is_held_back_by_a_full_link(digits: ServedModel) -> 
 
 
 async def test_a_killed_producer_fails_what_it_held_and_forwards_the_rest_after_restart(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 1)
     first = image_job(digits, sink, "first", 1)
@@ -668,7 +668,7 @@ async def test_a_killed_producer_fails_what_it_held_and_forwards_the_rest_after_
 
 
 async def test_tokens_reach_their_job_and_it_ends_with_length(engine: Engine, registry: ModelRegistry, text_model: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     settings = {"x": SamplingParams(seed=1, max_new_tokens=7), "y": SamplingParams(seed=2, max_new_tokens=40, temperature=0.8)}
     jobs = [text_job(text_model, sink, name, "ROMEO:", p) for name, p in settings.items()]
@@ -690,16 +690,16 @@ async def test_tokens_reach_their_job_and_it_ends_with_length(engine: Engine, re
 async def test_a_cancelled_text_job_leaves_the_decode_loop(
     engine: Engine, registry: ModelRegistry, text_model: ServedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     feeder = TextFeeder("text", inbox, engine, registry, max_pending=4)
     loop = asyncio.get_running_loop()
     raw: list[TokenEvent | BaseException] = []  # what the decode thread sent, before the job filters it
     ended = asyncio.Event()
-    make_sink = feeder._sink
+    make_listener = feeder._on_event
 
-    def spying_sink(job: Job) -> Callable[[TokenEvent | BaseException], None]:
-        inner = make_sink(job)
+    def spying_listener(job: Job) -> Callable[[TokenEvent | BaseException], None]:
+        inner = make_listener(job)
 
         def sink_(event: TokenEvent | BaseException) -> None:
             inner(event)
@@ -709,7 +709,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
 
         return sink_
 
-    monkeypatch.setattr(feeder, "_sink", spying_sink)
+    monkeypatch.setattr(feeder, "_on_event", spying_listener)
     job = text_job(text_model, sink, "long", "A", SamplingParams(seed=3, max_new_tokens=4096))
     await inbox.put(job)
     async with running(feeder):
@@ -731,7 +731,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
 async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
     engine: Engine, registry: ModelRegistry, text_model: ServedModel
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     bad = text_job(text_model, sink, "bad", "ROMEO: \u00e9", SamplingParams(max_new_tokens=5))
     good = text_job(text_model, sink, "good", "A", SamplingParams(seed=1, max_new_tokens=5))
@@ -747,7 +747,7 @@ async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
 async def test_sequences_keep_streaming_while_a_killed_feeder_restarts(
     engine: Engine, registry: ModelRegistry, text_model: ServedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     feeder = TextFeeder("text", inbox, engine, registry, max_pending=4)
     restarted = asyncio.Event()
@@ -796,7 +796,7 @@ def make_pipeline(registry: ModelRegistry, engine: Engine, **config: Any) -> tup
 
 async def test_admit_refuses_beyond_max_inflight(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, _ = make_pipeline(registry, engine, max_inflight=2, queue_size=16)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(3)]
     pipeline.admit(jobs[0], None)
     pipeline.admit(jobs[1], None)
@@ -815,7 +815,7 @@ async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
     registry: ModelRegistry, engine: Engine, digits: ServedModel
 ) -> None:
     pipeline, _ = make_pipeline(registry, engine, max_inflight=5, queue_size=2)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(6)]
     for job in jobs[:5]:
         pipeline.admit(job, None)  # the ingress holds max_inflight; the links behind it hold queue_size
@@ -830,7 +830,7 @@ async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
 async def test_admit_refuses_unavailable_when_not_accepting(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, _ = make_pipeline(registry, engine)
     pipeline.accepting = False
-    job = image_job(digits, RecordingSink(), "j", 1)
+    job = image_job(digits, RecordingRecipient(), "j", 1)
     with pytest.raises(Refused) as refused:
         pipeline.admit(job, None)
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
@@ -839,7 +839,7 @@ async def test_admit_refuses_unavailable_when_not_accepting(registry: ModelRegis
 
 async def test_a_job_past_its_deadline_fails_and_leaves_inflight(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, metrics = make_pipeline(registry, engine, request_timeout_s=30.0)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     job = image_job(digits, sink, "slow", 1)
     other = image_job(digits, sink, "other", 1)
     pipeline.admit(job, 0.05)
@@ -859,7 +859,7 @@ async def test_a_job_past_its_deadline_fails_and_leaves_inflight(registry: Model
 
 async def test_the_server_timeout_caps_the_requested_one(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, _ = make_pipeline(registry, engine, request_timeout_s=0.05)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     job = image_job(digits, sink, "j", 1)
     loop = asyncio.get_running_loop()
     before = loop.time()
@@ -871,7 +871,7 @@ async def test_the_server_timeout_caps_the_requested_one(registry: ModelRegistry
 
 async def test_the_whole_pipeline_serves_image_and_text_jobs(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, metrics = make_pipeline(registry, engine, batch_size=4, batch_timeout_ms=5.0, processors=2, queue_size=8)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     sup = Supervisor(pipeline.stages)
     big = image_job(digits, sink, "big", 10, seed=5)
     small = image_job(digits, sink, "small", 1, seed=6)

@@ -103,14 +103,14 @@ def test_a_failed_decode_loop_is_freed_when_it_is_replaced(engine: Engine, trans
 
 
 class _AfterTheFailure:
-    """Stands in for a TextWorker's ``_sinks_lock`` to force one interleaving: the submitting thread
+    """Stands in for a TextWorker's ``_listeners_lock`` to force one interleaving: the submitting thread
     takes the lock only after the decode thread's failure path has taken and released it."""
 
     def __init__(self, submitter: threading.Thread) -> None:
         self._lock = threading.Lock()
         self._submitter = submitter
         self.submit_checked = threading.Event()  # submit() has passed its `failed` check
-        self.failure_handled = threading.Event()  # the decode thread has swapped the sinks out
+        self.failure_handled = threading.Event()  # the decode thread has swapped the listeners out
         self.armed = False
 
     def __enter__(self) -> None:
@@ -129,7 +129,7 @@ class _AfterTheFailure:
 def test_a_sequence_submitted_as_the_decode_loop_fails_hears_of_it(engine: Engine, transformer: ServedModel) -> None:
     worker = engine.text_worker(transformer)
     gate = _AfterTheFailure(threading.current_thread())
-    worker._sinks_lock = gate  # type: ignore[assignment]
+    worker._listeners_lock = gate  # type: ignore[assignment]
 
     first: list[str] = []
     second: list[str] = []
