@@ -21,6 +21,7 @@ from clients._exceptions import (
     Unauthenticated,
     Unavailable,
 )
+from clients._protocol import ImageOptions, TextOptions
 from clients._session import Session
 from clients._sync import Client, SyncSession
 from clients._types import ImageResult, ImageSpec, ModelInfo, TextResult, TextSpec
@@ -30,6 +31,7 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "GenserveError",
+    "ImageOptions",
     "ImageResult",
     "ImageSpec",
     "InvalidRequest",
@@ -40,6 +42,7 @@ __all__ = [
     "ServerError",
     "Session",
     "SyncSession",
+    "TextOptions",
     "TextResult",
     "TextSpec",
     "Unauthenticated",
