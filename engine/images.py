@@ -162,18 +162,23 @@ class ImageGenerator:
 
     # -- validation and inputs (cheap; a processor stage may call this off the engine thread) --
 
-    def prepare(self, request: ImageRequest) -> ImageChunk:
-        """Validate ``request`` and draw its latents (and labels); raise InvalidImageRequest."""
+    def check(self, request: ImageRequest) -> np.ndarray | None:
+        """Raise InvalidImageRequest if ``request`` cannot be served (the server's admission asks
+        here, so the rules live in one place); return its labels as int64 (None: none given)."""
         n = request.n
         max_n = self.limits.max_n
         if not _is_int(n) or not 1 <= n <= max_n:
             raise InvalidImageRequest("n", f"n must be an integer from 1 to {max_n}, got {brief_repr(n)}")
         seed = request.seed
-        if seed is None:
-            seed = secrets.randbelow(SEED_LIMIT)
-        elif not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
             raise InvalidImageRequest("seed", f"seed must be an integer from 0 to 2**63-1, got {brief_repr(seed)}")
-        given = self._check_labels(request.labels, n)
+        return self._check_labels(request.labels, n)
+
+    def prepare(self, request: ImageRequest) -> ImageChunk:
+        """Validate ``request`` (``check``) and draw its latents (and labels); raise InvalidImageRequest."""
+        given = self.check(request)
+        n = request.n
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
 
         gen = _generator().manual_seed(int(seed))
         z = torch.randn((n, self.latent_dim), generator=gen)  # first: z does not depend on labels

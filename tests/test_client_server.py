@@ -139,7 +139,7 @@ async def test_invalid_requests(client: AsyncClient) -> None:
         await client.generate_images("nope", 1)
     with pytest.raises(ModelNotFound):
         await client.generate_images("vae", 1, version=99)
-    with pytest.raises(InvalidRequest, match="n must be from 1 to"):
+    with pytest.raises(InvalidRequest, match="n must be an integer from 1 to"):
         await client.generate_images("vae", 0)
     with pytest.raises(InvalidRequest, match="label"):
         await client.generate_images("gan", 2, labels=[1, 2, 3])
