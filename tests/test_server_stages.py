@@ -463,7 +463,7 @@ async def test_a_big_request_is_split_into_contiguous_pieces(digits: ServedModel
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "big", 10, seed=7)
     await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
         works = await take_n(images, 3)
     assert all(w.job is job for w in works)
     chunks = [w.chunk for w in works]
@@ -483,7 +483,7 @@ async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: S
         images: Link[ImageWork] = Link("images", 16)
         job = image_job(digits, sink, "j", 10, seed=123)
         await inbox.put(job)
-        async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=max_chunk)):
+        async with running(Processor(0, inbox, {"digits": images}, max_chunk=max_chunk)):
             works = await take_n(images, -(-10 // max_chunk))
         z = torch.cat([w.chunk.z for w in works])
         assert torch.equal(z, expected), f"max_chunk={max_chunk}"
@@ -495,7 +495,7 @@ async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "j", 6, seed=None)
     await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
         works = await take_n(images, 2)
     assert {w.chunk.seed for w in works} == {job.seed}
     assert digits.images is not None
@@ -505,12 +505,13 @@ async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
 async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, text_model: ServedModel) -> None:
     sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
+    ingress: Link[Job] = Link("ingress", 8)
     images: Link[ImageWork] = Link("images", 8)
     lost_image = image_job(digits, sink, "img", 2)
     lost_text = text_job(text_model, sink, "txt", "A", SamplingParams(max_new_tokens=3))
     await inbox.put(lost_image)
-    await inbox.put(lost_text)
-    async with running(Processor(0, inbox, {}, {}, max_chunk=4)):
+    ingress.offer(lost_text)
+    async with running(Processor(0, inbox, {}, max_chunk=4)), running(Producer(ingress, Link("work", 8), {})):
         for job in (lost_image, lost_text):
             outcome = await sink.outcome(job)
             assert outcome.code == grpc.StatusCode.UNAVAILABLE and "not being served" in outcome.message
@@ -526,7 +527,7 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
     good = image_job(digits, sink, "good", 1)
     for job in (labelled, empty, good):
         await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
         (work,) = await take_n(images, 1)
         for job, field in ((labelled, "labels"), (empty, "n")):
             outcome = await sink.outcome(job)
@@ -535,22 +536,36 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
     assert len(images) == 0
 
 
-async def test_the_processor_forwards_text_and_skips_finished_jobs(digits: ServedModel, text_model: ServedModel) -> None:
+async def test_the_processor_skips_finished_jobs(digits: ServedModel) -> None:
     sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
-    texts: Link[Job] = Link("texts", 8)
     gone = image_job(digits, sink, "gone", 2)
+    gone.fail(grpc.StatusCode.CANCELLED, "client went away")
+    img = image_job(digits, sink, "img", 2)
+    for job in (gone, img):
+        await inbox.put(job)
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
+        (work,) = await take_n(images, 1)
+        await settle()
+    assert work.job is img and gone.chunks == [] and len(images) == 0
+
+
+async def test_the_producer_sends_text_straight_to_its_feeder_and_skips_finished_jobs(digits: ServedModel, text_model: ServedModel) -> None:
+    sink = RecordingRecipient()
+    ingress: Link[Job] = Link("ingress", 8)
+    work: Link[Job] = Link("work", 8)
+    texts: Link[Job] = Link("texts", 8)
+    gone = text_job(text_model, sink, "gone", "A", SamplingParams(max_new_tokens=3))
     gone.fail(grpc.StatusCode.CANCELLED, "client went away")
     t = text_job(text_model, sink, "t", "A", SamplingParams(max_new_tokens=3))
     img = image_job(digits, sink, "img", 2)
     for job in (gone, t, img):
-        await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {"text": texts}, max_chunk=4)):
-        (work,) = await take_n(images, 1)
-        assert await take_n(texts, 1) == [t]
-    assert work.job is img and gone.chunks == []
-    assert len(images) == 0 and len(texts) == 0
+        ingress.offer(job)
+    async with running(Producer(ingress, work, {"text": texts})):
+        assert await take_n(texts, 1) == [t]  # no processor on the way: a text job needs no preparing
+        assert await take_n(work, 1) == [img]
+    assert len(work) == 0 and len(texts) == 0
 
 
 # -- Router -----------------------------------------------------------------------------------------
