@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tests.chaos.config import DECODE_LOOP, OK, ChaosConfig
-from tests.chaos.ledger import Ledger
+from tests.chaos.ledger import Ledger, Req
 
 if TYPE_CHECKING:
     from tests.chaos.faults import Fault, Injector
@@ -108,14 +108,89 @@ def _classify(ledger: Ledger, faults: list[Fault]) -> None:
                     break
 
 
-def build_report(
+def _by_key() -> dict[str, collections.Counter[str]]:
+    return collections.defaultdict(collections.Counter)
+
+
+@dataclass
+class _Tally:
+    """The books, counted: one pass over every request."""
+
+    late_tolerance_s: float
+    failed: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    sent_by: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    probes: dict[str, collections.Counter[str]] = dataclasses.field(default_factory=_by_key)
+    touched_outcomes: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    touched_by: dict[str, collections.Counter[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
+    untouched_failures: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    untouched_examples: list[str] = dataclasses.field(default_factory=list)
+    late_examples: list[str] = dataclasses.field(default_factory=list)
+    lost_examples: list[str] = dataclasses.field(default_factory=list)
+    admission: list[float] = dataclasses.field(default_factory=list)
+    completed: int = 0
+    lost: int = 0
+    late: int = 0
+    late_client: int = 0
+    untouched: int = 0
+    untouched_ok: int = 0
+    touched: int = 0
+    worst: float = -math.inf
+
+    def add(self, r: Req) -> None:
+        self.sent_by[f"{r.rpc} {r.kind}"] += 1
+        outcome = r.outcome or "LOST"
+        if r.outcome is None:
+            self.lost += 1
+            if len(self.lost_examples) < 5:
+                self.lost_examples.append(f"{r.id} ({r.rpc} {r.model}, timeout {r.deadline - r.sent:.3f} s)")
+        elif r.outcome == OK:
+            self.completed += 1
+        else:
+            self.failed[r.outcome] += 1
+        if r.admitted is not None:
+            self.admission.append(r.admitted - r.sent)
+        self._deadline(r, outcome)
+        if r.probe:
+            self.probes[r.probe][outcome] += 1
+        elif r.touched:
+            self.touched += 1
+            self.touched_outcomes[outcome] += 1
+            self.touched_by["+".join(sorted(r.touched))][outcome] += 1
+        else:
+            self.untouched += 1
+            if outcome == OK:
+                self.untouched_ok += 1
+            else:
+                self.untouched_failures[outcome] += 1
+                if len(self.untouched_examples) < 5:
+                    self.untouched_examples.append(f"{r.id} ({r.rpc} {r.model}) {outcome} after {((r.ended or r.deadline) - r.sent):.3f} s")
+
+    def _deadline(self, r: Req, outcome: str) -> None:
+        tolerance = self.late_tolerance_s
+        if r.ended is not None:
+            self.worst = max(self.worst, r.ended - r.due)
+            self.late_client += r.ended > r.deadline + tolerance
+        if r.ended is None or r.ended > r.due + tolerance:
+            self.late += 1
+            if len(self.late_examples) < 5:
+                past = "never" if r.ended is None else f"{r.ended - r.due:+.3f} s"
+                admitted = "never admitted" if r.admitted is None else f"admitted {r.admitted - r.sent:.3f} s after it was sent"
+                self.late_examples.append(f"{r.id} ({r.rpc} {r.model}, {outcome}) ended {past} past its deadline; {admitted}")
+
+    @property
+    def success(self) -> float:
+        return self.untouched_ok / self.untouched if self.untouched else 0.0
+
+
+def _checks(
     config: ChaosConfig,
+    t: _Tally,
     ledger: Ledger,
     injector: Injector,
     load: Load,
-    monitor: Monitor,
     *,
-    wall: float,
     drain_s: float,
     inflight_after: int,
     leftovers: list[str],
@@ -124,73 +199,22 @@ def build_report(
     restarts: tuple[int, int, int],
     kinds: dict[str, str],
     rss: tuple[float, float, float, float],
-) -> ChaosReport:
-    _classify(ledger, injector.faults)
-    reqs = list(ledger.reqs.values())
-    failed: collections.Counter[str] = collections.Counter()
-    sent_by: collections.Counter[str] = collections.Counter()
-    probes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    touched_outcomes: collections.Counter[str] = collections.Counter()
-    untouched_failures: collections.Counter[str] = collections.Counter()
-    untouched_examples: list[str] = []
-    late_examples: list[str] = []
-    lost_examples: list[str] = []
-    admission: list[float] = []
-    touched_by: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    completed = lost = late = late_client = untouched = untouched_ok = touched = 0
-    worst = -math.inf
-    for r in reqs:
-        sent_by[f"{r.rpc} {r.kind}"] += 1
-        outcome = r.outcome or "LOST"
-        if r.outcome is None:
-            lost += 1
-            if len(lost_examples) < 5:
-                lost_examples.append(f"{r.id} ({r.rpc} {r.model}, timeout {r.deadline - r.sent:.3f} s)")
-        elif r.outcome == OK:
-            completed += 1
-        else:
-            failed[r.outcome] += 1
-        if r.admitted is not None:
-            admission.append(r.admitted - r.sent)
-        if r.ended is not None:
-            worst = max(worst, r.ended - r.due)
-            late_client += r.ended > r.deadline + config.late_tolerance_s
-        if r.ended is None or r.ended > r.due + config.late_tolerance_s:
-            late += 1
-            if len(late_examples) < 5:
-                past = "never" if r.ended is None else f"{r.ended - r.due:+.3f} s"
-                admitted = "never admitted" if r.admitted is None else f"admitted {r.admitted - r.sent:.3f} s after it was sent"
-                late_examples.append(f"{r.id} ({r.rpc} {r.model}, {outcome}) ended {past} past its deadline; {admitted}")
-        if r.probe:
-            probes[r.probe][outcome] += 1
-        elif r.touched:
-            touched += 1
-            touched_outcomes[outcome] += 1
-            touched_by["+".join(sorted(r.touched))][outcome] += 1
-        else:
-            untouched += 1
-            if outcome == OK:
-                untouched_ok += 1
-            else:
-                untouched_failures[outcome] += 1
-                if len(untouched_examples) < 5:
-                    untouched_examples.append(f"{r.id} ({r.rpc} {r.model}) {outcome} after {((r.ended or r.deadline) - r.sent):.3f} s")
-    success = untouched_ok / untouched if untouched else 0.0
+) -> list[Check]:
     faults = collections.Counter(f.kind for f in injector.faults)
     injected, by_supervisor, by_metric = restarts
-    rss_start, rss_peak, rss_before_gc, rss_end = rss
+    rss_start, rss_peak, _, rss_end = rss
     killed_kinds = {kinds[name] for name in injector.kills}
     missing = sorted(set(kinds.values()) - killed_kinds)
     if injector.text_models and not faults["decode-step"]:
         missing.append(DECODE_LOOP)
-    checks = [
-        Check("lost == 0", lost == 0, f"{lost} lost" + (f": {', '.join(lost_examples)}" if lost_examples else "")),
+    return [
+        Check("lost == 0", t.lost == 0, f"{t.lost} lost" + (f": {', '.join(t.lost_examples)}" if t.lost_examples else "")),
         Check("one outcome each", ledger.duplicates == 0, f"{ledger.duplicates} duplicates {ledger.duplicate_examples}"),
-        Check("none past its deadline", late == 0, f"{late} later than deadline + {config.late_tolerance_s:g} s {late_examples}"),
+        Check("none past its deadline", t.late == 0, f"{t.late} later than deadline + {config.late_tolerance_s:g} s {t.late_examples}"),
         Check(
             f"untouched success >= {config.min_untouched_success:.0%}",
-            untouched > 0 and success >= config.min_untouched_success,
-            f"{untouched_ok}/{untouched} = {success:.4%} {dict(untouched_failures)} {untouched_examples}",
+            t.untouched > 0 and t.success >= config.min_untouched_success,
+            f"{t.untouched_ok}/{t.untouched} = {t.success:.4%} {dict(t.untouched_failures)} {t.untouched_examples}",
         ),
         Check(
             "restarts match the metric",
@@ -212,35 +236,77 @@ def build_report(
             f"start {rss_start:.0f} MB, peak {rss_peak:.0f} MB, end {rss_end:.0f} MB",
         ),
     ]
+
+
+def build_report(
+    config: ChaosConfig,
+    ledger: Ledger,
+    injector: Injector,
+    load: Load,
+    monitor: Monitor,
+    *,
+    wall: float,
+    drain_s: float,
+    inflight_after: int,
+    leftovers: list[str],
+    health: dict[str, str],
+    post: dict[str, str],
+    restarts: tuple[int, int, int],
+    kinds: dict[str, str],
+    rss: tuple[float, float, float, float],
+) -> ChaosReport:
+    _classify(ledger, injector.faults)
+    reqs = list(ledger.reqs.values())
+    t = _Tally(config.late_tolerance_s)
+    for r in reqs:
+        t.add(r)
+    checks = _checks(
+        config,
+        t,
+        ledger,
+        injector,
+        load,
+        drain_s=drain_s,
+        inflight_after=inflight_after,
+        leftovers=leftovers,
+        health=health,
+        post=post,
+        restarts=restarts,
+        kinds=kinds,
+        rss=rss,
+    )
+    faults = collections.Counter(f.kind for f in injector.faults)
+    injected, by_supervisor, by_metric = restarts
+    rss_start, rss_peak, rss_before_gc, rss_end = rss
     return ChaosReport(
         seed=config.seed,
         duration_s=config.duration_s,
         wall_s=wall,
         sent=len(reqs),
-        completed=completed,
-        failed=dict(failed.most_common()),
-        lost=lost,
+        completed=t.completed,
+        failed=dict(t.failed.most_common()),
+        lost=t.lost,
         duplicates=ledger.duplicates,
-        late=late,
-        late_examples=late_examples,
-        late_by_client_clock=late_client,
-        worst_past_deadline_ms=1000 * worst if reqs else 0.0,
+        late=t.late,
+        late_examples=t.late_examples,
+        late_by_client_clock=t.late_client,
+        worst_past_deadline_ms=1000 * t.worst if reqs else 0.0,
         admission_delay_ms={
-            "p50": 1000 * _quantile(admission, 0.5),
-            "p99": 1000 * _quantile(admission, 0.99),
-            "max": 1000 * max(admission, default=0.0),
+            "p50": 1000 * _quantile(t.admission, 0.5),
+            "p99": 1000 * _quantile(t.admission, 0.99),
+            "max": 1000 * max(t.admission, default=0.0),
         },
-        lost_examples=lost_examples,
-        sent_by_call=dict(sorted(sent_by.items())),
-        probes={k: dict(v.most_common()) for k, v in sorted(probes.items())},
-        touched=touched,
-        touched_outcomes=dict(touched_outcomes.most_common()),
-        touched_by_fault={k: dict(v.most_common()) for k, v in sorted(touched_by.items())},
-        untouched=untouched,
-        untouched_ok=untouched_ok,
-        untouched_success=success,
-        untouched_failures=dict(untouched_failures.most_common()),
-        untouched_failure_examples=untouched_examples,
+        lost_examples=t.lost_examples,
+        sent_by_call=dict(sorted(t.sent_by.items())),
+        probes={k: dict(v.most_common()) for k, v in sorted(t.probes.items())},
+        touched=t.touched,
+        touched_outcomes=dict(t.touched_outcomes.most_common()),
+        touched_by_fault={k: dict(v.most_common()) for k, v in sorted(t.touched_by.items())},
+        untouched=t.untouched,
+        untouched_ok=t.untouched_ok,
+        untouched_success=t.success,
+        untouched_failures=dict(t.untouched_failures.most_common()),
+        untouched_failure_examples=t.untouched_examples,
         faults=dict(sorted(faults.items())),
         kills_by_stage=dict(sorted(injector.kills.items())),
         kills_skipped=injector.kills_skipped,
