@@ -22,6 +22,7 @@ from clients._exceptions import (
     Unauthenticated,
     Unavailable,
 )
+from clients._protocol import ImageOptions, TextOptions
 from clients._session import Session
 from clients._sync import Client, SyncSession
 from clients._types import ImageResult, ImageSpec, ModelInfo, TextResult, TextSpec
@@ -33,6 +34,7 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "GenserveError",
+    "ImageOptions",
     "ImageResult",
     "ImageSpec",
     "InvalidRequest",
@@ -43,6 +45,7 @@ __all__ = [
     "ServerError",
     "Session",
     "SyncSession",
+    "TextOptions",
     "TextResult",
     "TextSpec",
     "Unauthenticated",

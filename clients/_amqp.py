@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from clients._client import DEFAULT_TIMEOUT
+from clients._channel import DEFAULT_TIMEOUT
 from clients._exceptions import DeadlineExceeded, ServerError, from_status
 from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
 from clients._sync import _Portal

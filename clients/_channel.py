@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 30.0  # seconds: each call's deadline, unless the caller gives one (the server's own default is the same)
 DEFAULT_PORT = 50051
 SERVICE = "genserve.v1.Generator"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's own limit (16 MiB by default) is the one that binds

@@ -7,21 +7,19 @@ import itertools
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
-from clients._channel import DEFAULT_TARGET, RetryPolicy, open_channel, resolve_targets, split_host_port, with_default_port
+from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy, open_channel, resolve_targets, split_host_port, with_default_port
 from clients._exceptions import ServerError, from_rpc_error, from_status
-from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
+from clients._protocol import ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._session import Session
 from clients._types import ModelInfo
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-
-DEFAULT_TIMEOUT = 30.0
 
 
 class _State(enum.Enum):
@@ -159,22 +157,17 @@ class AsyncClient:
         model: str,
         n: int,
         *,
-        seed: int | None = None,
-        labels: Labels = None,
-        version: int = 0,
         timeout: float | None = None,
         progress: Callable[[int], object] | None = None,
+        **options: Unpack[ImageOptions],
     ) -> npt.NDArray[np.uint8]:
         """``n`` samples of an image model as a (n, 28, 28) uint8 array.
 
-        seed: the same seed gives the same samples (drawn by the server when None).
-        labels: conditional models: one label for all samples; a list, cycled over the samples when shorter
-            (``range(10)`` with n=40: 0-9 four times); or a string such as "0-9" or "1,3,5"; None: drawn from the seed.
-        version: 0 for the latest.
+        options: seed, labels, version (``ImageOptions``).
         progress: called with the number of samples of each chunk as it arrives (``tqdm.update`` fits).
         """
         assembler = ImageAssembler(n)
-        request = image_request(model, n, seed=seed, labels=labels, version=version)
+        request = image_request(model, n, **options)
         finish: pb.Finish | None = None
         async with aclosing(self._generate(request, timeout)) as responses:
             async for response in responses:
@@ -194,32 +187,15 @@ class AsyncClient:
         model: str,
         prompt: str,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
         timeout: float | None = None,
+        **options: Unpack[TextOptions],
     ) -> AsyncGenerator[str, None]:
         """The text generated after ``prompt``, piece by piece as the server produces it.
 
-        Options left None take the server's defaults (256 tokens, temperature 1.0, top-k and
-        top-p off). ``temperature=0`` is greedy. The text ends after ``max_new_tokens`` or
-        once it contains one of the ``stop`` strings. Leaving the loop early cancels the call.
+        options: max_new_tokens, temperature, top_k, top_p, seed, stop, version (``TextOptions``:
+        unset ones take the server's defaults). Leaving the loop early cancels the call.
         """
-        request = text_request(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-        )
+        request = text_request(model, prompt, **options)
         async with aclosing(self._generate(request, timeout)) as responses:
             async for response in responses:
                 if response.WhichOneof("payload") == "text":
@@ -230,28 +206,12 @@ class AsyncClient:
         model: str,
         prompt: str,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
         timeout: float | None = None,
+        **options: Unpack[TextOptions],
     ) -> str:
         """The whole text ``stream_text`` would give (without the prompt)."""
         assembler = TextAssembler()
-        request = text_request(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-        )
+        request = text_request(model, prompt, **options)
         async with aclosing(self._generate(request, timeout)) as responses:
             async for response in responses:
                 if response.WhichOneof("payload") == "text":

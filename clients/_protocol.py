@@ -6,7 +6,8 @@ the same ``GenerateResponse`` messages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypedDict, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -48,33 +49,64 @@ def expand_labels(labels: Labels, n: int) -> list[int]:
     return label_list
 
 
-def image_request(
-    model: str, n: int, *, seed: int | None = None, labels: Labels = None, version: int = 0, want_float: bool = False, id: str = ""
-) -> pb.GenerateRequest:
-    """``labels``: see ``expand_labels`` (one for all, a list cycled over the samples, "0-9"); None: drawn from the seed."""
-    params = pb.ImageParams(n=n, seed=seed, labels=expand_labels(labels, n), want_float=want_float)
-    return pb.GenerateRequest(model=model, version=version, id=id, image=params)
+# The options of a request, one keyword set per kind, shared by every method that sends one
+# (AsyncClient, Client, Session, SyncSession): a new option is added here, once.
+class ImageOptions(TypedDict, total=False):
+    """seed: the same seed gives the same samples (drawn by the server when None).
+    labels: conditional models: one label for all samples; a list, cycled over the samples when shorter
+        (``range(10)`` with n=40: 0-9 four times); or a string such as "0-9" or "1,3,5"; None: drawn from the seed.
+    version: 0 (or unset) for the latest."""
+
+    seed: int | None
+    labels: Labels
+    version: int
 
 
-def text_request(
-    model: str,
-    prompt: str,
-    *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: str | Sequence[str] = (),
-    version: int = 0,
-    id: str = "",
-) -> pb.GenerateRequest:
-    """Unset sampling options take the server's defaults (256 tokens, temperature 1, no top-k/top-p)."""
+class TextOptions(TypedDict, total=False):
+    """Unset (or None) sampling options take the server's defaults (256 tokens, temperature 1.0,
+    top-k and top-p off); ``temperature=0`` is greedy. The text ends after ``max_new_tokens`` or once
+    it contains one of the ``stop`` strings. version: 0 (or unset) for the latest."""
+
+    max_new_tokens: int | None
+    temperature: float | None
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+    stop: str | Sequence[str]
+    version: int
+
+
+def _check_options(options: Mapping[str, object], allowed: frozenset[str], kind: str) -> None:
+    """``**options`` takes any keyword at run time: a misspelt one is an error, as in a plain signature."""
+    unknown = options.keys() - allowed
+    if unknown:
+        raise TypeError(f"unexpected option(s) for {kind} request: {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
+
+
+_IMAGE_OPTIONS = frozenset(ImageOptions.__annotations__)
+_TEXT_OPTIONS = frozenset(TextOptions.__annotations__)
+
+
+def image_request(model: str, n: int, *, want_float: bool = False, id: str = "", **options: Unpack[ImageOptions]) -> pb.GenerateRequest:
+    _check_options(options, _IMAGE_OPTIONS, "an image")
+    params = pb.ImageParams(n=n, seed=options.get("seed"), labels=expand_labels(options.get("labels"), n), want_float=want_float)
+    return pb.GenerateRequest(model=model, version=options.get("version", 0), id=id, image=params)
+
+
+def text_request(model: str, prompt: str, *, id: str = "", **options: Unpack[TextOptions]) -> pb.GenerateRequest:
+    _check_options(options, _TEXT_OPTIONS, "a text")
+    stop = options.get("stop", ())
     stops = [stop] if isinstance(stop, str) else list(stop)
     params = pb.TextParams(
-        prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stops
+        prompt=prompt,
+        max_new_tokens=options.get("max_new_tokens"),
+        temperature=options.get("temperature"),
+        top_k=options.get("top_k"),
+        top_p=options.get("top_p"),
+        seed=options.get("seed"),
+        stop=stops,
     )
-    return pb.GenerateRequest(model=model, version=version, id=id, text=params)
+    return pb.GenerateRequest(model=model, version=options.get("version", 0), id=id, text=params)
 
 
 class ImageAssembler:

@@ -24,13 +24,13 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Any, Literal, Self, Unpack, overload
 
 import grpc
 
-from clients._channel import RetryPolicy
+from clients._channel import DEFAULT_TIMEOUT, RetryPolicy
 from clients._exceptions import DeadlineExceeded, GenserveError, Unavailable, from_rpc_error, from_status
-from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
+from clients._protocol import ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._types import ImageResult, TextResult
 from genserve.v1 import generator_pb2 as pb
 
@@ -72,7 +72,7 @@ class Session:
         open_stub: Callable[[], Awaitable[Any]],
         *,
         metadata: Sequence[tuple[str, str]] = (),
-        timeout: float | None = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         collect: bool = True,
     ) -> None:
@@ -167,16 +167,14 @@ class Session:
         model: str,
         n: int,
         *,
-        seed: int | None = None,
-        labels: Labels = None,
-        version: int = 0,
         want_float: bool = False,
         id: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[ImageOptions],
     ) -> asyncio.Future[ImageResult]:
         """Queue one image request; its future gives an ``ImageResult`` (``want_float`` adds ``floats``)."""
         rid = self._new_id(id)
-        message = image_request(model, n, seed=seed, labels=labels, version=version, want_float=want_float, id=rid)
+        message = image_request(model, n, want_float=want_float, id=rid, **options)
         return self._submit(rid, message, ImageAssembler(n), timeout)
 
     def submit_text(
@@ -184,30 +182,13 @@ class Session:
         model: str,
         prompt: str,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
         id: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[TextOptions],
     ) -> asyncio.Future[TextResult]:
         """Queue one text request; its future gives a ``TextResult`` (see ``AsyncClient.stream_text``)."""
         rid = self._new_id(id)
-        message = text_request(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            id=rid,
-        )
+        message = text_request(model, prompt, id=rid, **options)
         return self._submit(rid, message, TextAssembler(), timeout)
 
     def cancel(self, request: str | asyncio.Future[Any]) -> bool:

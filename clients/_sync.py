@@ -13,15 +13,15 @@ import contextlib
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, overload
+from typing import Any, Literal, Self, TypeVar, Unpack, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from clients._channel import DEFAULT_TARGET, RetryPolicy
-from clients._client import DEFAULT_TIMEOUT, AsyncClient
+from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy
+from clients._client import AsyncClient
 from clients._exceptions import GenserveError
-from clients._protocol import Labels
+from clients._protocol import ImageOptions, TextOptions
 from clients._session import Result, Session
 from clients._types import ImageResult, ModelInfo, TextResult
 
@@ -230,14 +230,12 @@ class Client:
         model: str,
         n: int,
         *,
-        seed: int | None = None,
-        labels: Labels = None,
-        version: int = 0,
         timeout: float | None = None,
         progress: Callable[[int], object] | None = None,
+        **options: Unpack[ImageOptions],
     ) -> npt.NDArray[np.uint8]:
         """See ``AsyncClient.generate_images``; ``progress`` is called on the client's thread."""
-        coro = self._async.generate_images(model, n, seed=seed, labels=labels, version=version, timeout=timeout, progress=progress)
+        coro = self._async.generate_images(model, n, timeout=timeout, progress=progress, **options)
         return self._portal.run(coro)
 
     def stream_text(
@@ -245,28 +243,11 @@ class Client:
         model: str,
         prompt: str,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
         timeout: float | None = None,
+        **options: Unpack[TextOptions],
     ) -> Generator[str, None, None]:
         """See ``AsyncClient.stream_text``; leaving the loop early (or ``close()``) cancels the call."""
-        agen = self._async.stream_text(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            timeout=timeout,
-        )
+        agen = self._async.stream_text(model, prompt, timeout=timeout, **options)
         return self._portal.iterate(agen)
 
     def generate_text(
@@ -274,28 +255,11 @@ class Client:
         model: str,
         prompt: str,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
         timeout: float | None = None,
+        **options: Unpack[TextOptions],
     ) -> str:
         """See ``AsyncClient.generate_text``."""
-        coro = self._async.generate_text(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            timeout=timeout,
-        )
+        coro = self._async.generate_text(model, prompt, timeout=timeout, **options)
         return self._portal.run(coro)
 
     def session(self, *, timeout: float | None = None, collect: bool = True) -> SyncSession:
@@ -326,18 +290,16 @@ class SyncSession:
         model: str,
         n: int,
         *,
-        seed: int | None = None,
-        labels: Labels = None,
-        version: int = 0,
         want_float: bool = False,
         id: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[ImageOptions],
     ) -> concurrent.futures.Future[ImageResult]:
         """See ``Session.submit_images``."""
         s = self._session
         return self._portal.call(
             lambda: _concurrent(
-                s.submit_images(model, n, seed=seed, labels=labels, version=version, want_float=want_float, id=id, timeout=timeout),
+                s.submit_images(model, n, want_float=want_float, id=id, timeout=timeout, **options),
                 asyncio.get_running_loop(),
             )
         )
@@ -347,33 +309,15 @@ class SyncSession:
         model: str,
         prompt: str,
         *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
         id: str | None = None,
         timeout: float | None = None,
+        **options: Unpack[TextOptions],
     ) -> concurrent.futures.Future[TextResult]:
         """See ``Session.submit_text``."""
         s = self._session
 
         def submit() -> concurrent.futures.Future[TextResult]:
-            future = s.submit_text(
-                model,
-                prompt,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                stop=stop,
-                version=version,
-                id=id,
-                timeout=timeout,
-            )
+            future = s.submit_text(model, prompt, id=id, timeout=timeout, **options)
             return _concurrent(future, asyncio.get_running_loop())
 
         return self._portal.call(submit)

@@ -21,8 +21,7 @@ import numpy.typing as npt
 from PIL import Image
 from tqdm import tqdm
 
-from clients._channel import DEFAULT_TARGET
-from clients._client import DEFAULT_TIMEOUT
+from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT
 from clients._exceptions import GenserveError, Unavailable
 from clients._protocol import parse_labels
 from clients._sync import Client

@@ -44,11 +44,11 @@ from typing import Literal
 
 import torch
 
+from engine.errors import InvalidPromptError, QueueFullError
 from engine.modelfile import LoadedModel
 from engine.models.transformer import CharTransformer
 from engine.sampling import (
     MAX_NEW_TOKENS,
-    InvalidPromptError,
     SamplingBatch,
     SamplingParams,
     UniformStream,
@@ -58,10 +58,6 @@ from engine.sampling import (
 )
 
 FinishReason = Literal["length", "stop", "cancelled"]
-
-
-class QueueFullError(RuntimeError):
-    """Every slot is taken and the pending queue is full: retry later (gRPC RESOURCE_EXHAUSTED)."""
 
 
 class Vocabulary:

@@ -18,16 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import DeviceUnavailableError
 from engine.logs import get_logger
 
 log = get_logger("engine.device")
 
 
 _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d{1,3}))?$")
-
-
-class DeviceUnavailableError(RuntimeError):
-    """The device asked for does not exist on this machine (or this torch build)."""
 
 
 @dataclass(frozen=True)

@@ -16,42 +16,56 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, TokenEvent
+from engine.errors import EngineError
+from engine.faults import Faults
 from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.logs import get_logger
 from engine.registry import ServedModel
 
 log = get_logger("engine")
 
-Sink = Callable[[TokenEvent | BaseException], None]
+OnEvent = Callable[[TokenEvent | BaseException], None]  # a sequence's listener, called on the decode thread
 
 
-class EngineError(RuntimeError):
-    """Raised when model code failed for a request (the request gets a retryable status)."""
+@dataclass(frozen=True)
+class EngineLimits:
+    """How much the engine runs at once. No defaults here: the server builds them from its
+    ``ServerConfig`` (``ServerConfig.engine_limits()``), whose defaults are the only ones."""
+
+    image_threads: int  # pool threads running image batches
+    decode_batch: int  # sequences one text model decodes together
+    decode_pending: int  # sequences waiting for a decode slot, per text model
+    inline_image_ms: float  # image models whose full batch takes less run on the calling thread (0: never)
+    max_new_tokens: int  # the most tokens one text request may ask for
 
 
 class TextWorker:
-    """Drives one DecodeLoop on its own thread and routes each event to its request's sink."""
+    """Drives one DecodeLoop on its own thread and hands each event to its sequence's listener."""
 
-    def __init__(self, served: ServedModel, *, max_batch: int, max_pending: int) -> None:
+    def __init__(self, served: ServedModel, limits: EngineLimits, faults: Faults | None = None) -> None:
         self.served = served
-        self.loop = DecodeLoop.from_loaded(served.model, max_batch=max_batch, max_pending=max_pending)
-        self._sinks: dict[int, Sink] = {}
-        self._sinks_lock = threading.Lock()  # held across add + register, so no event beats its sink
+        self.faults = faults
+        self.loop = DecodeLoop.from_loaded(
+            served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
+        )
+        self._listeners: dict[int, OnEvent] = {}
+        self._listeners_lock = threading.Lock()  # held across add + register, so no event beats its listener
         self._wake = threading.Event()
         self._stopping = False
         self.failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"decode-{served.name}@{served.version}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: SequenceRequest, sink: Sink) -> SequenceHandle:
+    def submit(self, request: SequenceRequest, on_event: OnEvent) -> SequenceHandle:
         """Queue a sequence; raises InvalidRequestError or QueueFullError at once."""
-        with self._sinks_lock:  # checked under the lock: the failure path sets it under the same lock
+        with self._listeners_lock:  # checked under the lock: the failure path sets it under the same lock
             if self.failed is not None:
                 raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
             handle = self.loop.add(request)
-            self._sinks[handle.id] = sink
+            self._listeners[handle.id] = on_event
         self._wake.set()
         return handle
 
@@ -71,47 +85,53 @@ class TextWorker:
                 self._wake.clear()
                 continue
             try:
+                if self.faults is not None:
+                    self.faults.before_decode_step(self.served)
                 events = self.loop.step()
             except Exception as e:  # model code failed: every waiting request hears of it
                 log.exception("decode_loop_failed", model=self.served.name, version=self.served.version)
-                with self._sinks_lock:
+                with self._listeners_lock:
                     # without its traceback: the traceback holds this frame, whose `self` would
                     # keep the dead worker and its KV cache alive until the cyclic collector ran
                     self.failed = e.with_traceback(None)
-                    sinks, self._sinks = list(self._sinks.values()), {}
-                for sink in sinks:
-                    sink(e)
+                    listeners, self._listeners = list(self._listeners.values()), {}
+                for on_event in listeners:
+                    on_event(e)
                 return
-            with self._sinks_lock:
-                routed: list[tuple[Sink | None, TokenEvent]] = [
-                    (self._sinks.pop(ev.handle.id, None) if ev.finished else self._sinks.get(ev.handle.id), ev) for ev in events
+            with self._listeners_lock:
+                routed: list[tuple[OnEvent | None, TokenEvent]] = [
+                    (self._listeners.pop(ev.handle.id, None) if ev.finished else self._listeners.get(ev.handle.id), ev) for ev in events
                 ]
             for target, ev in routed:
                 if target is not None:
                     target(ev)
 
 
-def _threadsafe_sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent | BaseException]) -> Sink:
-    def sink(item: TokenEvent | BaseException) -> None:
+def generation_failed(served: ServedModel, cause: BaseException) -> EngineError:
+    """The error a request hears when model code failed under it (its cause is logged, not sent)."""
+    return cause if isinstance(cause, EngineError) else EngineError(f"generation failed in {served.name}: {type(cause).__name__}")
+
+
+def _into_queue(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent | BaseException]) -> OnEvent:
+    def on_event(item: TokenEvent | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening any more
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    return sink
+    return on_event
 
 
 class Engine:
     """Runs model code for the server: image batches on a thread pool, text on decode-loop threads."""
 
-    def __init__(self, *, image_threads: int = 1, decode_batch: int = 32, decode_pending: int = 64, inline_image_ms: float = 0.0) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="engine-images")
+    def __init__(self, limits: EngineLimits, *, faults: Faults | None = None) -> None:
+        self.limits = limits
+        self.faults = faults  # the fault-injection seam (engine/faults.py): None in the product; see install_faults
+        self._pool = ThreadPoolExecutor(max_workers=limits.image_threads, thread_name_prefix="engine-images")
         # Image models whose whole batch is measured (``calibrate``) below this many ms run on the
         # calling (event loop) thread. A hop to a pool thread looks free but is not: the worker
         # must win the GIL back from a busy event loop between torch ops, which turned a 0.2 ms
         # VAE batch into 3-6 ms inside the server. 0: every batch goes to the pool.
-        self.inline_image_ms = inline_image_ms
         self._inline: dict[tuple[str, int], bool] = {}
-        self._decode_batch = decode_batch
-        self._decode_pending = decode_pending
         self._workers: dict[tuple[str, int], TextWorker] = {}
         self._workers_lock = threading.Lock()
         self._closed = False
@@ -120,30 +140,52 @@ class Engine:
         """One forward pass for ``chunks`` (prepared by ``served.images.prepare``), on the pool."""
         if served.images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
+        run: Callable[[Sequence[ImageChunk]], list[ImageResult]] = served.images.run
+        if self.faults is not None:
+            await self.faults.before_image_batch(served, chunks)
+            run = self._with_faults(served, self.faults)
         try:
             if self._inline.get((served.name, served.version), False):
-                return served.images.run(list(chunks))
-            return await asyncio.get_running_loop().run_in_executor(self._pool, served.images.run, list(chunks))
+                return run(list(chunks))
+            return await asyncio.get_running_loop().run_in_executor(self._pool, run, list(chunks))
         except ValueError:
             raise
         except Exception as e:
             log.exception("image_batch_failed", model=served.name, version=served.version)
-            raise EngineError(f"generation failed in {served.name}: {type(e).__name__}") from e
+            raise generation_failed(served, e) from e
 
-    def calibrate(self, served: ServedModel, batch: int, rounds: int = 7) -> float:
-        """Time a full batch of ``served`` (the fastest of ``rounds``: start-up is noisy; call before
-        serving) and decide where its batches run: inline when below ``inline_image_ms``, else on the pool."""
+    def install_faults(self, faults: Faults | None) -> None:
+        """Install (or, with None, remove) a fault-injection harness, for running decode loops too."""
+        with self._workers_lock:
+            self.faults = faults
+            for worker in self._workers.values():
+                worker.faults = faults
+
+    @staticmethod
+    def _with_faults(served: ServedModel, faults: Faults) -> Callable[[Sequence[ImageChunk]], list[ImageResult]]:
+        images = served.images
+        assert images is not None
+
+        def run(chunks: Sequence[ImageChunk]) -> list[ImageResult]:
+            faults.before_forward(served, chunks)
+            return images.run(chunks)
+
+        return run
+
+    def calibrate(self, served: ServedModel, rounds: int = 7) -> float:
+        """Time a full batch of ``served`` (its ``max_batch``; the fastest of ``rounds``: start-up is noisy;
+        call before serving) and decide where its batches run: inline when below ``inline_image_ms``, else on the pool."""
         images = served.images
         if images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
-        chunk = images.prepare(ImageRequest(n=min(batch, images.limits.max_batch), seed=0))
+        chunk = images.prepare(ImageRequest(n=images.limits.max_batch, seed=0))
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
             images.run([chunk])
             times.append((time.perf_counter() - started) * 1000)
         ms = min(times)
-        inline = ms < self.inline_image_ms
+        inline = ms < self.limits.inline_image_ms
         self._inline[(served.name, served.version)] = inline
         log.info("image_batches_placed", model=served.name, version=served.version, batch=chunk.n, batch_ms=round(ms, 3), inline=inline)
         return ms
@@ -156,26 +198,34 @@ class Engine:
                 raise EngineError("engine is closed")
             worker = self._workers.get(key)
             if worker is None or worker.failed is not None:
-                worker = TextWorker(served, max_batch=self._decode_batch, max_pending=self._decode_pending)
+                worker = TextWorker(served, self.limits, self.faults)
                 self._workers[key] = worker
-                log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self._decode_batch)
+                log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
             return worker
 
+    def submit_text(self, served: ServedModel, request: SequenceRequest, on_event: OnEvent) -> tuple[TextWorker, SequenceHandle]:
+        """The one text path: queue a sequence in its model's decode loop; ``on_event`` gets each
+        token event, then the last one (with a finish reason), or the exception that ended the loop,
+        on the decode thread. Raises InvalidRequestError, QueueFullError or EngineError at once.
+        Cancel with ``worker.cancel(handle)``. The server's text stage calls this; so does ``stream_text``."""
+        worker = self.text_worker(served)
+        return worker, worker.submit(request, on_event)
+
     async def stream_text(self, served: ServedModel, request: SequenceRequest) -> AsyncGenerator[TokenEvent, None]:
-        """Token events of one sequence, as they are decoded; the last one has a finish reason.
+        """Token events of one sequence, as they are decoded; the last one has a finish reason
+        (the library's API, on top of ``submit_text``).
 
         Raises InvalidRequestError or QueueFullError before the first event. Closing the iterator
         early (client gone, deadline) cancels the sequence, which frees its slot at the next step.
         """
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        worker = self.text_worker(served)
-        handle = worker.submit(request, _threadsafe_sink(asyncio.get_running_loop(), queue))
+        worker, handle = self.submit_text(served, request, _into_queue(asyncio.get_running_loop(), queue))
         finished = False
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise EngineError(f"generation failed in {served.name}: {type(item).__name__}") from item
+                    raise generation_failed(served, item) from item
                 finished = item.finished
                 yield item
                 if finished:

@@ -5,7 +5,7 @@ Flow (synchronous; the server calls it from an engine thread):
     gen = ImageGenerator(loaded_model, ImageLimits(max_n=1024, max_batch=256))
     chunk = gen.prepare(ImageRequest(n=16, seed=7))     # validate, draw z (processor stage)
     results = gen.run([chunk, other_chunk])             # ONE forward pass (engine thread)
-    for part in gen.generate_chunks(big_request): ...   # a request > max_batch, chunk by chunk
+    parts = [gen.run([p])[0] for p in chunk.split(64)]  # a request > max_batch, piece by piece
 
 Randomness is per request. ``prepare`` draws the request's whole latent block, (n, latent_dim),
 from its own ``torch.Generator().manual_seed(seed)`` on the CPU, and then, for a conditional
@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 import torch
 
+from engine.errors import InvalidImageRequest, brief_repr
 from engine.modelfile import LoadedModel
 
 IMAGE_KINDS = ("vae", "wgan-gp")
@@ -46,14 +47,6 @@ DEFAULT_MAX_N = 1024
 DEFAULT_MAX_BATCH = 256
 
 Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-class InvalidImageRequest(ValueError):
-    """A request that can never succeed as sent (gRPC INVALID_ARGUMENT); ``field`` names the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        super().__init__(message)
 
 
 _F255 = np.float32(255.0)  # float32 scalars keep numpy's in-place ops in float32
@@ -131,15 +124,6 @@ class ImageResult:
         return self.offset + len(self.pixels) == self.total
 
 
-def brief_repr(value: object, limit: int = 40) -> str:
-    """repr of user input, cut short: error messages never echo unbounded input."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int of more than 4300 digits refuses to print
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -178,18 +162,23 @@ class ImageGenerator:
 
     # -- validation and inputs (cheap; a processor stage may call this off the engine thread) --
 
-    def prepare(self, request: ImageRequest) -> ImageChunk:
-        """Validate ``request`` and draw its latents (and labels); raise InvalidImageRequest."""
+    def check(self, request: ImageRequest) -> np.ndarray | None:
+        """Raise InvalidImageRequest if ``request`` cannot be served (the server's admission asks
+        here, so the rules live in one place); return its labels as int64 (None: none given)."""
         n = request.n
         max_n = self.limits.max_n
         if not _is_int(n) or not 1 <= n <= max_n:
             raise InvalidImageRequest("n", f"n must be an integer from 1 to {max_n}, got {brief_repr(n)}")
         seed = request.seed
-        if seed is None:
-            seed = secrets.randbelow(SEED_LIMIT)
-        elif not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
             raise InvalidImageRequest("seed", f"seed must be an integer from 0 to 2**63-1, got {brief_repr(seed)}")
-        given = self._check_labels(request.labels, n)
+        return self._check_labels(request.labels, n)
+
+    def prepare(self, request: ImageRequest) -> ImageChunk:
+        """Validate ``request`` (``check``) and draw its latents (and labels); raise InvalidImageRequest."""
+        given = self.check(request)
+        n = request.n
+        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
 
         gen = _generator().manual_seed(int(seed))
         z = torch.randn((n, self.latent_dim), generator=gen)  # first: z does not depend on labels
@@ -289,12 +278,3 @@ class ImageGenerator:
     def generate(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
         """Prepare and run ``requests`` as one forward pass (their total must fit in max_batch)."""
         return self.run([self.prepare(r) for r in requests])
-
-    def generate_chunks(self, request: ImageRequest) -> Iterator[ImageResult]:
-        """One request in chunks of at most max_batch samples, each yielded as soon as it is done.
-
-        Validation (and the latent draw) happens before the first chunk is asked for, so a bad
-        request fails at the call, not at the first ``next()``.
-        """
-        chunks = self.prepare(request).split(self.limits.max_batch)
-        return (self.run([c])[0] for c in chunks)

@@ -28,22 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.errors import ModelFileError
 from engine.models import KINDS
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 SUPPORTED_DTYPES = {"F32": torch.float32}
-
-
-class ModelFileError(Exception):
-    """Raised when a model or checkpoint file cannot be used; the message names the file (and tensor)."""
-
-    def __init__(self, path: str | os.PathLike[str], reason: str, tensor: str | None = None) -> None:
-        self.path = str(path)
-        self.reason = reason
-        self.tensor = tensor
-        where = f"{self.path}: tensor {tensor!r}: " if tensor else f"{self.path}: "
-        super().__init__(where + reason)
 
 
 @dataclass

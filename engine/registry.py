@@ -28,15 +28,16 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from engine.images import IMAGE_KINDS, ImageGenerator, ImageLimits, ImageRequest, brief_repr
+from engine.errors import ModelFileError, ModelNotFound, brief_repr
+from engine.images import IMAGE_KINDS, ImageGenerator, ImageLimits, ImageRequest
 from engine.logs import get_logger
-from engine.modelfile import LoadedModel, ModelFileError, load_model, read_header
+from engine.modelfile import LoadedModel, load_model, read_header
 from engine.models import KINDS
 
 log = get_logger("engine.registry")
@@ -48,20 +49,6 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,8}$")
 NOT_SERVED_KINDS = frozenset({"mnist-classifier"})  # evaluation only
 TEXT_KINDS = ("char-transformer",)
-
-
-class ModelNotFound(LookupError):
-    """No served model has this name (or this version); the message lists what is served."""
-
-    def __init__(self, name: object, version: object | None, available: Sequence[str]) -> None:
-        self.name = brief_repr(name)  # from a request: never echo unbounded input
-        self.version = version
-        self.available = list(available)
-        if version is None:
-            message = f"model {self.name} is not served; available: {', '.join(self.available) or 'none'}"
-        else:
-            message = f"model {self.name} has no version {brief_repr(version, 20)}; available versions: {', '.join(self.available)}"
-        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -79,7 +66,6 @@ class ImageInfo:
     latent_dim: int
     conditional: bool  # config.num_classes > 0
     labels_accepted: bool  # conditional models only
-    labels_required: bool  # never: a conditional model draws labels from the request's seed
     label_range: tuple[int, int] | None  # inclusive, e.g. (0, 9); None when labels are not accepted
 
 
@@ -304,7 +290,6 @@ class ModelRegistry:
                 latent_dim=cfg.latent_dim,
                 conditional=c > 0,
                 labels_accepted=c > 0,
-                labels_required=False,
                 label_range=(0, c - 1) if c > 0 else None,
             )
         elif model.kind in TEXT_KINDS and model.vocab is not None:

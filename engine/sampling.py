@@ -19,24 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import InvalidSamplingError
+
 MIN_TEMPERATURE = 1e-6  # smaller temperatures decode greedily (their limit), so the division cannot overflow
 MAX_NEW_TOKENS = 4096  # hard cap per request; a DecodeLoop may set a lower one
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 64  # characters per stop string
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64
 _UNIFORM_CHUNK = 64  # random numbers drawn from a sequence's generator at a time
-
-
-class InvalidRequestError(ValueError):
-    """A request that can never succeed as sent (gRPC INVALID_ARGUMENT)."""
-
-
-class InvalidSamplingError(InvalidRequestError):
-    """A sampling setting is out of range or of the wrong type."""
-
-
-class InvalidPromptError(InvalidRequestError):
-    """The prompt cannot be encoded for the model (empty, or characters outside its vocabulary)."""
 
 
 def _is_int(v: object) -> bool:

@@ -4,5 +4,5 @@
 # every option is also a GENSERVE_* environment variable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+GENSERVE_EXTRAS=${GENSERVE_EXTRAS:-server} bash scripts/setup.sh  # the [server] extra: torch and the rest
 exec .venv/bin/python -m server --models-dir models "$@"

@@ -8,5 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# constraints.txt pins exact versions (torch 2.13.0 CPU build among them); extras: dev = tests and linters, bench = benchmark peers
+# constraints.txt pins exact versions (torch 2.13.0 CPU build among them); extras: server = python -m server,
+# train = python -m training, dev = both plus tests and linters, bench = benchmark peers
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[${GENSERVE_EXTRAS:-dev,bench}]"

@@ -8,3 +8,4 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy engine training server clients scripts tests bench
 .venv/bin/python -m pytest -q "$@"
+bash scripts/check_client_install.sh  # `pip install .` is the SDK and CLI only: no torch

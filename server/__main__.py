@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from engine.logs import configure_logging, get_logger
-from server.config import ServerConfig, parse_args
+# `pip install genserve` is the SDK only; the server's packages come with the [server] extra.
+# Checked before anything imports them, so a client-only install gets one clear line, not a traceback.
+SERVER_MODULES = ("torch", "safetensors", "structlog", "anyio", "prometheus_client", "grpc_health", "grpc_reflection")
+
+
+def missing_server_modules() -> list[str]:
+    """The modules of the [server] extra that this environment lacks."""
+    return [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+
+
+if __name__ == "__main__" and (_missing := missing_server_modules()):
+    sys.exit(f"python -m server needs the [server] extra ({', '.join(_missing)} not installed): pip install 'genserve[server]'")
+
+from engine.logs import configure_logging, get_logger  # noqa: E402  (after the check above)
+from server.config import ServerConfig, parse_args  # noqa: E402
 
 if TYPE_CHECKING:
     from server.app import GenServer

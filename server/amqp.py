@@ -45,8 +45,10 @@ from genserve.v1.amqp import CONTENT_TYPE, DEADLINE_HEADER, dead_letter_queue, q
 from server.config import ServerConfig
 from server.jobs import Job, Outcome
 from server.metrics import Metrics
-from server.pipeline import Pipeline, Refused
-from server.service import GeneratorService, fill_chunk, fill_finish
+from server.pipeline import Pipeline
+from server.service import GeneratorService
+from server.statuses import Refused
+from server.wire import fill_chunk, fill_finish
 
 log = get_logger("server.amqp")
 
@@ -184,7 +186,7 @@ class AmqpIngress:
         try:
             if budget is not None and budget <= 0:
                 raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was taken from the queue")
-            job = self.service.build_job(request, RPC, correlation_id, reply)
+            job = self.service.jobs.build(request, RPC, correlation_id, reply)
             self.pipeline.admit(job, budget)
         except Refused as e:
             self.metrics.rejections.labels(RPC, e.code.name).inc()

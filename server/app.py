@@ -17,7 +17,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import grpc
@@ -26,7 +26,6 @@ from grpc_health.v1._async import HealthServicer
 
 from engine.device import choose_device
 from engine.engine import Engine
-from engine.images import ImageLimits
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
@@ -63,6 +62,15 @@ def default_threads() -> int:
     return max(1, cores - 1)
 
 
+T = TypeVar("T")
+
+
+def _started(part: T | None, name: str) -> T:
+    if part is None:
+        raise RuntimeError(f"GenServer.{name} exists once start() has run")
+    return part
+
+
 class GenServer:
     def __init__(self, config: ServerConfig, *, reuse_port: bool = False) -> None:
         self.config = config
@@ -80,7 +88,27 @@ class GenServer:
         self._closing = False
         self._stop_metrics: Callable[[], None] | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
-        self.engine: Engine | None = None
+        # built by start(), in this order; read through the properties below
+        self._registry: ModelRegistry | None = None
+        self._engine: Engine | None = None
+        self._pipeline: Pipeline | None = None
+        self._supervisor: Supervisor | None = None
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return _started(self._registry, "registry")
+
+    @property
+    def engine(self) -> Engine:
+        return _started(self._engine, "engine")
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return _started(self._pipeline, "pipeline")
+
+    @property
+    def supervisor(self) -> Supervisor:
+        return _started(self._supervisor, "supervisor")
 
     @property
     def address(self) -> str:
@@ -130,9 +158,9 @@ class GenServer:
             undo.callback(self._stop_metrics)
 
         choice = choose_device(c.device, threads=c.threads or default_threads())
-        limits = ImageLimits(max_batch=max(c.batch_size, 1))
+        limits = c.image_limits()
         loop = asyncio.get_running_loop()
-        self.registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
+        self._registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
         if not len(self.registry):
             if self.registry.failures:
                 raise RuntimeError(
@@ -141,15 +169,13 @@ class GenServer:
             raise RuntimeError(
                 f"no model files (*.safetensors) in {os.path.abspath(c.models_dir)}; give a folder of models with --models-dir"
             )
-        self.engine = Engine(
-            image_threads=c.image_threads, decode_batch=c.decode_batch, decode_pending=c.decode_pending, inline_image_ms=c.inline_batch_ms
-        )
+        self._engine = Engine(c.engine_limits())
         undo.push_async_callback(self._close_engine)
         for served in self.registry.served():
             if served.images is not None:
-                self.engine.calibrate(served, c.batch_size)
-        self.pipeline = Pipeline(c, self.registry, self.engine, self.metrics)
-        self.supervisor = Supervisor(
+                self.engine.calibrate(served)
+        self._pipeline = Pipeline(c, self.registry, self.engine, self.metrics)
+        self._supervisor = Supervisor(
             self.pipeline.stages,
             intensity=c.restart_intensity,
             period=c.restart_period_s,
@@ -250,8 +276,8 @@ class GenServer:
                 await self._supervisor_task
 
     async def _close_engine(self) -> None:
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+        if self._engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._engine.close)
 
     def _on_unauthenticated(self, rpc: str) -> None:
         self.metrics.rejections.labels(rpc, "UNAUTHENTICATED").inc()

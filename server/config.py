@@ -10,7 +10,11 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.engine import EngineLimits
+    from engine.images import ImageLimits
 
 ENV_PREFIX = "GENSERVE_"
 SECRET_FIELDS = ("amqp_url",)  # may hold a password: --help never shows its value
@@ -96,6 +100,25 @@ class ServerConfig:
             raise ValueError("amqp_url must start with amqp:// or amqps://")  # not echoed: it may hold a password
         if self.amqp_url and not self.amqp_queue:
             raise ValueError("amqp_queue is empty: name the queue of requests")
+
+    # The engine's limits come from here and only here (the engine has no defaults of its own).
+    # Imported late: this module must not import torch, so that --help and bad flags answer at once.
+    def engine_limits(self) -> EngineLimits:
+        from engine.engine import EngineLimits
+
+        return EngineLimits(
+            image_threads=self.image_threads,
+            decode_batch=self.decode_batch,
+            decode_pending=self.decode_pending,
+            inline_image_ms=self.inline_batch_ms,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+    def image_limits(self) -> ImageLimits:
+        """A request's limits for image models: batches of ``batch_size`` (bigger requests are split)."""
+        from engine.images import ImageLimits
+
+        return ImageLimits(max_batch=self.batch_size)
 
     @property
     def address(self) -> str:

@@ -43,7 +43,7 @@ class Outcome:
         return cls(code, message, "error")
 
 
-class Sink(Protocol):
+class Recipient(Protocol):
     """The caller's side of a job: where its chunks and its one terminal outcome go."""
 
     def emit(self, job: Job, item: ImageResult | TokenEvent) -> None: ...
@@ -56,7 +56,7 @@ class Job:
     id: str
     rpc: str  # "Generate" or "GenerateStream", for metrics and logs
     served: ServedModel
-    sink: Sink
+    recipient: Recipient  # where its chunks and outcome go: one call's queue, or a stream's outbox
     deadline: float  # on the event loop's clock
     image: ImageRequest | None = None
     text: SequenceRequest | None = None
@@ -78,7 +78,7 @@ class Job:
     def emit(self, item: ImageResult | TokenEvent) -> None:
         """Deliver one chunk (images) or token (text) to the caller, unless the job has ended."""
         if not self.done:
-            self.sink.emit(self, item)
+            self.recipient.emit(self, item)
 
     def finish(self, outcome: Outcome) -> bool:
         """End the job with ``outcome``; True if this call ended it (only the first one does)."""
@@ -95,7 +95,7 @@ class Job:
         self.chunks = []
         if self.on_finish is not None:
             self.on_finish(self)
-        self.sink.finish(self, outcome)
+        self.recipient.finish(self, outcome)
         return True
 
     def fail(self, code: grpc.StatusCode, message: str) -> bool:

@@ -1,12 +1,10 @@
-r"""The pipeline: its links, its stages, and admission (the producer's front door).
+r"""The pipeline: admission (the producer's front door), deadlines and metrics, around the topology
+that ``server/stages/topology.py`` builds from the config.
 
-    ingress -> Producer -> work -> Processor xN -> images/<model> -> Batcher -> results -> Router
-                                               \-> text/<model>   -> TextFeeder -> decode loop (engine thread)
-
-Admission (``admit``) runs in the RPC handler, synchronously: it checks the model, the request's
-limits and the server's room, files the job's deadline, and offers it to the ingress. A
-full ingress, or more than ``max_inflight`` unfinished jobs, refuses at once (RESOURCE_EXHAUSTED);
-nothing is parked without bound. Every link holds at most ``queue_size`` items.
+Admission (``admit``) runs in the RPC handler, synchronously, on a job ``server/requests.py`` has
+already checked: it checks the server's room, files the job's deadline, and offers it to the
+ingress. A full ingress, or more than ``max_inflight`` unfinished jobs, refuses at once
+(RESOURCE_EXHAUSTED); nothing is parked without bound. Every link holds at most ``queue_size`` items.
 """
 
 from __future__ import annotations
@@ -20,23 +18,14 @@ from typing import Any
 import grpc
 
 from engine.engine import Engine
-from engine.registry import ModelRegistry, ServedModel
+from engine.registry import ModelRegistry
 from server.config import ServerConfig
 from server.jobs import Job
-from server.links import Link
 from server.metrics import Metrics
-from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+from server.stages.topology import build_topology
+from server.statuses import Refused
 
 DEADLINE_TICK = 0.01  # seconds: deadlines are enforced to within one tick
-
-
-class Refused(Exception):
-    """Raised when admission refuses a request; carries the gRPC status for the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Pipeline:
@@ -51,48 +40,20 @@ class Pipeline:
         self._sweeper: asyncio.TimerHandle | None = None
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.accepting = True
+        self.on_admit: Callable[[Job], None] | None = None  # an observer of admissions (tests/chaos notes when); None in the product
         self._idle = asyncio.Event()
         self._idle.set()
-        size = config.queue_size
-        # The ingress holds max_inflight (plus slack for jobs that ended while queued, which the
-        # producer drops): admission's limit is the number of unfinished requests, so a burst the
-        # credits allowed is not refused for queue room. The links behind are bounded by queue_size.
-        self.ingress: Link[Job] = Link("producer", config.max_inflight + size)
-        self.work: Link[Job] = Link("processor", size)
-        self.results: Link[ImageDone] = Link("router", size)
-        self.image_links: dict[str, Link[ImageWork]] = {}
-        self.text_links: dict[str, Link[Job]] = {}
-        for info in registry.list_models():
-            if info.image is not None:
-                self.image_links.setdefault(info.name, Link(f"batcher-{info.name}", size))
-            elif info.text is not None:
-                self.text_links.setdefault(info.name, Link(f"text-{info.name}", size))
-        self.stages: list[Stage] = self._build_stages()
-        for name, depth in self._depth_readers().items():
+        topology = build_topology(config, registry, engine, observe_batch=self._observe_batch)
+        self.ingress = topology.ingress
+        self.work = topology.work
+        self.results = topology.results
+        self.image_links = topology.image_links
+        self.text_links = topology.text_links
+        self.stages = topology.stages
+        self._depths = topology.depth_readers()
+        for name, depth in self._depths.items():
             metrics.track_depth(name, depth)
         metrics.inflight.set_function(lambda: len(self.inflight))
-
-    def _build_stages(self) -> list[Stage]:
-        c = self.config
-        stages: list[Stage] = [Producer(self.ingress, self.work)]
-        stages += [Processor(i, self.work, self.image_links, self.text_links, max_chunk=c.batch_size) for i in range(c.processors)]
-        for name, link in self.image_links.items():
-            stages.append(
-                Batcher(
-                    name,
-                    link,
-                    self.results,
-                    self.engine,
-                    batch_size=c.batch_size,
-                    batch_timeout=c.batch_timeout_ms / 1000,
-                    concurrency=c.batch_concurrency,
-                    observe_batch=self._observe_batch,
-                )
-            )
-        for name, text_link in self.text_links.items():
-            stages.append(TextFeeder(name, text_link, self.engine, self.registry, max_pending=c.decode_pending))
-        stages.append(Router(self.results))
-        return stages
 
     def _observe_batch(self, model: str, n: int, seconds: float) -> None:
         self.metrics.batch_size.labels(model).observe(n)
@@ -121,6 +82,8 @@ class Pipeline:
         job.on_finish = self._finished
         self.inflight.add(job)
         self._idle.clear()
+        if self.on_admit is not None:
+            self.on_admit(job)
 
     def _sweep(self) -> None:
         """Fail the jobs whose deadline tick has passed; runs every tick while jobs are in flight.
@@ -170,15 +133,5 @@ class Pipeline:
             job.fail(code, message)
         return len(jobs)
 
-    def lookup(self, name: str, version: int) -> ServedModel:
-        return self.registry.get(name, version or None)
-
-    def _depth_readers(self) -> dict[str, Callable[[], int]]:
-        readers: dict[str, Callable[[], int]] = {self.ingress.name: self.ingress.__len__, self.work.name: self.work.__len__}
-        readers[self.results.name] = self.results.__len__
-        readers.update({link.name: link.__len__ for link in self.image_links.values()})
-        readers.update({link.name: link.__len__ for link in self.text_links.values()})
-        return readers
-
     def link_depths(self) -> dict[str, int]:
-        return {name: read() for name, read in self._depth_readers().items()}
+        return {name: read() for name, read in self._depths.items()}

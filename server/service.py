@@ -1,4 +1,4 @@
-"""The genserve.v1.Generator servicer: converts between protobuf and jobs at the edge.
+"""The genserve.v1.Generator servicer: thin handlers that convert between protobuf and jobs at the edge.
 
 - ``Generate``: one job; its chunks are yielded as they come; a refusal or failure ends the call
   with the job's gRPC status, a success with a ``Finish`` message.
@@ -6,210 +6,31 @@
   grants ``stream_credits``; each admitted request uses one credit and gives it back when it
   finishes (piggybacked on the next message). Requests beyond the credit are refused for their id
   with RESOURCE_EXHAUSTED. Results are coalesced: one message carries whatever is ready.
+
+The parts: ``wire.py`` (parsing bad bytes, building messages), ``requests.py`` (request -> checked
+job), ``outbox.py`` (a call's queue, a stream's outbox and its credits), ``pipeline.py`` (admission).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
-import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 
-from engine.decode import SequenceRequest, TokenEvent
-from engine.images import ImageRequest, ImageResult
 from engine.logs import get_logger
-from engine.registry import ModelNotFound, ServedModel
-from engine.sampling import InvalidRequestError, SamplingParams, check_max_new_tokens
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig
-from server.jobs import Job, Outcome, Sink
+from server.jobs import Outcome
 from server.metrics import Metrics
-from server.pipeline import Pipeline, Refused
+from server.outbox import MAX_BYTES_PER_MESSAGE, MAX_RESULTS_PER_MESSAGE, CallQueue, StreamOutbox
+from server.pipeline import Pipeline
+from server.requests import MAX_ID_LENGTH, JobBuilder, call_id, check_stream_id, timeout_of
+from server.statuses import Refused
+from server.wire import SERVICE, Malformed, finish_message, tolerant
 
 log = get_logger("server.service")
-
-MAX_ID_LENGTH = 128  # characters of a client's request id
-MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
-MAX_BYTES_PER_MESSAGE = 1 << 20  # ... and at most this many payload bytes (a quarter of grpc's default receive limit)
-MESSAGE_OVERHEAD = 64  # bytes of framing per result, on top of its payload
-DEFAULT_MAX_NEW_TOKENS = 256
-_ID_PREFIX = os.urandom(4).hex()  # ids of Generate calls that bring none: unique per process, cheap
-_ids = itertools.count(1)
-
-SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name
-
-_REASONS = {
-    "complete": pb.FINISH_REASON_COMPLETE,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop": pb.FINISH_REASON_STOP,
-    "error": pb.FINISH_REASON_ERROR,
-}
-
-
-def _brief(text: str, limit: int = 40) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> None:
-    """Write one chunk into ``message`` (in place: no copy into the stream's response later);
-    ``payload_size`` says how big it is, before it is written."""
-    if isinstance(item, TokenEvent):
-        text = message.text
-        text.text = item.text
-        if item.token_id is not None:
-            text.token_ids.append(item.token_id)
-        text.n_generated = item.n_generated
-        return
-    pixels = item.pixels
-    images = message.images
-    images.offset = item.offset
-    images.count, images.height, images.width = pixels.shape
-    images.pixels = pixels.tobytes()
-    if item.labels is not None:
-        images.labels.extend(item.labels.tolist())
-    if item.floats is not None:
-        images.floats = item.floats.astype("<f4", copy=False).tobytes()
-
-
-def fill_finish(finish: pb.Finish, job: Job | None, outcome: Outcome) -> None:
-    finish.reason = _REASONS[outcome.reason]
-    if not outcome.ok:
-        finish.code = outcome.code.value[0]
-        finish.message = outcome.message
-    if job is not None:
-        finish.seed = job.seed
-        finish.model = job.served.name
-        finish.version = job.served.version
-        finish.n_generated = job.sent
-
-
-def chunk_message(job_id: str, item: ImageResult | TokenEvent) -> pb.GenerateResponse:
-    message = pb.GenerateResponse(id=job_id)
-    fill_chunk(message, item)
-    return message
-
-
-def finish_message(job_id: str, job: Job | None, outcome: Outcome) -> pb.GenerateResponse:
-    message = pb.GenerateResponse(id=job_id)
-    fill_finish(message.finish, job, outcome)
-    return message
-
-
-class CallSink:
-    """The sink of one Generate call: chunks and the outcome, in order, for the handler to yield."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[pb.GenerateResponse | Outcome] = asyncio.Queue()
-
-    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        self.queue.put_nowait(chunk_message(job.id, item))
-
-    def finish(self, job: Job, outcome: Outcome) -> None:
-        self.queue.put_nowait(outcome)
-
-
-class StreamSink:
-    """The outbox of one GenerateStream: results written straight into the next response
-    message (no copies), credits to give back; full messages wait in ``full``."""
-
-    def __init__(self, credits: int, max_bytes: int = MAX_BYTES_PER_MESSAGE, max_pending: int = 4096) -> None:
-        self.credit = credits  # what the client may still send
-        self.credit_back = 0  # returned credits not yet announced
-        self.jobs: dict[str, Job] = {}
-        self.full: collections.deque[pb.StreamResponse] = collections.deque()
-        self.current = pb.StreamResponse()
-        self.count = 0  # results in ``current``
-        self.size = 0  # bytes in ``current``
-        self.max_bytes = max_bytes  # a message never grows past this (unless one result alone is bigger)
-        self.pending = 0  # results not yet handed to grpc
-        self.max_pending = max_pending  # beyond it the reader stops taking requests: the client is not reading
-        self.ready = asyncio.Event()
-        self.drained = asyncio.Event()
-        self.drained.set()
-        self.reader_done = False
-        self.malformed: str | None = None  # a request message that did not parse ends the stream
-
-    @property
-    def empty(self) -> bool:
-        return not self.full and not self.count
-
-    def _result(self, job_id: str, size: int) -> pb.GenerateResponse:
-        size += MESSAGE_OVERHEAD + len(job_id)
-        if self.count and (self.count >= MAX_RESULTS_PER_MESSAGE or self.size + size > self.max_bytes):
-            self.full.append(self.current)
-            self.current = pb.StreamResponse()
-            self.count = self.size = 0
-        self.count += 1
-        self.size += size
-        self.pending += 1
-        if self.pending > self.max_pending:
-            self.drained.clear()
-        self.ready.set()
-        return self.current.results.add(id=job_id)
-
-    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        fill_chunk(self._result(job.id, payload_size(item)), item)
-
-    def finish(self, job: Job, outcome: Outcome) -> None:
-        if self.jobs.get(job.id) is job:
-            del self.jobs[job.id]
-        self.answer(job.id, job, outcome)
-
-    def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True) -> None:
-        """A terminal message for ``job_id``; ``credit``: the request had used a credit, give it back."""
-        fill_finish(self._result(job_id, len(outcome.message)).finish, job, outcome)
-        if credit:
-            self.credit += 1
-            self.credit_back += 1
-
-    def next_message(self) -> pb.StreamResponse | None:
-        if self.full:
-            message = self.full.popleft()
-        elif self.count or self.credit_back:
-            message, self.current = self.current, pb.StreamResponse()
-            self.count = self.size = 0
-        else:
-            message = None
-        if message is not None:
-            self.pending -= len(message.results)
-            if self.pending <= self.max_pending:
-                self.drained.set()
-            if self.credit_back:
-                message.credits = self.credit_back
-                self.credit_back = 0
-        if self.empty:
-            self.ready.clear()
-        return message
-
-
-def payload_size(item: ImageResult | TokenEvent) -> int:
-    if isinstance(item, TokenEvent):
-        return len(item.text) * 4 + 8
-    size = item.pixels.nbytes + 4 * len(item.pixels)  # + a label each
-    return size if item.floats is None else size + item.floats.size * 4
-
-
-class Malformed:
-    """What a request message that does not parse deserializes to: the handler refuses it with
-    INVALID_ARGUMENT (grpc's own deserializer failure would be UNKNOWN)."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except Exception as e:  # DecodeError, or a UnicodeDecodeError in a string field
-            return Malformed(f"{type(e).__name__}: {e}"[:200])
-
-    return deserialize
 
 
 def register(service: GeneratorService, server: grpc.aio.Server) -> None:
@@ -237,6 +58,7 @@ def register(service: GeneratorService, server: grpc.aio.Server) -> None:
 class GeneratorService(pb_grpc.GeneratorServicer):
     def __init__(self, config: ServerConfig, pipeline: Pipeline, metrics: Metrics) -> None:
         self.config = config
+        self.jobs = JobBuilder(config, pipeline.registry)
         self.pipeline = pipeline
         self.registry = pipeline.registry
         self.metrics = metrics
@@ -278,60 +100,6 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             response.models.append(entry)
         return response
 
-    # -- requests -> jobs --------------------------------------------------------------------
-
-    def _served(self, request: pb.GenerateRequest) -> ServedModel:
-        try:
-            return self.registry.get(request.model, request.version or None)
-        except ModelNotFound as e:
-            raise Refused(grpc.StatusCode.NOT_FOUND, str(e)) from None
-
-    def build_job(self, request: pb.GenerateRequest, rpc: str, job_id: str, sink: Sink) -> Job:
-        """A job for ``request``, or Refused (INVALID_ARGUMENT, NOT_FOUND) with a precise reason."""
-        which = request.WhichOneof("params")
-        if which is None:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "request has no params: set image (for image models) or text (for text models)")
-        served = self._served(request)
-        if which == "image":
-            images = served.images
-            if images is None:
-                raise Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send text params, not image"
-                )
-            p = request.image
-            max_n = images.limits.max_n
-            if not 1 <= p.n <= max_n:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"n must be from 1 to {max_n}, got {p.n}")
-            if len(p.labels) > p.n:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"labels: give n ({p.n}) labels or one for all, got {len(p.labels)}")
-            image = ImageRequest(
-                n=p.n,
-                seed=p.seed if p.HasField("seed") else None,
-                labels=list(p.labels) or None,
-                want_float=p.want_float,
-                request_id=job_id,
-            )
-            return Job(job_id, rpc, served, sink, 0.0, image=image)
-        if served.info.text is None:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send image params, not text")
-        t = request.text
-        try:
-            max_new = t.max_new_tokens if t.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens)
-            check_max_new_tokens(max_new, self.config.max_new_tokens)
-            params = SamplingParams(
-                temperature=t.temperature if t.HasField("temperature") else 1.0,
-                top_k=t.top_k if t.HasField("top_k") else 0,
-                top_p=t.top_p if t.HasField("top_p") else 1.0,
-                seed=t.seed if t.HasField("seed") else None,
-                max_new_tokens=max_new,
-                stop=tuple(t.stop),
-            )
-        except InvalidRequestError as e:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        if not t.prompt:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, 'prompt is empty: send at least one character (e.g. "\\n")')
-        return Job(job_id, rpc, served, sink, 0.0, text=SequenceRequest(t.prompt, params, job_id))
-
     def _refused(self, rpc: str, code: grpc.StatusCode) -> None:
         self.metrics.rejections.labels(rpc, code.name).inc()
 
@@ -340,18 +108,18 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
-        job_id = request.id[:MAX_ID_LENGTH] or f"{_ID_PREFIX}-{next(_ids)}"
-        sink = CallSink()
+        job_id = call_id(request)
+        queue = CallQueue()
         try:
-            job = self.build_job(request, "Generate", job_id, sink)
-            self.pipeline.admit(job, _timeout(request.timeout_ms, context.time_remaining()))
+            job = self.jobs.build(request, "Generate", job_id, queue)
+            self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("Generate", e.code)
             log.debug("request_refused", request_id=job_id, rpc="Generate", code=e.code.name, reason=e.message)
             await context.abort(e.code, e.message)
         try:
             while True:
-                item = await sink.queue.get()
+                item = await queue.items.get()
                 if isinstance(item, Outcome):
                     if item.ok:
                         yield finish_message(job_id, job, item)
@@ -370,7 +138,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         budget = min(MAX_BYTES_PER_MESSAGE, (self.config.max_message_mb << 20) // 2)
-        stream = StreamSink(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
+        stream = StreamOutbox(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
         reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
         try:
             yield pb.StreamResponse(credits=stream.credit)
@@ -391,7 +159,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 job.fail(grpc.StatusCode.CANCELLED, "the stream ended before the request finished")
 
     async def _read_stream(
-        self, request_iterator: AsyncIterator[pb.StreamRequest], stream: StreamSink, context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.StreamRequest], stream: StreamOutbox, context: grpc.aio.ServicerContext
     ) -> None:
         try:
             async for message in request_iterator:
@@ -410,7 +178,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             stream.reader_done = True
             stream.ready.set()
 
-    def _stream_request(self, request: pb.GenerateRequest, stream: StreamSink, context: grpc.aio.ServicerContext) -> None:
+    def _stream_request(self, request: pb.GenerateRequest, stream: StreamOutbox, context: grpc.aio.ServicerContext) -> None:
         job_id = request.id
         if stream.credit <= 0:
             self._refused("GenerateStream", grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -419,24 +187,11 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             return
         stream.credit -= 1
         try:
-            if not job_id:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "id is empty: tag each request with an id unique among your in-flight ones")
-            if len(job_id) > MAX_ID_LENGTH:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"id has {len(job_id)} characters; the limit is {MAX_ID_LENGTH}")
-            if job_id in stream.jobs:
-                raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"id {_brief(job_id)} is already in flight on this stream")
-            job = self.build_job(request, "GenerateStream", job_id, stream)
-            self.pipeline.admit(job, _timeout(request.timeout_ms, context.time_remaining()))
+            check_stream_id(job_id, stream.jobs)
+            job = self.jobs.build(request, "GenerateStream", job_id, stream)
+            self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("GenerateStream", e.code)
             stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message))
             return
         stream.jobs[job_id] = job
-
-
-def _timeout(timeout_ms: int, remaining: float | None) -> float | None:
-    """The request's own timeout, capped by the call's deadline; None when neither is set."""
-    own = timeout_ms / 1000 if timeout_ms else None
-    if remaining is None:
-        return own
-    return remaining if own is None else min(own, remaining)

@@ -17,11 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import anyio
-import grpc
 from anyio.abc import TaskStatus
 
 from engine.logs import get_logger
 from server.stages import Stage
+from server.statuses import retryable
 
 log = get_logger("server.supervisor")
 
@@ -117,7 +117,7 @@ class Supervisor:
     def _fail_held(self, stage: Stage, failure: str) -> None:
         jobs = stage.release()
         for job in jobs:
-            job.fail(grpc.StatusCode.UNAVAILABLE, f"stage {stage.name} failed while holding this request; it may be retried")
+            job.fail(*retryable(f"stage {stage.name} failed while holding this request"))
         if jobs:
             log.warning("stage_work_failed", stage=stage.name, jobs=len(jobs), reason=failure)
 

@@ -32,7 +32,7 @@ from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
 from server.amqp import declare_queues
 from server.app import AMQP_NAME, SERVICE_NAME
-from server.testing import running_server
+from tests.serving import running_server
 
 pytestmark = pytest.mark.timeout(180)
 

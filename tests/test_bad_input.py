@@ -47,8 +47,8 @@ from hypothesis import strategies as st
 from engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.service import MAX_ID_LENGTH
-from server.testing import ServerThread
+from server.requests import MAX_ID_LENGTH
+from tests.serving import ServerThread
 
 pytestmark = [pytest.mark.timeout(300)]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest_client import fake_server, sample_value, self_signed, until
 
 from clients import (
     AsyncClient,
@@ -27,6 +26,7 @@ from clients import (
     Unauthenticated,
     Unavailable,
 )
+from tests.conftest_client import fake_server, sample_value, self_signed, until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 

@@ -1,4 +1,4 @@
-"""The SDK and the command line against a real server on localhost (server/testing.py) and the bundled models.
+"""The SDK and the command line against a real server on localhost (tests/serving.py) and the bundled models.
 
 The blocking ``Client`` and ``python -m clients`` run in a worker thread (``asyncio.to_thread``):
 the server shares the test's event loop and must keep running while they wait.
@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from conftest_client import until
 from PIL import Image
 
 from clients import (
@@ -32,7 +31,8 @@ from clients import (
 )
 from clients.cli import main
 from server.app import GenServer
-from server.testing import running_server
+from tests.conftest_client import until
+from tests.serving import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
@@ -141,7 +141,7 @@ async def test_invalid_requests(client: AsyncClient) -> None:
         await client.generate_images("nope", 1)
     with pytest.raises(ModelNotFound):
         await client.generate_images("vae", 1, version=99)
-    with pytest.raises(InvalidRequest, match="n must be from 1 to"):
+    with pytest.raises(InvalidRequest, match="n must be an integer from 1 to"):
         await client.generate_images("vae", 0)
     with pytest.raises(InvalidRequest, match="label"):
         await client.generate_images("gan", 2, labels=[1, 2, 3])

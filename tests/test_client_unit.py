@@ -102,6 +102,22 @@ def test_text_request_leaves_unset_options_to_the_server() -> None:
     assert t.HasField("temperature") and t.temperature == 0.0 and t.max_new_tokens == 5 and list(t.stop) == ["a", "b"]
 
 
+def test_every_text_option_reaches_the_request() -> None:
+    r = text_request("transformer", "ROMEO:", max_new_tokens=5, temperature=0.5, top_k=3, top_p=0.9, seed=4, stop="x", version=2)
+    t = r.text
+    assert (t.max_new_tokens, t.temperature, t.top_k, t.seed, list(t.stop), r.version) == (5, 0.5, 3, 4, ["x"], 2)
+    assert t.top_p == pytest.approx(0.9)  # a float32 field
+
+
+def test_a_misspelt_option_is_refused_by_name() -> None:
+    # the methods take their options as **options (one keyword set for the async and sync SDK), so
+    # Python itself no longer refuses an unknown keyword: the request builder does
+    with pytest.raises(TypeError, match=r"^unexpected option\(s\) for a text request: max_tokens; known: max_new_tokens, "):
+        text_request("transformer", "ROMEO:", max_tokens=5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"^unexpected option\(s\) for an image request: label; "):
+        image_request("gan", 2, label=3)  # type: ignore[call-arg]
+
+
 def _chunk(offset: int, count: int, value: int, *, floats: bool = False) -> pb.Images:
     pixels = np.full((count, 2, 3), value, np.uint8)
     f = (pixels.astype("<f4") / 255).tobytes() if floats else b""

@@ -9,10 +9,11 @@ from typing import Literal
 import pytest
 import torch
 
-from engine.decode import DecodeLoop, QueueFullError, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
+from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
+from engine.errors import InvalidPromptError, InvalidRequestError, InvalidSamplingError, QueueFullError
 from engine.modelfile import load_model
 from engine.models.transformer import CharTransformer, TransformerConfig
-from engine.sampling import InvalidPromptError, InvalidRequestError, InvalidSamplingError, SamplingBatch, SamplingParams, sample
+from engine.sampling import SamplingBatch, SamplingParams, sample
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
 VOCAB = "\n abcdefghij"

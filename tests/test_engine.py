@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.decode import DecodeLoop, QueueFullError, SequenceRequest
-from engine.engine import Engine, EngineError
+from engine.decode import DecodeLoop, SequenceRequest
+from engine.engine import Engine
+from engine.errors import EngineError, InvalidPromptError, QueueFullError
 from engine.images import ImageRequest
 from engine.modelfile import export_model
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
 from engine.registry import ModelRegistry
-from engine.sampling import InvalidPromptError, SamplingParams
+from engine.sampling import SamplingParams
+from server.config import ServerConfig
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -35,7 +37,7 @@ def registry(tmp_path: Path) -> ModelRegistry:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    e = Engine(decode_batch=4, decode_pending=2)
+    e = Engine(ServerConfig(decode_batch=4, decode_pending=2).engine_limits())
     yield e
     e.close()
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.images import SEED_LIMIT, ImageChunk, ImageGenerator, ImageLimits, ImageRequest, InvalidImageRequest
+from engine.errors import InvalidImageRequest
+from engine.images import SEED_LIMIT, ImageChunk, ImageGenerator, ImageLimits, ImageRequest
 from engine.modelfile import LoadedModel, export_model, load_model
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
@@ -118,7 +119,8 @@ def test_no_seed_draws_one_and_reports_it(models: dict[str, LoadedModel]) -> Non
 def test_split_request_equals_the_whole_one(models: dict[str, LoadedModel], name: str) -> None:
     request = ImageRequest(n=10, seed=5, want_float=True)
     (whole,) = gen(models, name, max_batch=10).generate([request])
-    parts = list(gen(models, name, max_batch=4).generate_chunks(request))
+    g = gen(models, name, max_batch=4)
+    parts = [g.run([c])[0] for c in g.prepare(request).split(4)]  # the processor's split, the batcher's runs
     assert [(p.offset, len(p.pixels), p.total, p.last) for p in parts] == [(0, 4, 10, False), (4, 4, 10, False), (8, 2, 10, True)]
     np.testing.assert_array_equal(np.concatenate([p.pixels for p in parts]), whole.pixels)
     assert whole.floats is not None
@@ -139,11 +141,6 @@ def test_chunks_of_different_requests_share_a_batch(models: dict[str, LoadedMode
     np.testing.assert_array_equal(np.concatenate([r.pixels for r in by_offset]), whole.pixels)
     (small_alone,) = g.generate([small])
     np.testing.assert_array_equal(results[1].pixels, small_alone.pixels)
-
-
-def test_generate_chunks_validates_at_the_call(models: dict[str, LoadedModel]) -> None:
-    with pytest.raises(InvalidImageRequest):
-        gen(models, "vae").generate_chunks(ImageRequest(n=0, seed=1))  # not at the first next()
 
 
 def test_a_batch_larger_than_max_batch_is_refused(models: dict[str, LoadedModel]) -> None:

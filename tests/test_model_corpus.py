@@ -34,16 +34,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from model_corpus import CASES, GOOD, SKIPPED, VOCAB, Case, Corpus, build_corpus, tiny_text, tiny_vae
 
 import engine.modelfile
 import engine.registry
+from engine.errors import ModelFileError, ModelNotFound
 from engine.logs import configure_logging
-from engine.modelfile import ModelFileError, export_model, load_model
-from engine.registry import FolderReport, ModelNotFound, ModelRegistry
+from engine.modelfile import export_model, load_model
+from engine.registry import FolderReport, ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.testing import ServerThread
+from tests.model_corpus import CASES, GOOD, SKIPPED, VOCAB, Case, Corpus, build_corpus, tiny_text, tiny_vae
+from tests.serving import ServerThread
 
 pytestmark = [pytest.mark.timeout(300)]
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.errors import ModelFileError
 from engine.modelfile import (
     MAX_HEADER_BYTES,
-    ModelFileError,
     export_model,
     load_model,
     read_header,

@@ -17,9 +17,10 @@ import structlog
 import torch
 from torch import nn
 
-from engine.device import DeviceUnavailableError, choose_device, configure_threads, resolve_device
+from engine.device import choose_device, configure_threads, resolve_device
+from engine.errors import DeviceUnavailableError, ModelFileError, ModelNotFound
 from engine.images import ImageGenerator, ImageLimits, ImageRequest
-from engine.modelfile import ModelFileError, export_model, load_model
+from engine.modelfile import export_model, load_model
 from engine.models.classifier import ClassifierConfig, DigitClassifier
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
@@ -27,7 +28,6 @@ from engine.models.vae import VAE, VAEConfig
 from engine.registry import (
     DEFAULT_MODELS_DIR,
     LoadFailure,
-    ModelNotFound,
     ModelRegistry,
     ServedModel,
     parse_file_name,
@@ -89,12 +89,7 @@ def test_folder_loads_every_served_model_directly_inside(folder: Path) -> None:
     vae, gan, text = infos["vae"], infos["digits"], infos["text"]
     assert (vae.kind, vae.version, vae.latest, vae.device, vae.text) == ("vae", 1, True, "cpu", None)
     assert vae.image is not None and vae.image.max_n == 50 and vae.image.image_size == 28 and vae.image.latent_dim == 3
-    assert (vae.image.conditional, vae.image.labels_accepted, vae.image.labels_required, vae.image.label_range) == (
-        False,
-        False,
-        False,
-        None,
-    )
+    assert (vae.image.conditional, vae.image.labels_accepted, vae.image.label_range) == (False, False, None)
     assert gan.image is not None and (gan.image.conditional, gan.image.labels_accepted, gan.image.label_range) == (True, True, (0, 9))
     assert text.image is None and text.text is not None and (text.text.vocab, text.text.context_window) == (VOCAB, 8)
     assert vae.parameters == sum(p.numel() for p in tiny_vae().parameters())

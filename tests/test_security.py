@@ -25,7 +25,7 @@ from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
 from server.auth import BearerTokenAuth, SecurityError, load_tokens
 from server.config import TOKENS_ENV, ServerConfig, from_env, parse_args
-from server.testing import make_config, running_server
+from tests.serving import make_config, running_server
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),

@@ -17,7 +17,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
-from server.testing import make_config, running_server
+from server.outbox import CallQueue
+from server.requests import JobBuilder
+from server.statuses import Refused
+from tests.serving import make_config, running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
@@ -157,8 +160,8 @@ async def test_text_stops_at_a_stop_string(stub: pb_grpc.GeneratorStub) -> None:
         (image(model="../models/vae"), grpc.StatusCode.NOT_FOUND, "not served"),
         (image(version=9), grpc.StatusCode.NOT_FOUND, "version"),
         (pb.GenerateRequest(model="vae"), grpc.StatusCode.INVALID_ARGUMENT, "no params"),
-        (image(n=0), grpc.StatusCode.INVALID_ARGUMENT, "n must be from 1 to 1024"),
-        (image(n=5000), grpc.StatusCode.INVALID_ARGUMENT, "n must be from 1 to 1024"),
+        (image(n=0), grpc.StatusCode.INVALID_ARGUMENT, "n must be an integer from 1 to 1024"),
+        (image(n=5000), grpc.StatusCode.INVALID_ARGUMENT, "n must be an integer from 1 to 1024"),
         (image("gan", n=2, labels=[10]), grpc.StatusCode.INVALID_ARGUMENT, "label"),
         (image("gan", n=2, labels=[1, 2, 3]), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
         (image("vae", n=2, labels=[1]), grpc.StatusCode.INVALID_ARGUMENT, "label"),
@@ -182,6 +185,21 @@ async def test_bad_requests_get_a_precise_status(
     assert got == code and words in details
     assert (await collect(stub, image(n=1)))[-1].finish.code == 0  # and the server keeps serving
     await wait_until(lambda: not server.pipeline.inflight)
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        (pb.ImageParams(n=4, labels=[1, 2]), r"^labels has 2 entries; expected n=4 \(one per sample\) or 1"),  # passed admission once
+        (pb.ImageParams(n=2, labels=[10]), r"^label 10 at index 0 is outside 0\.\.9$"),
+        (pb.ImageParams(n=1, seed=2**63), r"^seed must be an integer from 0 to 2\*\*63-1"),
+    ],
+)
+async def test_image_requests_are_checked_at_admission_by_the_engine_rules(server: GenServer, params: pb.ImageParams, words: str) -> None:
+    builder = JobBuilder(server.config, server.registry)
+    with pytest.raises(Refused, match=words) as refused:
+        builder.build(pb.GenerateRequest(model="gan", image=params), "Generate", "r1", CallQueue())
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_deadline_passes_while_generating(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
@@ -210,7 +228,7 @@ async def test_a_client_that_goes_away_leaves_the_decode_loop(stub: pb_grpc.Gene
     call.cancel()
     await wait_until(lambda: not server.pipeline.inflight)
     served = server.registry.get("transformer")
-    await wait_until(lambda: server.engine.text_worker(served).loop.active_count == 0)  # type: ignore[union-attr]
+    await wait_until(lambda: server.engine.text_worker(served).loop.active_count == 0)
 
 
 # -- GenerateStream -------------------------------------------------------------------------------

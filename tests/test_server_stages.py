@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engine.decode import DecodeLoop, SequenceRequest, TokenEvent
-from engine.engine import Engine, EngineError
+from engine.engine import Engine
+from engine.errors import EngineError
 from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.modelfile import export_model
 from engine.models.transformer import CharTransformer, TransformerConfig
@@ -26,8 +27,9 @@ from server.config import ServerConfig
 from server.jobs import Job, Outcome
 from server.links import Link
 from server.metrics import Metrics
-from server.pipeline import Pipeline, Refused
+from server.pipeline import Pipeline
 from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+from server.statuses import Refused
 from server.supervisor import Supervisor
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -61,13 +63,13 @@ def text_model(registry: ModelRegistry) -> ServedModel:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    e = Engine(decode_batch=4, decode_pending=4)
+    e = Engine(ServerConfig(decode_batch=4, decode_pending=4, max_new_tokens=4096).engine_limits())  # long sequences to cancel
     yield e
     e.close()
 
 
-class RecordingSink:
-    """Records what each job emitted and every terminal outcome (exactly one is expected)."""
+class RecordingRecipient:
+    """A job recipient that records what each job emitted and every terminal outcome (exactly one is expected)."""
 
     def __init__(self) -> None:
         self.items: dict[str, list[Any]] = {}
@@ -131,11 +133,11 @@ class FakeEngine:
                 await self.changed.wait()
 
 
-def image_job(served: ServedModel, sink: RecordingSink, job_id: str, n: int, seed: int | None = 1, **kw: Any) -> Job:
+def image_job(served: ServedModel, sink: RecordingRecipient, job_id: str, n: int, seed: int | None = 1, **kw: Any) -> Job:
     return Job(job_id, "Generate", served, sink, 0.0, image=ImageRequest(n=n, seed=seed, request_id=job_id, **kw))
 
 
-def text_job(served: ServedModel, sink: RecordingSink, job_id: str, prompt: str, params: SamplingParams) -> Job:
+def text_job(served: ServedModel, sink: RecordingRecipient, job_id: str, prompt: str, params: SamplingParams) -> Job:
     return Job(job_id, "Generate", served, sink, 0.0, text=SequenceRequest(prompt, params, job_id))
 
 
@@ -259,7 +261,7 @@ async def test_a_link_needs_room() -> None:
 
 
 async def test_a_full_batch_closes_without_waiting_for_the_timeout(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -278,7 +280,7 @@ async def test_a_full_batch_closes_without_waiting_for_the_timeout(digits: Serve
 
 
 async def test_a_partial_batch_closes_after_the_timeout(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -297,7 +299,7 @@ async def test_a_partial_batch_closes_after_the_timeout(digits: ServedModel) -> 
 async def test_the_batch_timeout_counts_from_its_first_piece(digits: ServedModel) -> None:
     """Pieces keep arriving more often than the timeout: the batch must still close about one timeout
     after its first piece, not wait for a quiet spell (that would hold it until the stream stops)."""
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 64)
     out: Link[ImageDone] = Link("out", 64)
@@ -312,7 +314,7 @@ async def test_the_batch_timeout_counts_from_its_first_piece(digits: ServedModel
 
 
 async def test_a_piece_that_does_not_fit_opens_the_next_batch(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -327,7 +329,7 @@ async def test_a_piece_that_does_not_fit_opens_the_next_batch(digits: ServedMode
 
 
 async def test_at_most_concurrency_batches_run_at_once(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     gate = asyncio.Event()
     engine = FakeEngine(gate)
     inbox: Link[ImageWork] = Link("in", 16)
@@ -350,7 +352,7 @@ async def test_at_most_concurrency_batches_run_at_once(digits: ServedModel) -> N
 
 
 async def test_finished_jobs_are_not_sent_to_the_engine(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -372,7 +374,7 @@ async def test_finished_jobs_are_not_sent_to_the_engine(digits: ServedModel) -> 
 
 
 async def test_an_engine_error_fails_its_batch_unavailable_and_the_batcher_goes_on(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine(failures=[EngineError("generation failed in digits: RuntimeError"), ValueError("bad batch")])
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -401,7 +403,7 @@ async def test_an_engine_error_fails_its_batch_unavailable_and_the_batcher_goes_
 
 @pytest.mark.parametrize("fault", ["engine raises", "kill"])
 async def test_jobs_of_a_running_batch_fail_unavailable_when_the_batcher_dies(digits: ServedModel, fault: str) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     gate = asyncio.Event()
     engine = FakeEngine(gate, failures=[RuntimeError("not an EngineError")] if fault == "engine raises" else [])
     inbox: Link[ImageWork] = Link("in", 16)
@@ -430,7 +432,7 @@ async def test_jobs_of_a_running_batch_fail_unavailable_when_the_batcher_dies(di
 
 
 async def test_a_killed_idle_batcher_is_restarted_and_serves_again(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     engine = FakeEngine()
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
@@ -456,12 +458,12 @@ async def test_a_killed_idle_batcher_is_restarted_and_serves_again(digits: Serve
 
 
 async def test_a_big_request_is_split_into_contiguous_pieces(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "big", 10, seed=7)
     await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
         works = await take_n(images, 3)
     assert all(w.job is job for w in works)
     chunks = [w.chunk for w in works]
@@ -476,24 +478,24 @@ async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: S
     assert digits.images is not None
     expected = digits.images.prepare(ImageRequest(n=10, seed=123)).z
     for max_chunk in (1, 3, 4, 16):
-        sink = RecordingSink()
+        sink = RecordingRecipient()
         inbox: Link[Job] = Link("work", 8)
         images: Link[ImageWork] = Link("images", 16)
         job = image_job(digits, sink, "j", 10, seed=123)
         await inbox.put(job)
-        async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=max_chunk)):
+        async with running(Processor(0, inbox, {"digits": images}, max_chunk=max_chunk)):
             works = await take_n(images, -(-10 // max_chunk))
         z = torch.cat([w.chunk.z for w in works])
         assert torch.equal(z, expected), f"max_chunk={max_chunk}"
 
 
 async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "j", 6, seed=None)
     await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
         works = await take_n(images, 2)
     assert {w.chunk.seed for w in works} == {job.seed}
     assert digits.images is not None
@@ -501,14 +503,15 @@ async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
 
 
 async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, text_model: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
+    ingress: Link[Job] = Link("ingress", 8)
     images: Link[ImageWork] = Link("images", 8)
     lost_image = image_job(digits, sink, "img", 2)
     lost_text = text_job(text_model, sink, "txt", "A", SamplingParams(max_new_tokens=3))
     await inbox.put(lost_image)
-    await inbox.put(lost_text)
-    async with running(Processor(0, inbox, {}, {}, max_chunk=4)):
+    ingress.offer(lost_text)
+    async with running(Processor(0, inbox, {}, max_chunk=4)), running(Producer(ingress, Link("work", 8), {})):
         for job in (lost_image, lost_text):
             outcome = await sink.outcome(job)
             assert outcome.code == grpc.StatusCode.UNAVAILABLE and "not being served" in outcome.message
@@ -516,7 +519,7 @@ async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, tex
 
 
 async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     labelled = image_job(digits, sink, "labels", 2, labels=[1, 2])  # the VAE is unconditional
@@ -524,7 +527,7 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
     good = image_job(digits, sink, "good", 1)
     for job in (labelled, empty, good):
         await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
         (work,) = await take_n(images, 1)
         for job, field in ((labelled, "labels"), (empty, "n")):
             outcome = await sink.outcome(job)
@@ -533,22 +536,36 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
     assert len(images) == 0
 
 
-async def test_the_processor_forwards_text_and_skips_finished_jobs(digits: ServedModel, text_model: ServedModel) -> None:
-    sink = RecordingSink()
+async def test_the_processor_skips_finished_jobs(digits: ServedModel) -> None:
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
-    texts: Link[Job] = Link("texts", 8)
     gone = image_job(digits, sink, "gone", 2)
+    gone.fail(grpc.StatusCode.CANCELLED, "client went away")
+    img = image_job(digits, sink, "img", 2)
+    for job in (gone, img):
+        await inbox.put(job)
+    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
+        (work,) = await take_n(images, 1)
+        await settle()
+    assert work.job is img and gone.chunks == [] and len(images) == 0
+
+
+async def test_the_producer_sends_text_straight_to_its_feeder_and_skips_finished_jobs(digits: ServedModel, text_model: ServedModel) -> None:
+    sink = RecordingRecipient()
+    ingress: Link[Job] = Link("ingress", 8)
+    work: Link[Job] = Link("work", 8)
+    texts: Link[Job] = Link("texts", 8)
+    gone = text_job(text_model, sink, "gone", "A", SamplingParams(max_new_tokens=3))
     gone.fail(grpc.StatusCode.CANCELLED, "client went away")
     t = text_job(text_model, sink, "t", "A", SamplingParams(max_new_tokens=3))
     img = image_job(digits, sink, "img", 2)
     for job in (gone, t, img):
-        await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, {"text": texts}, max_chunk=4)):
-        (work,) = await take_n(images, 1)
-        assert await take_n(texts, 1) == [t]
-    assert work.job is img and gone.chunks == []
-    assert len(images) == 0 and len(texts) == 0
+        ingress.offer(job)
+    async with running(Producer(ingress, work, {"text": texts})):
+        assert await take_n(texts, 1) == [t]  # no processor on the way: a text job needs no preparing
+        assert await take_n(work, 1) == [img]
+    assert len(work) == 0 and len(texts) == 0
 
 
 # -- Router -----------------------------------------------------------------------------------------
@@ -560,7 +577,7 @@ def results_of(job: Job, size: int) -> list[ImageDone]:
 
 
 async def test_results_reach_their_job_and_it_completes_once_after_its_last_piece(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[ImageDone] = Link("router", 16)
     a = image_job(digits, sink, "a", 5, seed=1)
     b = image_job(digits, sink, "b", 2, seed=2)
@@ -575,7 +592,7 @@ async def test_results_reach_their_job_and_it_completes_once_after_its_last_piec
         assert a.sent == 3
         await inbox.put(a_parts[1])
         assert await sink.outcome(a) == Outcome(reason="complete")
-        # a stray piece after the end neither reaches the sink nor ends the job again
+        # a stray piece after the end neither reaches the recipient nor ends the job again
         await inbox.put(a_parts[1])
         c = image_job(digits, sink, "c", 1, seed=3)
         await inbox.put(results_of(c, 1)[0])
@@ -587,7 +604,7 @@ async def test_results_reach_their_job_and_it_completes_once_after_its_last_piec
 
 
 async def test_the_router_drops_pieces_of_finished_jobs(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[ImageDone] = Link("router", 16)
     gone = image_job(digits, sink, "gone", 2)
     parts = results_of(gone, 2)
@@ -605,7 +622,7 @@ async def test_the_router_drops_pieces_of_finished_jobs(digits: ServedModel) -> 
 
 
 async def test_the_producer_forwards_live_jobs_in_order_and_skips_finished_ones(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 16)
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(6)]
@@ -621,7 +638,7 @@ async def test_the_producer_forwards_live_jobs_in_order_and_skips_finished_ones(
 
 
 async def test_the_producer_is_held_back_by_a_full_link(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 2)
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(5)]
@@ -635,7 +652,7 @@ async def test_the_producer_is_held_back_by_a_full_link(digits: ServedModel) -> 
 
 
 async def test_a_killed_producer_fails_what_it_held_and_forwards_the_rest_after_restart(digits: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 1)
     first = image_job(digits, sink, "first", 1)
@@ -666,7 +683,7 @@ async def test_a_killed_producer_fails_what_it_held_and_forwards_the_rest_after_
 
 
 async def test_tokens_reach_their_job_and_it_ends_with_length(engine: Engine, registry: ModelRegistry, text_model: ServedModel) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     settings = {"x": SamplingParams(seed=1, max_new_tokens=7), "y": SamplingParams(seed=2, max_new_tokens=40, temperature=0.8)}
     jobs = [text_job(text_model, sink, name, "ROMEO:", p) for name, p in settings.items()]
@@ -688,16 +705,16 @@ async def test_tokens_reach_their_job_and_it_ends_with_length(engine: Engine, re
 async def test_a_cancelled_text_job_leaves_the_decode_loop(
     engine: Engine, registry: ModelRegistry, text_model: ServedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     feeder = TextFeeder("text", inbox, engine, registry, max_pending=4)
     loop = asyncio.get_running_loop()
     raw: list[TokenEvent | BaseException] = []  # what the decode thread sent, before the job filters it
     ended = asyncio.Event()
-    make_sink = feeder._sink
+    make_listener = feeder._on_event
 
-    def spying_sink(job: Job) -> Callable[[TokenEvent | BaseException], None]:
-        inner = make_sink(job)
+    def spying_listener(job: Job) -> Callable[[TokenEvent | BaseException], None]:
+        inner = make_listener(job)
 
         def sink_(event: TokenEvent | BaseException) -> None:
             inner(event)
@@ -707,7 +724,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
 
         return sink_
 
-    monkeypatch.setattr(feeder, "_sink", spying_sink)
+    monkeypatch.setattr(feeder, "_on_event", spying_listener)
     job = text_job(text_model, sink, "long", "A", SamplingParams(seed=3, max_new_tokens=4096))
     await inbox.put(job)
     async with running(feeder):
@@ -729,7 +746,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
 async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
     engine: Engine, registry: ModelRegistry, text_model: ServedModel
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     bad = text_job(text_model, sink, "bad", "ROMEO: \u00e9", SamplingParams(max_new_tokens=5))
     good = text_job(text_model, sink, "good", "A", SamplingParams(seed=1, max_new_tokens=5))
@@ -745,7 +762,7 @@ async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
 async def test_sequences_keep_streaming_while_a_killed_feeder_restarts(
     engine: Engine, registry: ModelRegistry, text_model: ServedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
     feeder = TextFeeder("text", inbox, engine, registry, max_pending=4)
     restarted = asyncio.Event()
@@ -794,7 +811,7 @@ def make_pipeline(registry: ModelRegistry, engine: Engine, **config: Any) -> tup
 
 async def test_admit_refuses_beyond_max_inflight(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, _ = make_pipeline(registry, engine, max_inflight=2, queue_size=16)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(3)]
     pipeline.admit(jobs[0], None)
     pipeline.admit(jobs[1], None)
@@ -813,7 +830,7 @@ async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
     registry: ModelRegistry, engine: Engine, digits: ServedModel
 ) -> None:
     pipeline, _ = make_pipeline(registry, engine, max_inflight=5, queue_size=2)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(6)]
     for job in jobs[:5]:
         pipeline.admit(job, None)  # the ingress holds max_inflight; the links behind it hold queue_size
@@ -828,7 +845,7 @@ async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
 async def test_admit_refuses_unavailable_when_not_accepting(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, _ = make_pipeline(registry, engine)
     pipeline.accepting = False
-    job = image_job(digits, RecordingSink(), "j", 1)
+    job = image_job(digits, RecordingRecipient(), "j", 1)
     with pytest.raises(Refused) as refused:
         pipeline.admit(job, None)
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
@@ -837,7 +854,7 @@ async def test_admit_refuses_unavailable_when_not_accepting(registry: ModelRegis
 
 async def test_a_job_past_its_deadline_fails_and_leaves_inflight(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, metrics = make_pipeline(registry, engine, request_timeout_s=30.0)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     job = image_job(digits, sink, "slow", 1)
     other = image_job(digits, sink, "other", 1)
     pipeline.admit(job, 0.05)
@@ -857,7 +874,7 @@ async def test_a_job_past_its_deadline_fails_and_leaves_inflight(registry: Model
 
 async def test_the_server_timeout_caps_the_requested_one(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, _ = make_pipeline(registry, engine, request_timeout_s=0.05)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     job = image_job(digits, sink, "j", 1)
     loop = asyncio.get_running_loop()
     before = loop.time()
@@ -869,7 +886,7 @@ async def test_the_server_timeout_caps_the_requested_one(registry: ModelRegistry
 
 async def test_the_whole_pipeline_serves_image_and_text_jobs(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
     pipeline, metrics = make_pipeline(registry, engine, batch_size=4, batch_timeout_ms=5.0, processors=2, queue_size=8)
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     sup = Supervisor(pipeline.stages)
     big = image_job(digits, sink, "big", 10, seed=5)
     small = image_job(digits, sink, "small", 1, seed=6)

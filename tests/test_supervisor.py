@@ -18,7 +18,7 @@ from server.supervisor import Supervisor
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
 
-class RecordingSink:
+class RecordingRecipient:
     """Counts every terminal outcome per job (Job.finish must call it exactly once)."""
 
     def __init__(self) -> None:
@@ -31,7 +31,7 @@ class RecordingSink:
         self.outcomes.setdefault(job.id, []).append(outcome)
 
 
-def make_job(job_id: str, sink: RecordingSink) -> Job:
+def make_job(job_id: str, sink: RecordingRecipient) -> Job:
     return Job(job_id, "Generate", cast(Any, None), sink, 0.0)  # the supervisor never looks at the model
 
 
@@ -117,7 +117,7 @@ async def shutdown(sup: Supervisor, tg: TaskGroup) -> None:
 
 
 async def test_a_crashed_stage_is_restarted_and_its_jobs_fail_unavailable_once() -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     held = [make_job("a", sink), make_job("b", sink)]
     already_done = make_job("done", sink)
     already_done.finish(Outcome(reason="complete"))
@@ -174,7 +174,7 @@ async def test_a_stage_that_returns_is_restarted() -> None:
 
 
 async def test_kill_cancels_the_stage_and_it_is_restarted() -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     job = make_job("j", sink)
     stage = FakeStage("victim", [job])
     rec = Recorder()
@@ -308,7 +308,7 @@ async def test_a_stage_that_fails_before_it_is_ready_still_lets_the_supervisor_r
 
 
 async def test_after_stop_and_cancel_nothing_is_restarted() -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     job = make_job("j", sink)
     stages = [FakeStage("a", [job]), FakeStage("b")]
     rec = Recorder()
@@ -339,7 +339,7 @@ async def test_stop_prevents_restarts_of_a_stage_that_then_fails() -> None:
 
 
 async def test_cancelling_the_enclosing_group_without_stop_does_not_restart() -> None:
-    sink = RecordingSink()
+    sink = RecordingRecipient()
     stages = [FakeStage("a", [make_job("j", sink)]), FakeStage("b")]
     rec = Recorder()
     sup = supervisor(stages, rec)

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from engine.errors import ModelFileError
 from engine.logs import configure_logging, get_logger
-from engine.modelfile import ModelFileError, export_model
+from engine.modelfile import export_model
 from training.checkpoint import load_checkpoint, module_state
 from training.data import DataError
 from training.loop import LoopConfig, TrainingRun, seed_everything

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine.modelfile import ModelFileError, read_header, save_atomically
+from engine.errors import ModelFileError
+from engine.modelfile import read_header, save_atomically
 
 CHECKPOINT_VERSION = 1
 

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.errors import ModelFileError
 from engine.logs import configure_logging
-from engine.modelfile import LoadedModel, ModelFileError, load_model
+from engine.modelfile import LoadedModel, load_model
 from engine.models.classifier import DigitClassifier
 from training.data import ImageSplit, load_mnist, load_shakespeare
 

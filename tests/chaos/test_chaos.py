@@ -14,12 +14,17 @@ import pytest
 import torch
 
 from engine.decode import SequenceRequest
-from engine.engine import Engine, EngineError
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.faults import Faults
 from engine.images import ImageLimits
 from engine.logs import configure_logging
 from engine.registry import ModelRegistry, ServedModel
 from engine.sampling import SamplingParams
-from server.chaos import ChaosConfig, format_report, run_chaos
+from server.config import ServerConfig
+from tests.chaos.config import ChaosConfig
+from tests.chaos.harness import run_chaos
+from tests.chaos.report import format_report
 
 MODELS = "models"  # the bundled vae, gan and transformer
 
@@ -58,13 +63,21 @@ def transformer() -> ServedModel:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    engine = Engine(decode_batch=4, decode_pending=4)
+    engine = Engine(ServerConfig(decode_batch=4, decode_pending=4).engine_limits())
     yield engine
     engine.close()
 
 
-def _boom() -> list[object]:
-    raise RuntimeError("injected decode step failure")
+class _FailingSteps(Faults):
+    """Through the engine's fault seam: every decode step fails (once ``ready`` is set, when given)."""
+
+    def __init__(self, ready: threading.Event | None = None) -> None:
+        self.ready = ready
+
+    def before_decode_step(self, served: ServedModel) -> None:
+        if self.ready is not None:
+            self.ready.wait(timeout=10)
+        raise RuntimeError("injected decode step failure")
 
 
 @pytest.mark.timeout(30)
@@ -74,13 +87,14 @@ def test_a_failed_decode_loop_is_freed_when_it_is_replaced(engine: Engine, trans
     gc.collect()
     gc.disable()  # the point: is it freed by reference counting, as the engine drops it?
     try:
+        engine.install_faults(_FailingSteps())
         worker = engine.text_worker(transformer)
-        setattr(worker.loop, "step", _boom)  # noqa: B010
         worker.submit(SequenceRequest("ROMEO:", SamplingParams(max_new_tokens=4, seed=0)), lambda event: kinds.append(type(event).__name__))
         worker._thread.join(timeout=10)
         assert worker.failed is not None and kinds == ["RuntimeError"]
         dead = weakref.ref(worker)
         del worker
+        engine.install_faults(None)
         assert engine.text_worker(transformer) is not dead()  # the engine replaced it, and holds it no more
         assert dead() is None, "the failed worker (and its KV cache) is still alive: only the cyclic gc frees it"
     finally:
@@ -89,14 +103,14 @@ def test_a_failed_decode_loop_is_freed_when_it_is_replaced(engine: Engine, trans
 
 
 class _AfterTheFailure:
-    """Stands in for a TextWorker's ``_sinks_lock`` to force one interleaving: the submitting thread
+    """Stands in for a TextWorker's ``_listeners_lock`` to force one interleaving: the submitting thread
     takes the lock only after the decode thread's failure path has taken and released it."""
 
     def __init__(self, submitter: threading.Thread) -> None:
         self._lock = threading.Lock()
         self._submitter = submitter
         self.submit_checked = threading.Event()  # submit() has passed its `failed` check
-        self.failure_handled = threading.Event()  # the decode thread has swapped the sinks out
+        self.failure_handled = threading.Event()  # the decode thread has swapped the listeners out
         self.armed = False
 
     def __enter__(self) -> None:
@@ -115,15 +129,11 @@ class _AfterTheFailure:
 def test_a_sequence_submitted_as_the_decode_loop_fails_hears_of_it(engine: Engine, transformer: ServedModel) -> None:
     worker = engine.text_worker(transformer)
     gate = _AfterTheFailure(threading.current_thread())
-    worker._sinks_lock = gate  # type: ignore[assignment]
-
-    def step() -> list[object]:  # the decode thread: fails once the next submit() is past its check
-        gate.submit_checked.wait(timeout=10)
-        raise RuntimeError("injected decode step failure")
+    worker._listeners_lock = gate  # type: ignore[assignment]
 
     first: list[str] = []
     second: list[str] = []
-    setattr(worker.loop, "step", step)  # noqa: B010
+    engine.install_faults(_FailingSteps(ready=gate.submit_checked))  # the decode thread fails once the next submit() is past its check
     params = SamplingParams(max_new_tokens=4, seed=0)
     worker.submit(SequenceRequest("ROMEO:", params), lambda event: first.append(type(event).__name__))
     gate.armed = True

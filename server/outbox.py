@@ -1,0 +1,104 @@
+"""Where a job's results go (its ``Recipient``): the queue of one ``Generate`` call, or the outbox of
+one ``GenerateStream``, which coalesces results into messages and gives credits back."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+from engine.decode import TokenEvent
+from engine.images import ImageResult
+from genserve.v1 import generator_pb2 as pb
+from server.jobs import Job, Outcome
+from server.wire import chunk_message, fill_chunk, fill_finish, payload_size
+
+MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
+MAX_BYTES_PER_MESSAGE = 1 << 20  # ... and at most this many payload bytes (a quarter of grpc's default receive limit)
+MESSAGE_OVERHEAD = 64  # bytes of framing per result, on top of its payload
+
+
+class CallQueue:
+    """The queue of one Generate call: chunks and the outcome, in order, for the handler to yield."""
+
+    def __init__(self) -> None:
+        self.items: asyncio.Queue[pb.GenerateResponse | Outcome] = asyncio.Queue()
+
+    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
+        self.items.put_nowait(chunk_message(job.id, item))
+
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        self.items.put_nowait(outcome)
+
+
+class StreamOutbox:
+    """The outbox of one GenerateStream: results written straight into the next response
+    message (no copies), credits to give back; full messages wait in ``full``."""
+
+    def __init__(self, credits: int, max_bytes: int = MAX_BYTES_PER_MESSAGE, max_pending: int = 4096) -> None:
+        self.credit = credits  # what the client may still send
+        self.credit_back = 0  # returned credits not yet announced
+        self.jobs: dict[str, Job] = {}
+        self.full: collections.deque[pb.StreamResponse] = collections.deque()
+        self.current = pb.StreamResponse()
+        self.count = 0  # results in ``current``
+        self.size = 0  # bytes in ``current``
+        self.max_bytes = max_bytes  # a message never grows past this (unless one result alone is bigger)
+        self.pending = 0  # results not yet handed to grpc
+        self.max_pending = max_pending  # beyond it the reader stops taking requests: the client is not reading
+        self.ready = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.reader_done = False
+        self.malformed: str | None = None  # a request message that did not parse ends the stream
+
+    @property
+    def empty(self) -> bool:
+        return not self.full and not self.count
+
+    def _result(self, job_id: str, size: int) -> pb.GenerateResponse:
+        size += MESSAGE_OVERHEAD + len(job_id)
+        if self.count and (self.count >= MAX_RESULTS_PER_MESSAGE or self.size + size > self.max_bytes):
+            self.full.append(self.current)
+            self.current = pb.StreamResponse()
+            self.count = self.size = 0
+        self.count += 1
+        self.size += size
+        self.pending += 1
+        if self.pending > self.max_pending:
+            self.drained.clear()
+        self.ready.set()
+        return self.current.results.add(id=job_id)
+
+    def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
+        fill_chunk(self._result(job.id, payload_size(item)), item)
+
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+        self.answer(job.id, job, outcome)
+
+    def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True) -> None:
+        """A terminal message for ``job_id``; ``credit``: the request had used a credit, give it back."""
+        fill_finish(self._result(job_id, len(outcome.message)).finish, job, outcome)
+        if credit:
+            self.credit += 1
+            self.credit_back += 1
+
+    def next_message(self) -> pb.StreamResponse | None:
+        if self.full:
+            message = self.full.popleft()
+        elif self.count or self.credit_back:
+            message, self.current = self.current, pb.StreamResponse()
+            self.count = self.size = 0
+        else:
+            message = None
+        if message is not None:
+            self.pending -= len(message.results)
+            if self.pending <= self.max_pending:
+                self.drained.set()
+            if self.credit_back:
+                message.credits = self.credit_back
+                self.credit_back = 0
+        if self.empty:
+            self.ready.clear()
+        return message

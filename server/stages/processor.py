@@ -1,0 +1,77 @@
+"""The processor: prepares image inputs (latents from each request's seed) and splits big requests."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+
+import anyio
+import grpc
+from anyio.abc import TaskStatus
+
+from engine.errors import InvalidImageRequest
+from server.jobs import Job
+from server.links import Link
+from server.stages.base import PROCESSOR_DEMAND, ImageWork, Stage
+from server.statuses import status_of
+
+
+class Processor(Stage):
+    """Prepares image inputs: draws each request's latents from its seed, splits big requests.
+    (Text jobs go from the producer straight to their feeder: there is nothing to prepare.)"""
+
+    kind = "processor"
+
+    def __init__(
+        self,
+        index: int,
+        inbox: Link[Job],
+        image_links: dict[str, Link[ImageWork]],
+        *,
+        max_chunk: int,
+    ) -> None:
+        super().__init__(f"processor-{index}")
+        self.max_chunk = max_chunk  # the batch size: a bigger request is split into pieces of at most this
+        self.inbox = inbox
+        self.image_links = image_links
+        self.pending: collections.deque[tuple[Link[ImageWork], ImageWork]] = collections.deque()
+
+    def holding(self) -> Iterable[Job]:
+        return [*self.held, *(w.job for _, w in self.pending)]
+
+    def release(self) -> list[Job]:
+        jobs = super().release()
+        self.pending.clear()
+        return jobs
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self.held = await self.inbox.take(PROCESSOR_DEMAND)
+            while self.held:
+                job = self.held[0]
+                if not job.done:
+                    await self._process(job)
+                self.held.pop(0)
+
+    async def _process(self, job: Job) -> None:
+        name = job.served.name
+        link = self.image_links.get(name)
+        images = job.served.images
+        if link is None or images is None or job.image is None:
+            job.fail(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not being served (as an image model)")
+            return
+        try:
+            whole = images.prepare(job.image)  # checked at admission (requests.py); this draws the latents
+        except InvalidImageRequest as e:
+            job.fail(*status_of(e))
+            return
+        job.seed = whole.seed
+        size = min(images.limits.max_batch, self.max_chunk)
+        pieces = whole.split(size) if whole.n > size else [whole]
+        job.chunks = pieces
+        self.pending.extend((link, ImageWork(job, c)) for c in pieces)
+        while self.pending:  # a restart fails the job, so no piece is left behind unnoticed
+            target, work = self.pending[0]
+            await target.put(work)
+            self.pending.popleft()

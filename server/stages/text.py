@@ -1,0 +1,120 @@
+"""The text feeder: one text model's decode loop fed with new sequences, and its tokens routed back."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+
+import anyio
+import grpc
+from anyio.abc import TaskStatus
+
+from engine.decode import TokenEvent
+from engine.engine import Engine, generation_failed
+from engine.errors import EngineError, InvalidRequestError, ModelNotFound, QueueFullError
+from engine.registry import ModelRegistry
+from server.jobs import Job, Outcome
+from server.links import Link
+from server.stages.base import Stage
+from server.statuses import status_of
+
+_REASONS = {"length": "length", "stop": "stop"}
+
+
+class TextFeeder(Stage):
+    """Feeds one text model's decode loop (continuous batching, on an engine thread) with new
+    sequences, taking only as many as the loop has room for, and routes each token back.
+
+    Tokens come from the decode thread; they are queued here and routed on the event loop in one
+    callback per burst, not one per token. Routing lives in the feeder object, not its task, so
+    sequences keep streaming while a crashed feeder restarts.
+    """
+
+    kind = "text"
+
+    def __init__(self, model: str, inbox: Link[Job], engine: Engine, registry: ModelRegistry, *, max_pending: int) -> None:
+        super().__init__(f"text-{model}")
+        self.model = model
+        self.inbox = inbox
+        self.engine = engine
+        self.registry = registry
+        self.max_pending = max_pending
+        self._events: collections.deque[tuple[Job, TokenEvent | BaseException]] = collections.deque()
+        self._scheduled = False
+        self._room = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._loop = asyncio.get_running_loop()
+        task_status.started()
+        while True:
+            await self._wait_for_room()
+            self.held = await self.inbox.take(self._room_left())
+            for job in self.held:
+                if not job.done:
+                    self._submit(job)
+            self.held = []
+
+    def _room_left(self) -> int:
+        try:
+            served = self.registry.get(self.model)
+        except ModelNotFound:
+            return 1
+        worker = self.engine.text_worker(served)
+        return max(0, self.max_pending - worker.loop.pending_count)
+
+    async def _wait_for_room(self) -> None:
+        while self._room_left() <= 0:
+            self._room.clear()
+            try:
+                async with asyncio.timeout(0.05):  # room also appears when sequences start decoding
+                    await self._room.wait()
+            except TimeoutError:
+                pass
+
+    def _submit(self, job: Job) -> None:
+        assert job.text is not None
+        try:
+            job.worker, job.handle = self.engine.submit_text(job.served, job.text, self._on_event(job))
+        except (InvalidRequestError, QueueFullError, EngineError) as e:
+            job.fail(*status_of(e))
+            return
+        job.seed = job.handle.seed
+        if job.done:  # it ended (deadline, client gone) between take and submit
+            job.worker.cancel(job.handle)
+
+    def _on_event(self, job: Job) -> Callable[[TokenEvent | BaseException], None]:
+        def on_event(event: TokenEvent | BaseException) -> None:  # on the decode thread
+            self._events.append((job, event))
+            if not self._scheduled:
+                self._scheduled = True
+                loop = self._loop
+                if loop is not None:
+                    with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening any more
+                        loop.call_soon_threadsafe(self._route)
+
+        return on_event
+
+    def _route(self) -> None:
+        self._scheduled = False
+        events = self._events
+        while events:
+            job, event = events.popleft()
+            if isinstance(event, BaseException):
+                job.fail(*status_of(generation_failed(job.served, event)))
+                self._room.set()
+                continue
+            if event.text:  # empty while a stop string is undecided
+                job.sent = event.n_generated
+                job.emit(event)
+            if event.finish_reason is not None:
+                self._room.set()
+                reason = _REASONS.get(event.finish_reason)
+                if reason == "length":
+                    job.finish(Outcome(reason="length"))
+                elif reason == "stop":
+                    job.finish(Outcome(reason="stop"))
+                else:
+                    job.fail(grpc.StatusCode.CANCELLED, "cancelled")
