@@ -1,0 +1,212 @@
+"""Text decoding beside Hugging Face ``generate``, on the same weights and torch thread count, in one run.
+
+    python -m bench.text [--quick] [--threads N] [--rounds R] [--streams 32] [--tokens 100] [--no-server]
+
+Contenders, each decoding ``streams`` sequences of ``tokens`` new tokens (prompts of 16 characters,
+temperature 1, top_k 0, distinct seeds), timed in rounds whose order is shuffled so that noise from
+a shared machine hits all of them alike:
+  server   ``python -m server`` (a subprocess, ``--threads N``): ``streams`` concurrent Generate calls
+           from a grpc.aio client in this process; tokens counted from the text chunks received.
+  engine   ``DecodeLoop`` in this process, without the server: every sequence added, then ``step()``
+           until idle (the decode loop's own ceiling).
+  hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
+           same weights (``engine.interop.to_hf_gpt2``).
+Tokens/s = tokens / wall time of the round. Time to first token (low load): one call at a time,
+until its first text chunk (server), its first token event (engine), ``generate`` of 1 token (hf).
+The engine's step is also profiled once (torch.profiler, top operators by self time) with --profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
+from bench.serve import free_port
+from engine.decode import DecodeLoop
+from engine.interop import to_hf_gpt2
+from engine.modelfile import load_model
+from genserve.v1 import generator_pb2 as pb
+from genserve.v1 import generator_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_threads() -> int:
+    """The server's default: all usable cores but one (for its event loop), at least one."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+async def server_round(stub: Any, texts: list[str], tokens: int, seed0: int) -> tuple[int, float]:
+    """(tokens received, wall seconds) for ``len(texts)`` concurrent Generate calls."""
+
+    async def one(i: int) -> int:
+        params = pb.TextParams(prompt=texts[i], max_new_tokens=tokens, seed=seed0 + i, temperature=1.0)
+        got = 0
+        async for resp in stub.Generate(pb.GenerateRequest(model="transformer", text=params), timeout=60):
+            if resp.WhichOneof("payload") == "text":
+                got += len(resp.text.token_ids)
+        return got
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(len(texts))))
+    return sum(counts), time.perf_counter() - t0
+
+
+async def server_ttft(stub: Any, text: str, seed: int) -> float:
+    params = pb.TextParams(prompt=text, max_new_tokens=16, seed=seed, temperature=1.0)
+    t0 = time.perf_counter()
+    first = 0.0
+    async for resp in stub.Generate(pb.GenerateRequest(model="transformer", text=params), timeout=30):
+        if resp.WhichOneof("payload") == "text" and not first:
+            first = time.perf_counter() - t0
+    return first
+
+
+async def wait_ready(stub: Any, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            resp = await stub.ListModels(pb.ListModelsRequest(), timeout=2)
+            if any(m.name == "transformer" for m in resp.models):
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the server was not ready within {timeout_s} s")
+
+
+def median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+async def bench(args: argparse.Namespace) -> list[str]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    loaded = load_model(MODELS / "transformer.safetensors")
+    assert loaded.vocab is not None
+    vocab = loaded.vocab
+    hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
+    hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
+    loop = DecodeLoop.from_loaded(loaded, max_batch=args.streams, max_pending=0)
+    texts = prompts(vocab, args.streams)
+    stoi = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([[stoi[c] for c in t] for t in texts])
+    cpu = torch.device("cpu")
+
+    rates: dict[str, list[float]] = {"server": [], "engine": [], "hf": []}
+    ttft: dict[str, list[float]] = {"server": [], "engine": [], "hf": []}
+    contenders: dict[str, Callable[[int], Any]] = {}
+    proc: subprocess.Popen[bytes] | None = None
+    channel: grpc.aio.Channel | None = None
+    try:
+        if not args.no_server:
+            port = free_port()
+            cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", "0", "--models-dir", str(MODELS)]
+            cmd += ["--threads", str(args.threads), "--log-level", "warning", "--decode-batch", str(max(64, args.streams))]
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            stub = pb_grpc.GeneratorStub(channel)
+            await wait_ready(stub, proc)
+            await server_round(stub, texts[:8], 8, 0)  # warm-up
+            contenders["server"] = lambda seed: server_round(stub, texts, args.tokens, seed)
+        ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
+        hf_run(hf, ids[:1], 8, 0, cpu)
+
+        async def engine_round(seed: int) -> tuple[int, float]:
+            n, dt, _ = ours_run(loop, texts, args.tokens, seed)
+            return n, dt
+
+        async def hf_round(seed: int) -> tuple[int, float]:
+            return hf_run(hf, ids, args.tokens, seed, cpu)
+
+        contenders |= {"engine": engine_round, "hf": hf_round}
+        rng = random.Random(args.seed)
+        order = list(contenders)
+        seed = 1000
+        for _ in range(args.rounds):
+            rng.shuffle(order)
+            for name in order:
+                seed += 100
+                n, dt = await contenders[name](seed)
+                rates[name].append(n / dt)
+            for k in range(args.ttft_calls):
+                if "server" in contenders:
+                    ttft["server"].append(await server_ttft(stub, texts[k % len(texts)], seed + k))
+                ttft["engine"].append(ours_ttft(loop, texts[k % len(texts)], seed + k))
+                ttft["hf"].append(hf_run(hf, ids[k % len(texts) : k % len(texts) + 1], 1, seed + k, cpu)[1])
+    finally:
+        if channel is not None:
+            await channel.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    hf_med = statistics.median(rates["hf"])
+    lines = [
+        f"text: {args.streams} streams x {args.tokens} new tokens, prompts of 16 chars, temperature 1; "
+        f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
+        f"{'side':>8} {'tok/s p50':>10} {'min':>8} {'max':>8} {'/hf p50':>8} {'per-round /hf':>24} {'TTFT p50 ms':>12}",
+    ]
+    for name in ("server", "engine", "hf"):
+        rs = rates[name]
+        if not rs:
+            continue
+        per_round = " ".join(f"{r / h:.2f}" for r, h in zip(rs, rates["hf"], strict=True))
+        lines.append(
+            f"{name:>8} {statistics.median(rs):>10.0f} {min(rs):>8.0f} {max(rs):>8.0f} {statistics.median(rs) / hf_med:>8.2f} "
+            f"{per_round:>24} {median_ms(ttft[name]):>12.2f}"
+        )
+    if args.profile:
+        lines += profile_step(loop, texts, args.tokens)
+    return lines
+
+
+def profile_step(loop: DecodeLoop, texts: list[str], tokens: int) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        n, dt, steps = ours_run(loop, texts, tokens, 7)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return ["", f"engine under the profiler: {n} tokens in {dt:.3f} s, {len(steps)} steps", table]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads, here and in the server")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=100, help="new tokens per stream (16 + tokens <= the model's 128)")
+    parser.add_argument("--ttft-calls", type=int, default=5, help="single calls per round for time to first token")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 8 streams x 24 tokens")
+    parser.add_argument("--no-server", action="store_true", help="engine and hf only")
+    parser.add_argument("--profile", action="store_true", help="also profile the engine's decode loop once")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the order of the rounds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.streams, args.tokens, args.ttft_calls = 2, 8, 24, 2
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    for line in asyncio.run(bench(args)):
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
