@@ -7,6 +7,10 @@ temperature 1, top_k 0, distinct seeds), timed in rounds whose order is shuffled
 a shared machine hits all of them alike:
   server   ``python -m server`` (a subprocess, ``--threads N``): ``streams`` concurrent Generate calls
            from a grpc.aio client in this process; tokens counted from the text chunks received.
+  h2load   the same server driven by h2load (C, Debian's ``nghttp2-client``) with ``streams`` calls in
+           flight on one connection, so that the load generator costs little next to the server
+           (a Python client takes a large share of two cores). Seeds are drawn by the server (one
+           request body for all calls); tokens = calls x tokens, checked against the bytes received.
   engine   ``DecodeLoop`` in this process, without the server: every sequence added, then ``step()``
            until idle (the decode loop's own ceiling).
   hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
@@ -20,11 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
+import re
+import shutil
 import statistics
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +51,7 @@ from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+H2LOAD_ID = "h2load"  # one id for every h2load call, so that every call's chunks have the same size
 
 
 def default_threads() -> int:
@@ -73,6 +83,39 @@ async def server_ttft(stub: Any, text: str, seed: int) -> float:
         if resp.WhichOneof("payload") == "text" and not first:
             first = time.perf_counter() - t0
     return first
+
+
+def h2load_round(port: int, body: Path, calls: int, streams: int, tokens: int, chunk_bytes: float) -> tuple[int, float]:
+    """(tokens, wall seconds) for ``calls`` Generate calls, ``streams`` in flight, driven by h2load.
+
+    h2load does not read grpc-status; a call that failed sends far fewer bytes than its 100 chunks,
+    so the data received is checked against ``chunk_bytes`` (measured from a real call) per token.
+    """
+    cmd = ["h2load", "-n", str(calls), "-c", "1", "-m", str(streams), "-d", str(body)]
+    cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    cmd += [f"http://127.0.0.1:{port}/genserve.v1.Generator/Generate"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    finished = re.search(r"finished in ([\d.]+)(m?s)", out)
+    done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    data = re.search(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data", out)
+    if not finished or not done or not data:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    if int(done.group(1)) != calls:
+        raise RuntimeError(f"h2load: {done.group(0)} of {calls} calls")
+    expected = calls * tokens * chunk_bytes
+    if abs(int(data.group(3)) - expected) > 0.2 * expected / calls:  # a failed call lacks most of its bytes
+        raise RuntimeError(f"h2load received {data.group(3)} bytes of data, expected about {expected:.0f}: some calls failed")
+    dt = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+    return calls * tokens, dt
+
+
+async def chunk_bytes(stub: Any, text: str, tokens: int) -> float:
+    """Bytes on the wire per token of one real call (gRPC's 5-byte prefix included, the Finish spread over the chunks)."""
+    params = pb.TextParams(prompt=text, max_new_tokens=tokens, temperature=1.0)
+    total = 0
+    async for resp in stub.Generate(pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=params), timeout=60):
+        total += 5 + resp.ByteSize()
+    return total / tokens
 
 
 async def wait_ready(stub: Any, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
@@ -109,10 +152,11 @@ async def bench(args: argparse.Namespace) -> list[str]:
     ids = torch.tensor([[stoi[c] for c in t] for t in texts])
     cpu = torch.device("cpu")
 
-    rates: dict[str, list[float]] = {"server": [], "engine": [], "hf": []}
-    ttft: dict[str, list[float]] = {"server": [], "engine": [], "hf": []}
+    rates: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "hf": []}
+    ttft: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "hf": []}
     contenders: dict[str, Callable[[int], Any]] = {}
     proc: subprocess.Popen[bytes] | None = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench-text-")
     channel: grpc.aio.Channel | None = None
     try:
         if not args.no_server:
@@ -125,6 +169,18 @@ async def bench(args: argparse.Namespace) -> list[str]:
             await wait_ready(stub, proc)
             await server_round(stub, texts[:8], 8, 0)  # warm-up
             contenders["server"] = lambda seed: server_round(stub, texts, args.tokens, seed)
+            if shutil.which("h2load") and not args.no_h2load:
+                request = pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=pb.TextParams(prompt=texts[0], max_new_tokens=args.tokens))
+                payload = request.SerializeToString()
+                body = Path(tmp.name) / "request.bin"
+                body.write_bytes(b"\0" + struct.pack(">I", len(payload)) + payload)
+                per_token = await chunk_bytes(stub, texts[0], args.tokens)
+                calls = args.streams * args.h2load_waves
+
+                async def h2load_round_(seed: int, port: int = port, body: Path = body, per_token: float = per_token) -> tuple[int, float]:
+                    return h2load_round(port, body, calls, args.streams, args.tokens, per_token)
+
+                contenders["h2load"] = h2load_round_
         ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
         hf_run(hf, ids[:1], 8, 0, cpu)
 
@@ -156,6 +212,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
+        tmp.cleanup()
 
     hf_med = statistics.median(rates["hf"])
     lines = [
@@ -163,14 +220,14 @@ async def bench(args: argparse.Namespace) -> list[str]:
         f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
         f"{'side':>8} {'tok/s p50':>10} {'min':>8} {'max':>8} {'/hf p50':>8} {'per-round /hf':>24} {'TTFT p50 ms':>12}",
     ]
-    for name in ("server", "engine", "hf"):
+    for name in ("server", "h2load", "engine", "hf"):
         rs = rates[name]
         if not rs:
             continue
         per_round = " ".join(f"{r / h:.2f}" for r, h in zip(rs, rates["hf"], strict=True))
         lines.append(
             f"{name:>8} {statistics.median(rs):>10.0f} {min(rs):>8.0f} {max(rs):>8.0f} {statistics.median(rs) / hf_med:>8.2f} "
-            f"{per_round:>24} {median_ms(ttft[name]):>12.2f}"
+            f"{per_round:>24} {median_ms(ttft[name]) if ttft[name] else math.nan:>12.2f}"
         )
     if args.profile:
         lines += profile_step(loop, texts, args.tokens)
@@ -195,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-calls", type=int, default=5, help="single calls per round for time to first token")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 8 streams x 24 tokens")
     parser.add_argument("--no-server", action="store_true", help="engine and hf only")
+    parser.add_argument("--no-h2load", action="store_true", help="skip the h2load-driven server side")
+    parser.add_argument("--h2load-waves", type=int, default=3, help="h2load sends streams x this many calls per round")
     parser.add_argument("--profile", action="store_true", help="also profile the engine's decode loop once")
     parser.add_argument("--seed", type=int, default=0, help="seeds the order of the rounds")
     args = parser.parse_args(argv)
