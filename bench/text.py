@@ -170,7 +170,8 @@ async def bench(args: argparse.Namespace) -> list[str]:
             await server_round(stub, texts[:8], 8, 0)  # warm-up
             contenders["server"] = lambda seed: server_round(stub, texts, args.tokens, seed)
             if shutil.which("h2load") and not args.no_h2load:
-                request = pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=pb.TextParams(prompt=texts[0], max_new_tokens=args.tokens))
+                params = pb.TextParams(prompt=texts[0], max_new_tokens=args.tokens)
+                request = pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=params)
                 payload = request.SerializeToString()
                 body = Path(tmp.name) / "request.bin"
                 body.write_bytes(b"\0" + struct.pack(">I", len(payload)) + payload)
