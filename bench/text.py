@@ -13,6 +13,8 @@ a shared machine hits all of them alike:
            request body for all calls); tokens = calls x tokens, checked against the bytes received.
   engine   ``DecodeLoop`` in this process, without the server: every sequence added, then ``step()``
            until idle (the decode loop's own ceiling).
+  inv      the same with ``batch_invariant=True`` (fixed-shape passes: what bit-for-bit batch
+           invariance costs).
   hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
            same weights (``engine.interop.to_hf_gpt2``).
 Tokens/s = tokens / wall time of the round. Time to first token (low load): one call at a time,
@@ -147,13 +149,14 @@ async def bench(args: argparse.Namespace) -> list[str]:
     hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
     hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
     loop = DecodeLoop.from_loaded(loaded, max_batch=args.streams, max_pending=0)
+    inv = DecodeLoop.from_loaded(loaded, max_batch=args.streams, max_pending=0, batch_invariant=True)
     texts = prompts(vocab, args.streams)
     stoi = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([[stoi[c] for c in t] for t in texts])
     cpu = torch.device("cpu")
 
-    rates: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "hf": []}
-    ttft: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "hf": []}
+    rates: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
+    ttft: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
     contenders: dict[str, Callable[[int], Any]] = {}
     proc: subprocess.Popen[bytes] | None = None
     tmp = tempfile.TemporaryDirectory(prefix="bench-text-")
@@ -183,16 +186,21 @@ async def bench(args: argparse.Namespace) -> list[str]:
 
                 contenders["h2load"] = h2load_round_
         ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
+        ours_run(inv, texts[:8], 8, 0)
         hf_run(hf, ids[:1], 8, 0, cpu)
 
         async def engine_round(seed: int) -> tuple[int, float]:
             n, dt, _ = ours_run(loop, texts, args.tokens, seed)
             return n, dt
 
+        async def inv_round(seed: int) -> tuple[int, float]:
+            n, dt, _ = ours_run(inv, texts, args.tokens, seed)
+            return n, dt
+
         async def hf_round(seed: int) -> tuple[int, float]:
             return hf_run(hf, ids, args.tokens, seed, cpu)
 
-        contenders |= {"engine": engine_round, "hf": hf_round}
+        contenders |= {"engine": engine_round, "inv": inv_round, "hf": hf_round}
         rng = random.Random(args.seed)
         order = list(contenders)
         seed = 1000
@@ -206,6 +214,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
                 if "server" in contenders:
                     ttft["server"].append(await server_ttft(stub, texts[k % len(texts)], seed + k))
                 ttft["engine"].append(ours_ttft(loop, texts[k % len(texts)], seed + k))
+                ttft["inv"].append(ours_ttft(inv, texts[k % len(texts)], seed + k))
                 ttft["hf"].append(hf_run(hf, ids[k % len(texts) : k % len(texts) + 1], 1, seed + k, cpu)[1])
     finally:
         if channel is not None:
@@ -221,7 +230,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
         f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
         f"{'side':>8} {'tok/s p50':>10} {'min':>8} {'max':>8} {'/hf p50':>8} {'per-round /hf':>24} {'TTFT p50 ms':>12}",
     ]
-    for name in ("server", "h2load", "engine", "hf"):
+    for name in ("server", "h2load", "engine", "inv", "hf"):
         rs = rates[name]
         if not rs:
             continue

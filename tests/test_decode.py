@@ -8,10 +8,11 @@ from typing import Literal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.decode import DecodeLoop, QueueFullError, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
 from engine.modelfile import load_model
-from engine.models.transformer import CharTransformer, TransformerConfig
+from engine.models.transformer import CharTransformer, Linear, TransformerConfig
 from engine.sampling import InvalidPromptError, InvalidRequestError, InvalidSamplingError, SamplingBatch, SamplingParams, sample
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
@@ -175,9 +176,9 @@ def test_one_forward_pass_per_step_for_all_active_sequences() -> None:
     calls: list[int] = []
     original = model.forward_cached
 
-    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         calls.append(idx.shape[0])
-        return original(idx, pos, cache)
+        return original(idx, pos, cache, linear)
 
     model.forward_cached = counting  # type: ignore[method-assign]
     events = loop.step()
