@@ -17,7 +17,11 @@ a shared machine hits all of them alike:
            invariance costs).
   hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
            same weights (``engine.interop.to_hf_gpt2``).
-Tokens/s = tokens / wall time of the round. Time to first token (low load): one call at a time,
+Tokens/s = tokens / wall time of the round. On a shared machine wall time mostly measures the
+neighbours, so each round also counts CPU time: this process's for engine, inv and hf (one torch
+thread runs on the calling thread), the server process's (all its threads) for server and h2load;
+tokens per CPU-second compares what each side spends per token, whatever else the machine runs.
+Time to first token (low load): one call at a time,
 until its first text chunk (server), its first token event (engine), ``generate`` of 1 token (hf).
 The engine's step is also profiled once (torch.profiler, top operators by self time) with --profile.
 """
@@ -135,6 +139,14 @@ async def wait_ready(stub: Any, proc: subprocess.Popen[bytes], timeout_s: float 
     raise RuntimeError(f"the server was not ready within {timeout_s} s")
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of process ``pid`` (its every thread), or of this one when None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def median_ms(xs: list[float]) -> float:
     return statistics.median(xs) * 1e3
 
@@ -148,14 +160,16 @@ async def bench(args: argparse.Namespace) -> list[str]:
     vocab = loaded.vocab
     hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
     hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
-    loop = DecodeLoop.from_loaded(loaded, max_batch=args.streams, max_pending=0)
-    inv = DecodeLoop.from_loaded(loaded, max_batch=args.streams, max_pending=0, batch_invariant=True)
+    slots = args.max_batch or args.streams
+    loop = DecodeLoop.from_loaded(loaded, max_batch=slots, max_pending=0)
+    inv = DecodeLoop.from_loaded(loaded, max_batch=slots, max_pending=0, batch_invariant=True)
     texts = prompts(vocab, args.streams)
     stoi = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([[stoi[c] for c in t] for t in texts])
     cpu = torch.device("cpu")
 
     rates: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in rates}
     ttft: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
     contenders: dict[str, Callable[[int], Any]] = {}
     proc: subprocess.Popen[bytes] | None = None
@@ -208,8 +222,11 @@ async def bench(args: argparse.Namespace) -> list[str]:
             rng.shuffle(order)
             for name in order:
                 seed += 100
+                pid = proc.pid if proc is not None and name in ("server", "h2load") else None
+                c0 = cpu_seconds(pid)
                 n, dt = await contenders[name](seed)
                 rates[name].append(n / dt)
+                cpu_rates[name].append(n / max(cpu_seconds(pid) - c0, 1e-3))
             for k in range(args.ttft_calls):
                 if "server" in contenders:
                     ttft["server"].append(await server_ttft(stub, texts[k % len(texts)], seed + k))
@@ -225,20 +242,21 @@ async def bench(args: argparse.Namespace) -> list[str]:
         tmp.cleanup()
 
     hf_med = statistics.median(rates["hf"])
+    hf_cpu = statistics.median(cpu_rates["hf"])
     lines = [
         f"text: {args.streams} streams x {args.tokens} new tokens, prompts of 16 chars, temperature 1; "
         f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
-        f"{'side':>8} {'tok/s p50':>10} {'min':>8} {'max':>8} {'/hf p50':>8} {'per-round /hf':>24} {'TTFT p50 ms':>12}",
+        f"{'side':>8} {'tok/s p50':>10} {'/hf':>6} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}  per-round tok/s / hf's",
     ]
     for name in ("server", "h2load", "engine", "inv", "hf"):
         rs = rates[name]
         if not rs:
             continue
         per_round = " ".join(f"{r / h:.2f}" for r, h in zip(rs, rates["hf"], strict=True))
-        lines.append(
-            f"{name:>8} {statistics.median(rs):>10.0f} {min(rs):>8.0f} {max(rs):>8.0f} {statistics.median(rs) / hf_med:>8.2f} "
-            f"{per_round:>24} {median_ms(ttft[name]) if ttft[name] else math.nan:>12.2f}"
-        )
+        c = statistics.median(cpu_rates[name])
+        t = median_ms(ttft[name]) if ttft[name] else math.nan
+        r = statistics.median(rs)
+        lines.append(f"{name:>8} {r:>10.0f} {r / hf_med:>6.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
     if args.profile:
         lines += profile_step(loop, texts, args.tokens)
     return lines
@@ -258,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads, here and in the server")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=0, help="slots of the engine's loops (0: --streams)")
     parser.add_argument("--tokens", type=int, default=100, help="new tokens per stream (16 + tokens <= the model's 128)")
     parser.add_argument("--ttft-calls", type=int, default=5, help="single calls per round for time to first token")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 8 streams x 24 tokens")
