@@ -101,6 +101,12 @@ def h2load_round(port: int, body: Path, calls: int, streams: int, tokens: int, c
     cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
     cmd += [f"http://127.0.0.1:{port}/genserve.v1.Generator/Generate"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    return calls * tokens, parse_h2load(out, calls, calls * tokens * chunk_bytes)
+
+
+def parse_h2load(out: str, calls: int, expected_data: float) -> float:
+    """Seconds h2load took for ``calls`` calls; RuntimeError unless every call succeeded and sent
+    about ``expected_data`` bytes of data (a failed call lacks most of its chunks)."""
     finished = re.search(r"finished in ([\d.]+)(m?s)", out)
     done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
     data = re.search(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data", out)
@@ -108,11 +114,9 @@ def h2load_round(port: int, body: Path, calls: int, streams: int, tokens: int, c
         raise RuntimeError(f"unexpected h2load output:\n{out}")
     if int(done.group(1)) != calls:
         raise RuntimeError(f"h2load: {done.group(0)} of {calls} calls")
-    expected = calls * tokens * chunk_bytes
-    if abs(int(data.group(3)) - expected) > 0.2 * expected / calls:  # a failed call lacks most of its bytes
-        raise RuntimeError(f"h2load received {data.group(3)} bytes of data, expected about {expected:.0f}: some calls failed")
-    dt = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
-    return calls * tokens, dt
+    if abs(int(data.group(3)) - expected_data) > 0.2 * expected_data / calls:
+        raise RuntimeError(f"h2load received {data.group(3)} bytes of data, expected about {expected_data:.0f}: some calls failed")
+    return float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
 
 
 async def chunk_bytes(stub: Any, text: str, tokens: int) -> float:
