@@ -28,9 +28,26 @@ every character is still checked against the vocabulary. An empty prompt is refu
 at least one token to condition on; send "\\n" to start from a line break).
 
 Determinism. A request's text depends only on its prompt and settings (its seed included), not on
-its batch neighbours: sampling is row-wise with per-sequence generators (``engine.sampling``).
-Batched and single-sequence forward passes agree to float rounding, not bit for bit (matrix kernels
-block differently by batch size); a token can differ only where two candidates tie to ~1e-6.
+its batch neighbours, to the following precision. Sampling is row-wise with per-sequence generators
+(``engine.sampling``), so randomness never crosses rows. The logits it samples from:
+- default: equal to float rounding, not bit for bit. Matrix kernels take different paths by row
+  count (on the development Xeon, 1, 2-8 and 9+ rows give three different roundings), and
+  attention sums over the batch's longest context; so a sequence's logits move by ~1e-7 with its
+  neighbours, and a token can change only where its draw falls that close to a boundary of the
+  cumulative distribution (or two greedy candidates tie that closely). Measured: 0 of 32 sampled
+  sequences (~80 tokens each, bundled model) differed alone vs in one batch.
+- ``batch_invariant=True``: bit for bit. Every decode pass has the same shapes (all ``max_batch``
+  slots, idle ones on a dummy token, over the whole window) and every prefill runs alone, so each
+  row takes the same kernel path whatever its neighbours. A sequence's logits, and so its text,
+  then depend only on its prompt, settings and seed, the loop's ``max_batch``, and the machine
+  (CPU kernels, torch thread count). Tested with hypothesis over seeds, prompt lengths, settings
+  and batch makeups (tests/test_decode_invariance.py). Cost, measured on 2 shared cores, one torch
+  thread (``python -m bench.text``): ~25% fewer tokens per CPU-second at 32 streams (attention over
+  the whole window instead of the longest context), 4x fewer for one stream in a 32-slot loop
+  (every pass runs all the slots); time to first token unchanged. Hence off by default.
+
+Work counters: ``forward_passes`` (model passes run) and ``tokens_sampled`` (one per active
+sequence per step) only grow; a cancelled sequence stops adding to them at the next step.
 """
 
 from __future__ import annotations
@@ -97,6 +114,7 @@ class SlotCache:
         cfg = model.config
         param = next(model.parameters())
         self.model = model.eval()  # dropout off; the cached path never applies it anyway
+        self.linear = model.inference_linears()  # weights (in, out): faster sgemm (measured in its docstring)
         self.device = param.device
         self.max_batch = max_batch
         self.block_size = cfg.block_size
@@ -126,21 +144,31 @@ class SlotCache:
             pos = torch.arange(t, device=self.device).expand(b, t)  # (B, T)
             first = slots[0]
             if list(slots) == list(range(first, first + b)):  # adjacent slots: write in place
-                return self.model.forward_cached(idx, pos, self.kv[:, :, first : first + b, :, :t])
+                return self.model.forward_cached(idx, pos, self.kv[:, :, first : first + b, :, :t], self.linear)
             # Scattered slots: a prefill reads only cells it writes first, so run it on scratch and copy in.
             kv = self.kv
             scratch = kv.new_empty(kv.shape[0], kv.shape[1], b, kv.shape[3], t, kv.shape[5])  # (n_layer, 2, B, nh, T, hs)
-            logits = self.model.forward_cached(idx, pos, scratch)
+            logits = self.model.forward_cached(idx, pos, scratch, self.linear)
             kv[:, :, list(slots), :, :t] = scratch
             return logits
 
-    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One token for each of slots 0..n-1: ``ids[b]`` at ``positions[b]``; logits (n, vocab)."""
+    def decode(self, ids: Sequence[int], positions: Sequence[int], *, fixed_shape: bool = False) -> torch.Tensor:
+        """One token for each of slots 0..n-1: ``ids[b]`` at ``positions[b]``; logits (n, vocab).
+
+        ``fixed_shape``: run every slot (idle ones on a dummy token at position 0, a cell their next
+        prefill overwrites) over the whole window, so that the pass has the same shapes whatever the
+        batch, and each row the same kernel path (see ``DecodeLoop``'s batch_invariant).
+        """
+        n = len(ids)
+        if fixed_shape:
+            pad = self.max_batch - n
+            ids, positions, rows, span = [*ids, *[0] * pad], [*positions, *[0] * pad], self.max_batch, self.block_size
+        else:
+            rows, span = n, max(positions) + 1  # attend over the longest context only, not the whole window
         with torch.inference_mode():
-            idx = torch.tensor(ids, device=self.device).unsqueeze(1)  # (n, 1)
-            pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (n, 1)
-            span = max(positions) + 1  # attend over the longest context only, not the whole window
-            return self.model.forward_cached(idx, pos, self.kv[:, :, : len(ids), :, :span])[:, 0]
+            idx = torch.tensor(ids, device=self.device).unsqueeze(1)  # (rows, 1)
+            pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (rows, 1)
+            return self.model.forward_cached(idx, pos, self.kv[:, :, :rows, :, :span], self.linear)[:n, 0]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""
@@ -244,6 +272,7 @@ class DecodeLoop:
         max_batch: int = 32,
         max_pending: int = 64,
         max_new_tokens_cap: int = MAX_NEW_TOKENS,
+        batch_invariant: bool = False,
     ) -> None:
         if len(vocab) != model.config.vocab_size:
             raise ValueError(f"vocab has {len(vocab)} characters but the model's vocab_size is {model.config.vocab_size}")
@@ -265,12 +294,17 @@ class DecodeLoop:
         self._cancelled: set[int] = set()
         self._active: list[_Sequence] = []  # index = slot (owned by the stepping thread)
         self._batch: SamplingBatch | None = None  # settings tensors for _active's order; None = rebuild
+        self.batch_invariant = batch_invariant
+        # Work done, for tests and metrics: forward passes run, and tokens sampled (one per active
+        # sequence per step). A cancelled sequence stops adding to ``tokens_sampled`` at the next step.
+        self.forward_passes = 0
+        self.tokens_sampled = 0
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, **kwargs: int) -> DecodeLoop:
+    def from_loaded(cls, loaded: LoadedModel, **kwargs: int | bool) -> DecodeLoop:
         if not isinstance(loaded.module, CharTransformer) or loaded.vocab is None:
             raise ValueError(f"{loaded.path}: a {loaded.kind} is not a text model")
-        return cls(loaded.module, loaded.vocab, **kwargs)
+        return cls(loaded.module, loaded.vocab, **kwargs)  # type: ignore[arg-type]
 
     # -- counts ----------------------------------------------------------------------------
 
@@ -360,12 +394,23 @@ class DecodeLoop:
         prefills = [i for i, s in enumerate(active) if s.ctx_len in (0, full)]
         # (n, V): ONE forward pass for all decoding sequences, skipped when every row comes from a prefill
         decoding = len(prefills) < n
-        logits = self._cache.decode(ids, pos) if decoding else torch.empty(n, self._cache.vocab_size, device=self._cache.device)
-        if prefills:  # new prompts and full contexts to crop, all in one more forward pass
+        cache = self._cache
+        if decoding:
+            logits = cache.decode(ids, pos, fixed_shape=self.batch_invariant)
+            self.forward_passes += 1
+        else:
+            logits = torch.empty(n, cache.vocab_size, device=cache.device)
+        if prefills:
             windows = [active[i].tokens if active[i].ctx_len == 0 else active[i].tokens[-self.keep :] for i in prefills]
-            last = torch.tensor([len(w) - 1 for w in windows], device=self._cache.device)
-            prefill_logits = self._cache.prefill(prefills, windows)  # (P, T, V)
-            logits[prefills] = prefill_logits[torch.arange(len(prefills), device=self._cache.device), last]
+            if self.batch_invariant:  # one pass per window: its shapes are its own, not its neighbours'
+                for i, w in zip(prefills, windows, strict=True):
+                    logits[i] = cache.prefill([i], [w])[0, -1]
+                self.forward_passes += len(prefills)
+            else:  # new prompts and full contexts to crop, all in one more forward pass
+                last = torch.tensor([len(w) - 1 for w in windows], device=cache.device)
+                prefill_logits = cache.prefill(prefills, windows)  # (P, T, V)
+                logits[prefills] = prefill_logits[torch.arange(len(prefills), device=cache.device), last]
+                self.forward_passes += 1
             for i, w in zip(prefills, windows, strict=True):
                 active[i].ctx_len = len(w)
         for i, seq in enumerate(active):
@@ -379,6 +424,7 @@ class DecodeLoop:
         else:
             uniforms = torch.tensor([s.uniforms.next() if s.uniforms is not None else 0.0 for s in active])
         new_ids: list[int] = sample(logits, self._batch, uniforms.to(self._cache.device)).tolist()
+        self.tokens_sampled += n
 
         done: list[int] = []
         chars = self.vocab.chars

@@ -8,11 +8,12 @@ from typing import Literal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
 from engine.errors import InvalidPromptError, InvalidRequestError, InvalidSamplingError, QueueFullError
 from engine.modelfile import load_model
-from engine.models.transformer import CharTransformer, TransformerConfig
+from engine.models.transformer import CharTransformer, Linear, TransformerConfig
 from engine.sampling import SamplingBatch, SamplingParams, sample
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
@@ -45,8 +46,8 @@ def texts(events: list[TokenEvent]) -> dict[SequenceHandle, tuple[str, str | Non
     return out
 
 
-def run_alone(model: CharTransformer, request: SequenceRequest) -> tuple[str, str | None]:
-    loop = DecodeLoop(model, VOCAB, max_batch=1)
+def run_alone(model: CharTransformer, request: SequenceRequest, max_batch: int = 1, invariant: bool = False) -> tuple[str, str | None]:
+    loop = DecodeLoop(model, VOCAB, max_batch=max_batch, batch_invariant=invariant)
     handle = loop.add(request)
     return texts(loop.run_until_idle())[handle]
 
@@ -130,9 +131,10 @@ REQUESTS = [
 
 
 def test_batched_decode_equals_one_at_a_time() -> None:
+    """Exact text, so in the batch-invariant mode (by default, equal only up to float rounding: see engine.decode)."""
     model = tiny_model(block_size=16)
-    alone = [run_alone(model, r) for r in REQUESTS]
-    loop = DecodeLoop(model, VOCAB, max_batch=3, max_pending=8)
+    alone = [run_alone(model, r, max_batch=3, invariant=True) for r in REQUESTS]
+    loop = DecodeLoop(model, VOCAB, max_batch=3, max_pending=8, batch_invariant=True)
     events: list[TokenEvent] = []
     handles = [loop.add(REQUESTS[0]), loop.add(REQUESTS[1])]
     for _ in range(5):
@@ -149,7 +151,13 @@ def test_batched_decode_equals_one_at_a_time() -> None:
     assert loop.active_count == 0 and loop.free_slots == 3
 
 
-def test_same_request_alone_and_in_mixed_batch(bundled: DecodeLoop) -> None:
+@pytest.fixture(scope="module")
+def bundled_invariant() -> DecodeLoop:
+    return DecodeLoop.from_loaded(load_model(BUNDLED), max_batch=8, batch_invariant=True)
+
+
+def test_same_request_alone_and_in_mixed_batch(bundled_invariant: DecodeLoop) -> None:
+    bundled = bundled_invariant
     request = SequenceRequest("KING:\n", SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=7, max_new_tokens=60))
     h = bundled.add(request)
     alone = texts(bundled.run_until_idle())[h]
@@ -176,9 +184,9 @@ def test_one_forward_pass_per_step_for_all_active_sequences() -> None:
     calls: list[int] = []
     original = model.forward_cached
 
-    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         calls.append(idx.shape[0])
-        return original(idx, pos, cache)
+        return original(idx, pos, cache, linear)
 
     model.forward_cached = counting  # type: ignore[method-assign]
     events = loop.step()

@@ -9,6 +9,7 @@ post-LayerNorm block with a ReLU feed-forward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -28,6 +29,34 @@ class TransformerConfig:
     dropout: float = 0.1  # the seed's rate; 0 at inference
     block: Literal["gpt2", "seed"] = "gpt2"
     layer_norm_eps: float = 1e-5  # GPT-2's
+
+
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # F.linear's signature
+
+
+class InferenceLinears:
+    """``F.linear`` for a frozen model, with each weight also kept transposed (in, out), contiguous.
+
+    ``F.linear`` multiplies by the transpose of an (out, in) weight; MKL's sgemm is faster with the
+    weight already (in, out) in memory, as GPT-2's Conv1D keeps it: 25-40% less CPU time per linear
+    at decode sizes (32 x 192 @ 192 x 576: 81 -> 62 us; 768 x 192: 117 -> 72 us; one thread, Xeon
+    with AVX-512), with results bit for bit equal to ``F.linear`` on that machine (in general, equal
+    to float rounding). The copies cost one more set of linear weights in memory (7 MB for the
+    bundled model). Weights changed afterwards are not seen: build it once training is over.
+    """
+
+    def __init__(self, weights: Iterable[torch.Tensor]) -> None:
+        with torch.no_grad():
+            self._t = {id(w): (w, w.detach().t().contiguous()) for w in weights}  # id(weight) -> (weight, (in, out))
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        entry = self._t.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            return F.linear(x, weight, bias)
+        wt = entry[1]
+        x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+        y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)  # (rows, out)
+        return y.view(*x.shape[:-1], wt.shape[1])
 
 
 class CausalSelfAttention(nn.Module):
@@ -58,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
     def forward_cached(
-        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, linear: Linear = F.linear
     ) -> torch.Tensor:
         """Attention of new tokens against a KV cache (inference only; see ``CharTransformer.forward_cached``).
 
@@ -67,12 +96,12 @@ class CausalSelfAttention(nn.Module):
         """
         b, t, c = x.shape
         hs = c // self.n_head
-        qkv = self.qkv(x).view(b, t, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(b, t, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
         # One scatter writes both keys and values: kv[:, rows, :, pos] is (B, T, 2, nh, hs).
         kv[:, where[0], :, where[1]] = qkv[:, :, 1:]
         q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=1 / math.sqrt(hs))  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return linear(y.transpose(1, 2).reshape(b, t, c), self.proj.weight, self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -85,6 +114,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.proj(self.act(self.fc(x))))
+
+    def forward_cached(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """``forward`` for inference: no dropout, and linears through ``linear`` (e.g. ``InferenceLinears``)."""
+        return linear(self.act(linear(x, self.fc.weight, self.fc.bias)), self.proj.weight, self.proj.bias)
 
 
 class Block(nn.Module):
@@ -105,14 +138,15 @@ class Block(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
     def forward_cached(
-        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, linear: Linear = F.linear
     ) -> torch.Tensor:
         """``forward`` for new tokens only, with attention against this layer's KV cache ``kv``."""
+        mlp = self.mlp
         if self.pre_ln:
-            x = x + self.attn.forward_cached(self.ln_1(x), kv, where, mask)
-            return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn.forward_cached(x, kv, where, mask))
-        return self.ln_2(x + self.mlp(x))
+            x = x + self.attn.forward_cached(self.ln_1(x), kv, where, mask, linear)
+            return x + mlp.forward_cached(self.ln_2(x), linear)
+        x = self.ln_1(x + self.attn.forward_cached(x, kv, where, mask, linear))
+        return self.ln_2(x + mlp.forward_cached(x, linear))
 
 
 class CharTransformer(nn.Module):
@@ -139,6 +173,11 @@ class CharTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def inference_linears(self) -> InferenceLinears:
+        """Every linear layer and the (tied) head, for ``forward_cached``; see ``InferenceLinears``."""
+        linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        return InferenceLinears([*linears, self.tok_emb.weight])
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab). The head is the token embedding (tied)."""
         t = idx.shape[1]
@@ -150,7 +189,7 @@ class CharTransformer(nn.Module):
             x = block(x)
         return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, vocab)
 
-    def forward_cached(self, idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
         """Incremental forward with a KV cache (inference: no dropout, no autograd wanted).
 
         idx (B, T) token ids at absolute positions pos (B, T) (each < block_size); cache
@@ -158,7 +197,8 @@ class CharTransformer(nn.Module):
         keys and values at positions 0..L-1. The new tokens' keys and values are written into the
         cache at ``pos``, then each token attends to the cached positions <= its own, so cells past
         a sequence's length (stale or unwritten) are masked out. Returns logits (B, T, vocab), equal
-        (to float tolerance) to ``forward`` over the whole sequence.
+        (to float tolerance) to ``forward`` over the whole sequence. ``linear`` computes every linear
+        layer and the head: ``F.linear``, or this model's ``inference_linears()`` (faster).
         """
         b = idx.shape[0]
         span = cache.shape[-2]
@@ -169,5 +209,5 @@ class CharTransformer(nn.Module):
         where = (torch.arange(b, device=idx.device).unsqueeze(1), pos)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
         for block, kv in zip(self.blocks, cache, strict=True):
-            x = cast(Block, block).forward_cached(x, kv, where, mask)  # kv: (2, B, nh, L, hs)
-        return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, vocab)
+            x = cast(Block, block).forward_cached(x, kv, where, mask, linear)  # kv: (2, B, nh, L, hs)
+        return linear(self.ln_f(x), self.tok_emb.weight, None)  # (B, T, vocab)

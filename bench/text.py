@@ -1,0 +1,304 @@
+"""Text decoding beside Hugging Face ``generate``, on the same weights and torch thread count, in one run.
+
+    python -m bench.text [--quick] [--threads N] [--rounds R] [--streams 32] [--tokens 100] [--no-server]
+
+Contenders, each decoding ``streams`` sequences of ``tokens`` new tokens (prompts of 16 characters,
+temperature 1, top_k 0, distinct seeds), timed in rounds whose order is shuffled so that noise from
+a shared machine hits all of them alike:
+  server   ``python -m server`` (a subprocess, ``--threads N``): ``streams`` concurrent Generate calls
+           from a grpc.aio client in this process; tokens counted from the text chunks received.
+  h2load   the same server driven by h2load (C, Debian's ``nghttp2-client``) with ``streams`` calls in
+           flight on one connection, so that the load generator costs little next to the server
+           (a Python client takes a large share of two cores). Seeds are drawn by the server (one
+           request body for all calls); tokens = calls x tokens, checked against the bytes received.
+  engine   ``DecodeLoop`` in this process, without the server: every sequence added, then ``step()``
+           until idle (the decode loop's own ceiling).
+  inv      the same with ``batch_invariant=True`` (fixed-shape passes: what bit-for-bit batch
+           invariance costs).
+  hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
+           same weights (``engine.interop.to_hf_gpt2``).
+Tokens/s = tokens / wall time of the round. On a shared machine wall time mostly measures the
+neighbours, so each round also counts CPU time: this process's for engine, inv and hf (one torch
+thread runs on the calling thread), the server process's (all its threads) for server and h2load;
+tokens per CPU-second compares what each side spends per token, whatever else the machine runs.
+Time to first token (low load): one call at a time,
+until its first text chunk (server), its first token event (engine), ``generate`` of 1 token (hf).
+The engine's step is also profiled once (torch.profiler, top operators by self time) with --profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
+from bench.serve import free_port
+from engine.decode import DecodeLoop
+from engine.interop import to_hf_gpt2
+from engine.modelfile import load_model
+from genserve.v1 import generator_pb2 as pb
+from genserve.v1 import generator_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+H2LOAD_ID = "h2load"  # one id for every h2load call, so that every call's chunks have the same size
+
+
+def default_threads() -> int:
+    """The server's default: all usable cores but one (for its event loop), at least one."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+async def server_round(stub: Any, texts: list[str], tokens: int, seed0: int) -> tuple[int, float]:
+    """(tokens received, wall seconds) for ``len(texts)`` concurrent Generate calls."""
+
+    async def one(i: int) -> int:
+        params = pb.TextParams(prompt=texts[i], max_new_tokens=tokens, seed=seed0 + i, temperature=1.0)
+        got = 0
+        async for resp in stub.Generate(pb.GenerateRequest(model="transformer", text=params), timeout=60):
+            if resp.WhichOneof("payload") == "text":
+                got += len(resp.text.token_ids)
+        return got
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(len(texts))))
+    return sum(counts), time.perf_counter() - t0
+
+
+async def server_ttft(stub: Any, text: str, seed: int) -> float:
+    params = pb.TextParams(prompt=text, max_new_tokens=16, seed=seed, temperature=1.0)
+    t0 = time.perf_counter()
+    first = 0.0
+    async for resp in stub.Generate(pb.GenerateRequest(model="transformer", text=params), timeout=30):
+        if resp.WhichOneof("payload") == "text" and not first:
+            first = time.perf_counter() - t0
+    return first
+
+
+def h2load_round(port: int, body: Path, calls: int, streams: int, tokens: int, chunk_bytes: float) -> tuple[int, float]:
+    """(tokens, wall seconds) for ``calls`` Generate calls, ``streams`` in flight, driven by h2load.
+
+    h2load does not read grpc-status; a call that failed sends far fewer bytes than its 100 chunks,
+    so the data received is checked against ``chunk_bytes`` (measured from a real call) per token.
+    """
+    cmd = ["h2load", "-n", str(calls), "-c", "1", "-m", str(streams), "-d", str(body)]
+    cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    cmd += [f"http://127.0.0.1:{port}/genserve.v1.Generator/Generate"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    return calls * tokens, parse_h2load(out, calls, calls * tokens * chunk_bytes)
+
+
+def parse_h2load(out: str, calls: int, expected_data: float) -> float:
+    """Seconds h2load took for ``calls`` calls; RuntimeError unless every call succeeded and sent
+    about ``expected_data`` bytes of data (a failed call lacks most of its chunks)."""
+    finished = re.search(r"finished in ([\d.]+)(m?s)", out)
+    done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    data = re.search(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data", out)
+    if not finished or not done or not data:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    if int(done.group(1)) != calls:
+        raise RuntimeError(f"h2load: {done.group(0)} of {calls} calls")
+    if abs(int(data.group(3)) - expected_data) > 0.2 * expected_data / calls:
+        raise RuntimeError(f"h2load received {data.group(3)} bytes of data, expected about {expected_data:.0f}: some calls failed")
+    return float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+
+
+async def chunk_bytes(stub: Any, text: str, tokens: int) -> float:
+    """Bytes on the wire per token of one real call (gRPC's 5-byte prefix included, the Finish spread over the chunks)."""
+    params = pb.TextParams(prompt=text, max_new_tokens=tokens, temperature=1.0)
+    total = 0
+    async for resp in stub.Generate(pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=params), timeout=60):
+        total += 5 + resp.ByteSize()
+    return total / tokens
+
+
+async def wait_ready(stub: Any, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            resp = await stub.ListModels(pb.ListModelsRequest(), timeout=2)
+            if any(m.name == "transformer" for m in resp.models):
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the server was not ready within {timeout_s} s")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of process ``pid`` (its every thread), or of this one when None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+async def bench(args: argparse.Namespace) -> list[str]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    loaded = load_model(MODELS / "transformer.safetensors")
+    assert loaded.vocab is not None
+    vocab = loaded.vocab
+    hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
+    hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
+    slots = args.max_batch or args.streams
+    loop = DecodeLoop.from_loaded(loaded, max_batch=slots, max_pending=0)
+    inv = DecodeLoop.from_loaded(loaded, max_batch=slots, max_pending=0, batch_invariant=True)
+    texts = prompts(vocab, args.streams)
+    stoi = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([[stoi[c] for c in t] for t in texts])
+    cpu = torch.device("cpu")
+
+    rates: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in rates}
+    ttft: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
+    contenders: dict[str, Callable[[int], Any]] = {}
+    proc: subprocess.Popen[bytes] | None = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench-text-")
+    channel: grpc.aio.Channel | None = None
+    try:
+        if not args.no_server:
+            port = free_port()
+            cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", "0", "--models-dir", str(MODELS)]
+            cmd += ["--threads", str(args.threads), "--log-level", "warning", "--decode-batch", str(max(64, args.streams))]
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            stub = pb_grpc.GeneratorStub(channel)
+            await wait_ready(stub, proc)
+            await server_round(stub, texts[:8], 8, 0)  # warm-up
+            contenders["server"] = lambda seed: server_round(stub, texts, args.tokens, seed)
+            if shutil.which("h2load") and not args.no_h2load:
+                params = pb.TextParams(prompt=texts[0], max_new_tokens=args.tokens)
+                request = pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=params)
+                payload = request.SerializeToString()
+                body = Path(tmp.name) / "request.bin"
+                body.write_bytes(b"\0" + struct.pack(">I", len(payload)) + payload)
+                per_token = await chunk_bytes(stub, texts[0], args.tokens)
+                calls = args.streams * args.h2load_waves
+
+                async def h2load_round_(seed: int, port: int = port, body: Path = body, per_token: float = per_token) -> tuple[int, float]:
+                    return h2load_round(port, body, calls, args.streams, args.tokens, per_token)
+
+                contenders["h2load"] = h2load_round_
+        ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
+        ours_run(inv, texts[:8], 8, 0)
+        hf_run(hf, ids[:1], 8, 0, cpu)
+
+        async def engine_round(seed: int) -> tuple[int, float]:
+            n, dt, _ = ours_run(loop, texts, args.tokens, seed)
+            return n, dt
+
+        async def inv_round(seed: int) -> tuple[int, float]:
+            n, dt, _ = ours_run(inv, texts, args.tokens, seed)
+            return n, dt
+
+        async def hf_round(seed: int) -> tuple[int, float]:
+            return hf_run(hf, ids, args.tokens, seed, cpu)
+
+        contenders |= {"engine": engine_round, "inv": inv_round, "hf": hf_round}
+        rng = random.Random(args.seed)
+        order = list(contenders)
+        seed = 1000
+        for _ in range(args.rounds):
+            rng.shuffle(order)
+            for name in order:
+                seed += 100
+                pid = proc.pid if proc is not None and name in ("server", "h2load") else None
+                c0 = cpu_seconds(pid)
+                n, dt = await contenders[name](seed)
+                rates[name].append(n / dt)
+                cpu_rates[name].append(n / max(cpu_seconds(pid) - c0, 1e-3))
+            for k in range(args.ttft_calls):
+                if "server" in contenders:
+                    ttft["server"].append(await server_ttft(stub, texts[k % len(texts)], seed + k))
+                ttft["engine"].append(ours_ttft(loop, texts[k % len(texts)], seed + k))
+                ttft["inv"].append(ours_ttft(inv, texts[k % len(texts)], seed + k))
+                ttft["hf"].append(hf_run(hf, ids[k % len(texts) : k % len(texts) + 1], 1, seed + k, cpu)[1])
+    finally:
+        if channel is not None:
+            await channel.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        tmp.cleanup()
+
+    hf_med = statistics.median(rates["hf"])
+    hf_cpu = statistics.median(cpu_rates["hf"])
+    lines = [
+        f"text: {args.streams} streams x {args.tokens} new tokens, prompts of 16 chars, temperature 1; "
+        f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
+        f"{'side':>8} {'tok/s p50':>10} {'/hf':>6} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}  per-round tok/s / hf's",
+    ]
+    for name in ("server", "h2load", "engine", "inv", "hf"):
+        rs = rates[name]
+        if not rs:
+            continue
+        per_round = " ".join(f"{r / h:.2f}" for r, h in zip(rs, rates["hf"], strict=True))
+        c = statistics.median(cpu_rates[name])
+        t = median_ms(ttft[name]) if ttft[name] else math.nan
+        r = statistics.median(rs)
+        lines.append(f"{name:>8} {r:>10.0f} {r / hf_med:>6.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
+    if args.profile:
+        lines += profile_step(loop, texts, args.tokens)
+    return lines
+
+
+def profile_step(loop: DecodeLoop, texts: list[str], tokens: int) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        n, dt, steps = ours_run(loop, texts, tokens, 7)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return ["", f"engine under the profiler: {n} tokens in {dt:.3f} s, {len(steps)} steps", table]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=default_threads(), help="torch threads, here and in the server")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=0, help="slots of the engine's loops (0: --streams)")
+    parser.add_argument("--tokens", type=int, default=100, help="new tokens per stream (16 + tokens <= the model's 128)")
+    parser.add_argument("--ttft-calls", type=int, default=5, help="single calls per round for time to first token")
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 8 streams x 24 tokens")
+    parser.add_argument("--no-server", action="store_true", help="engine and hf only")
+    parser.add_argument("--no-h2load", action="store_true", help="skip the h2load-driven server side")
+    parser.add_argument("--h2load-waves", type=int, default=3, help="h2load sends streams x this many calls per round")
+    parser.add_argument("--profile", action="store_true", help="also profile the engine's decode loop once")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the order of the rounds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.streams, args.tokens, args.ttft_calls = 2, 8, 24, 2
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    for line in asyncio.run(bench(args)):
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
