@@ -3,10 +3,10 @@ r"""The pipeline: its links, its stages, and admission (the producer's front doo
     ingress -> Producer -> work -> Processor xN -> images/<model> -> Batcher -> results -> Router
                                                \-> text/<model>   -> TextFeeder -> decode loop (engine thread)
 
-Admission (``admit``) runs in the RPC handler, synchronously: it checks the model, the request's
-limits and the server's room, files the job's deadline, and offers it to the ingress. A
-full ingress, or more than ``max_inflight`` unfinished jobs, refuses at once (RESOURCE_EXHAUSTED);
-nothing is parked without bound. Every link holds at most ``queue_size`` items.
+Admission (``admit``) runs in the RPC handler, synchronously: the policy in server/admission.py
+(queueing delay over target, or ``max_inflight`` unfinished jobs) or a full ingress refuses at once
+(RESOURCE_EXHAUSTED, with a retry hint); otherwise the job's deadline is filed and it enters the
+ingress. Nothing is parked without bound. Every link holds at most ``queue_size`` items.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import grpc
 
 from engine.engine import Engine
 from engine.registry import ModelRegistry, ServedModel
+from server.admission import Admission, Refused
 from server.config import ServerConfig
 from server.jobs import Job
 from server.links import Link
@@ -30,13 +31,7 @@ from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Ro
 DEADLINE_TICK = 0.01  # seconds: deadlines are enforced to within one tick
 
 
-class Refused(Exception):
-    """Raised when admission refuses a request; carries the gRPC status for the caller."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["DEADLINE_TICK", "Pipeline", "Refused"]
 
 
 class Pipeline:
@@ -51,6 +46,13 @@ class Pipeline:
         self._sweeper: asyncio.TimerHandle | None = None
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.accepting = True
+        self.admission = Admission(
+            config.max_inflight,
+            target_s=config.admission_target_ms / 1000,
+            interval_s=config.admission_interval_ms / 1000,
+            on_refusal=lambda reason: metrics.overload_refusals.labels(reason).inc(),
+        )
+        self._service_s: dict[str, float] = {}  # model -> its latest batch's compute time
         self._idle = asyncio.Event()
         self._idle.set()
         size = config.queue_size
@@ -95,18 +97,22 @@ class Pipeline:
         return stages
 
     def _observe_batch(self, model: str, n: int, seconds: float) -> None:
+        self._service_s[model] = seconds
         self.metrics.batch_size.labels(model).observe(n)
         self.metrics.batch_seconds.labels(model).observe(seconds)
         self.metrics.samples.labels(model).inc(n)
 
-    def admit(self, job: Job, timeout: float | None) -> None:
-        """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
+    def check_room(self) -> None:
+        """Raise Refused if a new request would be refused now: before it is parsed, so a refusal stays cheap."""
         if not self.accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
-        if len(self.inflight) >= self.config.max_inflight:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at its limit of {self.config.max_inflight} requests in flight")
+        self.admission.check(len(self.inflight))
+
+    def admit(self, job: Job, timeout: float | None) -> None:
+        """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
+        self.check_room()
         if not self.ingress.offer(job):
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off", self.admission.retry_after_ms)
         loop = asyncio.get_running_loop()
         budget = self.config.request_timeout_s if timeout is None else min(timeout, self.config.request_timeout_s)
         job.deadline = loop.time() + budget
@@ -149,6 +155,9 @@ class Pipeline:
         outcome = job.outcome
         code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name
+        if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/admission.py)
+            batches = -(-job.image.n // self.config.batch_size)
+            self.admission.observe_job(job.created, batches * self._service_s.get(name, 0.0))
         counters = self._children.get((name, job.rpc, code))
         if counters is None:  # label lookups cost microseconds: keep the children per label set
             m = self.metrics

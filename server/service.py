@@ -117,9 +117,17 @@ class StreamSink:
     """The outbox of one GenerateStream: results written straight into the next response
     message (no copies), credits to give back; full messages wait in ``full``."""
 
-    def __init__(self, credits: int, max_bytes: int = MAX_BYTES_PER_MESSAGE, max_pending: int = 4096) -> None:
-        self.credit = credits  # what the client may still send
-        self.credit_back = 0  # returned credits not yet announced
+    def __init__(
+        self,
+        credits: int,
+        max_bytes: int = MAX_BYTES_PER_MESSAGE,
+        max_pending: int = 4096,
+        grant: Callable[[int, int], int] = lambda full, outstanding: full - outstanding,
+    ) -> None:
+        self.full_credit = credits
+        self.credit = credits  # announced credits the client may still spend
+        self.credit_back = 0  # finished requests whose credit has not been given back yet
+        self.grant = grant  # (full credit, in flight + unspent) -> credits to announce: Admission.stream_grant
         self.jobs: dict[str, Job] = {}
         self.full: collections.deque[pb.StreamResponse] = collections.deque()
         self.current = pb.StreamResponse()
@@ -160,11 +168,13 @@ class StreamSink:
             del self.jobs[job.id]
         self.answer(job.id, job, outcome)
 
-    def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True) -> None:
+    def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True, retry_after_ms: int | None = None) -> None:
         """A terminal message for ``job_id``; ``credit``: the request had used a credit, give it back."""
-        fill_finish(self._result(job_id, len(outcome.message)).finish, job, outcome)
+        finish = self._result(job_id, len(outcome.message)).finish
+        fill_finish(finish, job, outcome)
+        if retry_after_ms:
+            finish.retry_after_ms = retry_after_ms
         if credit:
-            self.credit += 1
             self.credit_back += 1
 
     def next_message(self) -> pb.StreamResponse | None:
@@ -180,7 +190,9 @@ class StreamSink:
             if self.pending <= self.max_pending:
                 self.drained.set()
             if self.credit_back:
-                message.credits = self.credit_back
+                granted = self.grant(self.full_credit, self.credit + len(self.jobs))
+                self.credit += granted
+                message.credits = granted
                 self.credit_back = 0
         if self.empty:
             self.ready.clear()
@@ -343,12 +355,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         job_id = request.id[:MAX_ID_LENGTH] or f"{_ID_PREFIX}-{next(_ids)}"
         sink = CallSink()
         try:
+            self.pipeline.check_room()
             job = self.build_job(request, "Generate", job_id, sink)
             self.pipeline.admit(job, _timeout(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("Generate", e.code)
             log.debug("request_refused", request_id=job_id, rpc="Generate", code=e.code.name, reason=e.message)
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, e.message, e.trailing_metadata or ())
         try:
             while True:
                 item = await sink.queue.get()
@@ -370,7 +383,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         budget = min(MAX_BYTES_PER_MESSAGE, (self.config.max_message_mb << 20) // 2)
-        stream = StreamSink(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
+        stream = StreamSink(
+            self.config.stream_credits,
+            budget,
+            max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE,
+            grant=self.pipeline.admission.stream_grant,
+        )
         reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
         try:
             yield pb.StreamResponse(credits=stream.credit)
@@ -429,7 +447,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             self.pipeline.admit(job, _timeout(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("GenerateStream", e.code)
-            stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message))
+            stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message), retry_after_ms=e.retry_after_ms)
             return
         stream.jobs[job_id] = job
 
