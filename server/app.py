@@ -26,6 +26,7 @@ from engine.images import ImageLimits
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
+from server.admission import grpc_server_options
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -115,6 +116,7 @@ class GenServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+                *grpc_server_options(c.max_streams_per_connection),  # no call is left to grpc core to cancel
             ],
         )
         self.service = GeneratorService(c, self.pipeline, self.metrics)

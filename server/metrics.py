@@ -27,7 +27,7 @@ class Metrics:
         self.requests = Counter("genserve_requests_total", "Finished requests by outcome", ["model", "rpc", "code"], registry=r)
         self.rejections = Counter("genserve_rejections_total", "Requests refused before admission", ["rpc", "code"], registry=r)
         self.overload_refusals = Counter(
-            "genserve_overload_refusals_total", "Requests refused by admission for overload, by reason (delay, count)", ["reason"], registry=r
+            "genserve_overload_refusals_total", "Requests refused for overload, by reason (delay, count)", ["reason"], registry=r
         )
         self.restarts = Counter("genserve_stage_restarts_total", "Stage restarts by the supervisor", ["stage"], registry=r)
         self.tokens = Counter("genserve_tokens_total", "Tokens generated", ["model"], registry=r)
