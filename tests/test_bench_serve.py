@@ -1,4 +1,4 @@
-"""bench.serve's load generators against bench.echo, in one event loop: every kind of point gives sane figures."""
+"""The serving benchmark's load generators against bench.echo, in one event loop: every kind of point gives sane figures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from bench import echo, serve
+from bench import echo, figures, loadgen
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
@@ -29,20 +29,20 @@ async def echo_port() -> AsyncIterator[int]:
     await server.stop(None)
 
 
-def job(kind: str, port: int, **load: float) -> serve.Job:
-    return serve.Job(kind, port, start=time.monotonic() + 0.05, warm_s=0.05, dur_s=0.3, drain_s=2.0, **load)  # type: ignore[arg-type]
+def job(kind: str, port: int, **load: float) -> loadgen.Job:
+    return loadgen.Job(kind, port, start=time.monotonic() + 0.05, warm_s=0.05, dur_s=0.3, drain_s=2.0, **load)  # type: ignore[arg-type]
 
 
-async def run(j: serve.Job) -> serve.Calls:
-    payload = await serve.execute(j)
+async def run(j: loadgen.Job) -> figures.Calls:
+    payload = await loadgen.execute(j)
     assert "error" not in payload
-    return serve.Calls.merge([payload])
+    return figures.Calls.merge([payload])
 
 
 @pytest.mark.asyncio
 async def test_closed_generate(echo_port: int) -> None:
     j = job("unary", echo_port, concurrency=4)
-    f = serve.closed_figures(await run(j), j)
+    f = figures.closed_figures(await run(j), j)
     assert f["req_s"] > 0
     assert f["p50_ms"] <= f["p99_ms"]
     assert f["not_ok"] == {}
@@ -52,9 +52,9 @@ async def test_closed_generate(echo_port: int) -> None:
 async def test_closed_stream_keeps_within_credit(echo_port: int) -> None:
     j = job("stream", echo_port, window=3 * CREDITS + 1)  # needs 4 streams of at most 16 each
     calls = await run(j)
-    f = serve.closed_figures(calls, j)
+    f = figures.closed_figures(calls, j)
     assert f["req_s"] > 0
-    assert serve.code_counts(calls.code) == {}  # no RESOURCE_EXHAUSTED: never sent beyond the credit
+    assert figures.code_counts(calls.code) == {}  # no RESOURCE_EXHAUSTED: never sent beyond the credit
     assert f["requests_per_msg_out"] > 1
 
 
@@ -62,7 +62,7 @@ async def test_closed_stream_keeps_within_credit(echo_port: int) -> None:
 async def test_open_loop_sends_on_schedule(echo_port: int) -> None:
     j = job("open", echo_port, rate=200.0, cap=100)
     calls = await run(j)
-    f = serve.open_figures(calls, j, 200.0)
+    f = figures.open_figures(calls, j, 200.0)
     assert 150 <= f["sent_req_s"] <= 250
     assert f["refused"] == 0
     assert np.all(np.diff(np.sort(calls.due)) > 0)
@@ -72,7 +72,7 @@ async def test_open_loop_sends_on_schedule(echo_port: int) -> None:
 async def test_text_counts_tokens(echo_port: int) -> None:
     j = job("text", echo_port, concurrency=2, max_tokens=5)
     calls = await run(j)
-    f = serve.text_figures(calls, j)
+    f = figures.text_figures(calls, j)
     assert f["tokens_s"] > 0
     assert set(calls.tokens.tolist()) == {5}
     assert f["ttft_p50_ms"] < 1000
@@ -95,6 +95,6 @@ async def test_echo_refuses_beyond_credit(echo_port: int) -> None:
 
 
 def test_percentiles_count_unfinished_as_infinite() -> None:
-    assert serve.pct_ms(np.array([0.001, 0.002, np.inf]), 99) == float("inf")
-    assert serve.pct_ms(np.array([0.001, 0.002, np.inf]), 50) == pytest.approx(2.0)
-    assert np.isnan(serve.pct_ms(np.array([]), 50))
+    assert figures.pct_ms(np.array([0.001, 0.002, np.inf]), 99) == float("inf")
+    assert figures.pct_ms(np.array([0.001, 0.002, np.inf]), 50) == pytest.approx(2.0)
+    assert np.isnan(figures.pct_ms(np.array([]), 50))
