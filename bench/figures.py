@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.accounting import Tally
+from bench.h2load import Run as H2Run
 from bench.loadgen import CODE_NAMES, DROPPED, OK, RESOURCE_EXHAUSTED, UNFINISHED, Job
 
 # -- figures --------------------------------------------------------------------------------------
@@ -134,3 +136,62 @@ def fmt(x: float, unit: str = "") -> str:
 
 def not_ok_text(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items()) or "-"
+
+
+# -- plain calls driven by h2load, accounted for by the servers' counters (bench/accounting.py) ------
+
+
+def statuses_text(t: Tally) -> str:
+    """What the counters say became of the sent calls, e.g. ``sent 9,000: OK 8,990, CANCELLED 10``."""
+    parts = [f"{k} {v:,}" for k, v in t.by_status.items()]
+    if t.unseen:
+        parts.append(f"ENDED BY GRPC CORE {t.unseen:,}")
+    check = "adds up" if t.adds_up else "DOES NOT ADD UP"
+    return f"sent {t.sent:,}, answered {t.done:,} (cut at the end {t.cut:,}): " + (", ".join(parts) or "-") + f"; {check}"
+
+
+def h2load_closed_figures(r: H2Run, t: Tally) -> dict[str, Any]:
+    """Closed loop by h2load: calls/s that ended OK (counted by the side), latency of every finished call."""
+    return {
+        "req_s": t.count("OK") / r.wall_s if r.wall_s else 0.0,
+        "p50_ms": pct_ms(r.durations, 50),
+        "p90_ms": pct_ms(r.durations, 90),
+        "p99_ms": pct_ms(r.durations, 99),
+        "not_ok": {k: v for k, v in t.by_status.items() if k not in ("OK", "CANCELLED")} | ({"BY_GRPC_CORE": t.unseen} if t.unseen else {}),
+        "accounting": t.summary(),
+        "statuses": statuses_text(t),
+        "driver": "h2load",
+    }
+
+
+def h2load_open_figures(r: H2Run, t: Tally, probe: Calls, job: Job, offered: float) -> dict[str, Any]:
+    """Open loop: h2load offers the load, a Python probe at a low rate beside it tells admitted
+    from refused calls (h2load cannot: both are HTTP 200) and times them from their scheduled start."""
+    w0, w1 = job.window_start, job.window_end
+    due = (probe.due >= w0) & (probe.due < w1)
+    code = probe.code
+    admitted = due & ((code == OK) | (code == UNFINISHED))
+    refused = due & (code == RESOURCE_EXHAUSTED)
+    sent = due & (code != DROPPED)
+    wall = r.wall_s or 1.0
+    return {
+        "offered_req_s": offered,
+        "sent_req_s": t.sent / wall,
+        "goodput_req_s": t.count("OK") / wall,
+        "p50_ms": pct_ms(r.durations, 50),  # every call h2load finished, admitted and refused
+        "p99_ms": pct_ms(r.durations, 99),
+        "admitted_p50_ms": pct_ms(np.where(code == UNFINISHED, np.inf, probe.end - probe.due)[admitted], 50),
+        "admitted_p99_ms": pct_ms(np.where(code == UNFINISHED, np.inf, probe.end - probe.due)[admitted], 99),
+        "refusal_p50_ms": pct_ms((probe.end - probe.sent)[refused], 50),
+        "refusal_p99_ms": pct_ms((probe.end - probe.sent)[refused], 99),
+        "probe_calls": int(sent.sum()),
+        "client_lag_p99_ms": pct_ms((probe.sent - probe.due)[sent], 99),
+        "refused": t.count("RESOURCE_EXHAUSTED"),
+        "refused_frac": t.count("RESOURCE_EXHAUSTED") / max(t.sent, 1),
+        "not_ok": {k: v for k, v in t.other.items() if k != "CANCELLED"} | ({"BY_GRPC_CORE": t.unseen} if t.unseen else {}),
+        "h2load_reset": r.errored,  # streams reset before any response (no grpc-status at all)
+        "accounting": t.summary(),
+        "statuses": statuses_text(t),
+        "details": probe.details,
+        "driver": "h2load + probe",
+    }

@@ -31,6 +31,7 @@ def print_header(out: dict[str, Any]) -> None:
 
 def print_closed(rows: list[dict[str, Any]]) -> None:
     print("closed loop: one-sample VAE requests; req/s finishing OK, latency ms per request")
+    print("  Generate by h2load (statuses counted by each side's metrics); GenerateStream by the Python client")
     head = f"{'call':<15}{'in flight':>10} | {'echo req/s':>11}{'p50':>8}{'p99':>8} | {'server req/s':>13}{'p50':>8}{'p99':>8} | "
     head += f"{'srv/echo':>8}  server not OK"
     print(head)
@@ -43,6 +44,11 @@ def print_closed(rows: list[dict[str, Any]]) -> None:
             f"{fmt(s['req_s']):>13}{fmt(s['p50_ms']):>8}{fmt(s['p99_ms']):>8} | {s['req_s'] / max(e['req_s'], 1e-9):>8.2f}  "
             f"{not_ok_text(s['not_ok'])}"
         )
+    counted = [r for r in rows if "statuses" in r]
+    if counted:
+        print("statuses counted by each side (CANCELLED: calls cut when h2load stopped; BY GRPC CORE: answered, not by the side):")
+        for r in counted:
+            print(f"  {r['call']} {r['in_flight']:>4} {r['side']:<7} {r['statuses']}")
     streams = [r for r in rows if "msgs_out_s" in r]
     if streams:
         parts = [
@@ -50,23 +56,39 @@ def print_closed(rows: list[dict[str, Any]]) -> None:
             for r in streams
         ]
         print("GenerateStream messages/s out, in (requests per message out): " + "; ".join(parts))
+        print("  (the Python client is not the bottleneck while the echo's row is well above the server's)")
     print(flush=True)
 
 
-def print_open(out: dict[str, Any]) -> None:
-    print(
-        "open loop: Generate started on a schedule at a fraction of each side's best closed-loop rate; latency ms from the scheduled start"
+OPEN_HEAD = (
+    f"{'side':<8}{'offered/s':>10}{'sent/s':>9}{'goodput/s':>10}{'p50':>7}{'p99':>8}{'adm p99':>9}"
+    f"{'refused':>9}{'ref p99':>9}{'lag p99':>9}"
+)
+
+
+def open_row(r: dict[str, Any]) -> str:
+    return (
+        f"{r['side']:<8}{fmt(r['offered_req_s']):>10}{fmt(r['sent_req_s']):>9}{fmt(r['goodput_req_s']):>10}{fmt(r['p50_ms']):>7}"
+        f"{fmt(r['p99_ms']):>8}{fmt(r['admitted_p99_ms']):>9}{r['refused']:>9}{fmt(r['refusal_p99_ms']):>9}{fmt(r['client_lag_p99_ms']):>9}"
     )
-    head = f"{'side':<8}{'fraction':>9}{'offered/s':>11}{'sent/s':>9}{'goodput/s':>11}{'p50':>8}{'p90':>8}{'p99':>8}{'lag p99':>9}  not OK"
+
+
+OPEN_NOTE = (
+    "(h2load on 4 connections offers the load; p50/p99: every call h2load finished, admitted or refused; adm p99, ref p99:\n"
+    " a Python probe at <= 200 calls/s inside the same load, from the scheduled start / from sending; lag: the probe's own delay)"
+)
+
+
+def print_open(out: dict[str, Any]) -> None:
+    print("open loop: Generate started on a schedule at a fraction of each side's best closed-loop rate; latency ms")
+    head = f"{'fraction':<9}" + OPEN_HEAD + "  other statuses"
     print(head)
     print("-" * len(head))
     for r in out["open"]:
-        print(
-            f"{r['side']:<8}{r['fraction']:>9.2f}{fmt(r['offered_req_s']):>11}{fmt(r['sent_req_s']):>9}{fmt(r['goodput_req_s']):>11}"
-            f"{fmt(r['p50_ms']):>8}{fmt(r['p90_ms']):>8}{fmt(r['p99_ms']):>8}{fmt(r['client_lag_p99_ms']):>9}  "
-            f"{not_ok_text(r['not_ok'] | ({'RESOURCE_EXHAUSTED': r['refused']} if r['refused'] else {}))}"
-        )
-    print("(lag: how late the client started calls; with the load on the same cores it is part of every latency)\n", flush=True)
+        print(f"{r['fraction']:<9.2f}" + open_row(r) + f"  {not_ok_text(r['not_ok'])}")
+    for r in out["open"]:
+        print(f"  {r['fraction']:.2f} {r['side']:<7} {r['statuses']}")
+    print(OPEN_NOTE + "\n", flush=True)
 
 
 def print_text(rows: list[dict[str, Any]], ttft_tokens: int, text_tokens: int) -> None:
@@ -83,19 +105,16 @@ def print_text(rows: list[dict[str, Any]], ttft_tokens: int, text_tokens: int) -
 
 
 def print_overload(out: dict[str, Any]) -> None:
-    print("overload: Generate offered at 2x each side's best closed-loop rate; latency ms of the admitted from the scheduled start")
-    head = f"{'side':<8}{'offered/s':>10}{'sent/s':>9}{'goodput/s':>10}{'p50':>8}{'p99':>8}{'refused':>9}{'ref p50':>9}{'ref p99':>9}"
-    head += f"{'lag p99':>9}{'RSS MB':>8}{'peak':>6}{'growth':>7}  other not OK"
+    print("overload: Generate offered at 2x each side's best closed-loop rate; latency ms")
+    head = OPEN_HEAD + f"{'RSS MB':>8}{'peak':>6}{'growth':>7}  other statuses"
     print(head)
     print("-" * len(head))
     for o in out["overload"]:
-        print(
-            f"{o['side']:<8}{fmt(o['offered_req_s']):>10}{fmt(o['sent_req_s']):>9}{fmt(o['goodput_req_s']):>10}{fmt(o['p50_ms']):>8}"
-            f"{fmt(o['p99_ms']):>8}{o['refused']:>9}{fmt(o['refusal_p50_ms']):>9}{fmt(o['refusal_p99_ms']):>9}"
-            f"{fmt(o['client_lag_p99_ms']):>9}{o['rss_before_mb']:>8.0f}{o['rss_peak_mb']:>6.0f}{o['rss_growth_mb']:>7.1f}  "
-            f"{not_ok_text(o['not_ok'])}"
-        )
+        print(open_row(o) + f"{o['rss_before_mb']:>8.0f}{o['rss_peak_mb']:>6.0f}{o['rss_growth_mb']:>7.1f}  {not_ok_text(o['not_ok'])}")
+    for o in out["overload"]:
+        print(f"  {o['side']:<7} {o['statuses']}")
     s = out["setup"]
+    print(OPEN_NOTE)
     print(
         f"({out['overload'][0]['duration_s']} s each; RSS: VmRSS of the server and its children, before the overload and its peak; "
         f"server idle {s['server_rss_idle_mb']:.0f} MB, after {out['server_rss_after_mb']:.0f} MB)\n",
@@ -117,29 +136,31 @@ def print_details(out: dict[str, Any]) -> None:
 
 
 def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 4's targets, on the server under test: figure, value, bound, met (None: nothing to judge)."""
+    """Issue 11's targets, on the server under test: figure, value, bound, met (None: nothing to judge)."""
     if "overload" not in out:
         return []
+    closed = {(r["call"], r["in_flight"], r["side"]): r for r in out["closed"]}
     srv = [r for r in out["closed"] if r["side"] == "server"]
-    echo64 = next(r for r in out["closed"] if r["side"] == "echo" and r["call"] == "Generate" and r["in_flight"] == 64)
-    srv64 = next(r for r in srv if r["call"] == "Generate" and r["in_flight"] == 64)
-    half = next((r for r in out["open"] if r["side"] == "server" and r["fraction"] == 0.5), None)
+    ratio64 = closed[("Generate", 64, "server")]["req_s"] / max(closed[("Generate", 64, "echo")]["req_s"], 1e-9)
+    best_stream = max((r for r in srv if r["call"] == "GenerateStream"), key=lambda r: r["req_s"])
+    stream_ratio = best_stream["req_s"] / max(closed[("GenerateStream", best_stream["in_flight"], "echo")]["req_s"], 1e-9)
+    at = {r["fraction"]: r for r in out["open"] if r["side"] == "server"}
     best = max(r["req_s"] for r in srv if r["call"] == "Generate")
-    o, s = next(r for r in out["overload"] if r["side"] == "server"), out["setup"]
-    bound_admitted = 3 * (s["batch_timeout_ms"] + s["batch_compute_ms"])
+    o = next(r for r in out["overload"] if r["side"] == "server")
+    not_ours = sum(o["not_ok"].values()) + o["h2load_reset"]
     rows: list[tuple[str, float, str, float]] = [
-        ("GenerateStream req/s (best window)", max(r["req_s"] for r in srv if r["call"] == "GenerateStream"), ">=", 15000),
-        ("Generate c=64, server/echo", srv64["req_s"] / max(echo64["req_s"], 1e-9), ">=", 0.70),
-        ("p99 ms at half the max Generate rate", half["p99_ms"] if half else math.nan, "<=", 20),
-        ("overload goodput / max Generate rate", o["goodput_req_s"] / max(best, 1e-9), ">=", 0.90),
-        ("overload p99 ms of the admitted", o["p99_ms"], "<=", bound_admitted),
-        ("overload refusal p99 ms", o["refusal_p99_ms"], "<=", 10),
-        ("overload server RSS growth MB", o["rss_growth_mb"], "<", 100),
+        ("Generate c=64 (h2load), server/echo", ratio64, ">=", 0.75),
+        ("GenerateStream (best window), server/echo", stream_ratio, ">=", 0.40),
+        ("p99 ms at 0.8 of the max Generate rate", at[0.8]["p99_ms"] if 0.8 in at else math.nan, "<=", 20),
+        ("overload: calls not OK/RESOURCE_EXHAUSTED", float(not_ours), "<=", 0),
+        ("overload goodput / max Generate rate", o["goodput_req_s"] / max(best, 1e-9), ">=", 0.80),
+        ("overload p99 ms of the admitted (probe)", o["admitted_p99_ms"], "<=", 25),
+        ("overload refusal p99 ms (probe)", o["refusal_p99_ms"], "<=", 5),
+        ("overload server RSS growth MB", o["rss_growth_mb"], "<", 50),
     ]
     text = {r["streams"]: r for r in out["text"] if r["side"] == "server"}
     if text:
-        rows += [("text TTFT p50 ms (1 stream)", text[1]["ttft_p50_ms"], "<=", 15)]
-        rows += [("text tokens/s (32 streams)", text[32]["tokens_s"], ">=", 10000)]
+        rows += [("text TTFT p50 ms (1 stream)", text[1]["ttft_p50_ms"], "<=", 5)]
     result = []
     for name, value, op, bound in rows:
         met = None if math.isnan(value) else value >= bound if op == ">=" else value <= bound if op == "<=" else value < bound
@@ -150,12 +171,12 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
 def print_targets(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    print("targets (issue 4), server under test")
-    head = f"{'figure':<40}{'value':>10}  {'target':<12}"
+    print("targets (issue 11), server under test")
+    head = f"{'figure':<46}{'value':>10}  {'target':<12}"
     print(head)
     print("-" * (len(head) + 8))
     for r in rows:
         verdict = "n/a (no sample: e.g. nothing was refused)" if r["met"] is None else "met" if r["met"] else "MISSED"
-        print(f"{r['figure']:<40}{fmt(r['value']):>10}  {r['target']:<12}{verdict}")
+        print(f"{r['figure']:<46}{fmt(r['value']):>10}  {r['target']:<12}{verdict}")
     judged = [r for r in rows if r["met"] is not None]
     print(f"{sum(r['met'] for r in judged)} of {len(judged)} met", flush=True)

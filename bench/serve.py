@@ -54,8 +54,10 @@ from typing import IO, Any
 import grpc
 import numpy as np
 
-from bench.figures import Calls, closed_figures, open_figures, text_figures
-from bench.loadgen import MB, Clients, Job, die_with_parent
+from bench.accounting import settled, tally
+from bench.figures import Calls, closed_figures, h2load_closed_figures, h2load_open_figures, text_figures
+from bench.h2load import H2Load
+from bench.loadgen import DROPPED, MB, UNFINISHED, Clients, Job, die_with_parent
 from bench.report import print_closed, print_details, print_header, print_open, print_overload, print_targets, print_text, targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,10 +66,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- the harness (the benchmark's own process) ----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (all bound at once, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -98,6 +103,7 @@ class Server:
     cmd: list[str]
     port: int
     log: IO[bytes]
+    metrics_port: int = 0  # its Prometheus counters: how bench/accounting.py tells what became of each call
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -134,7 +140,39 @@ class Server:
         return self.proc.returncode
 
 
-def overload(bench: Bench, side: Server, rate: float, cap: int, dur_s: float) -> dict[str, Any]:
+OPEN_CONNECTIONS = 4  # h2load connections in the open loop (as many clients)
+PROBE_RATE = 200.0  # calls/s of the Python probe beside h2load: enough for a p99 in seconds, cheap beside the load
+
+
+def plain_closed(bench: Bench, h2: H2Load, side: Server, in_flight: int) -> dict[str, Any]:
+    """Closed loop of plain Generate calls by h2load: ``in_flight`` calls on one connection."""
+    h2.run(side.port, duration_s=bench.warm_s, streams=in_flight)  # warm-up: not counted
+    before = settled(side.metrics_port)
+    r = h2.run(side.port, duration_s=bench.dur_s, streams=in_flight)
+    t = tally(before, settled(side.metrics_port), r.started, r.done)
+    return {"call": "Generate", "side": side.name, "in_flight": in_flight} | h2load_closed_figures(r, t)
+
+
+def plain_open(
+    bench: Bench, h2: H2Load, side: Server, rate: float, dur_s: float, tick: Callable[[], None] | None = None
+) -> tuple[dict[str, Any], Job]:
+    """Open loop at ``rate`` calls/s: h2load on OPEN_CONNECTIONS connections, and a Python probe
+    (part of the rate) that tells admitted from refused calls; every call accounted for."""
+    probe_rate = min(PROBE_RATE, max(rate * 0.05, 10.0))
+    before = settled(side.metrics_port)
+    # h2load runs from now to the end of the probe's window (which opens 0.5 s + warm-up from now)
+    started = h2.start(
+        side.port, duration_s=0.5 + bench.warm_s + dur_s, connections=OPEN_CONNECTIONS, streams=100_000, rps=rate - probe_rate
+    )
+    probe, job = bench.point("open", side, tick=tick, dur_s=dur_s, rate=probe_rate, cap=max(4 * int(probe_rate), 64))
+    r = h2.finish(started, timeout_s=dur_s + 60.0)
+    probe_sent = int((probe.code != DROPPED).sum())
+    probe_done = int(((probe.code != DROPPED) & (probe.code != UNFINISHED)).sum())
+    t = tally(before, settled(side.metrics_port), r.started + probe_sent, r.done + probe_done)
+    return h2load_open_figures(r, t, probe, job, rate), job
+
+
+def overload(bench: Bench, h2: H2Load, side: Server, rate: float, dur_s: float) -> dict[str, Any]:
     """Open loop at ``rate`` for ``dur_s``; the resident memory of ``side`` read every second."""
     rss: list[tuple[float, int]] = []
     rss_before = tree_rss_bytes(side.pid)
@@ -142,11 +180,11 @@ def overload(bench: Bench, side: Server, rate: float, cap: int, dur_s: float) ->
     def sample_rss() -> None:
         rss.append((time.monotonic(), tree_rss_bytes(side.pid)))
 
-    calls, job = bench.point("open", side, tick=sample_rss, dur_s=dur_s, rate=rate, cap=cap)
+    figures, job = plain_open(bench, h2, side, rate, dur_s, tick=sample_rss)
     during = [b for t, b in rss if job.window_start <= t <= job.window_end + 1.0] or [rss_before]
     return (
         {"side": side.name, "duration_s": dur_s}
-        | open_figures(calls, job, rate)
+        | figures
         | {
             "rss_before_mb": rss_before / MB,
             "rss_peak_mb": max(during) / MB,
@@ -220,7 +258,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
     overload_s = args.overload_duration or (5.0 if quick else 30.0)
     concurrencies = (1, 16, 64)
     windows = (64, 512, 2048)
-    fractions = (0.5,) if quick else (0.25, 0.5, 0.75)
+    fractions = (0.5, 0.8) if quick else (0.25, 0.5, 0.8)
     ttft_tokens, text_tokens, text_streams = 16, (64 if quick else 100), 32
 
     batch_ms = args.batch_compute_ms
@@ -228,16 +266,18 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
             batch_ms = ex.submit(measure_batch_ms, args.models_dir, cfg.batch_size, cfg.threads).result(timeout=300)
 
+    h2 = H2Load()  # before any server starts: a missing h2load fails at once, saying how to install it
     logs = tempfile.TemporaryDirectory(prefix="bench-serve-")
-    echo_port = free_port()
-    while (sut_port := free_port()) == echo_port:
-        pass
+    ports = free_ports(4)
+    echo_port, sut_port, echo_metrics, sut_metrics = ports
     echo_cmd = [sys.executable, "-m", "bench.echo", "--port", str(echo_port), "--credits", str(cfg.stream_credits)]
-    sut_cmd = [a.replace("{port}", str(sut_port)) for a in server_cmd]
+    echo_cmd += ["--metrics-port", str(echo_metrics)]
+    sut_cmd = [a.replace("{port}", str(sut_port)).replace("{metrics_port}", str(sut_metrics)) for a in server_cmd]
     if args.only_echo:
         sut_cmd = [sys.executable, "-m", "bench.echo", "--port", str(sut_port), "--credits", str(cfg.stream_credits)]
-    echo = Server("echo", echo_cmd, echo_port, open(Path(logs.name) / "echo.log", "wb"))  # noqa: SIM115 (closed with logs)
-    sut = Server("server", sut_cmd, sut_port, open(Path(logs.name) / "server.log", "wb"))  # noqa: SIM115
+        sut_cmd += ["--metrics-port", str(sut_metrics)]
+    echo = Server("echo", echo_cmd, echo_port, open(Path(logs.name) / "echo.log", "wb"), echo_metrics)  # noqa: SIM115 (closed with logs)
+    sut = Server("server", sut_cmd, sut_port, open(Path(logs.name) / "server.log", "wb"), sut_metrics)  # noqa: SIM115
     sides = [echo, sut]
     clients: Clients | None = None
     out: dict[str, Any] = {}
@@ -285,8 +325,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
 
         for c in concurrencies:
             for s in sides:
-                calls, job = bench.point("unary", s, concurrency=c)
-                out["closed"].append({"call": "Generate", "side": s.name, "in_flight": c} | closed_figures(calls, job))
+                out["closed"].append(plain_closed(bench, h2, s, c))
         for w in windows:
             for s in sides:
                 calls, job = bench.point("stream", s, window=w)
@@ -297,8 +336,8 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
         for frac in fractions:
             for s in sides:
                 rate = max(best[s.name] * frac, 1.0)
-                calls, job = bench.point("open", s, rate=rate, cap=max(4 * int(rate), 64))
-                out["open"].append({"side": s.name, "fraction": frac} | open_figures(calls, job, rate))
+                figures, _ = plain_open(bench, h2, s, rate, dur_s)
+                out["open"].append({"side": s.name, "fraction": frac} | figures)
         print_open(out)
 
         for s in sides:
@@ -310,8 +349,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
             out["text"].append({"side": s.name, "streams": text_streams, "max_new_tokens": text_tokens} | text_figures(calls, job))
         print_text(out["text"], ttft_tokens, text_tokens)
 
-        cap = int(cfg.max_inflight * 1.25) + 256  # above the server's limit, so that it is the server that refuses
-        out["overload"] = [overload(bench, side, 2 * best[side.name], cap, overload_s) for side in sides]
+        out["overload"] = [overload(bench, h2, side, 2 * best[side.name], overload_s) for side in sides]
         out["server_rss_after_mb"] = tree_rss_bytes(sut.pid) / MB
         print_overload(out)
         print_details(out)
@@ -326,6 +364,7 @@ def run(args: argparse.Namespace, server_cmd: list[str], cfg: Any) -> dict[str, 
                 print(f"\nWARNING: {s.name} exited with code {codes[s.name]}; its log ends:\n{s.tail()}", file=sys.stderr)
             s.log.close()
         logs.cleanup()
+        h2.close()
     out["targets"] = targets(out)
     print_targets(out["targets"])
     return out
@@ -365,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of the load generators")
     parser.add_argument("--models-dir", default="models", help="the server's --models-dir")
     parser.add_argument("--server-args", default="", help='more flags for python -m server, e.g. "--batch-timeout-ms 1 --max-inflight 512"')
-    parser.add_argument("--target-cmd", default=None, help="serve with this command instead of python -m server ({port} is replaced)")
+    parser.add_argument(
+        "--target-cmd", default=None, help="serve with this command instead of python -m server ({port} and {metrics_port} are replaced)"
+    )
     parser.add_argument("--only-echo", action="store_true", help="a second echo server stands in for the server under test")
     parser.add_argument("--batch-compute-ms", type=float, default=None, help="one batch's compute time (default: measured on the engine)")
     parser.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each server to serve")
@@ -378,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.config import ServerConfig, parse_args
 
     extra = shlex.split(args.server_args)
-    base = ["--port", "{port}", "--metrics-port", "0", "--models-dir", args.models_dir, "--log-level", "warning"]
+    base = ["--port", "{port}", "--metrics-port", "{metrics_port}", "--models-dir", args.models_dir, "--log-level", "warning"]
     server_cmd = [sys.executable, "-m", "server", *base, *extra]
     if args.target_cmd is not None:
         server_cmd = shlex.split(args.target_cmd)

@@ -18,15 +18,24 @@ The delay signal: the time an image job spent between admission and the end of i
 less that batch's own compute time (``observe_job``). It includes every wait a request meets in
 this process: the pipeline's links, and the event loop itself when it is the bottleneck (a
 saturated loop runs stages late). Text jobs give no sample (their time is their length).
-A server that finishes nothing for an interval has nothing queued, and sheds nothing (idle).
+A server with nothing in flight has nothing queued: it forgets the delay and sheds nothing (idle).
 
-While shedding, every new request is refused (there is no queue at arrival to drop from, unlike a
-router's CoDel); the first sample under target stops it. Samples come with every finished job
-(thousands a second under load), so the on/off period is milliseconds, not intervals.
+While shedding, every new plain call is refused (there is no queue at arrival to drop from,
+unlike a router's CoDel); the first sample under target stops it. Samples come with every
+finished job (thousands a second under load), so the on/off period is milliseconds, not intervals.
 
-GenerateStream credits follow the same signal (``stream_grant``): while shedding a stream may hold
-a quarter of its credit (in flight plus unspent), so a streaming client slows down instead of
-being refused request by request.
+GenerateStream requests are admitted by their credit, and the credit follows the same signal
+(``stream_grant``): while shedding a stream may hold a quarter of its credit (in flight plus
+unspent), so a streaming client slows down instead of being refused request by request; a request
+within its credit meets only the count backstop.
+
+What this cannot see: calls waiting in grpc core before any handler runs. grpc.aio keeps one
+``request_call`` outstanding per server (``_server_main_loop`` in grpc's aio/server.pyx.pxi), so
+it accepts one call per round trip between its poller thread and the event loop. Measured under
+2x overload (h2load, 4 connections, shared 2-core machine): the server held 2-7 calls in flight
+and its event loop ran timers at most 7 ms late, while h2load's calls waited 1.5 s on average in
+grpc core. An event-loop-lateness signal was tried and dropped: it stayed under target there.
+The stream limit per connection (``grpc_server_options``) is what bounds that wait.
 """
 
 from __future__ import annotations
@@ -83,32 +92,26 @@ class CoDel:
 
     Not shedding: the first sample above target starts a clock; if samples stay above target until
     ``interval`` later, shedding starts. Any sample under target ends it (and resets the clock).
-    No sample for an interval ends it too: nothing finished, so nothing is queued behind.
     """
 
     target: float = 0.005  # seconds: a delay the server may keep (about one batch timeout plus a batch)
     interval: float = 0.100  # seconds: how long a delay must persist to count as a standing queue
     shedding: bool = False
     first_above: float = math.inf  # when the delay, if it stays above target, makes the queue standing
-    last_sample: float = -math.inf
     delay: float = 0.0  # the latest sample, for the metrics
 
     def observe(self, delay: float, now: float) -> None:
-        self.last_sample = now
         self.delay = delay
         if delay < self.target:
-            self.first_above = math.inf
-            self.shedding = False
+            self.reset()
         elif self.first_above == math.inf:
             self.first_above = now + self.interval
         elif now >= self.first_above:
             self.shedding = True
 
-    def overloaded(self, now: float) -> bool:
-        if now - self.last_sample > self.interval:  # no news: nothing is queued (an idle server never sheds)
-            self.shedding = False
-            self.first_above = math.inf
-        return self.shedding
+    def reset(self) -> None:
+        self.first_above = math.inf
+        self.shedding = False
 
 
 class Admission:
@@ -134,10 +137,14 @@ class Admission:
         self.on_refusal = on_refusal  # metrics: "delay" or "count"
         self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
 
-    def check(self, inflight: int) -> None:
+    def check(self, inflight: int, *, by_delay: bool = True) -> None:
         """Refuse (raise Refused) if the server is overloaded, ``inflight`` requests being unfinished;
-        cheap (a few attribute reads), so it runs before a request is parsed into a job."""
-        if self.codel.shedding and self.codel.overloaded(self.clock()):
+        cheap (a few attribute reads), so it runs before a request is parsed into a job.
+        ``by_delay=False``: only the count limit (a GenerateStream request: its credit is its admission,
+        and the credit shrinks while the server sheds)."""
+        if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
+            self.codel.reset()
+        if by_delay and self.codel.shedding:
             self.on_refusal("delay")
             raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -165,8 +172,7 @@ class Admission:
         shedding spell). Shedding: only up to a quarter of the credit. Never leaves a stream with
         nothing in flight and nothing to spend, or it would wait for credits forever.
         """
-        shedding = self.codel.shedding and self.codel.overloaded(self.clock())
-        window = max(1, full // SHEDDING_CREDIT_FRACTION) if shedding else full
+        window = max(1, full // SHEDDING_CREDIT_FRACTION) if self.codel.shedding else full
         grant = max(0, window - outstanding)
         if outstanding + grant < 1:
             grant = 1

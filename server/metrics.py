@@ -29,6 +29,9 @@ class Metrics:
         self.overload_refusals = Counter(
             "genserve_overload_refusals_total", "Requests refused for overload, by reason (delay, count)", ["reason"], registry=r
         )
+        self.queue_delay = Gauge(
+            "genserve_queue_delay_seconds", "Latest queueing delay seen by admission (an image job's wait)", registry=r
+        )
         self.restarts = Counter("genserve_stage_restarts_total", "Stage restarts by the supervisor", ["stage"], registry=r)
         self.tokens = Counter("genserve_tokens_total", "Tokens generated", ["model"], registry=r)
         self.samples = Counter("genserve_samples_total", "Image samples generated", ["model"], registry=r)

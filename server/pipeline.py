@@ -52,6 +52,7 @@ class Pipeline:
             interval_s=config.admission_interval_ms / 1000,
             on_refusal=lambda reason: metrics.overload_refusals.labels(reason).inc(),
         )
+        metrics.queue_delay.set_function(lambda: self.admission.codel.delay)
         self._service_s: dict[str, float] = {}  # model -> its latest batch's compute time
         self._idle = asyncio.Event()
         self._idle.set()
@@ -102,15 +103,15 @@ class Pipeline:
         self.metrics.batch_seconds.labels(model).observe(seconds)
         self.metrics.samples.labels(model).inc(n)
 
-    def check_room(self) -> None:
+    def check_room(self, *, by_delay: bool = True) -> None:
         """Raise Refused if a new request would be refused now: before it is parsed, so a refusal stays cheap."""
         if not self.accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
-        self.admission.check(len(self.inflight))
+        self.admission.check(len(self.inflight), by_delay=by_delay)
 
     def admit(self, job: Job, timeout: float | None) -> None:
         """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
-        self.check_room()
+        self.check_room(by_delay=job.rpc != "GenerateStream")  # a stream's requests are admitted by its credit
         if not self.ingress.offer(job):
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off", self.admission.retry_after_ms)
         loop = asyncio.get_running_loop()
