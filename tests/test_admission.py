@@ -32,11 +32,12 @@ def test_sheds_when_the_delay_stays_over_target_for_an_interval_and_stops_when_i
         codel.observe(2 * TARGET, t)
         t += 0.010
     codel.observe(2 * TARGET, t)
-    assert codel.shedding
+    states = [codel.shedding]
     codel.observe(TARGET / 2, t + 0.001)  # one sample under target: the queue has drained
-    assert not codel.shedding
+    states.append(codel.shedding)
     codel.observe(2 * TARGET, t + 0.002)  # over again: a new interval must pass first
-    assert not codel.shedding
+    states.append(codel.shedding)
+    assert states == [True, False, False]
 
 
 def test_an_idle_server_never_sheds() -> None:

@@ -99,7 +99,8 @@ async def test_a_standing_queue_sheds_plain_calls_with_a_hint_and_shrinks_stream
         stream = stub.GenerateStream()  # a stream's requests are admitted by its credit, which shrinks instead
         assert (await stream.read()).credits == 512
         await stream.write(pb.StreamRequest(requests=[pb.GenerateRequest(id="s", model="vae", image=pb.ImageParams(n=1))]))
-        finishes, credits = [], 0
+        finishes: list[pb.Finish] = []
+        credits = 0
         while not finishes:
             reply = await stream.read()
             finishes += [r.finish for r in reply.results if r.HasField("finish")]
