@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator
 
@@ -9,8 +11,9 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry, start_http_server
 
-from bench import echo, figures, loadgen
+from bench import accounting, echo, figures, h2load, loadgen
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
@@ -98,3 +101,46 @@ def test_percentiles_count_unfinished_as_infinite() -> None:
     assert figures.pct_ms(np.array([0.001, 0.002, np.inf]), 99) == float("inf")
     assert figures.pct_ms(np.array([0.001, 0.002, np.inf]), 50) == pytest.approx(2.0)
     assert np.isnan(figures.pct_ms(np.array([]), 50))
+
+
+# -- plain calls by h2load, accounted for by the side's counters ------------------------------------
+
+
+def test_a_tally_finds_the_calls_grpc_core_answered() -> None:
+    before = accounting.parse('genserve_requests_total{model="vae",rpc="Generate",code="OK"} 5\n')
+    after = accounting.parse(
+        'genserve_requests_total{model="vae",rpc="Generate",code="OK"} 95\n'
+        'genserve_requests_total{model="vae",rpc="Generate",code="CANCELLED"} 2\n'
+        'genserve_rejections_total{rpc="Generate",code="RESOURCE_EXHAUSTED"} 30\n'
+        'genserve_rejections_total{rpc="GenerateStream",code="RESOURCE_EXHAUSTED"} 7\n'
+    )
+    t = accounting.tally(before, after, sent=130, done=126)  # 4 cut at the end, 2 of them picked up (CANCELLED)
+    assert t.by_status == {"CANCELLED": 2, "OK": 90, "RESOURCE_EXHAUSTED": 30}
+    assert t.cut == 4 and t.unseen == 6 and not t.adds_up  # 126 answered, 120 by the side: 6 by grpc core
+    assert "ENDED BY GRPC CORE 6" in figures.statuses_text(t)
+    assert accounting.tally(before, after, sent=130, done=120).adds_up
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason=h2load.INSTALL_HINT)
+@pytest.mark.asyncio
+async def test_h2load_calls_add_up_to_the_echos_count() -> None:
+    registry = CollectorRegistry()
+    server = grpc.aio.server()
+    pb_grpc.add_GeneratorServicer_to_server(echo.EchoGenerator(CREDITS, registry), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    httpd, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    metrics_port = httpd.server_port
+    await server.start()
+    driver = h2load.H2Load()
+    try:
+        before = await asyncio.to_thread(accounting.settled, metrics_port)
+        run = await asyncio.to_thread(driver.run, port, calls=200, streams=8)  # h2load in a thread: the echo shares this loop
+        t = accounting.tally(before, await asyncio.to_thread(accounting.settled, metrics_port), run.started, run.done)
+    finally:
+        driver.close()
+        httpd.shutdown()
+        httpd.server_close()
+        await server.stop(None)
+    assert (run.started, run.done, run.errored) == (200, 200, 0)
+    assert t.by_status == {"OK": 200} and t.adds_up
+    assert run.durations.size == 200 and figures.h2load_closed_figures(run, t)["req_s"] > 0
