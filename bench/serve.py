@@ -1,30 +1,40 @@
 """Serving benchmark: the gRPC server beside a bare grpc.aio echo of the same call shapes, in one run.
 
-    python -m bench.serve [--quick] [--duration S] [--clients N] [--json FILE] [--server-args "..."]
+    scripts/bench_setup.sh                       # once: installs h2load (Debian: nghttp2-client)
+    python -m bench.serve [--quick] [--duration S] [--overload-duration S] [--json FILE] [--server-args "..."]
+
+    --quick               1-2 s points, 5 s of overload, open loop at 0.5 and 0.8 (a couple of minutes)
+    --duration S          measured seconds per point (default 10; --quick 2)
+    --overload-duration S seconds of the 2x overload (default 30; --quick 5)
+    --server-args "..."   more flags for python -m server (e.g. "--max-streams-per-connection 32")
+    --json FILE           every figure, and the per-status accounting, as JSON
 
 Two servers run as subprocesses on free 127.0.0.1 ports: the server under test (``python -m
 server``, its flags from ``--server-args``) and ``bench.echo``, which answers every call at once
-and so measures the ceiling of grpc.aio itself on this machine. The load comes from ``--clients``
-separate processes (grpc.aio, on uvloop when installed); the servers and the load share the same
-cores, so every point is run against the echo and then the server, never both at once.
+and so measures the ceiling of grpc.aio itself on this machine. Both expose their counters, which
+account for every plain call by its gRPC status (bench/accounting.py). The servers and the load
+share the same cores, so every point is run against the echo and then the server, never both at
+once; ratios are only meaningful within one run.
 
-  closed loop   Generate: c calls in flight, one image request each (vae, n=1), a new call as
-                soon as one ends. GenerateStream: w requests in flight over as many streams as the
-                server's credit needs, each message carrying every request the credit allows.
-  open loop     Generate calls started on a fixed schedule (a fraction of that side's best
-                closed-loop Generate rate, its "maximum sustained rate"); latency runs from the
-                scheduled start, so a client that falls behind does not hide the queueing.
+  closed loop   Generate by h2load (bench/h2load.py: the Python client cost more per call than the
+                server under test): c calls in flight on one connection, one image request each
+                (vae, n=1). GenerateStream by the Python client (bench/loadgen.py): w requests in
+                flight over as many streams as the credit needs; the echo's row shows the client
+                is not the limit.
+  open loop     Generate at a fraction of that side's best closed-loop rate: h2load on 4
+                connections, and a Python probe at <= 200 calls/s inside the load that tells
+                admitted calls from refused ones (h2load sees only HTTP 200) and times them from
+                their scheduled start.
   text          transformer, prompt "ROMEO:": time to first token with one stream at a time,
-                tokens/s with 32 streams.
-  overload      Generate offered at twice the side's maximum: goodput, latency of the admitted,
-                how fast refusals (RESOURCE_EXHAUSTED) come back, and the resident memory (VmRSS
-                of the server and its children, read every second) over the run.
+                tokens/s with 32 streams (Python client).
+  overload      the open loop at twice the side's maximum: goodput, latency of the admitted and of
+                the refusals (RESOURCE_EXHAUSTED), every call's status, and the resident memory
+                (VmRSS of the server and its children, read every second).
 
-A point is a warm-up and a measured window; throughput counts the requests finishing inside the
-window, latencies those started (or due) inside it; calls still open at the end get a few seconds
-to finish and then count as unfinished (infinite latency). The targets are issue 4's, checked on
-the server under test. This module is longer than most: it holds the process harness, the load
-generators and the report, which only make sense together.
+Every Generate row prints "sent N, answered M (cut at the end K): OK a, RESOURCE_EXHAUSTED b, ...;
+adds up": K calls were still open when h2load stopped (the side counts those it had picked up as
+CANCELLED); "ENDED BY GRPC CORE" counts answered calls no counter of the side saw. The targets
+are issue 11's, checked on the server under test.
 """
 
 from __future__ import annotations
@@ -397,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="2 s per point, 5 s of overload, one open-loop rate (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="2 s per point, 5 s of overload, open loop at 0.5 and 0.8 (a couple of minutes)")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; --quick 2)")
     parser.add_argument("--overload-duration", type=float, default=None, help="seconds of overload (default 30; --quick 5)")
     parser.add_argument("--clients", type=int, default=1, choices=(1, 2), help="load-generator processes")
