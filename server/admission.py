@@ -15,7 +15,8 @@ VAE requests): with only the count limit (8192), admitted calls waited p99 ~660 
 core cancelled half of all calls before the application saw them.
 
 The delay signal: the time an image job spent between admission and the end of its last batch,
-less that batch's own compute time (``observe_job``). It includes every wait a request meets in
+less what batching itself costs (the batch timeout, its own batches' compute, and one batch ahead
+of it: ``observe_job``), so a server that is merely batching never looks queued. It includes every wait a request meets in
 this process: the pipeline's links, and the event loop itself when it is the bottleneck (a
 saturated loop runs stages late). Text jobs give no sample (their time is their length).
 A server with nothing in flight has nothing queued: it forgets the delay and sheds nothing (idle).
@@ -139,7 +140,7 @@ class Admission:
 
     def check(self, inflight: int, *, by_delay: bool = True) -> None:
         """Refuse (raise Refused) if the server is overloaded, ``inflight`` requests being unfinished;
-        cheap (a few attribute reads), so it runs before a request is parsed into a job.
+        a few attribute reads.
         ``by_delay=False``: only the count limit (a GenerateStream request: its credit is its admission,
         and the credit shrinks while the server sheds)."""
         if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
@@ -159,10 +160,10 @@ class Admission:
                 self.retry_after_ms,
             )
 
-    def observe_job(self, created: float, service_s: float) -> None:
-        """A job created (``clock``) at ``created`` has finished; ``service_s`` of its time was compute."""
+    def observe_job(self, created: float, allowance_s: float) -> None:
+        """A job created (``clock``) at ``created`` has finished; ``allowance_s`` of its time was batching, not queueing."""
         now = self.clock()
-        self.codel.observe(now - created - service_s, now)
+        self.codel.observe(now - created - allowance_s, now)
 
     def stream_grant(self, full: int, outstanding: int) -> int:
         """Credits to announce to a stream that holds ``outstanding`` (in flight + unspent) of its ``full``

@@ -104,7 +104,7 @@ class Pipeline:
         self.metrics.samples.labels(model).inc(n)
 
     def check_room(self, *, by_delay: bool = True) -> None:
-        """Raise Refused if a new request would be refused now: before it is parsed, so a refusal stays cheap."""
+        """Raise Refused if a new request would be refused now (shutting down, or overloaded)."""
         if not self.accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
         self.admission.check(len(self.inflight), by_delay=by_delay)
@@ -157,8 +157,11 @@ class Pipeline:
         code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name
         if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/admission.py)
-            batches = -(-job.image.n // self.config.batch_size)
-            self.admission.observe_job(job.created, batches * self._service_s.get(name, 0.0))
+            # What batching itself costs is not queueing: the batch timeout, the job's own batches,
+            # and one batch ahead of it (one computes while the next fills).
+            batches = -(-job.image.n // self.config.batch_size) + 1
+            allowance = self.config.batch_timeout_ms / 1000 + batches * self._service_s.get(name, 0.0)
+            self.admission.observe_job(job.created, allowance)
         counters = self._children.get((name, job.rpc, code))
         if counters is None:  # label lookups cost microseconds: keep the children per label set
             m = self.metrics

@@ -354,8 +354,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
         job_id = request.id[:MAX_ID_LENGTH] or f"{_ID_PREFIX}-{next(_ids)}"
         sink = CallSink()
-        try:
-            self.pipeline.check_room()
+        try:  # a bad request hears what is wrong with it even from an overloaded server: validate, then admit
             job = self.build_job(request, "Generate", job_id, sink)
             self.pipeline.admit(job, _timeout(request.timeout_ms, context.time_remaining()))
         except Refused as e:
