@@ -38,33 +38,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" from the parser's own default, so each default has one source (a
-    task's ``set_defaults`` included) and no help text repeats it; nothing for None and False,
-    whose help says what happens."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--epochs", type=int, help="maximum number of epochs")
     g.add_argument("--batch-size", type=int, help="examples per optimisation step")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up length in epochs, then cosine decay")
-    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final learning rate as a fraction of the peak")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 = off")
+    g.add_argument("--min-lr-ratio", type=float, default=0.01, help="final learning rate as a fraction of the peak (default 0.01)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip; 0 = off (default 1.0)")
     g.add_argument("--patience", type=int, help="early stopping after this many epochs without a better validation loss; 0 = off")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs, besides best and last")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N epochs, besides best and last (default 10)")
     g.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this much wall-clock time; 0 = no limit")
-    g.add_argument("--seed", type=int, default=0, help="seed of every RNG, for reproducible runs")
+    g.add_argument("--seed", type=int, default=0, help="seed of every RNG, for reproducible runs (default 0)")
     g = p.add_argument_group("environment")
     g.add_argument("--data-dir", type=Path, help="folder of standard MNIST IDX files (the 60k set) to train on instead of the bundled 9000")
     g.add_argument("--run-dir", type=Path, help="output folder (default runs/<model>-<time>)")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (auto: cuda if there is one)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (default: cuda if available)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     g.add_argument("--log-format", choices=["console", "json"], default="console")
 
@@ -83,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "classifier": "train the digit classifier that training.eval uses to judge samples",
     }
     for name, cls in task_classes().items():
-        p = sub.add_parser(name, help=helps[name], description=helps[name], formatter_class=DefaultsFormatter)
+        p = sub.add_parser(name, help=helps[name], description=helps[name], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_common(p)  # first, so that a task's set_defaults() overrides the common defaults
         cls.add_arguments(p)
     p = sub.add_parser(
