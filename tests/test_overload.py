@@ -88,12 +88,15 @@ async def test_a_saturated_server_refuses_at_once_with_a_hint_and_cancels_nothin
     assert counter(held, "genserve_requests_total", model="vae", rpc="Generate", code="CANCELLED") == 0
 
 
-async def test_a_standing_queue_sheds_plain_calls_with_a_hint_and_shrinks_stream_credit(held: GenServer) -> None:
+async def test_a_standing_queue_sheds_plain_calls_with_a_hint_and_shrinks_stream_credit(
+    held: GenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with grpc.aio.insecure_channel(held.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
         first = asyncio.create_task(outcome(stub, image(0)))
         await until(lambda: len(held.pipeline.inflight) == 1)
         stand_queue(held)
+        monkeypatch.setattr(held.pipeline.admission.codel, "observe", lambda delay, now: None)  # it stays standing
         code, trailers = await outcome(stub, image(1))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailers[RETRY_PUSHBACK_KEY] == str(HINT_MS)
         stream = stub.GenerateStream()  # a stream's requests are admitted by its credit, which shrinks instead
