@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="2 s per point, 5 s of overload, open loop at 0.5 and 0.8 (a couple of minutes)")
+    parser.add_argument("--quick", action="store_true", help="2 s per point, 5 s of overload, open loop at 0.5 and 0.8 (minutes)")
     parser.add_argument("--duration", type=float, default=None, help="measured seconds per point (default 10; --quick 2)")
     parser.add_argument("--overload-duration", type=float, default=None, help="seconds of overload (default 30; --quick 5)")
     parser.add_argument("--clients", type=int, default=1, choices=(1, 2), help="load-generator processes")
