@@ -1,6 +1,6 @@
 """A bare grpc.aio Generator that answers at once: the ceiling the serving benchmark compares against.
 
-    python -m bench.echo --port P [--credits N]
+    python -m bench.echo --port P [--credits N] [--metrics-port M]
 
 Same call shapes as the real server, no model behind them:
   Generate        an image request gets one ``images`` chunk (784 bytes per 28x28 sample) and a
@@ -11,7 +11,9 @@ Same call shapes as the real server, no model behind them:
                   and its finish, and handing the credits of the finished requests back. A
                   request beyond the credit is refused for its id with RESOURCE_EXHAUSTED.
   ListModels      ``vae`` and ``transformer``.
-It also serves grpc.health.v1, so a harness waits for it as it waits for the real server.
+It also serves grpc.health.v1, so a harness waits for it as it waits for the real server, and
+with ``--metrics-port`` counts Generate calls by status as the server does
+(``genserve_requests_total{model,rpc,code}``), so that the benchmark accounts for both alike.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
@@ -78,15 +81,24 @@ def answer(request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
 class EchoGenerator(pb_grpc.GeneratorServicer):
     """Answers every request at once; holds nothing between calls but a stream's credit."""
 
-    def __init__(self, credits: int) -> None:
+    def __init__(self, credits: int, registry: CollectorRegistry | None = None) -> None:
         self.credits = credits
+        self.calls: Counter | None = None
+        if registry is not None:  # the server's metric name and labels: bench/accounting.py reads both alike
+            self.calls = Counter("genserve_requests_total", "Finished requests by outcome", ["model", "rpc", "code"], registry=registry)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         return MODELS
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
-        for message in answer(request):
-            yield message
+        code = "CANCELLED"
+        try:
+            for message in answer(request):
+                yield message
+            code = "OK"
+        finally:
+            if self.calls is not None:
+                self.calls.labels(request.model, "Generate", code).inc()
 
     async def GenerateStream(self, request_iterator: AsyncIterator[pb.StreamRequest], context: Any) -> AsyncIterator[pb.StreamResponse]:
         yield pb.StreamResponse(credits=self.credits)
@@ -106,11 +118,14 @@ class EchoGenerator(pb_grpc.GeneratorServicer):
             yield pb.StreamResponse(results=results, credits=admitted)
 
 
-async def serve(port: int, credits: int, max_message_mb: int = 16) -> None:
+async def serve(port: int, credits: int, max_message_mb: int = 16, metrics_port: int = 0) -> None:
     """Serve on 127.0.0.1:port until SIGTERM or SIGINT; prints one line once it accepts calls."""
     limit = max_message_mb * 1024 * 1024
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
-    pb_grpc.add_GeneratorServicer_to_server(EchoGenerator(credits), server)
+    registry = CollectorRegistry() if metrics_port else None
+    pb_grpc.add_GeneratorServicer_to_server(EchoGenerator(credits, registry), server)
+    if registry is not None:
+        start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
@@ -141,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--credits", type=int, default=512, help="credit granted to each GenerateStream (the server's --stream-credits)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1 (0: off)")
     args = parser.parse_args(argv)
     if args.credits < 1:
         parser.error("--credits must be >= 1")
     with contextlib.suppress(KeyboardInterrupt):
-        run(serve(args.port, args.credits))
+        run(serve(args.port, args.credits, metrics_port=args.metrics_port))
     return 0
 
 

@@ -36,15 +36,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench.serve import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST_PATH = "/genserve.v1.Generator/Generate"
 START_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def request_bytes() -> bytes:
@@ -110,7 +106,7 @@ def check_one_call(address: str) -> None:
 
 
 def bench_grpc(models: Path, workers: int, body: Path, args: argparse.Namespace) -> dict[str, Any]:
-    port = free_port()
+    port = free_ports(1)[0]
     address = f"127.0.0.1:{port}"
     proc = start_server(models, "--port", str(port), "--workers", str(workers))
     try:
@@ -152,7 +148,7 @@ async def amqp_load(url: str, queue: str, args: argparse.Namespace) -> dict[str,
 
 def bench_amqp(models: Path, servers: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
     queue = f"bench.scaleout.{uuid.uuid4().hex[:8]}"
-    ports = [free_port() for _ in range(servers)]
+    ports = [free_ports(1)[0] for _ in range(servers)]
     env = {"GENSERVE_AMQP_URL": url}
     procs = [start_server(models, "--port", str(p), "--amqp-queue", queue, env=env) for p in ports]
     try:

@@ -49,7 +49,7 @@ import grpc
 import torch
 
 from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
-from bench.serve import free_port
+from bench.serve import free_ports
 from engine.decode import DecodeLoop
 from engine.interop import to_hf_gpt2
 from engine.modelfile import load_model
@@ -181,7 +181,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
     channel: grpc.aio.Channel | None = None
     try:
         if not args.no_server:
-            port = free_port()
+            (port,) = free_ports(1)
             cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", "0", "--models-dir", str(MODELS)]
             cmd += ["--threads", str(args.threads), "--log-level", "warning", "--decode-batch", str(max(64, args.streams))]
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

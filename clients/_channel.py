@@ -11,7 +11,9 @@ Why one channel and gRPC's own machinery rather than our own loops:
   with exponential back-off and full jitter (a random wait in ``[0, backoff)``), within the
   call's deadline, and only until the call has received its first response: a streamed
   ``Generate`` is never replayed after a chunk arrived. gRPC sends a retried call to the
-  next server of the round robin. gRPC caps ``max_attempts`` at 5.
+  next server of the round robin. gRPC caps ``max_attempts`` at 5. A refusal for overload
+  carries ``grpc-retry-pushback-ms`` in its trailing metadata, and gRPC waits that long instead
+  of its own back-off before the next attempt (gRFC A6).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ on its ``Finish``.
 
 A request refused for its id with RESOURCE_EXHAUSTED or UNAVAILABLE before any of its output
 arrived is sent again after a jittered back-off (the client's ``RetryPolicy``), within its
-deadline. Each request has a deadline: the server is told the time left when it is sent, and a
+deadline; when the refusal carries the server's hint (``Finish.retry_after_ms``, overload), the
+wait is at least that long. Each request has a deadline: the server is told the time left when it is sent, and a
 request still unfinished at its deadline fails with ``DeadlineExceeded`` here (and is cancelled
 on the server). Cancelling a request's future cancels the request.
 """
@@ -258,11 +259,12 @@ class Session:
             request.future.set_exception(DeadlineExceeded("the request did not finish within its deadline", request_id=request.id))
 
     def _finish(self, request: _Request, finish: pb.Finish) -> None:
-        if finish.code in _RETRYABLE and self._may_retry(request):
+        hint = finish.retry_after_ms / 1000  # the server's retry hint (overload): wait at least that long
+        if finish.code in _RETRYABLE and self._may_retry(request, hint):
             assert self.retry is not None
             request.state = "backoff"
             request.fresh_assembler()
-            wait = random.uniform(0, self.retry.backoff(request.attempts))  # full jitter, as gRPC's own retries
+            wait = hint + random.uniform(0, self.retry.backoff(request.attempts))  # full jitter, as gRPC's own retries
             request.retry = asyncio.get_running_loop().call_later(wait, self._enqueue, request)
             return
         self._forget(request)
@@ -278,12 +280,12 @@ class Session:
         else:
             future.set_exception(from_status(finish.code, finish.message, request_id=request.id))
 
-    def _may_retry(self, request: _Request) -> bool:
+    def _may_retry(self, request: _Request, hint: float = 0.0) -> bool:
         if request.future.done() or self.retry is None or request.attempts >= self.retry.max_attempts:
             return False
         if request.assembler.received:  # never replay a request whose output has begun to arrive
             return False
-        backoff = self.retry.backoff(request.attempts)
+        backoff = hint + self.retry.backoff(request.attempts)
         return request.deadline is None or asyncio.get_running_loop().time() + backoff < request.deadline
 
     def _fail_all(self, error: GenserveError) -> None:

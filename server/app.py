@@ -29,6 +29,7 @@ from engine.engine import Engine
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
+from server.admission import grpc_server_options
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -143,6 +144,7 @@ class GenServer:
                 ("grpc.max_send_message_length", limit),
                 # a second server on the same port must fail, not share it; workers of one group share it
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+                *grpc_server_options(c.max_streams_per_connection),  # no call is left to grpc core to cancel
             ],
         )
         undo.push_async_callback(self.grpc.stop, None)

@@ -40,6 +40,13 @@ class ServerConfig:
     decode_pending: int = field(default=256, metadata={"help": "text sequences waiting for a decode slot per model"})
     max_new_tokens: int = field(default=1024, metadata={"help": "cap on the tokens one text request may ask for"})
     max_inflight: int = field(default=8192, metadata={"help": "accepted requests not yet finished; beyond it RESOURCE_EXHAUSTED"})
+    admission_target_ms: float = field(
+        default=5.0, metadata={"help": "queueing delay a request may meet; held over it for an interval, new requests are refused"}
+    )
+    admission_interval_ms: float = field(default=100.0, metadata={"help": "... this long (CoDel's interval; also the retry hint)"})
+    max_streams_per_connection: int = field(
+        default=0, metadata={"help": "HTTP/2 streams (calls) one connection may have open; clients wait for one beyond it (0: no limit)"}
+    )
     queue_size: int = field(default=1024, metadata={"help": "capacity of each link between stages"})
     stream_credits: int = field(default=512, metadata={"help": "requests one GenerateStream may have in flight (its credit)"})
     request_timeout_s: float = field(default=30.0, metadata={"help": "deadline of a request that brings none"})
@@ -85,10 +92,12 @@ class ServerConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("batch_timeout_ms", "request_timeout_s", "restart_period_s", "grace_s"):
+        positive_times = ["batch_timeout_ms", "request_timeout_s", "restart_period_s", "grace_s"]
+        positive_times += ["admission_target_ms", "admission_interval_ms"]
+        for name in positive_times:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "threads", "inline_batch_ms", "workers"):
+        for name in ("port", "metrics_port", "threads", "inline_batch_ms", "workers", "max_streams_per_connection"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):

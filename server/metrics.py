@@ -26,6 +26,12 @@ class Metrics:
         )
         self.requests = Counter("genserve_requests_total", "Finished requests by outcome", ["model", "rpc", "code"], registry=r)
         self.rejections = Counter("genserve_rejections_total", "Requests refused before admission", ["rpc", "code"], registry=r)
+        self.overload_refusals = Counter(
+            "genserve_overload_refusals_total", "Requests refused for overload, by reason (delay, count)", ["reason"], registry=r
+        )
+        self.queue_delay = Gauge(
+            "genserve_queue_delay_seconds", "Latest queueing delay seen by admission (an image job's wait)", registry=r
+        )
         self.restarts = Counter("genserve_stage_restarts_total", "Stage restarts by the supervisor", ["stage"], registry=r)
         self.tokens = Counter("genserve_tokens_total", "Tokens generated", ["model"], registry=r)
         self.samples = Counter("genserve_samples_total", "Image samples generated", ["model"], registry=r)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 
 from engine.decode import TokenEvent
 from engine.images import ImageResult
@@ -34,9 +35,17 @@ class StreamOutbox:
     """The outbox of one GenerateStream: results written straight into the next response
     message (no copies), credits to give back; full messages wait in ``full``."""
 
-    def __init__(self, credits: int, max_bytes: int = MAX_BYTES_PER_MESSAGE, max_pending: int = 4096) -> None:
-        self.credit = credits  # what the client may still send
-        self.credit_back = 0  # returned credits not yet announced
+    def __init__(
+        self,
+        credits: int,
+        max_bytes: int = MAX_BYTES_PER_MESSAGE,
+        max_pending: int = 4096,
+        grant: Callable[[int, int], int] = lambda full, outstanding: full - outstanding,
+    ) -> None:
+        self.full_credit = credits
+        self.credit = credits  # announced credits the client may still spend
+        self.credit_back = 0  # finished requests whose credit has not been given back yet
+        self.grant = grant  # (full credit, in flight + unspent) -> credits to announce: Admission.stream_grant
         self.jobs: dict[str, Job] = {}
         self.full: collections.deque[pb.StreamResponse] = collections.deque()
         self.current = pb.StreamResponse()
@@ -77,11 +86,13 @@ class StreamOutbox:
             del self.jobs[job.id]
         self.answer(job.id, job, outcome)
 
-    def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True) -> None:
+    def answer(self, job_id: str, job: Job | None, outcome: Outcome, *, credit: bool = True, retry_after_ms: int | None = None) -> None:
         """A terminal message for ``job_id``; ``credit``: the request had used a credit, give it back."""
-        fill_finish(self._result(job_id, len(outcome.message)).finish, job, outcome)
+        finish = self._result(job_id, len(outcome.message)).finish
+        fill_finish(finish, job, outcome)
+        if retry_after_ms:
+            finish.retry_after_ms = retry_after_ms
         if credit:
-            self.credit += 1
             self.credit_back += 1
 
     def next_message(self) -> pb.StreamResponse | None:
@@ -97,7 +108,9 @@ class StreamOutbox:
             if self.pending <= self.max_pending:
                 self.drained.set()
             if self.credit_back:
-                message.credits = self.credit_back
+                granted = self.grant(self.full_credit, self.credit + len(self.jobs))
+                self.credit += granted
+                message.credits = granted
                 self.credit_back = 0
         if self.empty:
             self.ready.clear()

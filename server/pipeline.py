@@ -2,9 +2,10 @@ r"""The pipeline: admission (the producer's front door), deadlines and metrics, 
 that ``server/stages/topology.py`` builds from the config.
 
 Admission (``admit``) runs in the RPC handler, synchronously, on a job ``server/requests.py`` has
-already checked: it checks the server's room, files the job's deadline, and offers it to the
-ingress. A full ingress, or more than ``max_inflight`` unfinished jobs, refuses at once
-(RESOURCE_EXHAUSTED); nothing is parked without bound. Every link holds at most ``queue_size`` items.
+already checked: the policy in server/admission.py (queueing delay over target, or ``max_inflight``
+unfinished jobs) or a full ingress refuses at once (RESOURCE_EXHAUSTED, with a retry hint);
+otherwise the job's deadline is filed and it enters the ingress. Nothing is parked without bound.
+Every link holds at most ``queue_size`` items.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import grpc
 
 from engine.engine import Engine
 from engine.registry import ModelRegistry
+from server.admission import Admission
 from server.config import ServerConfig
 from server.jobs import Job
 from server.metrics import Metrics
@@ -41,6 +43,14 @@ class Pipeline:
         self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.accepting = True
         self.on_admit: Callable[[Job], None] | None = None  # an observer of admissions (tests/chaos notes when); None in the product
+        self.admission = Admission(
+            config.max_inflight,
+            target_s=config.admission_target_ms / 1000,
+            interval_s=config.admission_interval_ms / 1000,
+            on_refusal=lambda reason: metrics.overload_refusals.labels(reason).inc(),
+        )
+        metrics.queue_delay.set_function(lambda: self.admission.codel.delay)
+        self._service_s: dict[str, float] = {}  # model -> its latest batch's compute time
         self._idle = asyncio.Event()
         self._idle.set()
         topology = build_topology(config, registry, engine, observe_batch=self._observe_batch)
@@ -56,18 +66,22 @@ class Pipeline:
         metrics.inflight.set_function(lambda: len(self.inflight))
 
     def _observe_batch(self, model: str, n: int, seconds: float) -> None:
+        self._service_s[model] = seconds
         self.metrics.batch_size.labels(model).observe(n)
         self.metrics.batch_seconds.labels(model).observe(seconds)
         self.metrics.samples.labels(model).inc(n)
 
-    def admit(self, job: Job, timeout: float | None) -> None:
-        """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
+    def check_room(self, *, by_delay: bool = True) -> None:
+        """Raise Refused if a new request would be refused now (shutting down, or overloaded)."""
         if not self.accepting:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
-        if len(self.inflight) >= self.config.max_inflight:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server is at its limit of {self.config.max_inflight} requests in flight")
+        self.admission.check(len(self.inflight), by_delay=by_delay)
+
+    def admit(self, job: Job, timeout: float | None) -> None:
+        """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
+        self.check_room(by_delay=job.rpc != "GenerateStream")  # a stream's requests are admitted by its credit
         if not self.ingress.offer(job):
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off", self.admission.retry_after_ms)
         loop = asyncio.get_running_loop()
         budget = self.config.request_timeout_s if timeout is None else min(timeout, self.config.request_timeout_s)
         job.deadline = loop.time() + budget
@@ -112,6 +126,12 @@ class Pipeline:
         outcome = job.outcome
         code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name
+        if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/admission.py)
+            # What batching itself costs is not queueing: the batch timeout, the job's own batches,
+            # and one batch ahead of it (one computes while the next fills).
+            batches = -(-job.image.n // self.config.batch_size) + 1
+            allowance = self.config.batch_timeout_ms / 1000 + batches * self._service_s.get(name, 0.0)
+            self.admission.observe_job(job.created, allowance)
         counters = self._children.get((name, job.rpc, code))
         if counters is None:  # label lookups cost microseconds: keep the children per label set
             m = self.metrics

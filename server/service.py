@@ -110,13 +110,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
         job_id = call_id(request)
         queue = CallQueue()
-        try:
+        try:  # a bad request hears what is wrong with it even from an overloaded server: validate, then admit
             job = self.jobs.build(request, "Generate", job_id, queue)
             self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("Generate", e.code)
-            log.debug("request_refused", request_id=job_id, rpc="Generate", code=e.code.name, reason=e.message)
-            await context.abort(e.code, e.message)
+            # No log line: under overload refusals are most calls, and each is counted in the metrics.
+            await context.abort(e.code, e.message, e.trailing_metadata or ())
         try:
             while True:
                 item = await queue.items.get()
@@ -138,7 +138,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         budget = min(MAX_BYTES_PER_MESSAGE, (self.config.max_message_mb << 20) // 2)
-        stream = StreamOutbox(self.config.stream_credits, budget, max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE)
+        stream = StreamOutbox(
+            self.config.stream_credits,
+            budget,
+            max_pending=2 * self.config.stream_credits + MAX_RESULTS_PER_MESSAGE,
+            grant=self.pipeline.admission.stream_grant,
+        )
         reader = asyncio.create_task(self._read_stream(request_iterator, stream, context))
         try:
             yield pb.StreamResponse(credits=stream.credit)
@@ -192,6 +197,6 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("GenerateStream", e.code)
-            stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message))
+            stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message), retry_after_ms=e.retry_after_ms)
             return
         stream.jobs[job_id] = job

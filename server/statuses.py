@@ -14,13 +14,24 @@ from engine.errors import EngineError, InvalidRequestError, ModelNotFound, Queue
 Status = tuple[grpc.StatusCode, str]
 
 
-class Refused(Exception):
-    """Raised when admission refuses a request; carries the gRPC status for the caller."""
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRFC A6: grpc core's retry policy waits this long before retrying
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+class Refused(Exception):
+    """Raised when a request is refused before it runs; carries the gRPC status and, for overload, a retry hint."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """The retry hint as trailing metadata: grpc core's retry policy honours it (gRFC A6)."""
+        if self.retry_after_ms is None:
+            return None
+        return ((RETRY_PUSHBACK_KEY, str(self.retry_after_ms)),)
 
 
 def retryable(reason: str) -> Status:

@@ -660,8 +660,9 @@ class StreamRun:
                     assert not s.within_credit, f"refused for want of credit although the client had some: {where}"
                 if f.code == 0:
                     check_result(s.request, catalog, f, chunks[key])
-        # every Finish gives its credit back, but a refusal for want of credit (which used none)
-        assert self.granted - CREDITS == self.finishes - self.no_credit
+        # every Finish gives its credit back, but a refusal for want of credit (which used none); while the
+        # server sheds (server/admission.py) it gives back fewer, so never more than that
+        assert self.granted - CREDITS <= self.finishes - self.no_credit
 
 
 def matchable(codes: list[grpc.StatusCode], allowed: list[frozenset[grpc.StatusCode]]) -> bool:

@@ -1,7 +1,9 @@
-"""bench.serve's load generators against bench.echo, in one event loop: every kind of point gives sane figures."""
+"""The serving benchmark's load generators against bench.echo, in one event loop: every kind of point gives sane figures."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import time
 from collections.abc import AsyncIterator
 
@@ -9,8 +11,9 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry, start_http_server
 
-from bench import echo, serve
+from bench import accounting, echo, figures, h2load, loadgen
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
@@ -29,20 +32,20 @@ async def echo_port() -> AsyncIterator[int]:
     await server.stop(None)
 
 
-def job(kind: str, port: int, **load: float) -> serve.Job:
-    return serve.Job(kind, port, start=time.monotonic() + 0.05, warm_s=0.05, dur_s=0.3, drain_s=2.0, **load)  # type: ignore[arg-type]
+def job(kind: str, port: int, **load: float) -> loadgen.Job:
+    return loadgen.Job(kind, port, start=time.monotonic() + 0.05, warm_s=0.05, dur_s=0.3, drain_s=2.0, **load)  # type: ignore[arg-type]
 
 
-async def run(j: serve.Job) -> serve.Calls:
-    payload = await serve.execute(j)
+async def run(j: loadgen.Job) -> figures.Calls:
+    payload = await loadgen.execute(j)
     assert "error" not in payload
-    return serve.Calls.merge([payload])
+    return figures.Calls.merge([payload])
 
 
 @pytest.mark.asyncio
 async def test_closed_generate(echo_port: int) -> None:
     j = job("unary", echo_port, concurrency=4)
-    f = serve.closed_figures(await run(j), j)
+    f = figures.closed_figures(await run(j), j)
     assert f["req_s"] > 0
     assert f["p50_ms"] <= f["p99_ms"]
     assert f["not_ok"] == {}
@@ -52,9 +55,9 @@ async def test_closed_generate(echo_port: int) -> None:
 async def test_closed_stream_keeps_within_credit(echo_port: int) -> None:
     j = job("stream", echo_port, window=3 * CREDITS + 1)  # needs 4 streams of at most 16 each
     calls = await run(j)
-    f = serve.closed_figures(calls, j)
+    f = figures.closed_figures(calls, j)
     assert f["req_s"] > 0
-    assert serve.code_counts(calls.code) == {}  # no RESOURCE_EXHAUSTED: never sent beyond the credit
+    assert figures.code_counts(calls.code) == {}  # no RESOURCE_EXHAUSTED: never sent beyond the credit
     assert f["requests_per_msg_out"] > 1
 
 
@@ -62,7 +65,7 @@ async def test_closed_stream_keeps_within_credit(echo_port: int) -> None:
 async def test_open_loop_sends_on_schedule(echo_port: int) -> None:
     j = job("open", echo_port, rate=200.0, cap=100)
     calls = await run(j)
-    f = serve.open_figures(calls, j, 200.0)
+    f = figures.open_figures(calls, j, 200.0)
     assert 150 <= f["sent_req_s"] <= 250
     assert f["refused"] == 0
     assert np.all(np.diff(np.sort(calls.due)) > 0)
@@ -72,7 +75,7 @@ async def test_open_loop_sends_on_schedule(echo_port: int) -> None:
 async def test_text_counts_tokens(echo_port: int) -> None:
     j = job("text", echo_port, concurrency=2, max_tokens=5)
     calls = await run(j)
-    f = serve.text_figures(calls, j)
+    f = figures.text_figures(calls, j)
     assert f["tokens_s"] > 0
     assert set(calls.tokens.tolist()) == {5}
     assert f["ttft_p50_ms"] < 1000
@@ -95,6 +98,49 @@ async def test_echo_refuses_beyond_credit(echo_port: int) -> None:
 
 
 def test_percentiles_count_unfinished_as_infinite() -> None:
-    assert serve.pct_ms(np.array([0.001, 0.002, np.inf]), 99) == float("inf")
-    assert serve.pct_ms(np.array([0.001, 0.002, np.inf]), 50) == pytest.approx(2.0)
-    assert np.isnan(serve.pct_ms(np.array([]), 50))
+    assert figures.pct_ms(np.array([0.001, 0.002, np.inf]), 99) == float("inf")
+    assert figures.pct_ms(np.array([0.001, 0.002, np.inf]), 50) == pytest.approx(2.0)
+    assert np.isnan(figures.pct_ms(np.array([]), 50))
+
+
+# -- plain calls by h2load, accounted for by the side's counters ------------------------------------
+
+
+def test_a_tally_finds_the_calls_grpc_core_answered() -> None:
+    before = accounting.parse('genserve_requests_total{model="vae",rpc="Generate",code="OK"} 5\n')
+    after = accounting.parse(
+        'genserve_requests_total{model="vae",rpc="Generate",code="OK"} 95\n'
+        'genserve_requests_total{model="vae",rpc="Generate",code="CANCELLED"} 2\n'
+        'genserve_rejections_total{rpc="Generate",code="RESOURCE_EXHAUSTED"} 30\n'
+        'genserve_rejections_total{rpc="GenerateStream",code="RESOURCE_EXHAUSTED"} 7\n'
+    )
+    t = accounting.tally(before, after, sent=130, done=126)  # 4 cut at the end, 2 of them picked up (CANCELLED)
+    assert t.by_status == {"CANCELLED": 2, "OK": 90, "RESOURCE_EXHAUSTED": 30}
+    assert t.cut == 4 and t.unseen == 6 and not t.adds_up  # 126 answered, 120 by the side: 6 by grpc core
+    assert "ENDED BY GRPC CORE 6" in figures.statuses_text(t)
+    assert accounting.tally(before, after, sent=130, done=120).adds_up
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason=h2load.INSTALL_HINT)
+@pytest.mark.asyncio
+async def test_h2load_calls_add_up_to_the_echos_count() -> None:
+    registry = CollectorRegistry()
+    server = grpc.aio.server()
+    pb_grpc.add_GeneratorServicer_to_server(echo.EchoGenerator(CREDITS, registry), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    httpd, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+    metrics_port = httpd.server_port
+    await server.start()
+    driver = h2load.H2Load()
+    try:
+        before = await asyncio.to_thread(accounting.settled, metrics_port)
+        run = await asyncio.to_thread(driver.run, port, calls=200, streams=8)  # h2load in a thread: the echo shares this loop
+        t = accounting.tally(before, await asyncio.to_thread(accounting.settled, metrics_port), run.started, run.done)
+    finally:
+        driver.close()
+        httpd.shutdown()
+        httpd.server_close()
+        await server.stop(None)
+    assert (run.started, run.done, run.errored) == (200, 200, 0)
+    assert t.by_status == {"OK": 200} and t.adds_up
+    assert run.durations.size == 200 and figures.h2load_closed_figures(run, t)["req_s"] > 0

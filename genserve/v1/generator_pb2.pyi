@@ -154,7 +154,7 @@ class Text(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., n_generated: _Optional[int] = ...) -> None: ...
 
 class Finish(_message.Message):
-    __slots__ = ("reason", "code", "message", "seed", "model", "version", "n_generated")
+    __slots__ = ("reason", "code", "message", "seed", "model", "version", "n_generated", "retry_after_ms")
     REASON_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class Finish(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     N_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     code: int
     message: str
@@ -169,7 +170,8 @@ class Finish(_message.Message):
     model: str
     version: int
     n_generated: int
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., n_generated: _Optional[int] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., n_generated: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "images", "text", "finish")

@@ -66,6 +66,8 @@ class GeneratorServicer:
         """One request, answered by a stream of chunks (images as they finish, text token by token)
         and a final `Finish`. A request that is refused or fails ends the call with a gRPC status
         (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED).
+        RESOURCE_EXHAUSTED for overload comes at once, with trailing metadata
+        `grpc-retry-pushback-ms` (gRFC A6: grpc's own retry policy waits that long).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +78,9 @@ class GeneratorServicer:
         client's ids. The server's first message grants credits; every later `credits` value is
         added to them. Each request the client sends uses one credit, and each finished request
         gives its credit back. A request sent without credit is refused for its id with
-        RESOURCE_EXHAUSTED, and the stream stays usable. Per-request failures come back as a
+        RESOURCE_EXHAUSTED, and the stream stays usable. While the server is overloaded it gives
+        fewer credits back (a quarter of the grant at most in use), and may refuse a request for
+        its id with RESOURCE_EXHAUSTED and `Finish.retry_after_ms`. Per-request failures come back as a
         `Finish` with a non-zero `code`; the stream's own status is for the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

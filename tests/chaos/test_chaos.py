@@ -33,7 +33,10 @@ MODELS = "models"  # the bundled vae, gan and transformer
 @pytest.mark.timeout(120)
 async def test_a_short_chaos_run_keeps_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("console", "critical")  # every injected failure logs a traceback
-    report = await run_chaos(ChaosConfig(duration_s=8.0, seed=1))
+    # Client and server share one event loop here, so shedding by queueing delay (server/admission.py)
+    # would refuse for the harness's own load, which its books count as unexplained failures;
+    # overload has its own tests (tests/test_overload.py). The count limit still applies.
+    report = await run_chaos(ChaosConfig(duration_s=8.0, seed=1, server={"admission_target_ms": 60_000.0}))
     text = format_report(report)
     with capsys.disabled():
         print("\n" + text)

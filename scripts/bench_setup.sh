@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what `python -m bench.serve` needs beyond the Python environment (scripts/setup.sh):
+# h2load, nghttp2's HTTP/2 load generator, which drives the plain Generate calls (bench/h2load.py).
+# Idempotent: does nothing when h2load is already on PATH.
+set -euo pipefail
+if command -v h2load >/dev/null 2>&1; then
+  echo "h2load: $(command -v h2load) ($(h2load --version 2>/dev/null | head -1))"
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+if command -v apt-get >/dev/null 2>&1; then
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q nghttp2-client  # Debian / Ubuntu: h2load is in nghttp2-client
+elif command -v dnf >/dev/null 2>&1; then
+  $SUDO dnf install -y nghttp2  # Fedora / RHEL
+elif command -v brew >/dev/null 2>&1; then
+  brew install nghttp2
+else
+  echo "bench_setup: install nghttp2's h2load with your package manager (Debian: nghttp2-client)" >&2
+  exit 1
+fi
+command -v h2load

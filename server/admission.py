@@ -1,0 +1,164 @@
+"""Admission: who gets in, decided at arrival, in one synchronous call (check and reserve atomically).
+
+A request is refused at once with RESOURCE_EXHAUSTED, and a retry hint in trailing metadata, when
+
+- the queueing delay has stayed above ``target`` for a whole ``interval`` (CoDel: Nichols and
+  Jacobson, "Controlling Queue Delay", ACM Queue 2012; the same rule as Facebook's adaptive
+  queue in wangle/folly's ``Codel``): a queue that stays long is a standing queue, one that
+  drains within an interval is a burst and is served; or
+- the count backstop, ``max_inflight`` unfinished requests, is reached (bounded memory whatever
+  the delay says).
+
+Why by delay and not only by count: a count limit sized for the slowest request lets a queue of
+fast ones wait for seconds. Measured on the 2-core machine under 2x overload (h2load, one-image
+VAE requests): with only the count limit (8192), admitted calls waited p99 ~660 ms and grpc
+core cancelled half of all calls before the application saw them.
+
+The delay signal: the time an image job spent between admission and the end of its last batch,
+less what batching itself costs (the batch timeout, its own batches' compute, and one batch ahead
+of it: ``observe_job``), so a server that is merely batching never looks queued. It includes every wait a request meets in
+this process: the pipeline's links, and the event loop itself when it is the bottleneck (a
+saturated loop runs stages late). Text jobs give no sample (their time is their length).
+A server with nothing in flight has nothing queued: it forgets the delay and sheds nothing (idle).
+
+While shedding, every new plain call is refused (there is no queue at arrival to drop from,
+unlike a router's CoDel); the first sample under target stops it. Samples come with every
+finished job (thousands a second under load), so the on/off period is milliseconds, not intervals.
+
+GenerateStream requests are admitted by their credit, and the credit follows the same signal
+(``stream_grant``): while shedding a stream may hold a quarter of its credit (in flight plus
+unspent), so a streaming client slows down instead of being refused request by request; a request
+within its credit meets only the count backstop.
+
+What this cannot see: calls waiting in grpc core before any handler runs. grpc.aio keeps one
+``request_call`` outstanding per server (``_server_main_loop`` in grpc's aio/server.pyx.pxi), so
+it accepts one call per round trip between its poller thread and the event loop. Measured under
+2x overload (h2load, 4 connections, shared 2-core machine): the server held 2-7 calls in flight
+and its event loop ran timers at most 7 ms late, while h2load's calls waited 1.5 s on average in
+grpc core. An event-loop-lateness signal was tried and dropped: it stayed under target there.
+The stream limit per connection (``grpc_server_options``) is what bounds that wait.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from server.statuses import Refused
+
+SHEDDING_CREDIT_FRACTION = 4  # a stream holds 1/4 of its credit while the server sheds
+
+
+def grpc_server_options(max_streams_per_connection: int) -> list[tuple[str, int]]:
+    """grpc core settings that keep every call for our admission to answer.
+
+    grpc core holds the calls the application has not picked up yet in a backlog; past
+    ``grpc.server.max_pending_requests`` (default 1000, random early drop up to the hard limit,
+    3000) it ends them itself, as CANCELLED: measured under 2x overload (h2load, 4 connections),
+    ~37.7k of ~45k calls ended so, unseen by admission and by the metrics. With the limits raised
+    out of reach every call reaches the handler, which refuses it (RESOURCE_EXHAUSTED) or serves it.
+    What bounds the backlog then is the HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS):
+    a gRPC client waits for a free stream instead of sending, so a connection never holds more
+    than ``max_streams_per_connection`` calls in the server (0: grpc's default, no limit).
+    """
+    options = [("grpc.server.max_pending_requests", 1 << 20), ("grpc.server.max_pending_requests_hard_limit", 1 << 21)]
+    if max_streams_per_connection:
+        options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
+    return options
+
+
+@dataclass
+class CoDel:
+    """CoDel's standing-queue detector over delay samples; ``now`` is any monotonic clock in seconds.
+
+    Not shedding: the first sample above target starts a clock; if samples stay above target until
+    ``interval`` later, shedding starts. Any sample under target ends it (and resets the clock).
+    """
+
+    target: float = 0.005  # seconds: a delay the server may keep (about one batch timeout plus a batch)
+    interval: float = 0.100  # seconds: how long a delay must persist to count as a standing queue
+    shedding: bool = False
+    first_above: float = math.inf  # when the delay, if it stays above target, makes the queue standing
+    delay: float = 0.0  # the latest sample, for the metrics
+
+    def observe(self, delay: float, now: float) -> None:
+        self.delay = delay
+        if delay < self.target:
+            self.reset()
+        elif self.first_above == math.inf:
+            self.first_above = now + self.interval
+        elif now >= self.first_above:
+            self.shedding = True
+
+    def reset(self) -> None:
+        self.first_above = math.inf
+        self.shedding = False
+
+
+class Admission:
+    """The server's admission policy: the delay controller, the count backstop, the stream credit.
+
+    ``check`` is synchronous and never awaits, so the caller's check and its reservation (adding the
+    job to the in-flight set) happen in one turn of the event loop: no gap in which a second request
+    passes the same check (vLLM #58192 shows what such a gap costs).
+    """
+
+    def __init__(
+        self,
+        max_inflight: int,
+        *,
+        target_s: float = 0.005,
+        interval_s: float = 0.100,
+        clock: Callable[[], float] = time.perf_counter,
+        on_refusal: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.max_inflight = max_inflight
+        self.codel = CoDel(target_s, interval_s)
+        self.clock = clock
+        self.on_refusal = on_refusal  # metrics: "delay" or "count"
+        self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
+
+    def check(self, inflight: int, *, by_delay: bool = True) -> None:
+        """Refuse (raise Refused) if the server is overloaded, ``inflight`` requests being unfinished;
+        a few attribute reads.
+        ``by_delay=False``: only the count limit (a GenerateStream request: its credit is its admission,
+        and the credit shrinks while the server sheds)."""
+        if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
+            self.codel.reset()
+        if by_delay and self.codel.shedding:
+            self.on_refusal("delay")
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is overloaded: requests wait over {self.codel.target * 1000:g} ms; retry after {self.retry_after_ms} ms",
+                self.retry_after_ms,
+            )
+        if inflight >= self.max_inflight:
+            self.on_refusal("count")
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.max_inflight} requests in flight; retry after {self.retry_after_ms} ms",
+                self.retry_after_ms,
+            )
+
+    def observe_job(self, created: float, allowance_s: float) -> None:
+        """A job created (``clock``) at ``created`` has finished; ``allowance_s`` of its time was batching, not queueing."""
+        now = self.clock()
+        self.codel.observe(now - created - allowance_s, now)
+
+    def stream_grant(self, full: int, outstanding: int) -> int:
+        """Credits to announce to a stream that holds ``outstanding`` (in flight + unspent) of its ``full``
+        credit; called when finished requests have given credits back.
+
+        Not shedding: give back what returned, and top the stream up to its full credit (after a
+        shedding spell). Shedding: only up to a quarter of the credit. Never leaves a stream with
+        nothing in flight and nothing to spend, or it would wait for credits forever.
+        """
+        window = max(1, full // SHEDDING_CREDIT_FRACTION) if self.codel.shedding else full
+        grant = max(0, window - outstanding)
+        if outstanding + grant < 1:
+            grant = 1
+        return grant

@@ -1,0 +1,116 @@
+"""Admission by queueing delay (server/admission.py), on a fake clock: no server, no timing."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from server.admission import Admission, CoDel
+from server.statuses import RETRY_PUSHBACK_KEY, Refused
+
+TARGET, INTERVAL = 0.005, 0.100
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_delay_over_target_for_less_than_an_interval_is_a_burst_and_is_served() -> None:
+    codel = CoDel(TARGET, INTERVAL)
+    for i in range(10):  # 90 ms over target: not yet an interval
+        codel.observe(2 * TARGET, 1.0 + i * 0.010)
+        assert not codel.shedding
+
+
+def test_sheds_when_the_delay_stays_over_target_for_an_interval_and_stops_when_it_falls() -> None:
+    codel = CoDel(TARGET, INTERVAL)
+    t = 1.0
+    while t < 1.0 + INTERVAL:
+        codel.observe(2 * TARGET, t)
+        t += 0.010
+    codel.observe(2 * TARGET, t)
+    states = [codel.shedding]
+    codel.observe(TARGET / 2, t + 0.001)  # one sample under target: the queue has drained
+    states.append(codel.shedding)
+    codel.observe(2 * TARGET, t + 0.002)  # over again: a new interval must pass first
+    states.append(codel.shedding)
+    assert states == [True, False, False]
+
+
+def test_an_idle_server_never_sheds() -> None:
+    clock = Clock()
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
+    admission.check(0)
+    for _ in range(12):
+        admission.observe_job(clock.now - 1.0, 0.0)  # the last jobs waited a second each
+        clock.now += 0.010
+    with pytest.raises(Refused):
+        admission.check(1)
+    admission.check(0)  # nothing in flight: nothing is queued
+    admission.check(1)  # ... and the next request starts afresh
+
+
+def overloaded_admission(clock: Clock, max_inflight: int = 100) -> Admission:
+    reasons: list[str] = []
+    admission = Admission(max_inflight, target_s=TARGET, interval_s=INTERVAL, clock=clock, on_refusal=reasons.append)
+    admission.refusals = reasons  # type: ignore[attr-defined]
+    for _ in range(12):  # jobs that waited 20 ms each (plus 1 ms of compute), finishing 10 ms apart
+        admission.observe_job(clock.now - 0.021, 0.001)
+        clock.now += 0.010
+    return admission
+
+
+def test_admission_refuses_with_resource_exhausted_and_a_retry_hint_while_shedding() -> None:
+    clock = Clock()
+    admission = overloaded_admission(clock)
+    with pytest.raises(Refused) as info:
+        admission.check(1)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.retry_after_ms == 100
+    assert info.value.trailing_metadata == ((RETRY_PUSHBACK_KEY, "100"),)
+    assert "overloaded" in info.value.message
+    assert admission.refusals == ["delay"]  # type: ignore[attr-defined]
+    admission.observe_job(clock.now - 0.002, 0.001)  # 1 ms of queueing: under target
+    admission.check(1)
+
+
+def test_compute_time_is_not_queueing_delay() -> None:
+    clock = Clock()
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
+    for _ in range(30):  # 50 ms requests, all of it compute
+        admission.observe_job(clock.now - 0.050, 0.049)
+        clock.now += 0.010
+    admission.check(0)
+
+
+def test_stream_requests_meet_only_the_count_limit() -> None:
+    clock = Clock()
+    admission = overloaded_admission(clock, max_inflight=3)
+    admission.check(1, by_delay=False)  # admitted by its credit
+    with pytest.raises(Refused, match="limit of 3"):
+        admission.check(3, by_delay=False)
+
+
+def test_the_count_limit_is_a_backstop_whatever_the_delay() -> None:
+    admission = Admission(3, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
+    admission.check(2)
+    with pytest.raises(Refused, match="limit of 3 requests in flight") as info:
+        admission.check(3)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_ms == 100
+
+
+def test_stream_credit_shrinks_while_shedding_and_comes_back_after() -> None:
+    clock = Clock()
+    calm = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
+    assert calm.stream_grant(64, 63) == 1  # one finished: its credit back
+    admission = overloaded_admission(clock)
+    assert admission.stream_grant(64, 63) == 0  # holds 63 of a 16-credit window: none back
+    assert admission.stream_grant(64, 10) == 6  # up to a quarter of the grant
+    assert admission.stream_grant(64, 0) == 16
+    assert admission.stream_grant(2, 0) == 1  # never nothing to spend and nothing in flight
+    admission.observe_job(clock.now - 0.002, 0.001)  # calm again
+    assert admission.stream_grant(64, 10) == 54  # topped up to the full grant

@@ -1,0 +1,146 @@
+"""Overload end to end on localhost: a saturated server refuses at once with RESOURCE_EXHAUSTED and a
+retry hint, no call ends CANCELLED, and the SDK's retries wait as long as the hint says.
+
+Saturation is made deterministic, not timed: a long batch timeout holds the admitted requests in
+the batcher (so ``max_inflight`` is reached and stays reached), or the delay controller is given
+samples of a standing queue while one request is held. Each test is bounded: a few dozen calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from clients import AsyncClient, RetryPolicy
+from genserve.v1 import generator_pb2 as pb
+from genserve.v1 import generator_pb2_grpc as pb_grpc
+from server.app import GenServer
+from server.statuses import RETRY_PUSHBACK_KEY
+from tests.serving import running_server
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+MODELS = "models"
+HINT_MS = 300  # the retry hint: the admission interval
+QUICK_RETRIES = RetryPolicy(max_attempts=3, initial_backoff=0.001, max_backoff=0.002)  # all in a few ms without the hint
+
+
+def image(seed: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=seed))
+
+
+async def outcome(stub: pb_grpc.GeneratorStub, request: pb.GenerateRequest) -> tuple[grpc.StatusCode, dict[str, str]]:
+    call = stub.Generate(request)
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as e:
+        return e.code(), {k: v for k, v in (e.trailing_metadata() or ()) if isinstance(v, str)}
+    return await call.code(), {}
+
+
+async def until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def counter(server: GenServer, name: str, **labels: str) -> float:
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def stand_queue(server: GenServer) -> None:
+    """Samples of a standing queue: jobs that waited a second, for longer than an interval."""
+    codel = server.pipeline.admission.codel
+    now = time.perf_counter()
+    codel.observe(1.0, now - 2 * codel.interval)
+    codel.observe(1.0, now)
+    assert codel.shedding
+
+
+@pytest_asyncio.fixture
+async def held() -> AsyncIterator[GenServer]:
+    """A server whose image batches wait 2 s for company: admitted requests stay in flight that long."""
+    async with running_server(
+        models_dir=MODELS, max_inflight=4, batch_timeout_ms=2000, admission_interval_ms=HINT_MS, log_level="warning"
+    ) as srv:
+        yield srv
+
+
+async def test_a_saturated_server_refuses_at_once_with_a_hint_and_cancels_nothing(held: GenServer) -> None:
+    async with grpc.aio.insecure_channel(held.address) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        first = [asyncio.create_task(outcome(stub, image(i))) for i in range(4)]
+        await until(lambda: len(held.pipeline.inflight) == 4)
+        refused = await asyncio.gather(*(outcome(stub, image(i)) for i in range(4, 24)))  # answered while the 4 are held
+        assert all(not t.done() for t in first)
+        assert [code for code, _ in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 20
+        assert all(trailers.get(RETRY_PUSHBACK_KEY) == str(HINT_MS) for _, trailers in refused)
+        assert [code for code, _ in await asyncio.gather(*first)] == [grpc.StatusCode.OK] * 4
+    # the server's own count agrees: 4 served, 20 refused, nothing cancelled
+    assert counter(held, "genserve_requests_total", model="vae", rpc="Generate", code="OK") == 4
+    assert counter(held, "genserve_rejections_total", rpc="Generate", code="RESOURCE_EXHAUSTED") == 20
+    assert counter(held, "genserve_requests_total", model="vae", rpc="Generate", code="CANCELLED") == 0
+
+
+async def test_a_standing_queue_sheds_plain_calls_with_a_hint_and_shrinks_stream_credit(
+    held: GenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with grpc.aio.insecure_channel(held.address) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        first = asyncio.create_task(outcome(stub, image(0)))
+        await until(lambda: len(held.pipeline.inflight) == 1)
+        stand_queue(held)
+        monkeypatch.setattr(held.pipeline.admission.codel, "observe", lambda delay, now: None)  # it stays standing
+        code, trailers = await outcome(stub, image(1))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailers[RETRY_PUSHBACK_KEY] == str(HINT_MS)
+        stream = stub.GenerateStream()  # a stream's requests are admitted by its credit, which shrinks instead
+        assert (await stream.read()).credits == 512
+        await stream.write(pb.StreamRequest(requests=[pb.GenerateRequest(id="s", model="vae", image=pb.ImageParams(n=1))]))
+        finishes: list[pb.Finish] = []
+        credits = 0
+        while not finishes:
+            reply = await stream.read()
+            finishes += [r.finish for r in reply.results if r.HasField("finish")]
+            credits += reply.credits
+        assert [f.code for f in finishes] == [0]
+        assert credits == 0  # shedding: a stream may hold 128 of its 512 credits, it holds 511: none back
+        await stream.done_writing()
+        assert (await first)[0] == grpc.StatusCode.OK
+    assert counter(held, "genserve_overload_refusals_total", reason="delay") == 1
+
+
+async def test_the_sdk_waits_for_the_hint_before_retrying_a_plain_call() -> None:
+    async with running_server(
+        models_dir=MODELS, max_inflight=1, batch_timeout_ms=100, admission_interval_ms=HINT_MS, log_level="warning"
+    ) as srv:
+        async with AsyncClient(srv.address, retry=QUICK_RETRIES, timeout=30) as client:
+            held = asyncio.create_task(client.generate_images("vae", 1, seed=0))
+            await until(lambda: len(srv.pipeline.inflight) == 1)
+            started = time.monotonic()
+            result = await client.generate_images("vae", 1, seed=1)  # refused once, retried after the hint
+            assert time.monotonic() - started >= HINT_MS / 1000
+            assert result.shape == (1, 28, 28)
+            await held
+        assert counter(srv, "genserve_rejections_total", rpc="Generate", code="RESOURCE_EXHAUSTED") == 1
+
+
+async def test_the_sdk_session_waits_for_the_hint_before_sending_a_refused_request_again() -> None:
+    async with running_server(
+        models_dir=MODELS, max_inflight=1, batch_timeout_ms=100, admission_interval_ms=HINT_MS, log_level="warning"
+    ) as srv:
+        async with AsyncClient(srv.address, retry=QUICK_RETRIES, timeout=30) as client:
+            held = asyncio.create_task(client.generate_images("vae", 1, seed=0))
+            await until(lambda: len(srv.pipeline.inflight) == 1)
+            started = time.monotonic()
+            async with client.session() as session:
+                result = await session.submit_images("vae", 1, id="r", seed=1)  # refused for its id once, with the hint
+            assert time.monotonic() - started >= HINT_MS / 1000
+            assert result.images.shape == (1, 28, 28)
+            await held
+        assert counter(srv, "genserve_rejections_total", rpc="GenerateStream", code="RESOURCE_EXHAUSTED") == 1
