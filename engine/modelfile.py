@@ -245,8 +245,12 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             )
 
     try:
-        with safe_open(str(p), framework="pt", device=str(device)) as f:  # memory-mapped
-            tensors = {name: f.get_tensor(name) for name in expected}
+        # Copied out of safetensors' memory map: a mapped tensor would change under the server when
+        # its file is rewritten in place (`cp` over it), and a truncated file faults (SIGBUS) the
+        # first time a forward pass touches a page that is gone. The copy is lost in the noise of a load
+        # (27 ms with or without it for the 7 MB transformer here); it gives up page sharing between workers.
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name).clone() for name in expected}
     except Exception as e:  # safetensors raises its own error types; name the file
         raise ModelFileError(p, f"safetensors could not read the tensors: {e}") from e
     for name, tensor in tensors.items():  # one pass over the weights: a NaN would serve blank images or crash sampling
