@@ -146,7 +146,7 @@ def parse_file_name(path: Path) -> tuple[str, int]:
     return name, int(version)
 
 
-def _reason(e: Exception) -> str:
+def failure_reason(e: Exception) -> str:
     """A load error as a reason without the path (a LoadFailure carries the path itself)."""
     if isinstance(e, ModelFileError):
         return f"tensor {e.tensor!r}: {e.reason}" if e.tensor else e.reason
@@ -196,7 +196,7 @@ class ModelRegistry:
                 seen[key] = path
                 loaded.append(self.load(path))
             except Exception as e:  # one bad file must not stop the others; each is reported
-                failure = LoadFailure(path, _reason(e))
+                failure = LoadFailure(path, failure_reason(e))
                 log.error("model_refused", path=str(path), reason=failure.reason)
                 failures.append(failure)
         if not loaded:

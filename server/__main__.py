@@ -35,6 +35,8 @@ async def _main(argv: Sequence[str] | None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, lambda signum, frame: loop.call_soon_threadsafe(server.rescan_models))
     try:
         await server.start()
     except (OSError, RuntimeError) as e:

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import grpc
@@ -29,6 +30,7 @@ from genserve.v1 import generator_pb2 as pb
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.model_watch import FileStamp, ModelWatcher, stamp_folder
 from server.pipeline import Pipeline
 from server.service import GeneratorService, register
 from server.stages import Stage
@@ -63,6 +65,8 @@ class GenServer:
         self._closing = False
         self._stop_metrics: Callable[[], None] | None = None
         self._supervisor_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.watcher: ModelWatcher | None = None
         self.engine: Engine | None = None
 
     @property
@@ -79,6 +83,7 @@ class GenServer:
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = ImageLimits(max_batch=max(c.batch_size, 1))
         loop = asyncio.get_running_loop()
+        before = await loop.run_in_executor(None, _stamps_or_none, Path(c.models_dir))  # before the load: a change during it shows
         self.registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
         if not len(self.registry):
             raise RuntimeError(f"no model could be loaded from {c.models_dir}; see the model_refused lines above")
@@ -151,6 +156,25 @@ class GenServer:
         )
         if tokens and credentials is None:
             log.warning("tokens_in_cleartext", hint="bearer tokens travel unencrypted without TLS: set --tls-cert and --tls-key")
+        self.watcher = ModelWatcher(
+            c.models_dir,
+            self.registry,
+            self.engine,
+            self.pipeline,
+            self.supervisor,
+            self.metrics,
+            poll_s=c.models_poll_s,
+            settle_s=c.models_settle_s,
+            grace_s=c.grace_s,
+            batch_size=c.batch_size,
+        )
+        self.watcher.adopt(before)
+        self._watch_task = asyncio.create_task(self.watcher.run(), name="model-watch")
+
+    def rescan_models(self) -> None:
+        """Look at the models folder now (SIGHUP) rather than at the next poll."""
+        if self.watcher is not None:
+            self.watcher.rescan()
 
     async def _run_supervisor(self, ready: asyncio.Event) -> None:
         async with anyio.create_task_group() as tg:
@@ -187,6 +211,12 @@ class GenServer:
             return
         self._closing = True
         grace = self.config.grace_s if grace is None else grace
+        if self._watch_task is not None:  # no model comes or goes during the drain
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        if self.watcher is not None:
+            await self.watcher.close()
         self.pipeline.accepting = False
         self.metrics.ready.set(0)
         for name in READINESS_NAMES:
@@ -212,3 +242,11 @@ class GenServer:
             self._stop_metrics()
         log.info("stopped", drained=inflight - failed, failed=failed, in_time=finished_in_time, exit_code=self.exit_code)
         self._stopped.set()
+
+
+def _stamps_or_none(folder: Path) -> dict[Path, FileStamp]:
+    """The folder's stamps; empty when it cannot be read (the load that follows says why)."""
+    try:
+        return stamp_folder(folder)
+    except OSError:
+        return {}
