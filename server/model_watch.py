@@ -77,6 +77,7 @@ class KnownFile:
     stamp: FileStamp
     entry: ServedModel | None
     checksum: str | None  # of the content that was loaded (None: not computed yet)
+    scans: int = 1  # scans that saw this stamp before it was dealt with (1: at first sight)
 
 
 def stamp_folder(folder: Path) -> dict[Path, FileStamp]:
@@ -135,10 +136,11 @@ class ModelWatcher:
         self.clock = clock
         self.known: dict[Path, KnownFile] = {}
         self.scans = 0  # completed scans (tests wait on it)
-        self._pending: dict[Path, tuple[FileStamp, float]] = {}  # candidates not settled: stamp, first seen (monotonic)
+        self._pending: dict[Path, tuple[FileStamp, float, int]] = {}  # not settled: stamp, first seen (monotonic, scan)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")  # one load at a time
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # adding stages + publishing, against retiring + removing stages
+        self._scanning = asyncio.Lock()  # a scan works from its own listing: two at once would undo each other
         self._retiring: set[asyncio.Task[None]] = set()
         self._last_error = ""
         self._gauged: set[str] = set()  # model names with a genserve_model_versions series
@@ -194,11 +196,15 @@ class ModelWatcher:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
     async def scan(self) -> None:
-        """One pass over the folder: load what settled, then retire what went."""
+        """One pass over the folder: load what settled, then retire what went (one pass at a time)."""
+        async with self._scanning:
+            await self._scan()
+
+    async def _scan(self) -> None:
         loop = asyncio.get_running_loop()
         current = await loop.run_in_executor(self._loader, stamp_folder, self.folder)
         now_wall, now = self.clock(), time.monotonic()
-        ready: list[tuple[Path, FileStamp]] = []
+        ready: list[tuple[Path, FileStamp, int]] = []
         for path, stamp in sorted(current.items()):
             known = self.known.get(path)
             if known is not None and known.stamp == stamp:
@@ -208,12 +214,13 @@ class ModelWatcher:
                 if same:
                     known.stamp = stamp
                     continue
+            first_scan = self._pending[path][2] if path in self._pending and self._pending[path][0] == stamp else self.scans
             if self._settled(path, stamp, now_wall, now):
-                ready.append((path, stamp))
+                ready.append((path, stamp, self.scans - first_scan + 1))
         for path in [p for p in self._pending if p not in current]:
             del self._pending[path]
-        for path, stamp in ready:
-            await self._load(path, stamp)
+        for path, stamp, scans in ready:
+            await self._load(path, stamp, scans)
         for path in [p for p in self.known if p not in current]:
             self._forget(path)
         self.scans += 1
@@ -225,7 +232,7 @@ class ModelWatcher:
             return True
         seen = self._pending.get(path)
         if seen is None or seen[0] != stamp:
-            self._pending[path] = (stamp, now)
+            self._pending[path] = (stamp, now, self.scans)
             log.debug("model_file_settling", path=str(path), size=stamp.size)
             return False
         if now - seen[1] >= self.settle_s:
@@ -243,7 +250,7 @@ class ModelWatcher:
             self.engine.calibrate(entry, self.batch_size)
         return entry, digest
 
-    async def _load(self, path: Path, stamp: FileStamp) -> None:
+    async def _load(self, path: Path, stamp: FileStamp, scans: int) -> None:
         previous = self.known.get(path)
         try:
             name, version = parse_file_name(path)
@@ -262,12 +269,12 @@ class ModelWatcher:
             self.metrics.model_loads.labels("refused").inc()
             # remembered by its stamp: not retried until the file changes; an earlier good load of
             # this file keeps serving (and is retired when the file goes)
-            self.known[path] = KnownFile(stamp, kept, previous.checksum if previous is not None else None)
+            self.known[path] = KnownFile(stamp, kept, previous.checksum if previous is not None else None, scans)
             return
         async with self._lock:
             added = await self.pipeline.add_model(entry, self.supervisor)
             replaced = self.registry.publish(entry)
-        self.known[path] = KnownFile(stamp, entry, digest)
+        self.known[path] = KnownFile(stamp, entry, digest, scans)
         self.metrics.model_loads.labels("loaded").inc()
         self._count_versions()
         if added:
