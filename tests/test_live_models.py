@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,14 +24,14 @@ from engine.modelfile import export_model
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
-from engine.registry import ModelRegistry
+from engine.registry import DEFAULT_MODELS_DIR, ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
 from server.model_watch import ModelWatcher
 from server.testing import running_server
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 VOCAB = "\nabc"
 POLL_S = 0.05  # small, so that the tests are quick; settle_s is the same, so a file loads at its second scan at the latest
@@ -191,6 +193,7 @@ class Load:
         await asyncio.gather(*self.tasks)
 
 
+@pytest.mark.asyncio
 async def test_versions_and_models_come_and_go_under_load_without_a_failed_request(tmp_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
@@ -271,6 +274,7 @@ async def _gone(stub: pb_grpc.GeneratorStub, model: str) -> bool:
     return model not in await served(stub)
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize(("grace_s", "finishes"), [(30.0, True), (0.2, False)])
 async def test_a_request_in_flight_on_a_removed_version_finishes_there_or_fails_after_the_grace(
     tmp_path: Path, grace_s: float, finishes: bool
@@ -326,6 +330,7 @@ async def _collect(stub: pb_grpc.GeneratorStub, request: pb.GenerateRequest) -> 
     return [m async for m in stub.Generate(request)]
 
 
+@pytest.mark.asyncio
 async def test_a_file_loads_only_once_it_has_settled_and_temporary_names_are_ignored(tmp_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
@@ -355,6 +360,7 @@ async def test_a_file_loads_only_once_it_has_settled_and_temporary_names_are_ign
         assert sorted(p.name for p in w.known) == ["vae.safetensors", "vae@2.safetensors"]
 
 
+@pytest.mark.asyncio
 async def test_a_rewrite_with_the_same_size_and_mtime_is_caught_by_its_checksum(tmp_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
@@ -383,3 +389,28 @@ async def test_a_rewrite_with_the_same_size_and_mtime_is_caught_by_its_checksum(
 def _pixels(entry: Any) -> np.ndarray:
     pixels: np.ndarray = entry.images.generate([ImageRequest(n=2, seed=SEED)])[0].pixels
     return pixels
+
+
+def test_sighup_rescans_the_folder_at_once(tmp_path: Path) -> None:
+    from tests.test_server_process import ServerProcess  # python -m server, JSON logs read on a thread
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy2(DEFAULT_MODELS_DIR / "vae.safetensors", folder / "vae.safetensors")
+    server = ServerProcess("--models-dir", str(folder), "--models-poll-s", "0")  # no polling: only SIGHUP scans
+    try:
+        shutil.copy2(DEFAULT_MODELS_DIR / "vae.safetensors", tmp_path / "vae@2.safetensors")  # mtime kept: settled
+        os.replace(tmp_path / "vae@2.safetensors", folder / "vae@2.safetensors")
+        server.proc.send_signal(signal.SIGHUP)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            deadline = time.monotonic() + 30
+            while [(m.version, m.latest) for m in stub.ListModels(pb.ListModelsRequest()).models] != [(1, False), (2, True)]:
+                assert time.monotonic() < deadline, server.events[-5:]
+                time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
