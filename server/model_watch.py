@@ -178,6 +178,8 @@ class ModelWatcher:
                 self._last_error = message
             else:
                 self._last_error = ""
+            if self.scans == 1:
+                log.info("models_watched", folder=str(self.folder), poll_s=self.poll_s or "off (SIGHUP only)", settle_s=self.settle_s)
             self._wake.clear()
             if self.poll_s > 0:
                 with contextlib.suppress(TimeoutError):

@@ -4,9 +4,12 @@ folder of a running server, under a steady load of plain and stream calls, with 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -392,25 +395,35 @@ def _pixels(entry: Any) -> np.ndarray:
 
 
 def test_sighup_rescans_the_folder_at_once(tmp_path: Path) -> None:
-    from tests.test_server_process import ServerProcess  # python -m server, JSON logs read on a thread
-
     folder = tmp_path / "models"
     folder.mkdir()
     shutil.copy2(DEFAULT_MODELS_DIR / "vae.safetensors", folder / "vae.safetensors")
-    server = ServerProcess("--models-dir", str(folder), "--models-poll-s", "0")  # no polling: only SIGHUP scans
+    cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json", "--models-dir", str(folder)]
+    cmd += ["--models-poll-s", "0"]  # no polling: only SIGHUP scans
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
+        assert proc.stderr is not None
+        address = ""
+        for line in proc.stderr:  # the ready line names the address; then the watcher's first scan is done
+            if '"server_ready"' in line:
+                address = json.loads(line)["address"]
+            if '"models_watched"' in line:
+                break
+        else:
+            raise AssertionError("the server exited before it watched its folder")
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
         shutil.copy2(DEFAULT_MODELS_DIR / "vae.safetensors", tmp_path / "vae@2.safetensors")  # mtime kept: settled
         os.replace(tmp_path / "vae@2.safetensors", folder / "vae@2.safetensors")
-        server.proc.send_signal(signal.SIGHUP)
-        with grpc.insecure_channel(server.address) as channel:
+        proc.send_signal(signal.SIGHUP)
+        with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GeneratorStub(channel)
             deadline = time.monotonic() + 30
             while [(m.version, m.latest) for m in stub.ListModels(pb.ListModelsRequest()).models] != [(1, False), (2, True)]:
-                assert time.monotonic() < deadline, server.events[-5:]
+                assert time.monotonic() < deadline, "SIGHUP did not load vae@2"
                 time.sleep(0.02)
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(30) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
