@@ -427,3 +427,13 @@ def test_sighup_rescans_the_folder_at_once(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_served_model_does_not_change_when_its_file_is_overwritten_in_place(tmp_path: Path) -> None:
+    path = write_model(tmp_path / "vae.safetensors", tiny_vae(1))
+    entry = ModelRegistry().load(path)
+    before = _pixels(entry)
+    with path.open("r+b") as f:  # as `cp other.safetensors vae.safetensors` does: truncate, then write
+        f.truncate(0)
+        f.write(write_model(tmp_path / "other.safetensors", tiny_vae(2)).read_bytes())
+    np.testing.assert_array_equal(_pixels(entry), before)  # a memory-mapped tensor would have changed (or faulted)
