@@ -320,6 +320,12 @@ class ModelWatcher:
         task.add_done_callback(self._retiring.discard)
 
     async def _retire_version(self, entry: ServedModel) -> None:
+        try:
+            await self._retire_steps(entry)
+        except Exception:  # a background task: say so in the log rather than in "exception never retrieved"
+            log.exception("model_retire_failed", name=entry.name, version=entry.version)
+
+    async def _retire_steps(self, entry: ServedModel) -> None:
         inflight = sum(1 for job in self.pipeline.inflight if job.served is entry)
         log.info("model_retiring", name=entry.name, version=entry.version, path=str(entry.path), inflight=inflight, grace_s=self.grace_s)
         finished, failed = await self.pipeline.drain_version(entry, self.grace_s)
