@@ -100,8 +100,8 @@ def pixels_of(chunks: list[pb.Images]) -> np.ndarray:
     )
 
 
-def expected_pixels(path: Path) -> np.ndarray:
-    entry = ModelRegistry().load(path)
+def expected_pixels(path: Path, device: torch.device | str = "cpu") -> np.ndarray:
+    entry = ModelRegistry(device).load(path)
     assert entry.images is not None
     return entry.images.generate([ImageRequest(n=2, seed=SEED)])[0].pixels
 
@@ -213,7 +213,8 @@ async def test_versions_and_models_come_and_go_under_load_without_a_failed_reque
 
         # a new version: loads beside the old one and becomes the latest
         vae2 = publish(folder, "vae@2.safetensors", tiny_vae(2))
-        reference = {1: expected_pixels(vae1), 2: expected_pixels(vae2)}
+        device = server.registry.device  # the same kernels as the server's
+        reference = {1: expected_pixels(vae1, device), 2: expected_pixels(vae2, device)}
         await until(lambda: _is(stub, "vae", ([1, 2], 2)))
         assert watcher(server).known[vae2].scans <= 2  # within two poll intervals
         await wait_until(lambda: load.count("vae", 2) > 2)
@@ -385,7 +386,7 @@ async def test_a_rewrite_with_the_same_size_and_mtime_is_caught_by_its_checksum(
         await w.scan()
         second = server.registry.get("vae")
         assert second is not first and second.version == 1 and loads(server, "loaded") == 1
-        assert np.abs(expected_pixels(path).astype(int) - _pixels(second)).max() <= 1
+        assert np.abs(expected_pixels(path, server.registry.device).astype(int) - _pixels(second)).max() <= 1
         await wait_until(lambda: not w._retiring)  # the replaced entry is retired
 
 
