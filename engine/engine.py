@@ -5,7 +5,9 @@
   (continuous batching) and hands every token to the asyncio queue of the request it belongs to.
   A request whose consumer goes away (client gone, deadline passed) is cancelled in the loop and
   leaves it at the next step.
-- Hot swap: workers are keyed by (name, version), so sequences started on a version finish there.
+- Hot swap: workers are keyed by the served entry (not its name and version: a file reloaded in
+  place is a new entry of the same version), so sequences started on an entry finish there;
+  ``retire`` stops an entry's worker once the server has let its last request finish.
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ class Engine:
         # calling (event loop) thread. A hop to a pool thread looks free but is not: the worker
         # must win the GIL back from a busy event loop between torch ops, which turned a 0.2 ms
         # VAE batch into 3-6 ms inside the server. 0: every batch goes to the pool.
-        self._inline: dict[tuple[str, int], bool] = {}
-        self._workers: dict[tuple[str, int], TextWorker] = {}
+        self._inline: dict[ServedModel, bool] = {}
+        self._workers: dict[ServedModel, TextWorker] = {}
         self._workers_lock = threading.Lock()
         self._closed = False
 
@@ -145,7 +147,7 @@ class Engine:
             await self.faults.before_image_batch(served, chunks)
             run = self._with_faults(served, self.faults)
         try:
-            if self._inline.get((served.name, served.version), False):
+            if self._inline.get(served, False):
                 return run(list(chunks))
             return await asyncio.get_running_loop().run_in_executor(self._pool, run, list(chunks))
         except ValueError:
@@ -186,20 +188,19 @@ class Engine:
             times.append((time.perf_counter() - started) * 1000)
         ms = min(times)
         inline = ms < self.limits.inline_image_ms
-        self._inline[(served.name, served.version)] = inline
+        self._inline[served] = inline
         log.info("image_batches_placed", model=served.name, version=served.version, batch=chunk.n, batch_ms=round(ms, 3), inline=inline)
         return ms
 
     def text_worker(self, served: ServedModel) -> TextWorker:
         """The decode loop of this model version (started on first use; restarted after a failure)."""
-        key = (served.name, served.version)
         with self._workers_lock:
             if self._closed:
                 raise EngineError("engine is closed")
-            worker = self._workers.get(key)
+            worker = self._workers.get(served)
             if worker is None or worker.failed is not None:
                 worker = TextWorker(served, self.limits, self.faults)
-                self._workers[key] = worker
+                self._workers[served] = worker
                 log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
             return worker
 
@@ -233,6 +234,17 @@ class Engine:
         finally:
             if not finished:
                 worker.cancel(handle)
+
+    def retire(self, served: ServedModel) -> None:
+        """Forget a version the server no longer serves: stop its decode thread (blocks while it
+        joins: call off the event loop). Call it once no request uses the entry: a sequence still
+        in the loop would hear nothing more (the server waits for its jobs, or fails them, first)."""
+        self._inline.pop(served, None)
+        with self._workers_lock:
+            worker = self._workers.pop(served, None)
+        if worker is not None:
+            worker.stop()
+            log.info("decode_loop_stopped", model=served.name, version=served.version)
 
     def close(self) -> None:
         with self._workers_lock:

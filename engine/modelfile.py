@@ -210,6 +210,10 @@ def _json_meta(path: Path, metadata: dict[str, str], key: str) -> Any:
         raise ModelFileError(path, f"metadata {key!r} is not valid JSON ({e})") from e
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.device.type == "cpu" else tensor
+
+
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a model from its file alone; raise ModelFileError naming the file and tensor."""
     p = Path(path)
@@ -260,8 +264,13 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             )
 
     try:
-        with safe_open(str(p), framework="pt", device=str(device)) as f:  # memory-mapped
-            tensors = {name: f.get_tensor(name) for name in expected}
+        # On the CPU, copied out of safetensors' memory map: a mapped tensor would change under the
+        # server when its file is rewritten in place (`cp` over it), and a truncated file faults
+        # (SIGBUS) the first time a forward pass touches a page that is gone. The copy is lost in the
+        # noise of a load (27 ms with or without it for the 7 MB transformer here); it gives up page
+        # sharing between worker processes. Tensors read onto a GPU are copies already.
+        with safe_open(str(p), framework="pt", device=str(device)) as f:
+            tensors = {name: _own(f.get_tensor(name)) for name in expected}
     except Exception as e:  # safetensors raises its own error types; name the file
         raise ModelFileError(p, f"safetensors could not read the tensors: {e}") from e
     for name, tensor in tensors.items():  # one pass over the weights: a NaN would serve blank images or crash sampling

@@ -3,7 +3,7 @@
 Files. ``load_folder`` loads every ``*.safetensors`` directly inside a folder (default: the
 repo's bundled ``models/``). It does not recurse: ``models/eval/`` holds the evaluation
 classifier, and a file of kind ``mnist-classifier`` found anywhere is skipped, not served. Each
-file is rebuilt by ``engine.modelfile.load_model`` (tensors read through safetensors' memory map)
+file is rebuilt by ``engine.modelfile.load_model`` (tensors copied out of safetensors' memory map)
 and warmed up with one small forward pass. A file that cannot be used becomes a ``LoadFailure``
 (its path and the reason), is logged, and the other files still load.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -98,6 +97,8 @@ class ServedModel:
     info: ModelInfo
     images: ImageGenerator | None  # image models only; text models get a DecodeLoop from the server
     loaded_at: float = field(default_factory=time.time)
+    load_ms: float = 0.0  # reading and checking the file
+    warmup_ms: float = 0.0  # the first forward pass
 
     @property
     def kind(self) -> str:
@@ -130,15 +131,11 @@ def parse_file_name(path: Path) -> tuple[str, int]:
     return name, int(version)
 
 
-def _reason(e: Exception) -> str:
+def failure_reason(e: Exception) -> str:
     """A load error as a reason without the path (a LoadFailure carries the path itself)."""
     if isinstance(e, ModelFileError):
         return f"tensor {e.tensor!r}: {e.reason}" if e.tensor else e.reason
     return f"{type(e).__name__}: {e}"
-
-
-# Given a model's current versions, the version a new file takes (decided under the lock).
-_PickVersion = Callable[[dict[int, "ServedModel"]], int]
 
 
 class ModelRegistry:
@@ -184,7 +181,7 @@ class ModelRegistry:
                 seen[key] = path
                 loaded.append(self.load(path))
             except Exception as e:  # one bad file must not stop the others; each is reported
-                failure = LoadFailure(path, _reason(e))
+                failure = LoadFailure(path, failure_reason(e))
                 log.error("model_refused", path=str(path), reason=failure.reason)
                 failures.append(failure)
         if not loaded:
@@ -202,12 +199,35 @@ class ModelRegistry:
         Loading the same name and version again replaces it (a reload); a new version becomes the
         latest if it is the highest. Raises ModelFileError naming the file.
         """
+        entry = self.prepare(path, name=name, version=version)
+        self.publish(entry)
+        return entry
+
+    def prepare(self, path: str | Path, *, name: str | None = None, version: int | None = None) -> ServedModel:
+        """Load and warm up a file as an entry that is not served yet (``publish`` serves it).
+
+        For a caller that must get ready for a model before a request can reach it: the server
+        starts a new model's stages between the two. Raises ModelFileError naming the file.
+        """
         p = Path(path)
         if name is None or version is None:
             file_name, file_version = parse_file_name(p)
             name = file_name if name is None else name
             version = file_version if version is None else version
-        return self._commit(name, p, lambda _: version, retire_old=False)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ModelFileError(p, f"version must be a positive integer, got {version!r}")
+        model, images, load_ms, warmup_ms = self._load_file(name, p)
+        return ServedModel(name, version, model, self._info(name, version, model), images, load_ms=load_ms, warmup_ms=warmup_ms)
+
+    def publish(self, entry: ServedModel) -> ServedModel | None:
+        """Serve a prepared entry beside the other versions (atomically); returns the entry it
+        replaced (the same name and version), whose holders finish on it."""
+        with self._lock:
+            versions = self._table.get(entry.name, {})
+            replaced = versions.get(entry.version)
+            self._table = {**self._table, entry.name: {**versions, entry.version: entry}}
+        self._log_loaded(entry, replaced=replaced is not None, retired=[])
+        return replaced
 
     def swap(self, name: str, path: str | Path, *, retire_old: bool = True) -> ServedModel:
         """Serve the file at ``path`` as the next version of ``name`` (latest + 1), switching atomically.
@@ -216,9 +236,19 @@ class ModelRegistry:
         entry finish on it. ``retire_old`` drops older versions from the table (their modules are
         freed once no caller holds them).
         """
-        return self._commit(name, Path(path), lambda versions: max(versions, default=0) + 1, retire_old=retire_old)
+        p = Path(path)
+        model, images, load_ms, warmup_ms = self._load_file(name, p)
+        with self._lock:  # the only critical section: pick the version, publish a new table
+            versions = self._table.get(name, {})
+            version = max(versions, default=0) + 1
+            entry = ServedModel(name, version, model, self._info(name, version, model), images, load_ms=load_ms, warmup_ms=warmup_ms)
+            new_versions = {version: entry} if retire_old else {**versions, version: entry}
+            self._table = {**self._table, name: new_versions}
+        self._log_loaded(entry, replaced=False, retired=sorted(versions) if retire_old else [])
+        return entry
 
-    def _commit(self, name: str, path: Path, pick_version: _PickVersion, retire_old: bool) -> ServedModel:
+    def _load_file(self, name: str, path: Path) -> tuple[LoadedModel, ImageGenerator | None, float, float]:
+        """Read, check and warm up one file (before any lock: serving never waits on a file)."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise ValueError(f"model name {brief_repr(name, 80)} does not match {NAME_PATTERN.pattern}")
         kind = self._peek_kind(path)
@@ -230,29 +260,22 @@ class ModelRegistry:
         images = ImageGenerator(model, self.image_limits) if model.kind in IMAGE_KINDS else None
         self._warm_up(model, images)
         t2 = time.perf_counter()
-        with self._lock:  # the only critical section: pick the version, publish a new table
-            versions = self._table.get(name, {})
-            version = pick_version(versions)
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-                raise ModelFileError(path, f"version must be a positive integer, got {version!r}")
-            entry = ServedModel(name, version, model, self._info(name, version, model), images)
-            replaced = versions.get(version)
-            new_versions = {version: entry} if retire_old else {**versions, version: entry}
-            self._table = {**self._table, name: new_versions}
+        return model, images, round(1000 * (t1 - t0), 1), round(1000 * (t2 - t1), 1)
+
+    def _log_loaded(self, entry: ServedModel, *, replaced: bool, retired: list[int]) -> None:
         log.info(
             "model_loaded",
-            name=name,
-            version=version,
-            kind=model.kind,
+            name=entry.name,
+            version=entry.version,
+            kind=entry.kind,
             parameters=entry.info.parameters,
             device=str(self.device),
-            path=str(path),
-            load_ms=round(1000 * (t1 - t0), 1),
-            warmup_ms=round(1000 * (t2 - t1), 1),
-            replaced=replaced is not None,
-            retired=sorted(v for v in versions if v != version) if retire_old else [],
+            path=str(entry.path),
+            load_ms=entry.load_ms,
+            warmup_ms=entry.warmup_ms,
+            replaced=replaced,
+            retired=retired,
         )
-        return entry
 
     def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
         """Stop serving a model (all versions, or one); in-flight holders finish. Raises ModelNotFound."""

@@ -55,6 +55,8 @@ async def _main(config: ServerConfig, setup: Callable[[GenServer], None] | None 
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, lambda signum, frame: loop.call_soon_threadsafe(server.rescan_models))
     try:
         await server.start()
     except (OSError, RuntimeError) as e:

@@ -17,6 +17,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -33,6 +34,7 @@ from server.admission import grpc_server_options
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.model_watch import FileStamp, ModelWatcher, stamp_folder
 from server.pipeline import Pipeline
 from server.reflection import enable_reflection
 from server.service import GeneratorService, register
@@ -94,6 +96,8 @@ class GenServer:
         self._engine: Engine | None = None
         self._pipeline: Pipeline | None = None
         self._supervisor: Supervisor | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.watcher: ModelWatcher | None = None
 
     @property
     def registry(self) -> ModelRegistry:
@@ -162,6 +166,7 @@ class GenServer:
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = c.image_limits()
         loop = asyncio.get_running_loop()
+        before = await loop.run_in_executor(None, _stamps_or_none, Path(c.models_dir))  # before the load: a change during it shows
         self._registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
         if not len(self.registry):
             if self.registry.failures:
@@ -225,6 +230,24 @@ class GenServer:
         )
         if tokens and credentials is None:
             log.warning("tokens_in_cleartext", hint="bearer tokens travel unencrypted without TLS: set --tls-cert and --tls-key")
+        self.watcher = ModelWatcher(
+            c.models_dir,
+            self.registry,
+            self.engine,
+            self.pipeline,
+            self.supervisor,
+            self.metrics,
+            poll_s=c.models_poll_s,
+            settle_s=c.models_settle_s,
+            grace_s=c.grace_s,
+        )
+        self.watcher.adopt(before)
+        self._watch_task = asyncio.create_task(self.watcher.run(), name="model-watch")
+
+    def rescan_models(self) -> None:
+        """Look at the models folder now (SIGHUP) rather than at the next poll."""
+        if self.watcher is not None:
+            self.watcher.rescan()
 
     def _listen(self, credentials: grpc.ServerCredentials | None) -> int:
         """Bind the gRPC port (it is served from ``grpc.start()``); an error names the address and the flag."""
@@ -316,6 +339,12 @@ class GenServer:
         if self.amqp is not None:
             await self.amqp.stop_consuming()  # what it had taken but not admitted goes back to the queue
         await self._refresh_health()
+        if self._watch_task is not None:  # no model comes or goes during the drain
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+        if self.watcher is not None:
+            await self.watcher.close()
         inflight = len(self.pipeline.inflight)
         log.info("draining", inflight=inflight, grace_s=grace)
         finished_in_time = True
@@ -336,3 +365,11 @@ class GenServer:
             self._stop_metrics()
         log.info("stopped", drained=inflight - failed, failed=failed, in_time=finished_in_time, exit_code=self.exit_code)
         self._stopped.set()
+
+
+def _stamps_or_none(folder: Path) -> dict[Path, FileStamp]:
+    """The folder's stamps; empty when it cannot be read (the load that follows says why)."""
+    try:
+        return stamp_folder(folder)
+    except OSError:
+        return {}

@@ -26,6 +26,12 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 or [::] for every interface)"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and logs it)"})
     models_dir: str = field(default="models", metadata={"help": "folder of *.safetensors models to serve"})
+    models_poll_s: float = field(
+        default=2.0, metadata={"help": "seconds between scans of the models folder for new, changed and removed files (0: only on SIGHUP)"}
+    )
+    models_settle_s: float = field(
+        default=1.0, metadata={"help": "a new or changed model file loads once it has not been written for this long"}
+    )
     device: str = field(default="auto", metadata={"help": "auto (GPU when there is one), cpu, cuda or cuda:N"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: all usable cores but one, for the event loop)"})
     image_threads: int = field(default=1, metadata={"help": "engine threads running image batches"})
@@ -97,7 +103,9 @@ class ServerConfig:
         for name in positive_times:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "threads", "inline_batch_ms", "workers", "max_streams_per_connection"):
+        never_negative = ["port", "metrics_port", "threads", "inline_batch_ms", "workers", "max_streams_per_connection"]
+        never_negative += ["models_poll_s", "models_settle_s"]
+        for name in never_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):

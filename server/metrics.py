@@ -35,6 +35,10 @@ class Metrics:
         self.restarts = Counter("genserve_stage_restarts_total", "Stage restarts by the supervisor", ["stage"], registry=r)
         self.tokens = Counter("genserve_tokens_total", "Tokens generated", ["model"], registry=r)
         self.samples = Counter("genserve_samples_total", "Image samples generated", ["model"], registry=r)
+        self.model_loads = Counter(
+            "genserve_model_loads_total", "Model files loaded at run time, by result (loaded, refused)", ["result"], registry=r
+        )
+        self.model_versions = Gauge("genserve_model_versions", "Versions served per model", ["model"], registry=r)
 
     def track_depth(self, stage: str, depth: Callable[[], float]) -> None:
         """Read a link's depth at scrape time (no cost on the hot path)."""

@@ -6,6 +6,11 @@ already checked: the policy in server/admission.py (queueing delay over target, 
 unfinished jobs) or a full ingress refuses at once (RESOURCE_EXHAUSTED, with a retry hint);
 otherwise the job's deadline is filed and it enters the ingress. Nothing is parked without bound.
 Every link holds at most ``queue_size`` items.
+
+Models come and go at run time (server/model_watch.py): ``add_model`` gives a new model name its
+link and stage and starts the stage under the supervisor before the model is published;
+``drain_version`` waits for the requests on a retired version; ``remove_model`` stops the stages
+that no served version needs any more.
 """
 
 from __future__ import annotations
@@ -14,18 +19,22 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from engine.engine import Engine
-from engine.registry import ModelRegistry
+from engine.registry import ModelRegistry, ServedModel
 from server.admission import Admission
 from server.config import ServerConfig
 from server.jobs import Job
 from server.metrics import Metrics
-from server.stages.topology import build_topology
+from server.stages.base import ImageWork
+from server.stages.topology import Topology
 from server.statuses import Refused
+
+if TYPE_CHECKING:
+    from server.supervisor import Supervisor
 
 DEADLINE_TICK = 0.01  # seconds: deadlines are enforced to within one tick
 
@@ -53,17 +62,82 @@ class Pipeline:
         self._service_s: dict[str, float] = {}  # model -> its latest batch's compute time
         self._idle = asyncio.Event()
         self._idle.set()
-        topology = build_topology(config, registry, engine, observe_batch=self._observe_batch)
+        self._retiring: dict[ServedModel, tuple[set[Job], asyncio.Event]] = {}  # drain_version's waits
+        topology = self.topology = Topology(config, registry, engine, observe_batch=self._observe_batch)
         self.ingress = topology.ingress
         self.work = topology.work
         self.results = topology.results
         self.image_links = topology.image_links
         self.text_links = topology.text_links
         self.stages = topology.stages
-        self._depths = topology.depth_readers()
-        for name, depth in self._depths.items():
+        for name, depth in topology.depth_readers().items():
             metrics.track_depth(name, depth)
         metrics.inflight.set_function(lambda: len(self.inflight))
+
+    # -- models at run time (server/model_watch.py) -------------------------------------------------
+
+    async def add_model(self, served: ServedModel, supervisor: Supervisor) -> bool:
+        """Make the pipeline ready for ``served`` before it is published: its name's link and stage,
+        started under ``supervisor``. True when a stage was added (False: the name had one)."""
+        stage = self.topology.model_stage(served)
+        if stage is None:
+            return False
+        self.metrics.track_depth(stage.name, self.topology.depth_readers()[stage.name])
+        try:
+            await supervisor.add(stage)
+        except BaseException:
+            self._drop_link(stage.name)
+            raise
+        return True
+
+    async def remove_model(self, name: str, supervisor: Supervisor) -> list[str]:
+        """Stop the stages of ``name`` that no served version needs (all of them once no version is
+        left); returns their names. Call after ``drain_version``: whatever is still queued for
+        them is failed with UNAVAILABLE."""
+        versions = [e for e in self.registry.served() if e.name == name]
+        needed = {f"batcher-{name}" if e.images is not None else f"text-{name}" for e in versions}
+        removed = []
+        for link_name in (f"batcher-{name}", f"text-{name}"):
+            if link_name in needed or link_name not in supervisor.stages:
+                continue
+            await supervisor.remove(link_name)
+            self._drop_link(link_name)
+            removed.append(link_name)
+        return removed
+
+    def _drop_link(self, link_name: str) -> None:
+        links: dict[str, Any] = self.image_links if link_name.startswith("batcher-") else self.text_links
+        link = links.pop(link_name.split("-", 1)[1], None)
+        if link is None:
+            return
+        for item in link.take_nowait(link.capacity):
+            job = item.job if isinstance(item, ImageWork) else item
+            job.fail(grpc.StatusCode.UNAVAILABLE, f"model {job.served.name!r} stopped being served; retry")
+        self.metrics.queue_depth.remove(link_name)
+
+    async def drain_version(self, entry: ServedModel, grace: float) -> tuple[int, int]:
+        """Wait for the requests that hold ``entry`` (a version no longer published) to finish, for
+        up to ``grace`` seconds; fail the rest with UNAVAILABLE. Returns (finished, failed)."""
+        holders = {job for job in self.inflight if job.served is entry}
+        total = len(holders)
+        if not holders:
+            return 0, 0
+        done = asyncio.Event()
+        self._retiring[entry] = (holders, done)
+        try:
+            async with asyncio.timeout(grace):
+                await done.wait()
+        except TimeoutError:
+            pass
+        finally:
+            del self._retiring[entry]
+        late = [job for job in holders if not job.done]
+        for job in late:
+            job.fail(
+                grpc.StatusCode.UNAVAILABLE,
+                f"model {entry.name} version {entry.version} was retired (its file changed or went) before the request finished; retry",
+            )
+        return total - len(late), len(late)
 
     def _observe_batch(self, model: str, n: int, seconds: float) -> None:
         self._service_s[model] = seconds
@@ -123,6 +197,12 @@ class Pipeline:
         self.inflight.discard(job)
         if not self.inflight:
             self._idle.set()
+        if self._retiring:  # a version is being retired: is this one of its last requests?
+            waiting = self._retiring.get(job.served)
+            if waiting is not None:
+                waiting[0].discard(job)
+                if not waiting[0]:
+                    waiting[1].set()
         outcome = job.outcome
         code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name
@@ -154,4 +234,4 @@ class Pipeline:
         return len(jobs)
 
     def link_depths(self) -> dict[str, int]:
-        return {name: read() for name, read in self._depths.items()}
+        return {name: read() for name, read in self.topology.depth_readers().items()}

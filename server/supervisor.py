@@ -6,6 +6,11 @@ with UNAVAILABLE (a retryable status: the client may send them again) and the st
 again, on the same links, so queued work carries on. Past ``intensity`` restarts within ``period``
 seconds (OTP's max_restarts / max_seconds) the supervisor gives up: it calls ``on_give_up``,
 which drains the server and makes it exit non-zero, so a process manager can take over.
+
+Stages can join and leave while it runs (a model file added to or removed from the models
+folder): ``add`` starts a stage in the same task group and returns once it is ready; ``remove``
+cancels one stage through its own cancel scope, which ends it without a restart and without
+touching the others.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from engine.logs import get_logger
 from server.stages import Stage
@@ -48,17 +53,59 @@ class Supervisor:
         self.gave_up = False
         self._stopping = False
         self._tasks: dict[str, asyncio.Task[object] | None] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}  # each stage's own: remove() cancels one stage alone
+        self._ended: dict[str, asyncio.Event] = {}  # set when a stage's supervision loop has returned
+        self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every stage, report ready, and keep them running until cancelled."""
         try:
             async with anyio.create_task_group() as tg:
-                for stage in self.stages.values():
+                self._tg = tg
+                for stage in list(self.stages.values()):
                     await tg.start(self._supervise, stage)
                 log.info("stages_started", stages=list(self.stages))
                 task_status.started()
         finally:
             self._stopping = True
+            self._tg = None
+
+    async def add(self, stage: Stage) -> None:
+        """Start ``stage`` under supervision while the others run; returns once it is ready."""
+        if self._tg is None or self._stopping or self.gave_up:
+            raise RuntimeError(f"cannot add stage {stage.name}: the supervisor is not running")
+        if stage.name in self.stages:
+            raise ValueError(f"a stage named {stage.name!r} is already supervised")
+        self.stages[stage.name] = stage
+        self.restart_count[stage.name] = 0
+        try:
+            await self._tg.start(self._supervise, stage)
+        except BaseException:
+            self._forget(stage.name)
+            raise
+        log.info("stage_added", stage=stage.name)
+
+    async def remove(self, name: str) -> Stage:
+        """Stop one stage for good (no restart) and wait for it to end; jobs it still held are
+        failed with UNAVAILABLE, as after a crash. Raises KeyError for an unknown name."""
+        stage = self.stages.get(name)
+        if stage is None:
+            raise KeyError(f"no stage named {name!r}; stages: {', '.join(self.stages)}")
+        scope, ended = self._scopes.get(name), self._ended.get(name)
+        self._forget(name)  # first: the supervision loop reads it as "removed", not as a fault
+        if scope is not None:
+            scope.cancel()
+        if ended is not None:
+            await ended.wait()
+        self._fail_held(stage, "removed")
+        log.info("stage_removed", stage=name)
+        return stage
+
+    def _forget(self, name: str) -> None:
+        self.stages.pop(name, None)
+        self.restart_count.pop(name, None)
+        self._scopes.pop(name, None)
+        self._tasks.pop(name, None)
 
     def stop(self) -> None:
         """Stop restarting (shutdown): stages end when the enclosing task group is cancelled."""
@@ -77,6 +124,17 @@ class Supervisor:
         return self._stopping or anyio.current_effective_deadline() == -math.inf
 
     async def _supervise(self, stage: Stage, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        ended = self._ended[stage.name] = asyncio.Event()
+        try:
+            with anyio.CancelScope() as scope:
+                self._scopes[stage.name] = scope
+                await self._supervise_loop(stage, task_status)
+        finally:
+            ended.set()
+            if self._ended.get(stage.name) is ended:
+                del self._ended[stage.name]
+
+    async def _supervise_loop(self, stage: Stage, task_status: TaskStatus[None]) -> None:
         status = _ReadyOnce(task_status)  # kept across restarts until the stage has reported ready once
         while True:
             self._tasks[stage.name] = asyncio.current_task()
@@ -98,8 +156,9 @@ class Supervisor:
                 log.exception("stage_failed", stage=stage.name, error=f"{type(e).__name__}: {e}")
                 failure = f"{type(e).__name__}: {e}"
             finally:
-                self._tasks[stage.name] = None
-            if self._shutting_down():
+                if stage.name in self.stages:
+                    self._tasks[stage.name] = None
+            if self._shutting_down() or self.stages.get(stage.name) is not stage:  # or removed
                 return
             self._fail_held(stage, failure)
             if self.gave_up:  # the server is draining already: no restart, and no second give-up

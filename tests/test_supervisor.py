@@ -357,3 +357,49 @@ async def test_cancelling_the_enclosing_group_without_stop_does_not_restart() ->
 async def test_stage_names_must_be_unique() -> None:
     with pytest.raises(ValueError, match="unique"):
         Supervisor([Stage("x"), Stage("x")])
+
+
+async def test_a_stage_added_at_run_time_is_supervised_like_the_others() -> None:
+    first, late = FakeStage("first"), FakeStage("late")
+    rec = Recorder()
+    sup = supervisor([first], rec)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sup.run)
+        with anyio.fail_after(5):
+            await sup.add(late)  # returns once it reported ready
+        assert late.started_runs == 1 and sup.restart_count == {"first": 0, "late": 0}
+        with pytest.raises(ValueError, match="already supervised"):
+            await sup.add(FakeStage("late"))
+        late.crash()
+        with anyio.fail_after(5):
+            await late.wait_started(2)
+        assert rec.restarted == ["late"] and first.runs == 1
+        await shutdown(sup, tg)
+    with pytest.raises(RuntimeError, match="not running"):
+        await sup.add(FakeStage("after"))
+
+
+async def test_a_removed_stage_ends_without_a_restart_and_its_held_jobs_fail_unavailable() -> None:
+    sink = RecordingRecipient()
+    job = make_job("j", sink)
+    keep, gone = FakeStage("keep"), FakeStage("gone", [job])
+    rec = Recorder()
+    sup = supervisor([keep, gone], rec)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sup.run)
+        with anyio.fail_after(5):
+            assert await sup.remove("gone") is gone
+        await settle()
+        assert gone.runs == 1 and gone.cancelled_runs == 1  # ended, and not started again
+        assert rec.restarted == [] and not sup.gave_up
+        assert list(sup.stages) == ["keep"] and "gone" not in sup.restart_count
+        assert [o.code for o in sink.outcomes["j"]] == [grpc.StatusCode.UNAVAILABLE]
+        with pytest.raises(KeyError):
+            await sup.remove("gone")
+        with pytest.raises(KeyError):
+            sup.kill("gone")
+        await sup.add(FakeStage("gone"))  # the name can come back (a model file published again)
+        keep.crash()  # the others are still supervised
+        with anyio.fail_after(5):
+            await keep.wait_started(2)
+        await shutdown(sup, tg)

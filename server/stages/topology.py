@@ -10,10 +10,9 @@ deadlines and metrics live in ``server/pipeline.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from engine.engine import Engine
-from engine.registry import ModelRegistry
+from engine.registry import ModelRegistry, ServedModel
 from server.config import ServerConfig
 from server.jobs import Job
 from server.links import Link
@@ -25,54 +24,60 @@ from server.stages.router import Router
 from server.stages.text import TextFeeder
 
 
-@dataclass
 class Topology:
-    ingress: Link[Job]
-    work: Link[Job]
-    results: Link[ImageDone]
-    image_links: dict[str, Link[ImageWork]]
-    text_links: dict[str, Link[Job]]
-    stages: list[Stage]
+    """The links and stages; ``model_stage`` adds a model name's link and stage at run time
+    (server/model_watch.py), with the same wiring as at start."""
+
+    def __init__(
+        self, config: ServerConfig, registry: ModelRegistry, engine: Engine, *, observe_batch: Callable[[str, int, float], None]
+    ) -> None:
+        c = self.config = config
+        self.registry = registry
+        self.engine = engine
+        self.observe_batch = observe_batch
+        size = c.queue_size
+        # The ingress holds max_inflight (plus slack for jobs that ended while queued, which the
+        # producer drops): admission's limit is the number of unfinished requests, so a burst the
+        # credits allowed is not refused for queue room. The links behind are bounded by queue_size.
+        self.ingress: Link[Job] = Link("producer", c.max_inflight + size)
+        self.work: Link[Job] = Link("processor", size)
+        self.results: Link[ImageDone] = Link("router", size)
+        # shared with the producer and the processors (the same dicts): a link added later is routed to at once
+        self.image_links: dict[str, Link[ImageWork]] = {}
+        self.text_links: dict[str, Link[Job]] = {}
+        models = [stage for served in registry.served() if (stage := self.model_stage(served)) is not None]
+        self.stages: list[Stage] = [Producer(self.ingress, self.work, self.text_links)]
+        self.stages += [Processor(i, self.work, self.image_links, max_chunk=c.batch_size) for i in range(c.processors)]
+        self.stages += models
+        self.stages.append(Router(self.results))
+
+    def model_stage(self, served: ServedModel) -> Stage | None:
+        """The link and stage ``served``'s model name needs (a batcher for images, a text feeder for
+        text), registered in the routing dicts; None when the name has them already."""
+        c, name = self.config, served.name
+        if served.images is not None:
+            if name in self.image_links:
+                return None
+            link: Link[ImageWork] = Link(f"batcher-{name}", c.queue_size)
+            self.image_links[name] = link
+            return Batcher(
+                name,
+                link,
+                self.results,
+                self.engine,
+                batch_size=c.batch_size,
+                batch_timeout=c.batch_timeout_ms / 1000,
+                concurrency=c.batch_concurrency,
+                observe_batch=self.observe_batch,
+            )
+        if name in self.text_links:
+            return None
+        text_link: Link[Job] = Link(f"text-{name}", c.queue_size)
+        self.text_links[name] = text_link
+        return TextFeeder(name, text_link, self.engine, self.registry, max_pending=c.decode_pending)
 
     def depth_readers(self) -> dict[str, Callable[[], int]]:
         """Each link's name and a reader of its depth (for the metrics)."""
         links: list[Link[Job] | Link[ImageDone] | Link[ImageWork]] = [self.ingress, self.work, self.results]
         links += [*self.image_links.values(), *self.text_links.values()]
         return {link.name: link.__len__ for link in links}
-
-
-def build_topology(
-    config: ServerConfig, registry: ModelRegistry, engine: Engine, *, observe_batch: Callable[[str, int, float], None]
-) -> Topology:
-    c = config
-    size = c.queue_size
-    # The ingress holds max_inflight (plus slack for jobs that ended while queued, which the
-    # producer drops): admission's limit is the number of unfinished requests, so a burst the
-    # credits allowed is not refused for queue room. The links behind are bounded by queue_size.
-    ingress: Link[Job] = Link("producer", c.max_inflight + size)
-    work: Link[Job] = Link("processor", size)
-    results: Link[ImageDone] = Link("router", size)
-    image_links: dict[str, Link[ImageWork]] = {}
-    text_links: dict[str, Link[Job]] = {}
-    for info in registry.list_models():
-        if info.image is not None:
-            image_links.setdefault(info.name, Link(f"batcher-{info.name}", size))
-        elif info.text is not None:
-            text_links.setdefault(info.name, Link(f"text-{info.name}", size))
-    stages: list[Stage] = [Producer(ingress, work, text_links)]
-    stages += [Processor(i, work, image_links, max_chunk=c.batch_size) for i in range(c.processors)]
-    for name, link in image_links.items():
-        batcher = Batcher(
-            name,
-            link,
-            results,
-            engine,
-            batch_size=c.batch_size,
-            batch_timeout=c.batch_timeout_ms / 1000,
-            concurrency=c.batch_concurrency,
-            observe_batch=observe_batch,
-        )
-        stages.append(batcher)
-    stages += [TextFeeder(name, link, engine, registry, max_pending=c.decode_pending) for name, link in text_links.items()]
-    stages.append(Router(results))
-    return Topology(ingress, work, results, image_links, text_links, stages)
