@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from decode_spy import StepSpy
 
 from engine.decode import DecodeLoop, QueueFullError, SequenceRequest
 from engine.engine import Engine, EngineError
@@ -18,7 +19,6 @@ from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
 from engine.registry import ModelRegistry
 from engine.sampling import MAX_NEW_TOKENS, InvalidPromptError, SamplingParams
-from tests.decode_spy import StepSpy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
