@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from decode_spy import StepSpy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +31,15 @@ MODELS = "models"  # the bundled vae, gan and transformer
 async def server() -> AsyncIterator[GenServer]:
     async with running_server(models_dir=MODELS, batch_size=128, stream_credits=16, max_new_tokens=512) as srv:
         yield srv
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def spy(server: GenServer) -> AsyncIterator[StepSpy]:
+    """The module server's transformer decode loop, watched (and pausable) for one test."""
+    assert server.engine is not None
+    watch = StepSpy(server.engine.text_worker(server.registry.get("transformer")).loop)
+    yield watch
+    watch.restore()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -185,33 +195,43 @@ async def test_bad_requests_get_a_precise_status(
     await wait_until(lambda: not server.pipeline.inflight)
 
 
-async def test_deadline_passes_while_generating(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
-    started = time.monotonic()
-    code, _ = await status_of(stub, text(max_new_tokens=512, seed=1), timeout=0.2)
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 2
+async def assert_cancelled(spy: StepSpy, seed: int) -> None:
+    """The sequence left the loop at a step, long before its 512 tokens (a no-op cancel ends in "length")."""
+    last = await spy.wait_final(seed)
+    assert last.finish_reason == "cancelled" and last.n_generated < 512
+    await wait_until(lambda: spy.loop.active_count == 0)
+
+
+async def test_deadline_passes_while_generating(stub: pb_grpc.GeneratorStub, server: GenServer, spy: StepSpy) -> None:
+    call = stub.Generate(text(max_new_tokens=512, seed=101), timeout=0.5)
+    await call.read()  # generating
+    spy.pause()  # the sequence cannot finish before its deadline, however fast the machine
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await read_rest(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    spy.resume()
+    await assert_cancelled(spy, 101)
     await wait_until(lambda: not server.pipeline.inflight)
-    served = server.registry.get("transformer")
-    engine = server.engine
-    assert engine is not None
-    await wait_until(lambda: engine.text_worker(served).loop.active_count == 0)
 
 
-async def test_request_timeout_field_is_a_deadline_too(stub: pb_grpc.GeneratorStub) -> None:
-    request = text(max_new_tokens=512, seed=1)
-    request.timeout_ms = 100
+async def test_request_timeout_field_is_a_deadline_too(stub: pb_grpc.GeneratorStub, spy: StepSpy) -> None:
+    request = text(max_new_tokens=512, seed=102)
+    request.timeout_ms = 300
+    spy.pause()
     code, details = await status_of(stub, request)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in details
+    spy.resume()
+    await assert_cancelled(spy, 102)
 
 
-async def test_a_client_that_goes_away_leaves_the_decode_loop(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
-    call = stub.Generate(text(max_new_tokens=512, seed=2))
+async def test_a_client_that_goes_away_leaves_the_decode_loop(stub: pb_grpc.GeneratorStub, server: GenServer, spy: StepSpy) -> None:
+    call = stub.Generate(text(max_new_tokens=512, seed=103))
     async for message in call:
         assert message.HasField("text")
         break
     call.cancel()
+    await assert_cancelled(spy, 103)
     await wait_until(lambda: not server.pipeline.inflight)
-    served = server.registry.get("transformer")
-    await wait_until(lambda: server.engine.text_worker(served).loop.active_count == 0)  # type: ignore[union-attr]
 
 
 # -- GenerateStream -------------------------------------------------------------------------------
@@ -313,11 +333,11 @@ async def test_a_request_alone_and_inside_a_stream_message_with_neighbours_gets_
     assert await s.call.read() is grpc.aio.EOF
 
 
-async def test_stream_refuses_bad_ids_and_bad_requests_per_id(stub: pb_grpc.GeneratorStub) -> None:
+async def test_stream_refuses_bad_ids_and_bad_requests_per_id(stub: pb_grpc.GeneratorStub, spy: StepSpy) -> None:
     s = StreamClient(stub)
     s.unique = False
     await s.read_until(lambda: s.messages >= 1)
-    long_text = tagged(text(max_new_tokens=512), "dup")
+    long_text = tagged(text(max_new_tokens=512, seed=104), "dup")
     await s.send(
         long_text, tagged(image(n=1), "dup"), tagged(image(n=1), ""), tagged(image(n=1), "x" * 500), tagged(image(model="nope"), "nf")
     )
@@ -329,27 +349,33 @@ async def test_stream_refuses_bad_ids_and_bad_requests_per_id(stub: pb_grpc.Gene
     await s.send(cancel=("dup",))  # the long one: cancelled by the client, still one outcome
     await s.read_until(lambda: len(s.outcomes) == 5)
     assert s.outcomes[-1] == ("dup", grpc.StatusCode.CANCELLED.value[0])
+    await assert_cancelled(spy, 104)
     assert s.credit == 16  # each of the five used a credit, and each gave it back
     await s.call.done_writing()
 
 
-async def test_stream_request_deadline(stub: pb_grpc.GeneratorStub) -> None:
+async def test_stream_request_deadline(stub: pb_grpc.GeneratorStub, spy: StepSpy) -> None:
     s = StreamClient(stub)
     await s.read_until(lambda: s.messages >= 1)
-    request = tagged(text(max_new_tokens=512), "slow")
-    request.timeout_ms = 100
+    request = tagged(text(max_new_tokens=512, seed=105), "slow")
+    request.timeout_ms = 300
+    spy.pause()
     await s.send(request, tagged(image(n=1), "fast"))
     await s.read_until(lambda: len(s.finishes) == 2)
     assert s.finishes["slow"].code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and s.finishes["fast"].code == 0
+    spy.resume()
+    await assert_cancelled(spy, 105)
     await s.call.done_writing()
 
 
-async def test_a_stream_that_ends_cancels_its_work(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
+async def test_a_stream_that_ends_cancels_its_work(stub: pb_grpc.GeneratorStub, server: GenServer, spy: StepSpy) -> None:
     s = StreamClient(stub)
     await s.read_until(lambda: s.messages >= 1)
-    await s.send(*[tagged(text(max_new_tokens=512, seed=i), f"t{i}") for i in range(4)])
+    await s.send(*[tagged(text(max_new_tokens=512, seed=110 + i), f"t{i}") for i in range(4)])
     await s.read_until(lambda: len(s.chunks) == 4)
     s.call.cancel()
+    for i in range(4):
+        await assert_cancelled(spy, 110 + i)
     await wait_until(lambda: not server.pipeline.inflight)
 
 
