@@ -448,13 +448,15 @@ async def test_work_held_by_a_killed_stage_is_failed_with_unavailable_not_lost()
 async def test_full_server_refuses_at_once() -> None:
     async with running_server(models_dir=MODELS, max_inflight=2) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
+        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)  # type: ignore[union-attr]
         calls = [stub.Generate(text(max_new_tokens=512, seed=i)) for i in range(2)]
         for call in calls:
             await call.read()  # both admitted and generating
-        started = time.monotonic()
-        code, details = await status_of(stub, image(n=1))
+        spy.pause()  # neither can finish, however fast the machine
+        # at once: a call parked instead of refused would meet its deadline, not RESOURCE_EXHAUSTED
+        code, details = await status_of(stub, image(n=1), timeout=10)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in details
-        assert time.monotonic() - started < 1.0
+        spy.resume()
         for call in calls:
             call.cancel()
         await wait_until(lambda: not srv.pipeline.inflight)
@@ -480,12 +482,16 @@ async def test_drain_finishes_in_flight_work_and_refuses_new_work() -> None:
 async def test_drain_fails_what_outlives_the_grace_period() -> None:
     async with running_server(models_dir=MODELS) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
+        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)  # type: ignore[union-attr]
         call = stub.Generate(text(max_new_tokens=512, seed=3))
         await call.read()
-        await srv.stop(grace=0.2)
+        spy.pause()  # it cannot finish within the grace period, however fast the machine
+        stopping = asyncio.create_task(srv.stop(grace=0.2))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await read_rest(call)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        spy.resume()
+        await stopping
 
 
 async def test_restart_intensity_exceeded_drains_and_exits_non_zero() -> None:
