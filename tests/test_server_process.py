@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
+from server.config import ServerConfig, build_parser, env_name, parse_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,6 +82,53 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
     ]:
         assert flag in result.stdout and env in result.stdout
     assert "--restart-intensity" in result.stdout and "--stream-credits" in result.stdout
+
+
+# Settings that need a partner to be valid on their own (TLS takes a certificate and its key).
+PARTNERS = {
+    "tls_cert": {"GENSERVE_TLS_KEY": "key.pem"},
+    "tls_key": {"GENSERVE_TLS_CERT": "cert.pem"},
+    "tls_client_ca": {"GENSERVE_TLS_CERT": "cert.pem", "GENSERVE_TLS_KEY": "key.pem"},
+}
+
+
+def other_value(f: dataclasses.Field[Any]) -> tuple[str, object]:
+    """A valid value of field ``f`` that is not its default: (as the environment spells it, as parsed)."""
+    default = f.default
+    if isinstance(default, bool):
+        return ("false" if default else "true"), not default
+    if isinstance(default, int):
+        return str(default + 1), default + 1
+    if isinstance(default, float):
+        return str(default + 0.5), default + 0.5
+    assert isinstance(default, str), f.name
+    if "choices" in f.metadata:
+        choice = next(c for c in f.metadata["choices"] if c != default)
+        return choice, choice
+    value = {"host": "0.0.0.0", "device": "cpu"}.get(f.name, f"some-{f.name}")
+    return value, value
+
+
+@pytest.mark.parametrize("f", dataclasses.fields(ServerConfig), ids=lambda f: f.name)
+def test_every_option_is_also_an_environment_variable(f: dataclasses.Field[Any]) -> None:
+    """README: every option is also GENSERVE_<OPTION>; the flag wins over the environment."""
+    raw, value = other_value(f)
+    name = env_name(f.name)
+    assert name == "GENSERVE_" + f.name.upper()
+    environ = {**PARTNERS.get(f.name, {}), name: raw}
+    assert getattr(parse_args([], environ=environ), f.name) == value
+    assert getattr(parse_args([], environ={}), f.name) == f.default  # unset: the default
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(value, bool):  # back to the default over the environment
+        args, flagged = [flag if f.default else "--no-" + flag[2:]], f.default
+    elif isinstance(value, str):
+        args, flagged = [flag, raw + "-by-flag"], raw + "-by-flag"
+        if "choices" in f.metadata:
+            args, flagged = [flag, str(f.default)], f.default
+    else:
+        args, flagged = [flag, str(f.default)], f.default
+    assert getattr(parse_args(args, environ=environ), f.name) == flagged
+    assert name in build_parser(ServerConfig()).format_help()
 
 
 def test_bad_settings_are_refused_with_a_clear_message() -> None:
