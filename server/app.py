@@ -120,6 +120,10 @@ class GenServer:
         self.service = GeneratorService(c, self.pipeline, self.metrics)
         register(self.service, self.grpc)
         self.health = HealthServicer()
+        # grpc's HealthServicer starts "" as SERVING: readiness says NOT_SERVING until start ends
+        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
+        for name in READINESS_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), self.grpc)
         if credentials is None:
@@ -129,7 +133,6 @@ class GenServer:
         if self.port == 0:
             raise OSError(f"could not listen on {c.address}")
         await self.grpc.start()
-        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
         for name in READINESS_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.ready.set(1)

@@ -4,8 +4,12 @@ reflection, a crashed stage, the drain."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -456,11 +460,79 @@ async def test_full_server_refuses_at_once() -> None:
         # at once: a call parked instead of refused would meet its deadline, not RESOURCE_EXHAUSTED
         code, details = await status_of(stub, image(n=1), timeout=10)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in details
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "genserve.v1.Generator", "liveness"):  # README: a full queue is not unhealthy
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=name))).status == health_pb2.HealthCheckResponse.SERVING
         spy.resume()
         for call in calls:
             call.cancel()
         await wait_until(lambda: not srv.pipeline.inflight)
         assert (await collect(stub, image(n=1)))[-1].finish.code == 0
+
+
+def vae_only(tmp_path: Path) -> str:
+    """A models folder of the bundled VAE alone: a server on it starts in a fraction of the time."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(Path(MODELS) / "vae.safetensors", folder)
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_metrics_are_served_over_http_on_their_own_port(tmp_path: Path) -> None:
+    """README: Prometheus metrics on :9464/metrics by default; here on a free port (every other test turns them off)."""
+    port = free_port()
+    async with running_server(models_dir=vae_only(tmp_path), metrics_port=port) as srv, grpc.aio.insecure_channel(srv.address) as channel:
+        assert (await collect(pb_grpc.GeneratorStub(channel), image(n=2)))[-1].finish.code == 0
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                assert response.status == 200
+                return str(response.read().decode())
+
+        body = await asyncio.to_thread(scrape)
+    assert 'genserve_requests_total{code="OK",model="vae",rpc="Generate"} 1.0' in body
+    for family in ("genserve_queue_depth", "genserve_inflight_requests", "genserve_batch_size", "genserve_stage_restarts_total"):
+        assert family in body
+    with pytest.raises(OSError):  # and the port is closed with the server
+        await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+async def test_readiness_is_not_serving_until_the_server_is_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: readiness is NOT_SERVING while starting; seen by a health check the moment the port opens."""
+    seen: dict[str, int] = {}
+    real_server = grpc.aio.server
+
+    def server(*args: object, **kwargs: object) -> grpc.aio.Server:
+        srv = real_server(*args, **kwargs)
+        ports: list[int] = []
+        real_add, real_start = srv.add_insecure_port, srv.start
+
+        def add(address: str) -> int:
+            ports.append(real_add(address))
+            return ports[-1]
+
+        async def start() -> None:
+            await real_start()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for name in ("", "genserve.v1.Generator", "liveness"):
+                    seen[name] = (await health.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+        srv.add_insecure_port, srv.start = add, start
+        return srv
+
+    monkeypatch.setattr(grpc.aio, "server", server)
+    async with running_server(models_dir=vae_only(tmp_path)) as srv:
+        not_serving, serving = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+        assert seen == {"": not_serving, "genserve.v1.Generator": not_serving, "liveness": serving}
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            assert (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))).status == serving
 
 
 async def test_drain_finishes_in_flight_work_and_refuses_new_work() -> None:
