@@ -451,9 +451,24 @@ def test_choose_device_sets_threads_and_logs() -> None:
             configure_threads(0)
         with pytest.raises(ValueError, match="interop_threads must be >= 1, got 0"):
             configure_threads(None, 0)
-        # The inter-op pool cannot change once work has run: kept, and said so, rather than failing start-up.
-        with structlog.testing.capture_logs() as logs:
-            assert configure_threads(None, before[1] + 1)[1] == torch.get_num_interop_threads()
-        assert [e["event"] for e in logs] in ([], ["interop_threads_unchanged"])
     finally:
         torch.set_num_threads(before[0])
+
+
+def test_an_interop_pool_that_cannot_change_is_kept_and_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch refuses a new inter-op pool once parallel work has run: kept, and logged, rather than failing start-up."""
+    kept = torch.get_num_interop_threads()
+    asked: list[int] = []
+
+    def refuse(n: int) -> None:
+        asked.append(n)
+        raise RuntimeError("Error: cannot set number of interop threads after parallel work has started")
+
+    monkeypatch.setattr(torch, "set_num_interop_threads", refuse)
+    with structlog.testing.capture_logs() as logs:
+        assert configure_threads(None, kept + 1) == (torch.get_num_threads(), kept)
+    assert asked == [kept + 1]
+    assert [(e["event"], e["asked"], e["kept"]) for e in logs] == [("interop_threads_unchanged", kept + 1, kept)]
+    with structlog.testing.capture_logs() as logs:
+        configure_threads(None, kept)  # already the size asked for: torch is not even asked
+    assert asked == [kept + 1] and logs == []
