@@ -303,7 +303,6 @@ def test_resume_from_truncated_checkpoint_exits_2(tmp_path: Path, capsys: pytest
 
 
 def test_resume_from_a_model_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # (hidden 4, latent 2 gives an 896-byte header, which read_header takes for a pickle: see test_modelfile.py)
     path = export_model(tmp_path / "model.safetensors", "vae", VAE(VAEConfig(hidden_dim=8, latent_dim=3)))
     assert main(["resume", str(path)]) == 2
     assert _error_line(capsys.readouterr().err) == f"error: {path}: is not a genserve training checkpoint (no 'checkpoint' metadata)"
