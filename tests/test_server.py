@@ -561,7 +561,9 @@ async def test_drain_fails_what_outlives_the_grace_period() -> None:
         stopping = asyncio.create_task(srv.stop(grace=0.2))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await read_rest(call)
+        # failed by the drain with its reason (not merely cut off when the listener stops)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.details() == "server shut down before the request finished; retry elsewhere"
         spy.resume()
         await stopping
 
