@@ -14,8 +14,8 @@ so a seed gives the same z with or without labels). No layer of either model mix
 batch, so a request's samples depend on its seed (and labels) alone, never on its batch
 neighbours or on how it was split into chunks: a chunk is a slice of the block drawn up front
 (torch's CPU normal sampler fills blocks of 16 values, so drawing a request piecewise would not
-equal drawing it whole). The uint8 pixels are identical whatever the batch; the float32 values
-agree to rounding (matrix kernels block differently by batch size).
+equal drawing it whole). The model runs in fixed-size tiles (``ImageGenerator.forward``), so
+the float32 values, and so the uint8 pixels, are bit for bit the same whatever the batch.
 
 Requests: ``n`` from 1 to ``max_n``; ``seed`` from 0 to 2**63-1 (a signed 64-bit field on the
 wire), or None to draw one (the result reports it); ``labels`` for conditional models only, each
@@ -45,6 +45,15 @@ IMAGE_KINDS = ("vae", "wgan-gp")
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
 DEFAULT_MAX_N = 1024
 DEFAULT_MAX_BATCH = 256
+# Rows per model call, per kind (issue #17). Every call sees exactly this many rows (the last tile
+# is padded), so the matrix kernels take one blocking, one summation order, whatever the batch:
+# a sample's floats are bit for bit the same alone or beside any neighbours. Chosen with
+# ``python -m bench.tiles`` (1 torch thread, 2 shared cores; time against the untiled forward):
+# VAE tile 32: 4.4x at batch 1 (0.06 -> 0.27 ms), 2x at 8, 1.06x at 32, 1.6x at 128 (tile 64:
+# 7.5x at 1, 1.4x at 128). GAN tile 16: 5.3x at batch 1 (2.4 -> 12 ms), 1.8x at 8, 1.1x at 32,
+# 0.9x at 128 and 256, its transposed convolutions being slower per sample on big batches
+# (tile 8: 3.4x at 1, 0.9x at 8, 1.1x at 128). Loaded batches matter most, so the larger tiles.
+DEFAULT_TILE = {"vae": 32, "wgan-gp": 16}
 
 Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -57,10 +66,13 @@ _FHALF = np.float32(0.5)
 class ImageLimits:
     max_n: int = DEFAULT_MAX_N  # samples one request may ask for
     max_batch: int = DEFAULT_MAX_BATCH  # samples in one forward pass (bigger requests are split)
+    tile: int | None = None  # rows per model call; None: the kind's DEFAULT_TILE (see ImageGenerator.forward)
 
     def __post_init__(self) -> None:
         if self.max_n < 1 or self.max_batch < 1:
             raise ValueError(f"max_n and max_batch must be >= 1, got {self.max_n} and {self.max_batch}")
+        if self.tile is not None and self.tile < 1:
+            raise ValueError(f"tile must be >= 1, got {self.tile}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +166,7 @@ class ImageGenerator:
         # Resolved once, so a batch pays no dispatch on the kind: the VAE serves its decoder.
         self._forward = cast(Forward, model.module.decode if model.kind == "vae" else model.module)
         self.device = next(model.module.parameters()).device
+        self.tile: int = self.limits.tile or DEFAULT_TILE[model.kind]
         self._half = torch.tensor(0.5, device=self.device)  # made once: a tensor constant per batch costs a few us
 
     @property
@@ -224,10 +237,7 @@ class ImageGenerator:
             z = torch.cat([c.z for c in chunks])
             labels = torch.cat([c.labels for c in chunks if c.labels is not None]) if self.conditional else None
         with torch.inference_mode():
-            if self.device.type != "cpu":
-                z = z.to(self.device, non_blocking=True)
-                labels = None if labels is None else labels.to(self.device, non_blocking=True)
-            x = self._forward(z, labels)  # (B, size * size) in [0, 1]
+            x = self.forward(z, labels)  # (B, size * size) in [0, 1], on the model's device
             want_float = any(c.request.want_float for c in chunks)
             floats = x.float().cpu().numpy() if want_float else None
             pixels = self._to_uint8(x, in_place=not want_float or self.device.type != "cpu")
@@ -250,6 +260,32 @@ class ImageGenerator:
             )
             a = b
         return results
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The model on (B, latent_dim) CPU latents, ``tile`` rows per call: (B, size * size) on the device.
+
+        Batch invariance by construction: a CPU GEMM picks its blocking, and so the order in which
+        it sums a row's products, from the matrix shape; a 103-row batch gave floats 1e-6 away
+        from the same rows run alone, and now and then a uint8 level. Each call here has exactly
+        ``tile`` rows (the last tile padded with zeros), so every row takes the same kernel path
+        whatever its neighbours or its place in the batch. Call under ``torch.inference_mode``.
+        """
+        total, t = int(z.shape[0]), self.tile
+        pad = -total % t
+        if pad:
+            z = torch.cat([z, z.new_zeros((pad, z.shape[1]))])
+            labels = None if labels is None else torch.cat([labels, labels.new_zeros(pad)])
+        if self.device.type != "cpu":
+            z = z.to(self.device, non_blocking=True)
+            labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        if total + pad == t:  # one tile: no copy, a view of the padded output
+            return self._forward(z, labels)[:total]
+        first = self._forward(z[:t], None if labels is None else labels[:t])
+        x = first.new_empty((total + pad, first.shape[1]))
+        x[:t] = first
+        for a in range(t, total + pad, t):
+            x[a : a + t] = self._forward(z[a : a + t], None if labels is None else labels[a : a + t])
+        return x[:total]
 
     def _to_uint8(self, x: torch.Tensor, in_place: bool) -> np.ndarray:
         """[0, 1] -> uint8 levels, rounded to nearest: x * 255 + 0.5, clamped, truncated; one batch at a time.

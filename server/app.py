@@ -201,10 +201,13 @@ class GenServer:
         self.service = GeneratorService(c, self.pipeline, self.metrics)
         register(self.service, self.grpc)
         self.health = HealthServicer()
+        # grpc's HealthServicer starts "" as SERVING: readiness says NOT_SERVING until start ends
+        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
+        for name in READINESS_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         enable_reflection((SERVICE_NAME, "grpc.health.v1.Health"), self.grpc)
         await self.grpc.start()
-        await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
         if c.amqp_url:
             from server.amqp import AmqpIngress  # aio-pika only when asked for
 

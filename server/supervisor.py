@@ -40,6 +40,7 @@ class Supervisor:
         period: float = 5.0,
         on_give_up: Callable[[str], None] = lambda reason: None,
         on_restart: Callable[[Stage], None] = lambda stage: None,
+        clock: Callable[[], float] = time.monotonic,  # seconds; tests pass a clock they move by hand
     ) -> None:
         self.stages = {s.name: s for s in stages}
         if len(self.stages) != len(stages):
@@ -48,6 +49,7 @@ class Supervisor:
         self.period = period
         self.on_give_up = on_give_up
         self.on_restart = on_restart
+        self.clock = clock
         self.restarts: collections.deque[float] = collections.deque()
         self.restart_count: dict[str, int] = dict.fromkeys(self.stages, 0)
         self.gave_up = False
@@ -181,7 +183,7 @@ class Supervisor:
             log.warning("stage_work_failed", stage=stage.name, jobs=len(jobs), reason=failure)
 
     def _allow_restart(self) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         while self.restarts and now - self.restarts[0] > self.period:
             self.restarts.popleft()
         if len(self.restarts) >= self.intensity:

@@ -61,12 +61,16 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
         self.chunk = chunk
         self.calls: collections.Counter[str] = collections.Counter()  # rpc name -> calls (retries included)
         self.metadata: list[dict[str, str]] = []
+        self.deadlines: list[float | None] = []
         self.refuse: collections.deque[grpc.StatusCode] = collections.deque()  # next calls aborted with these
         self.after_first_chunk: grpc.StatusCode | None = None  # Generate: abort after one chunk
         self.token: str | None = None  # when set, calls without "Bearer <token>" are refused
         self.gate = asyncio.Event()  # stream requests wait for it (set: no waiting)
         self.gate.set()
         self.text_delay = 0.0  # seconds between text tokens
+        self.text_gate = asyncio.Event()  # text tokens past the first ``text_gate_after`` wait for it (set: no waiting)
+        self.text_gate.set()
+        self.text_gate_after = 0
         # GenerateStream bookkeeping
         self.messages: list[pb.StreamRequest] = []
         self.cancelled: list[str] = []
@@ -80,6 +84,7 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
         self.calls[name] += 1
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self.metadata.append(metadata)
+        self.deadlines.append(context.time_remaining())  # seconds left of the call's deadline (None: no deadline)
         if self.token is not None and metadata.get("authorization") != f"Bearer {self.token}":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         if self.refuse:
@@ -106,6 +111,8 @@ class FakeGenerator(pb_grpc.GeneratorServicer):
             for i, ch in enumerate(text):
                 if self.text_delay:
                     await asyncio.sleep(self.text_delay)
+                if i >= self.text_gate_after:
+                    await self.text_gate.wait()
                 yield pb.GenerateResponse(id=request.id, text=pb.Text(text=ch, n_generated=i + 1))
             yield finish(request, len(text), pb.FINISH_REASON_LENGTH)
 

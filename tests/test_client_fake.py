@@ -7,6 +7,8 @@ import asyncio
 import concurrent.futures
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -144,14 +146,37 @@ async def test_several_targets_are_served_round_robin() -> None:
 
 
 async def test_a_deadline_ends_a_slow_stream() -> None:
-    async with fake_server() as (address, fake), AsyncClient(address, timeout=0.2) as client:
-        fake.text_delay = 0.1
+    async with fake_server() as (address, fake), AsyncClient(address, timeout=0.5) as client:
+        fake.text_gate.clear()
+        fake.text_gate_after = 2  # two tokens, then a stall only the deadline ends
         pieces: list[str] = []
         with pytest.raises(DeadlineExceeded):
             async for piece in client.stream_text("transformer", "abcdefgh"):
                 pieces.append(piece)
-        assert 0 < len(pieces) < 8
+        assert pieces == ["a", "b"]  # what came before the deadline was delivered
+        fake.text_gate.set()
         assert await client.generate_text("transformer", "ab", timeout=5) == "ab"  # per-call timeout wins
+
+
+async def test_every_call_has_a_30_s_deadline_by_default() -> None:
+    async with fake_server() as (address, fake):
+        async with AsyncClient(address) as client:
+            await client.list_models()
+            await client.generate_images("vae", 1)
+            assert await client.generate_text("transformer", "ab") == "ab"
+        async with AsyncClient(address, timeout=None) as client:
+            await client.list_models()
+
+        def use() -> None:
+            with Client(address) as sync:
+                sync.list_models()
+
+        await asyncio.to_thread(use)
+    limited, unlimited, synced = fake.deadlines[:3], fake.deadlines[3], fake.deadlines[4]
+    # what the server sees: 30 s, less the moments the call took to arrive (grpc's wire encoding
+    # of a timeout is coarse: 30.1 s was seen), far from 60 s or none
+    assert all(d is not None and 20 < d <= 31 for d in [*limited, synced]), fake.deadlines
+    assert unlimited is None or unlimited > 10**6  # no deadline at all
 
 
 # -- the session ---------------------------------------------------------------------------------
@@ -177,11 +202,14 @@ async def test_session_never_sends_beyond_its_credit_and_batches_sends() -> None
 
 async def test_session_results_come_in_completion_order() -> None:
     async with fake_server(credits=8) as (address, fake), AsyncClient(address) as client:
-        fake.text_delay = 0.02
+        fake.text_gate.clear()  # the text request cannot finish before the image one
         async with client.session() as s:
             slow = s.submit_text("transformer", "abcdef", max_new_tokens=6, id="slow")
             fast = s.submit_images("vae", 1, id="fast")
-            order = [r.id async for r in s.results()]
+            results = s.results()
+            order = [(await anext(results)).id]
+            fake.text_gate.set()
+            order += [r.id async for r in results]
         assert order == ["fast", "slow"]
         text = slow.result()
         assert isinstance(text, TextResult) and (text.text, text.finish_reason, text.n_generated) == ("abcdef", "length", 6)
@@ -307,6 +335,14 @@ async def test_sync_client_and_session() -> None:
         assert fake.metadata[0]["authorization"] == "Bearer t"
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """A bounded poll for synchronous code on a thread (``until`` is its async twin)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
 async def test_sync_session_future_cancel_reaches_the_server() -> None:
     async with fake_server() as (address, fake):
         fake.gate.clear()
@@ -317,9 +353,11 @@ async def test_sync_session_future_cancel_reaches_the_server() -> None:
                 assert future.cancel()
                 with pytest.raises(concurrent.futures.CancelledError):
                     future.result()
+                # while the session is open: closing it would end the stream, and so the request, anyway
+                wait_for(lambda: any("c" in m.cancel for m in fake.messages) and fake.in_flight == 0)
 
         await asyncio.to_thread(use)
-        assert fake.in_flight == 0
+        assert fake.cancelled == ["c"]
 
 
 async def test_sync_cancel_wakes_waiters() -> None:

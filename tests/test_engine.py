@@ -18,8 +18,9 @@ from engine.modelfile import export_model
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
 from engine.registry import ModelRegistry
-from engine.sampling import SamplingParams
+from engine.sampling import MAX_NEW_TOKENS, SamplingParams
 from server.config import ServerConfig
+from tests.decode_spy import StepSpy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -65,21 +66,20 @@ async def test_concurrent_streams_each_get_their_own_answer(engine: Engine, regi
     results = await asyncio.gather(*(collect(engine, registry, "A", p) for p in settings))
     for params, (text, reason) in zip(settings, results, strict=True):
         assert reason == "length"
-        assert text == sync_text(registry, "A", params)
+        assert text == sync_text(registry, "A", params)  # batched vs alone, exact: text batch invariance (issue #17)
 
 
-async def test_closing_the_stream_early_frees_the_slot(engine: Engine, registry: ModelRegistry) -> None:
+async def test_closing_the_stream_early_cancels_the_sequence_and_frees_the_slot(engine: Engine, registry: ModelRegistry) -> None:
     served = registry.get("text")
-    stream = engine.stream_text(served, SequenceRequest("A", SamplingParams(max_new_tokens=1000, seed=1)))
+    spy = StepSpy(engine.text_worker(served).loop)
+    stream = engine.stream_text(served, SequenceRequest("A", SamplingParams(max_new_tokens=MAX_NEW_TOKENS, seed=71)))
     first = await anext(stream)
     assert first.finish_reason is None
     await stream.aclose()  # the client went away
-    worker = engine.text_worker(served)
-    for _ in range(200):
-        if not worker.loop.has_work:
-            break
-        await asyncio.sleep(0.01)
-    assert not worker.loop.has_work
+    last = await spy.wait_final(71)
+    # it left at a step, long before it could have finished by itself (a no-op cancel ends in "length")
+    assert last.finish_reason == "cancelled" and last.n_generated < MAX_NEW_TOKENS
+    assert not spy.loop.has_work  # nothing left to step: it costs no more work
 
 
 async def test_bad_prompt_is_refused_before_any_event(engine: Engine, registry: ModelRegistry) -> None:
@@ -89,16 +89,18 @@ async def test_bad_prompt_is_refused_before_any_event(engine: Engine, registry: 
 
 async def test_a_full_decode_loop_refuses_at_once(engine: Engine, registry: ModelRegistry) -> None:
     served = registry.get("text")
-    streams = [engine.stream_text(served, SequenceRequest("A", SamplingParams(max_new_tokens=1000, seed=i))) for i in range(4)]
-    for s in streams[:4]:  # 4 sequences decoding fill the slots
-        await anext(s)
     worker = engine.text_worker(served)
-    worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)  # 2 may wait
-    worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)
-    with pytest.raises(QueueFullError, match="decode loop is full"):
-        worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)
-    for s in streams[:4]:
-        await s.aclose()
+    spy = StepSpy(worker.loop)
+    spy.pause()  # no sequence can finish and free its place, however fast the machine
+    try:
+        for i in range(6):  # 4 slots + 2 waiting
+            worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5, seed=i)), lambda item: None)
+        with pytest.raises(QueueFullError, match="decode loop is full: 4 sequences decoding and 2 waiting"):
+            worker.submit(SequenceRequest("A", SamplingParams(max_new_tokens=5)), lambda item: None)
+    finally:
+        spy.resume()
+    await spy.wait_final(5)  # the queued ones then run to the end
+    assert (await collect(engine, registry, "A", SamplingParams(max_new_tokens=3, seed=9)))[1] == "length"  # room again
 
 
 async def test_images_run_on_the_pool_and_equal_a_direct_run(engine: Engine, registry: ModelRegistry) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -32,14 +33,26 @@ def test_frechet_distance_matches_the_gaussian_closed_form() -> None:
     assert evaluation.frechet_distance(a, 3 * a) == pytest.approx(float((2 * mu) @ (2 * mu) + 4 * np.trace(cov)), rel=1e-6)
 
 
+class ScriptedClassifier:
+    """Features are the first 10 pixels and the logits are those features: the figures are known in advance."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :10]
+
+    def out(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+
 def test_judge_images_counts_confident_samples_and_entropy() -> None:
-    torch.manual_seed(0)
-    clf = DigitClassifier(ClassifierConfig(channels=2, feature_dim=4)).eval()
-    images = torch.rand(50, 784)
-    figures = evaluation.judge_images(images, clf, torch.rand(60, 784))
-    assert sum(figures.class_histogram) == 50
-    assert 0.0 <= figures.confident_share <= 1.0
-    assert 0.0 <= figures.class_entropy <= math.log(10) + 1e-9
+    images = torch.zeros(50, 784)
+    images[:20, 3] = 10.0  # class 3, softmax 0.9989: confident
+    images[20:40, 7] = 10.0  # class 7, confident
+    images[40:, 1] = 1.0  # class 1, softmax e / (e + 9) = 0.23: not confident
+    figures = evaluation.judge_images(images, cast(DigitClassifier, ScriptedClassifier()), images.clone())
+    assert figures.class_histogram == [0, 10, 0, 20, 0, 0, 0, 20, 0, 0]
+    assert figures.confident_share == pytest.approx(40 / 50)
+    assert figures.class_entropy == pytest.approx(-(0.2 * math.log(0.2) + 2 * 0.4 * math.log(0.4)))
+    assert figures.frechet_distance == pytest.approx(0.0, abs=1e-6)  # against themselves
 
 
 def test_eval_command_reports_each_kind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.device import choose_device, configure_threads, resolve_device
 from engine.errors import DeviceUnavailableError, ModelFileError, ModelNotFound
-from engine.images import ImageGenerator, ImageLimits, ImageRequest
+from engine.images import DEFAULT_TILE, ImageGenerator, ImageLimits, ImageRequest
 from engine.modelfile import export_model, load_model
 from engine.models.classifier import ClassifierConfig, DigitClassifier
 from engine.models.gan import GANConfig, Generator
@@ -116,7 +116,9 @@ def test_models_are_warmed_up_at_load_under_inference_mode(folder: Path) -> None
         ModelRegistry.from_folder(folder)
     finally:
         handle.remove()
-    assert sorted(seen) == [("CharTransformer", (1, 1), True), ("Generator", (1, 4), True), ("MLP2", (1, 3), True)]
+    # an image model's warm-up is one tile, the only shape its forward pass ever sees (engine/images.py)
+    gan, vae = DEFAULT_TILE["wgan-gp"], DEFAULT_TILE["vae"]
+    assert sorted(seen) == [("CharTransformer", (1, 1), True), ("Generator", (gan, 4), True), ("MLP2", (vae, 3), True)]
 
 
 def test_a_bad_file_is_refused_with_its_reason_and_the_others_load(folder: Path) -> None:
@@ -446,9 +448,24 @@ def test_choose_device_sets_threads_and_logs() -> None:
             configure_threads(0)
         with pytest.raises(ValueError, match="interop_threads must be >= 1, got 0"):
             configure_threads(None, 0)
-        # The inter-op pool cannot change once work has run: kept, and said so, rather than failing start-up.
-        with structlog.testing.capture_logs() as logs:
-            assert configure_threads(None, before[1] + 1)[1] == torch.get_num_interop_threads()
-        assert [e["event"] for e in logs] in ([], ["interop_threads_unchanged"])
     finally:
         torch.set_num_threads(before[0])
+
+
+def test_an_interop_pool_that_cannot_change_is_kept_and_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch refuses a new inter-op pool once parallel work has run: kept, and logged, rather than failing start-up."""
+    kept = torch.get_num_interop_threads()
+    asked: list[int] = []
+
+    def refuse(n: int) -> None:
+        asked.append(n)
+        raise RuntimeError("Error: cannot set number of interop threads after parallel work has started")
+
+    monkeypatch.setattr(torch, "set_num_interop_threads", refuse)
+    with structlog.testing.capture_logs() as logs:
+        assert configure_threads(None, kept + 1) == (torch.get_num_threads(), kept)
+    assert asked == [kept + 1]
+    assert [(e["event"], e["asked"], e["kept"]) for e in logs] == [("interop_threads_unchanged", kept + 1, kept)]
+    with structlog.testing.capture_logs() as logs:
+        configure_threads(None, kept)  # already the size asked for: torch is not even asked
+    assert asked == [kept + 1] and logs == []

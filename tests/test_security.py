@@ -4,6 +4,7 @@ made here by the openssl command (a second, unrelated one plays the stranger).""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import shutil
 import subprocess
@@ -452,6 +453,41 @@ async def test_the_interceptor_keeps_no_token_in_sight() -> None:
     assert auth.refusal_reason([("authorization", f"Bearer {ENV_TOKEN}0")]) == "invalid bearer token"
     with pytest.raises(ValueError, match="at least one token"):
         BearerTokenAuth([])
+
+
+async def test_every_configured_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: tokens are compared in constant time: hmac.compare_digest on digests, every one, no early exit."""
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("server.auth.hmac.compare_digest", counting)
+    tokens = [ENV_TOKEN, *FILE_TOKENS]
+    auth = BearerTokenAuth(tokens)
+    for given, ok in [(ENV_TOKEN, True), (FILE_TOKENS[-1], True), (WRONG, False), (ENV_TOKEN[:-1], False)]:
+        compared.clear()
+        assert (auth.refusal_reason([("authorization", f"Bearer {given}")]) is None) is ok
+        assert len(compared) == len(tokens)  # a match on the first token still compares them all
+        # fixed-length digests, never the tokens themselves: the time depends on neither length nor content
+        assert all(len(a) == len(b) == 32 and given.encode() not in (a, b) for a, b in compared)
+
+
+async def test_tokens_over_plaintext_warn_at_start(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(Path(MODELS) / "vae.safetensors", models)
+    configure_logging("json", "info")  # bound to capfd's stderr; conftest restores the default afterwards
+    monkeypatch.setenv(TOKENS_ENV, ENV_TOKEN)
+    async with running_server(models_dir=str(models)):
+        pass
+    warned = [line for line in capfd.readouterr().err.splitlines() if '"event": "tokens_in_cleartext"' in line]
+    assert len(warned) == 1 and '"level": "warning"' in warned[0] and "--tls-cert" in warned[0]
+    assert ENV_TOKEN not in warned[0]
 
 
 async def test_the_sdk_presents_a_client_certificate_for_mutual_tls(mtls_server: GenServer, pki: Pki) -> None:

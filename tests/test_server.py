@@ -4,8 +4,12 @@ reflection, a crashed stage, the drain."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,6 +17,8 @@ import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
@@ -20,6 +26,7 @@ from server.app import GenServer
 from server.outbox import CallQueue
 from server.requests import JobBuilder
 from server.statuses import Refused
+from tests.decode_spy import StepSpy
 from tests.serving import make_config, running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
@@ -31,6 +38,15 @@ MODELS = "models"  # the bundled vae, gan and transformer
 async def server() -> AsyncIterator[GenServer]:
     async with running_server(models_dir=MODELS, batch_size=128, stream_credits=16, max_new_tokens=512) as srv:
         yield srv
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def spy(server: GenServer) -> AsyncIterator[StepSpy]:
+    """The module server's transformer decode loop, watched (and pausable) for one test."""
+    assert server.engine is not None
+    watch = StepSpy(server.engine.text_worker(server.registry.get("transformer")).loop)
+    yield watch
+    watch.restore()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -202,33 +218,43 @@ async def test_image_requests_are_checked_at_admission_by_the_engine_rules(serve
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_deadline_passes_while_generating(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
-    started = time.monotonic()
-    code, _ = await status_of(stub, text(max_new_tokens=512, seed=1), timeout=0.2)
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 2
+async def assert_cancelled(spy: StepSpy, seed: int) -> None:
+    """The sequence left the loop at a step, long before its 512 tokens (a no-op cancel ends in "length")."""
+    last = await spy.wait_final(seed)
+    assert last.finish_reason == "cancelled" and last.n_generated < 512
+    await wait_until(lambda: spy.loop.active_count == 0)
+
+
+async def test_deadline_passes_while_generating(stub: pb_grpc.GeneratorStub, server: GenServer, spy: StepSpy) -> None:
+    call = stub.Generate(text(max_new_tokens=512, seed=101), timeout=0.5)
+    await call.read()  # generating
+    spy.pause()  # the sequence cannot finish before its deadline, however fast the machine
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await read_rest(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    spy.resume()
+    await assert_cancelled(spy, 101)
     await wait_until(lambda: not server.pipeline.inflight)
-    served = server.registry.get("transformer")
-    engine = server.engine
-    assert engine is not None
-    await wait_until(lambda: engine.text_worker(served).loop.active_count == 0)
 
 
-async def test_request_timeout_field_is_a_deadline_too(stub: pb_grpc.GeneratorStub) -> None:
-    request = text(max_new_tokens=512, seed=1)
-    request.timeout_ms = 100
+async def test_request_timeout_field_is_a_deadline_too(stub: pb_grpc.GeneratorStub, spy: StepSpy) -> None:
+    request = text(max_new_tokens=512, seed=102)
+    request.timeout_ms = 300
+    spy.pause()
     code, details = await status_of(stub, request)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in details
+    spy.resume()
+    await assert_cancelled(spy, 102)
 
 
-async def test_a_client_that_goes_away_leaves_the_decode_loop(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
-    call = stub.Generate(text(max_new_tokens=512, seed=2))
+async def test_a_client_that_goes_away_leaves_the_decode_loop(stub: pb_grpc.GeneratorStub, server: GenServer, spy: StepSpy) -> None:
+    call = stub.Generate(text(max_new_tokens=512, seed=103))
     async for message in call:
         assert message.HasField("text")
         break
     call.cancel()
+    await assert_cancelled(spy, 103)
     await wait_until(lambda: not server.pipeline.inflight)
-    served = server.registry.get("transformer")
-    await wait_until(lambda: server.engine.text_worker(served).loop.active_count == 0)
 
 
 # -- GenerateStream -------------------------------------------------------------------------------
@@ -306,11 +332,35 @@ async def test_stream_multiplexes_images_and_text_and_coalesces_results(stub: pb
     await s.call.done_writing()
 
 
-async def test_stream_refuses_bad_ids_and_bad_requests_per_id(stub: pb_grpc.GeneratorStub) -> None:
+_neighbours = st.lists(st.tuples(st.integers(1, 8), st.integers(0, 2**63 - 1)), min_size=1, max_size=15)  # 16 credits
+
+
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(
+    model=st.sampled_from(["vae", "gan"]), n=st.integers(1, 6), seed=st.integers(0, 2**63 - 1), neighbours=_neighbours, at=st.integers(0, 9)
+)
+async def test_a_request_alone_and_inside_a_stream_message_with_neighbours_gets_the_same_pixels(
+    stub: pb_grpc.GeneratorStub, model: str, n: int, seed: int, neighbours: list[tuple[int, int]], at: int
+) -> None:
+    """Issue #17: the GAN's n=3 seed=5 beside 20 requests of n=5 once came back one level off in one pixel."""
+    alone = pixels(await collect(stub, image(model, n=n, seed=seed)))
+    s = StreamClient(stub)
+    await s.read_until(lambda: s.messages >= 1)
+    crowd = [tagged(image(model, n=k, seed=v), f"o{i}") for i, (k, v) in enumerate(neighbours)]
+    crowd.insert(min(at, len(crowd)), tagged(image(model, n=n, seed=seed), "target"))
+    await s.send(*crowd)  # one message
+    await s.read_until(lambda: len(s.finishes) == len(crowd))
+    assert all(f.code == 0 for f in s.finishes.values())
+    np.testing.assert_array_equal(pixels(s.chunks["target"]), alone)
+    await s.call.done_writing()
+    assert await s.call.read() is grpc.aio.EOF
+
+
+async def test_stream_refuses_bad_ids_and_bad_requests_per_id(stub: pb_grpc.GeneratorStub, spy: StepSpy) -> None:
     s = StreamClient(stub)
     s.unique = False
     await s.read_until(lambda: s.messages >= 1)
-    long_text = tagged(text(max_new_tokens=512), "dup")
+    long_text = tagged(text(max_new_tokens=512, seed=104), "dup")
     await s.send(
         long_text, tagged(image(n=1), "dup"), tagged(image(n=1), ""), tagged(image(n=1), "x" * 500), tagged(image(model="nope"), "nf")
     )
@@ -322,27 +372,33 @@ async def test_stream_refuses_bad_ids_and_bad_requests_per_id(stub: pb_grpc.Gene
     await s.send(cancel=("dup",))  # the long one: cancelled by the client, still one outcome
     await s.read_until(lambda: len(s.outcomes) == 5)
     assert s.outcomes[-1] == ("dup", grpc.StatusCode.CANCELLED.value[0])
+    await assert_cancelled(spy, 104)
     assert s.credit == 16  # each of the five used a credit, and each gave it back
     await s.call.done_writing()
 
 
-async def test_stream_request_deadline(stub: pb_grpc.GeneratorStub) -> None:
+async def test_stream_request_deadline(stub: pb_grpc.GeneratorStub, spy: StepSpy) -> None:
     s = StreamClient(stub)
     await s.read_until(lambda: s.messages >= 1)
-    request = tagged(text(max_new_tokens=512), "slow")
-    request.timeout_ms = 100
+    request = tagged(text(max_new_tokens=512, seed=105), "slow")
+    request.timeout_ms = 300
+    spy.pause()
     await s.send(request, tagged(image(n=1), "fast"))
     await s.read_until(lambda: len(s.finishes) == 2)
     assert s.finishes["slow"].code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and s.finishes["fast"].code == 0
+    spy.resume()
+    await assert_cancelled(spy, 105)
     await s.call.done_writing()
 
 
-async def test_a_stream_that_ends_cancels_its_work(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
+async def test_a_stream_that_ends_cancels_its_work(stub: pb_grpc.GeneratorStub, server: GenServer, spy: StepSpy) -> None:
     s = StreamClient(stub)
     await s.read_until(lambda: s.messages >= 1)
-    await s.send(*[tagged(text(max_new_tokens=512, seed=i), f"t{i}") for i in range(4)])
+    await s.send(*[tagged(text(max_new_tokens=512, seed=110 + i), f"t{i}") for i in range(4)])
     await s.read_until(lambda: len(s.chunks) == 4)
     s.call.cancel()
+    for i in range(4):
+        await assert_cancelled(spy, 110 + i)
     await wait_until(lambda: not server.pipeline.inflight)
 
 
@@ -436,17 +492,87 @@ async def test_a_failed_start_stops_its_stages_without_restarting_them(monkeypat
 async def test_full_server_refuses_at_once() -> None:
     async with running_server(models_dir=MODELS, max_inflight=2) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
+        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)
         calls = [stub.Generate(text(max_new_tokens=512, seed=i)) for i in range(2)]
         for call in calls:
             await call.read()  # both admitted and generating
-        started = time.monotonic()
-        code, details = await status_of(stub, image(n=1))
+        spy.pause()  # neither can finish, however fast the machine
+        # at once: a call parked instead of refused would meet its deadline, not RESOURCE_EXHAUSTED
+        code, details = await status_of(stub, image(n=1), timeout=10)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 2" in details
-        assert time.monotonic() - started < 1.0
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "genserve.v1.Generator", "liveness"):  # README: a full queue is not unhealthy
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=name))).status == health_pb2.HealthCheckResponse.SERVING
+        spy.resume()
         for call in calls:
             call.cancel()
         await wait_until(lambda: not srv.pipeline.inflight)
         assert (await collect(stub, image(n=1)))[-1].finish.code == 0
+
+
+def vae_only(tmp_path: Path) -> str:
+    """A models folder of the bundled VAE alone: a server on it starts in a fraction of the time."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(Path(MODELS) / "vae.safetensors", folder)
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_metrics_are_served_over_http_on_their_own_port(tmp_path: Path) -> None:
+    """README: Prometheus metrics on :9464/metrics by default; here on a free port (every other test turns them off)."""
+    port = free_port()
+    async with running_server(models_dir=vae_only(tmp_path), metrics_port=port) as srv, grpc.aio.insecure_channel(srv.address) as channel:
+        assert (await collect(pb_grpc.GeneratorStub(channel), image(n=2)))[-1].finish.code == 0
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                assert response.status == 200
+                return str(response.read().decode())
+
+        body = await asyncio.to_thread(scrape)
+    assert 'genserve_requests_total{code="OK",model="vae",rpc="Generate"} 1.0' in body
+    for family in ("genserve_queue_depth", "genserve_inflight_requests", "genserve_batch_size", "genserve_stage_restarts_total"):
+        assert family in body
+    with pytest.raises(OSError):  # and the port is closed with the server
+        await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+async def test_readiness_is_not_serving_until_the_server_is_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: readiness is NOT_SERVING while starting; seen by a health check the moment the port opens."""
+    seen: dict[str, int] = {}
+    real_server = grpc.aio.server
+
+    def server(*args: object, **kwargs: object) -> grpc.aio.Server:
+        srv = real_server(*args, **kwargs)
+        ports: list[int] = []
+        real_add, real_start = srv.add_insecure_port, srv.start
+
+        def add(address: str) -> int:
+            ports.append(real_add(address))
+            return ports[-1]
+
+        async def start() -> None:
+            await real_start()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                for name in ("", "genserve.v1.Generator", "liveness"):
+                    seen[name] = (await health.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+        srv.add_insecure_port, srv.start = add, start
+        return srv
+
+    monkeypatch.setattr(grpc.aio, "server", server)
+    async with running_server(models_dir=vae_only(tmp_path)) as srv:
+        not_serving, serving = health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING
+        assert seen == {"": not_serving, "genserve.v1.Generator": not_serving, "liveness": serving}
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            assert (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))).status == serving
 
 
 async def test_drain_finishes_in_flight_work_and_refuses_new_work() -> None:
@@ -468,12 +594,18 @@ async def test_drain_finishes_in_flight_work_and_refuses_new_work() -> None:
 async def test_drain_fails_what_outlives_the_grace_period() -> None:
     async with running_server(models_dir=MODELS) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
+        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)
         call = stub.Generate(text(max_new_tokens=512, seed=3))
         await call.read()
-        await srv.stop(grace=0.2)
+        spy.pause()  # it cannot finish within the grace period, however fast the machine
+        stopping = asyncio.create_task(srv.stop(grace=0.2))
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await read_rest(call)
+        # failed by the drain with its reason (not merely cut off when the listener stops)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.details() == "server shut down before the request finished; retry elsewhere"
+        spy.resume()
+        await stopping
 
 
 async def test_restart_intensity_exceeded_drains_and_exits_non_zero() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,14 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
+from server.config import ServerConfig, build_parser, env_name, parse_args
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,6 +85,53 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
     assert "--restart-intensity" in result.stdout and "--stream-credits" in result.stdout
 
 
+# Settings that need a partner to be valid on their own (TLS takes a certificate and its key).
+PARTNERS = {
+    "tls_cert": {"GENSERVE_TLS_KEY": "key.pem"},
+    "tls_key": {"GENSERVE_TLS_CERT": "cert.pem"},
+    "tls_client_ca": {"GENSERVE_TLS_CERT": "cert.pem", "GENSERVE_TLS_KEY": "key.pem"},
+}
+
+
+def other_value(f: dataclasses.Field[Any]) -> tuple[str, object]:
+    """A valid value of field ``f`` that is not its default: (as the environment spells it, as parsed)."""
+    default = f.default
+    if isinstance(default, bool):
+        return ("false" if default else "true"), not default
+    if isinstance(default, int):
+        return str(default + 1), default + 1
+    if isinstance(default, float):
+        return str(default + 0.5), default + 0.5
+    assert isinstance(default, str), f.name
+    if "choices" in f.metadata:
+        choice = next(c for c in f.metadata["choices"] if c != default)
+        return choice, choice
+    value = {"host": "0.0.0.0", "device": "cpu"}.get(f.name, f"some-{f.name}")
+    return value, value
+
+
+@pytest.mark.parametrize("f", dataclasses.fields(ServerConfig), ids=lambda f: f.name)
+def test_every_option_is_also_an_environment_variable(f: dataclasses.Field[Any]) -> None:
+    """README: every option is also GENSERVE_<OPTION>; the flag wins over the environment."""
+    raw, value = other_value(f)
+    name = env_name(f.name)
+    assert name == "GENSERVE_" + f.name.upper()
+    environ = {**PARTNERS.get(f.name, {}), name: raw}
+    assert getattr(parse_args([], environ=environ), f.name) == value
+    assert getattr(parse_args([], environ={}), f.name) == f.default  # unset: the default
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(value, bool):  # back to the default over the environment
+        args, flagged = [flag if f.default else "--no-" + flag[2:]], f.default
+    elif isinstance(value, str):
+        args, flagged = [flag, raw + "-by-flag"], raw + "-by-flag"
+        if "choices" in f.metadata:
+            args, flagged = [flag, str(f.default)], f.default
+    else:
+        args, flagged = [flag, str(f.default)], f.default
+    assert getattr(parse_args(args, environ=environ), f.name) == flagged
+    assert name in build_parser(ServerConfig()).format_help()
+
+
 def test_bad_settings_are_refused_with_a_clear_message() -> None:
     result = run_server_cli(env={"GENSERVE_BATCH_SIZE": "lots"})
     assert result.returncode != 0 and "GENSERVE_BATCH_SIZE='lots' is not a valid int" in result.stderr
@@ -118,42 +169,64 @@ def _generate(address: str, request: pb.GenerateRequest, results: list[object]) 
             results.append(e.code())
 
 
-def test_sigterm_under_load_finishes_in_flight_work_and_exits_zero(server_process: ServerProcess) -> None:
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """A bounded poll of a condition (no sleep standing in for one)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout} s")
+        time.sleep(0.005)
+
+
+def readiness(channel: grpc.Channel) -> int:
+    return int(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+
+
+# 600 tokens: ~3 s at 5 ms a token on this shared 2-core machine. The checks after the signal take
+# milliseconds, so the request is still in flight during them on any machine short of ~50x faster.
+LONG = 600
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("server_process", [("--grace-s", "60")], indirect=True)
+def test_a_signal_drains_in_flight_work_refuses_new_work_and_exits_zero(server_process: ServerProcess, sig: signal.Signals) -> None:
+    """A first SIGTERM or SIGINT: readiness NOT_SERVING, new calls UNAVAILABLE, in-flight work finishes within --grace-s.
+
+    With the signal path draining for 0 s instead, the in-flight request would fail with UNAVAILABLE.
+    """
     ready = next(e for e in server_process.events if e.get("event") == "server_ready")
     assert (ready["auth"], ready["public_health"]) == ("off", True)  # no tokens: health is open, and the line says so
-    results: list[object] = []
-    requests = [pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=150, seed=i)) for i in range(6)]
-    requests += [pb.GenerateRequest(model="vae", image=pb.ImageParams(n=500, seed=i)) for i in range(4)]
-    threads = [threading.Thread(target=_generate, args=(server_process.address, r, results)) for r in requests]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not any(e.get("event") == "decode_loop_started" for e in server_process.events):
-        time.sleep(0.01)
-    time.sleep(0.3)  # the requests are in flight
-    server_process.proc.send_signal(signal.SIGTERM)
+    request = pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=LONG, seed=1))
+    with grpc.insecure_channel(server_process.address) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        assert readiness(channel) == health_pb2.HealthCheckResponse.SERVING
+        call = stub.Generate(request, timeout=60)
+        assert next(call).HasField("text")  # admitted and generating
+        server_process.proc.send_signal(sig)
+        wait_for(lambda: readiness(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, "readiness NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=1)), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (info.value.details() or "")
+        rest = list(call)
+        assert rest[-1].finish.code == 0 and rest[-1].finish.reason == pb.FINISH_REASON_LENGTH and rest[-1].finish.n_generated == LONG
     assert server_process.proc.wait(30) == 0
-    for t in threads:
-        t.join(10)
-    assert len(results) == len(requests)
-    # each one finished, or (had it not been admitted before the signal) was refused with UNAVAILABLE
-    assert all((isinstance(r, pb.Finish) and r.code == 0) or r == grpc.StatusCode.UNAVAILABLE for r in results), results
-    assert sum(isinstance(r, pb.Finish) for r in results) >= 1
-    names = server_process.names()
-    assert "signal_received" in names and "draining" in names and "stopped" in names
+    stopped = [e for e in server_process.events if e.get("event") == "stopped"]
+    assert stopped and stopped[0]["failed"] == 0 and stopped[0]["in_time"] is True
+    assert "signal_received" in server_process.names() and "draining" in server_process.names()
 
 
 @pytest.mark.parametrize("server_process", [("--grace-s", "60", "--max-new-tokens", "4000")], indirect=True)
 def test_a_second_signal_forces_the_exit(server_process: ServerProcess) -> None:
     results: list[object] = []
     request = pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=4000, seed=1))
-    thread = threading.Thread(target=_generate, args=(server_process.address, request, results))
-    thread.start()
-    time.sleep(1.0)
-    server_process.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    assert server_process.proc.poll() is None  # draining: waits for the long request
-    server_process.proc.send_signal(signal.SIGINT)
-    assert server_process.proc.wait(10) == 1
-    thread.join(10)
+    with grpc.insecure_channel(server_process.address) as channel:
+        call = pb_grpc.GeneratorStub(channel).Generate(request, timeout=60)
+        assert next(call).HasField("text")  # admitted: the drain must wait for it
+        server_process.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining" in server_process.names(), "the drain began")
+        assert server_process.proc.poll() is None  # draining: waits for the long request
+        server_process.proc.send_signal(signal.SIGINT)
+        assert server_process.proc.wait(10) == 1
+        with pytest.raises(grpc.RpcError):
+            results.extend(call)
     assert "forced_exit" in server_process.names()

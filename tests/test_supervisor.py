@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
@@ -97,8 +99,10 @@ class Recorder:
         self.gave_up_event.set()
 
 
-def supervisor(stages: list[FakeStage], rec: Recorder, *, intensity: int = 3, period: float = 5.0) -> Supervisor:
-    return Supervisor(stages, intensity=intensity, period=period, on_give_up=rec.on_give_up, on_restart=rec.on_restart)
+def supervisor(
+    stages: list[FakeStage], rec: Recorder, *, intensity: int = 3, period: float = 5.0, clock: Callable[[], float] = time.monotonic
+) -> Supervisor:
+    return Supervisor(stages, intensity=intensity, period=period, on_give_up=rec.on_give_up, on_restart=rec.on_restart, clock=clock)
 
 
 def gave_up(sup: Supervisor) -> bool:
@@ -248,21 +252,23 @@ async def test_after_giving_up_another_failure_neither_restarts_nor_gives_up_aga
 async def test_failures_spread_beyond_the_period_do_not_accumulate() -> None:
     stage = FakeStage("flaky")
     rec = Recorder()
-    period = 0.05
-    sup = supervisor([stage], rec, intensity=1, period=period)
+    period = 5.0
+    now = [1000.0]  # a clock moved by hand: the test holds on any machine, however slow
+    sup = supervisor([stage], rec, intensity=1, period=period, clock=lambda: now[0])
     async with anyio.create_task_group() as tg:
         await tg.start(sup.run)
         for n in range(2, 5):
             stage.crash()
             with anyio.fail_after(5):
                 await stage.wait_started(n)
-            await asyncio.sleep(period * 3)  # timing is the behaviour: the last restart leaves the window
+            now[0] += period + 0.001  # the last restart leaves the window
         assert not gave_up(sup) and rec.gave_up == []
         assert sup.restart_count["flaky"] == 3
-        # two failures back to back are more than intensity=1 within the period
+        # two failures within the period (0.001 s apart, by the clock) are more than intensity=1
         stage.crash()
         with anyio.fail_after(5):
             await stage.wait_started(5)
+        now[0] += 0.001
         stage.crash()
         with anyio.fail_after(5):
             await rec.gave_up_event.wait()

@@ -1,0 +1,302 @@
+"""Named mutants of the code where a bug loses requests, and the tests that must kill each one.
+
+    .venv/bin/python scripts/mutants.py            # every mutant (several minutes: not in CI)
+    .venv/bin/python scripts/mutants.py --list     # names, files, what each breaks
+    .venv/bin/python scripts/mutants.py jobs-finish-twice drain-grace-zero
+
+Each mutant is a textual patch keyed by a code snippet, not a line number: ``old`` must occur
+exactly once in ``path`` (a mutant whose snippet moved or changed says so by name, so it can be
+updated when code moves between modules). The tree is copied once into a temporary folder
+(tracked and untracked, not ignored, files; the models; a link to .venv); each mutant is applied
+there, its tests run with ``pytest -x``, and the file is put back. A mutant is KILLED when its
+tests fail, SURVIVED when they pass. The working tree is never touched.
+
+Why a list and not mutmut or cosmic-ray: the bugs that lose requests are a handful of conditions
+(a finish that runs twice, a cancel that does nothing, a drain that does not wait), each with a
+few tests that should catch it in seconds; a tool's thousands of arithmetic mutants over these
+modules would need the whole suite (many minutes) per mutant, on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in path
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    breaks: str  # the promise this mutant breaks
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # -- jobs: exactly one terminal outcome ------------------------------------------------------
+    Mutant(
+        "jobs-finish-twice",
+        "server/jobs.py",
+        "        if self.done:\n            return False\n        self.done = True",
+        "        self.done = True",
+        ("tests/test_server_stages.py", "tests/test_supervisor.py"),
+        "a job ends with exactly one outcome (the first finish wins)",
+    ),
+    Mutant(
+        "jobs-emit-after-done",
+        "server/jobs.py",
+        "        if not self.done:\n            self.recipient.emit(self, item)",
+        "        self.recipient.emit(self, item)",
+        ("tests/test_server_stages.py",),
+        "nothing reaches the caller after a job ended",
+    ),
+    Mutant(
+        "jobs-failure-keeps-decoding",
+        "server/jobs.py",
+        "            self.worker.cancel(self.handle)",
+        "            pass",
+        ("tests/test_server_stages.py", "-k", "cancelled"),
+        "a failed text job leaves its decode loop",
+    ),
+    # -- cancellation ---------------------------------------------------------------------------
+    Mutant(
+        "cancel-worker-noop",
+        "engine/engine.py",
+        "        if self.loop.cancel(handle):\n            self._wake.set()",
+        "        pass",
+        ("tests/test_engine.py", "tests/test_server.py", "-k", "closing or deadline or goes_away"),
+        "a cancelled sequence stops costing work",
+    ),
+    Mutant(
+        "cancel-stream-close-forgets",
+        "engine/engine.py",
+        "            if not finished:\n                worker.cancel(handle)",
+        "            pass",
+        ("tests/test_engine.py", "-k", "closing"),
+        "closing a text stream early cancels its sequence",
+    ),
+    Mutant(
+        "cancel-loop-ignores",
+        "engine/decode.py",
+        "            self._cancelled.add(handle.id)",
+        "            pass",
+        ("tests/test_decode.py", "tests/test_engine.py", "-k", "cancel or closing"),
+        "DecodeLoop.cancel takes the sequence out at the next step",
+    ),
+    Mutant(
+        "cancel-sync-session-lost",
+        "clients/_sync.py",
+        "                loop.call_soon_threadsafe(future.cancel)",
+        "                pass",
+        ("tests/test_client_fake.py", "-k", "cancel"),
+        "cancelling a sync session's future cancels the request on the server",
+    ),
+    # -- supervisor -----------------------------------------------------------------------------
+    Mutant(
+        "supervisor-loses-held-jobs",
+        "server/supervisor.py",
+        '            job.fail(*retryable(f"stage {stage.name} failed while holding this request"))',
+        "            pass",
+        ("tests/test_supervisor.py",),
+        "the jobs a crashed stage held are failed, never dropped",
+    ),
+    Mutant(
+        "supervisor-window-never-expires",
+        "server/supervisor.py",
+        "while self.restarts and now - self.restarts[0] > self.period:",
+        "while False:",
+        ("tests/test_supervisor.py",),
+        "restarts older than the period do not count against the intensity",
+    ),
+    Mutant(
+        "supervisor-one-restart-too-many",
+        "server/supervisor.py",
+        "        if len(self.restarts) >= self.intensity:",
+        "        if len(self.restarts) > self.intensity:",
+        ("tests/test_supervisor.py",),
+        "past `intensity` restarts within the period the server gives up",
+    ),
+    # -- admission ------------------------------------------------------------------------------
+    Mutant(
+        "admission-no-inflight-limit",
+        "server/admission.py",
+        "        if inflight >= self.max_inflight:",
+        "        if False:",
+        ("tests/test_server_stages.py", "-k", "admit"),
+        "beyond max_inflight a call is refused with RESOURCE_EXHAUSTED",
+    ),
+    Mutant(
+        "admission-open-while-draining",
+        "server/pipeline.py",
+        "        if not self.accepting:",
+        "        if False:",
+        ("tests/test_server_stages.py", "-k", "admit"),
+        "a draining server refuses new work with UNAVAILABLE",
+    ),
+    Mutant(
+        "admission-deadlines-not-enforced",
+        "server/pipeline.py",
+        '                job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")',
+        "                pass",
+        ("tests/test_server_stages.py", "-k", "deadline or timeout"),
+        "a request past its deadline ends DEADLINE_EXCEEDED",
+    ),
+    Mutant(
+        "admission-timeout-not-capped",
+        "server/pipeline.py",
+        "min(timeout, self.config.request_timeout_s)",
+        "timeout",
+        ("tests/test_server_stages.py", "-k", "timeout"),
+        "the server's request timeout caps the one a client asks for",
+    ),
+    # -- drain ----------------------------------------------------------------------------------
+    Mutant(
+        "drain-grace-zero",
+        "server/app.py",
+        "        await self._shutdown.wait()\n        await self.stop()",
+        "        await self._shutdown.wait()\n        await self.stop(grace=0)",
+        ("tests/test_server_process.py", "-k", "drains"),
+        "on SIGTERM or a first SIGINT in-flight requests finish within --grace-s",
+    ),
+    Mutant(
+        "drain-does-not-wait",
+        "server/app.py",
+        "                await self.pipeline.wait_idle()",
+        "                pass",
+        ("tests/test_server.py", "-k", "drain"),
+        "the drain waits for in-flight work",
+    ),
+    Mutant(
+        "drain-stays-ready",
+        "server/app.py",
+        "        self.pipeline.accepting = False\n        self._serving = False\n",
+        "        self.pipeline.accepting = False\n",
+        ("tests/test_server.py", "-k", "drain"),
+        "readiness goes NOT_SERVING when the drain begins",
+    ),
+    Mutant(
+        "drain-leaves-requests-hanging",
+        "server/app.py",
+        "        failed = self.pipeline.fail_all(",
+        "        failed = 0 and self.pipeline.fail_all(",
+        ("tests/test_server.py", "-k", "outlives"),
+        "what outlives the grace period fails with UNAVAILABLE",
+    ),
+    # -- credits --------------------------------------------------------------------------------
+    Mutant(
+        "credits-not-given-back",
+        "server/outbox.py",
+        "        if credit:\n            self.credit_back += 1",
+        "        if credit:\n            pass",
+        ("tests/test_server.py", "-k", "credit"),
+        "each finished request gives its credit back",
+    ),
+    Mutant(
+        "credits-never-refuse",
+        "server/service.py",
+        "        if stream.credit <= 0:",
+        "        if False:",
+        ("tests/test_server.py", "-k", "credit"),
+        "a request beyond the stream's credit is refused for its id",
+    ),
+    # -- and two promises of issue #17 outside those modules -------------------------------------
+    Mutant(
+        "images-untiled",
+        "engine/images.py",
+        "        total, t = int(z.shape[0]), self.tile\n",
+        "        return self._forward(z, labels)\n        total, t = int(z.shape[0]), self.tile\n",
+        ("tests/test_images.py", "-k", "bit_for_bit or whatever_shares or one_tile"),
+        "a sample's floats are bit for bit the same whatever its batch",
+    ),
+    Mutant(
+        "auth-stops-at-a-match",
+        "server/auth.py",
+        "            valid |= hmac.compare_digest(given, digest)",
+        "            valid |= hmac.compare_digest(given, digest)\n            if valid:\n                break",
+        ("tests/test_security.py", "-k", "constant_time"),
+        "every configured token is compared, whatever matches (constant time)",
+    ),
+)
+
+
+def copy_tree(dst: Path) -> None:
+    """The files git would see (tracked, and untracked but not ignored), and a link to the venv."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    for rel in sorted({p for p in listed.decode().split("\0") if p}):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    (dst / ".venv").symlink_to((ROOT / ".venv").resolve())
+
+
+def apply(tree: Path, m: Mutant) -> str:
+    """Write the mutant into ``tree``; return the original text of its file."""
+    path = tree / m.path
+    if not path.is_file():
+        raise SystemExit(f"mutant {m.name}: {m.path} does not exist (moved? update its path)")
+    text = path.read_text(encoding="utf-8")
+    count = text.count(m.old)
+    if count != 1:
+        raise SystemExit(f"mutant {m.name}: its snippet occurs {count} times in {m.path}, not once (code moved? update it)")
+    path.write_text(text.replace(m.old, m.new), encoding="utf-8")
+    return text
+
+
+def run(tree: Path, m: Mutant, timeout: float) -> tuple[str, float]:
+    original = apply(tree, m)
+    started = time.monotonic()
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *m.tests]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        rc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, timeout=timeout).returncode
+        verdict = "SURVIVED" if rc == 0 else ("KILLED" if rc == 1 else f"ERROR (pytest exit {rc})")
+    except subprocess.TimeoutExpired:
+        verdict = "KILLED (timeout)"  # a hang is a failure the tests found, if slowly
+    finally:
+        (tree / m.path).write_text(original, encoding="utf-8")
+    return verdict, time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for one mutant's tests")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:34} {m.path:22} {m.breaks}")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutants: {', '.join(unknown)} (see --list)")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTANTS)
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="genserve-mutants-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        for m in chosen:
+            verdict, seconds = run(tree, m, args.timeout)
+            print(f"{verdict:18} {m.name:34} {seconds:6.1f} s  {m.breaks}", flush=True)
+            if verdict == "SURVIVED":
+                survived.append(m.name)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} killed" + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
