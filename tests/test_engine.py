@@ -38,7 +38,7 @@ def registry(tmp_path: Path) -> ModelRegistry:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    e = Engine(ServerConfig(decode_batch=4, decode_pending=2).engine_limits())
+    e = Engine(ServerConfig(decode_batch=4, decode_pending=2, max_new_tokens=MAX_NEW_TOKENS).engine_limits())
     yield e
     e.close()
 

@@ -106,7 +106,7 @@ def other_value(f: dataclasses.Field[Any]) -> tuple[str, object]:
     if "choices" in f.metadata:
         choice = next(c for c in f.metadata["choices"] if c != default)
         return choice, choice
-    value = {"host": "0.0.0.0", "device": "cpu"}.get(f.name, f"some-{f.name}")
+    value = {"host": "0.0.0.0", "device": "cpu", "amqp_url": "amqp://guest:guest@127.0.0.1:5672/some"}.get(f.name, f"some-{f.name}")
     return value, value
 
 
