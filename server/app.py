@@ -26,6 +26,7 @@ from engine.engine import Engine
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
+from server.allocator import tune_allocator
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -107,6 +108,7 @@ class GenServer:
         # security files first: a wrong path fails in a moment, not after the models have loaded
         credentials = server_credentials(c)
         tokens = load_tokens(c.token_file, os.environ)
+        tune_allocator()  # before the model loader and the engine start their threads (server/allocator.py)
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = c.image_limits()
         loop = asyncio.get_running_loop()
