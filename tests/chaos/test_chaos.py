@@ -33,7 +33,10 @@ MODELS = "models"  # the bundled vae, gan and transformer
 @pytest.mark.timeout(120)
 async def test_a_short_chaos_run_keeps_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("console", "critical")  # every injected failure logs a traceback
-    report = await run_chaos(ChaosConfig(duration_s=8.0, seed=1))
+    # The end-of-run bound is looser here than the 60 s target (+50 MB): on a shared 2-core machine an
+    # 8 s run ended +27 to +59 MB above its start, the same before and after gc.collect() (allocator
+    # state, not garbage); a leak of buffers per fault (a 50 MB KV cache per failed decode loop) still fails it.
+    report = await run_chaos(ChaosConfig(duration_s=8.0, seed=1, memory_end_mb=100.0))
     text = format_report(report)
     with capsys.disabled():
         print("\n" + text)
