@@ -47,10 +47,17 @@ class EngineLimits:
 class TextWorker:
     """Drives one DecodeLoop on its own thread and hands each event to its sequence's listener."""
 
-    def __init__(self, served: ServedModel, limits: EngineLimits, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        served: ServedModel,
+        limits: EngineLimits,
+        faults: Faults | None = None,
+        on_failed: Callable[[TextWorker], None] | None = None,
+    ) -> None:
         self.served = served
         self.faults = faults
-        self.loop = DecodeLoop.from_loaded(
+        self.on_failed = on_failed  # called on this worker's thread once it has failed (the engine replaces it there)
+        self._loop: DecodeLoop | None = DecodeLoop.from_loaded(
             served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
         )
         self._listeners: dict[int, OnEvent] = {}
@@ -66,30 +73,69 @@ class TextWorker:
         with self._listeners_lock:  # checked under the lock: the failure path sets it under the same lock
             if self.failed is not None:
                 raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
-            handle = self.loop.add(request)
+            assert self._loop is not None  # released only after `failed` is set, under this lock
+            handle = self._loop.add(request)
             self._listeners[handle.id] = on_event
         self._wake.set()
         return handle
 
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (decoding, or, once failed, building its replacement)."""
+        return self._thread.is_alive()
+
+    @property
+    def loop(self) -> DecodeLoop:
+        """Its decode loop; a failed worker has released it (and its KV cache): EngineError."""
+        loop = self._loop
+        if loop is None:
+            raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
+        return loop
+
+    def room(self, max_pending: int) -> int:
+        """How many more sequences may wait for a slot (of ``max_pending``); 0 once it has failed."""
+        loop = self._loop
+        if loop is None or self.failed is not None:
+            return 0
+        return max(0, max_pending - loop.pending_count)
+
     def cancel(self, handle: SequenceHandle) -> None:
-        if self.loop.cancel(handle):
+        loop = self._loop
+        if loop is not None and loop.cancel(handle):
             self._wake.set()
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._thread.join(timeout=5)
+        self.join(5.0)
+
+    def join(self, timeout: float) -> None:
+        """Wait for its thread to end (after a failure: once the replacement is built)."""
+        self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
+        if not self._decode():
+            return
+        with self._listeners_lock:
+            # A failed loop never steps again: free its KV cache now, before the replacement allocates
+            # its own (both at once were a +50 MB peak), not when the last job lets go of this worker.
+            self._loop = None
+        if self.on_failed is not None:
+            self.on_failed(self)  # outside the except block: nothing raised there chains the failure
+
+    def _decode(self) -> bool:
+        """Step the loop until stopped (False) or until a step fails (True: every sequence has heard)."""
+        loop = self._loop
+        assert loop is not None
         while not self._stopping:
-            if not self.loop.has_work:
+            if not loop.has_work:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
             try:
                 if self.faults is not None:
                     self.faults.before_decode_step(self.served)
-                events = self.loop.step()
+                events = loop.step()
             except Exception as e:  # model code failed: every waiting request hears of it
                 log.exception("decode_loop_failed", model=self.served.name, version=self.served.version)
                 with self._listeners_lock:
@@ -99,14 +145,20 @@ class TextWorker:
                     listeners, self._listeners = list(self._listeners.values()), {}
                 for on_event in listeners:
                     on_event(e)
-                return
-            with self._listeners_lock:
-                routed: list[tuple[OnEvent | None, TokenEvent]] = [
-                    (self._listeners.pop(ev.handle.id, None) if ev.finished else self._listeners.get(ev.handle.id), ev) for ev in events
-                ]
-            for target, ev in routed:
-                if target is not None:
-                    target(ev)
+                return True
+            self._deliver(events)
+        return False
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        """Hand each event to its listener. A method of its own: its locals (the last listeners, which
+        close over their jobs) end here, not at the next step, which may be long in coming."""
+        with self._listeners_lock:
+            routed: list[tuple[OnEvent | None, TokenEvent]] = [
+                (self._listeners.pop(ev.handle.id, None) if ev.finished else self._listeners.get(ev.handle.id), ev) for ev in events
+            ]
+        for target, ev in routed:
+            if target is not None:
+                target(ev)
 
 
 def generation_failed(served: ServedModel, cause: BaseException) -> EngineError:
@@ -193,16 +245,47 @@ class Engine:
         return ms
 
     def text_worker(self, served: ServedModel) -> TextWorker:
-        """The decode loop of this model version (started on first use; restarted after a failure)."""
+        """The decode loop of this model version (started on first use; replaced after a failure).
+
+        A failed worker is replaced on its own thread as it dies (``_replace``), so the new KV cache
+        (~50 MB of zeros for the bundled transformer, ~30 ms of page faults) is not allocated on the
+        event loop. Until the replacement is in (while the failed worker's thread lives), this
+        returns the failed worker: its ``submit`` refuses with a retryable EngineError, its ``room``
+        is 0 (the text stage waits).
+        """
         with self._workers_lock:
             if self._closed:
                 raise EngineError("engine is closed")
             worker = self._workers.get(served)
-            if worker is None or worker.failed is not None:
-                worker = TextWorker(served, self.limits, self.faults)
+            if worker is None or (worker.failed is not None and not worker.alive):  # alive: its thread is replacing it
+                worker = self._new_worker(served)
                 self._workers[served] = worker
-                log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
             return worker
+
+    def _new_worker(self, served: ServedModel) -> TextWorker:
+        worker = TextWorker(served, self.limits, self.faults, on_failed=self._replace)
+        log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
+        return worker
+
+    def _replace(self, failed: TextWorker) -> None:
+        """On the failed worker's thread: build its replacement here, then install it, unless the
+        engine closed or someone else replaced it meanwhile."""
+        served = failed.served
+        with self._workers_lock:
+            if self._closed or self._workers.get(served) is not failed:
+                return
+        worker: TextWorker | None = None
+        try:
+            worker = self._new_worker(served)
+        except Exception:  # e.g. out of memory: text_worker() will try again on the next request
+            log.exception("decode_loop_replacement_failed", model=served.name, version=served.version)
+        with self._workers_lock:
+            if worker is not None and not self._closed and self._workers.get(served) is failed:
+                worker.faults = self.faults  # installed or removed while it was being built
+                self._workers[served] = worker
+                worker = None
+        if worker is not None:  # not wanted any more
+            worker.stop()
 
     def submit_text(self, served: ServedModel, request: SequenceRequest, on_event: OnEvent) -> tuple[TextWorker, SequenceHandle]:
         """The one text path: queue a sequence in its model's decode loop; ``on_event`` gets each
@@ -220,6 +303,9 @@ class Engine:
         early (client gone, deadline) cancels the sequence, which frees its slot at the next step.
         """
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        waiting = self.text_worker(served)
+        if waiting.failed is not None and waiting.alive:  # its thread is building its replacement: wait for it there
+            await asyncio.to_thread(waiting.join, 10.0)
         worker, handle = self.submit_text(served, request, _into_queue(asyncio.get_running_loop(), queue))
         finished = False
         try:

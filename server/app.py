@@ -31,6 +31,7 @@ from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from server.admission import grpc_server_options
+from server.allocator import tune_allocator
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -163,6 +164,7 @@ class GenServer:
                 ) from None
             undo.callback(self._stop_metrics)
 
+        tune_allocator()  # before the model loader and the engine start their threads (server/allocator.py)
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = c.image_limits()
         loop = asyncio.get_running_loop()

@@ -51,7 +51,7 @@ class Recipient(Protocol):
     def finish(self, job: Job, outcome: Outcome) -> None: ...
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # weakly referable: tests check finished jobs are freed
 class Job:
     id: str
     rpc: str  # "Generate" or "GenerateStream", for metrics and logs

@@ -116,7 +116,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         except Refused as e:
             self._refused("Generate", e.code)
             # No log line: under overload refusals are most calls, and each is counted in the metrics.
-            await context.abort(e.code, e.message, e.trailing_metadata or ())
+            _end_call(context, e.code, e.message, e.trailing_metadata)
+            return
         try:
             while True:
                 item = await queue.items.get()
@@ -125,7 +126,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                         yield finish_message(job_id, job, item)
                         return
                     log.debug("request_failed", request_id=job_id, rpc="Generate", code=item.code.name, reason=item.message)
-                    await context.abort(item.code, item.message)
+                    _end_call(context, item.code, item.message)
                     return
                 yield item
         finally:
@@ -200,3 +201,16 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message), retry_after_ms=e.retry_after_ms)
             return
         stream.jobs[job_id] = job
+
+
+def _end_call(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] | None = None
+) -> None:
+    """End the call with this status once the handler returns. Not ``context.abort``: it raises an
+    AbortError that grpc keeps in a reference cycle (the exception, its traceback, grpc's frame that
+    holds it) with the handler's frame, so every failed or refused call left its job, queue and request
+    for the cyclic collector (59 such cycles after a 6 s chaos run; none with this)."""
+    context.set_code(code)
+    context.set_details(message)
+    if trailing_metadata:  # the retry hint of a refusal (grpc-retry-pushback-ms)
+        context.set_trailing_metadata(trailing_metadata)

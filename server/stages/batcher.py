@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Callable, Iterable
 
 import anyio
@@ -66,10 +67,9 @@ class Batcher(Stage):
             while True:
                 await self._fill()
                 await slots.acquire()  # every slot busy: stop taking, and let the link fill up
-                batch, self.pending = self.pending, []
                 self._batch_ids += 1
-                self.running[self._batch_ids] = batch
-                tg.start_soon(self._run_batch, self._batch_ids, batch, slots)
+                self.running[self._batch_ids], self.pending = self.pending, []  # no local: it would keep the latents
+                tg.start_soon(self._run_batch, self._batch_ids, slots)
 
     def _add(self, items: list[ImageWork], size: int) -> int:
         for i, work in enumerate(items):
@@ -99,19 +99,28 @@ class Batcher(Stage):
                     return
             size = self._add(more, size)
 
-    async def _run_batch(self, batch_id: int, batch: list[ImageWork], slots: asyncio.Semaphore) -> None:
+    async def _run_batch(self, batch_id: int, slots: asyncio.Semaphore) -> None:
+        # the batch is read from `running`, not passed in: this frame cannot be cleared (below) while it runs
         try:
-            live = [w for w in batch if not w.job.done]  # cancelled or expired while queued: no model time
-            groups: dict[int, list[ImageWork]] = {}
-            for w in live:  # after a hot swap a batch can hold two versions: one forward pass each
-                groups.setdefault(id(w.job.served), []).append(w)
-            for group in groups.values():
-                await self._run_group(group)
-        except BaseException:
+            await self._run_groups(self.running[batch_id])
+        except BaseException as e:
             slots.release()
-            raise  # the batch stays in `running`, so the supervisor fails its jobs (UNAVAILABLE)
+            # The batch stays in `running`, so the supervisor fails its jobs (UNAVAILABLE). A killed
+            # batch's CancelledError sits in a reference cycle (anyio's task_done keeps it in a local
+            # of a frame in its own traceback), and the frames below this one hold the batch's
+            # latents: clear their locals (the traceback still prints), so the latents go with the batch.
+            traceback.clear_frames(e.__traceback__)
+            raise
         self.running.pop(batch_id, None)
         slots.release()
+
+    async def _run_groups(self, batch: list[ImageWork]) -> None:
+        live = [w for w in batch if not w.job.done]  # cancelled or expired while queued: no model time
+        groups: dict[int, list[ImageWork]] = {}
+        for w in live:  # after a hot swap a batch can hold two versions: one forward pass each
+            groups.setdefault(id(w.job.served), []).append(w)
+        for group in groups.values():
+            await self._run_group(group)
 
     async def _run_group(self, group: list[ImageWork]) -> None:
         served = group[0].job.served

@@ -48,10 +48,9 @@ class Processor(Stage):
         task_status.started()
         while True:
             self.held = await self.inbox.take(PROCESSOR_DEMAND)
-            while self.held:
-                job = self.held[0]
-                if not job.done:
-                    await self._process(job)
+            while self.held:  # no `job` local: it would keep the last job (and what it holds) while waiting
+                if not self.held[0].done:
+                    await self._process(self.held[0])
                 self.held.pop(0)
 
     async def _process(self, job: Job) -> None:

@@ -27,10 +27,9 @@ class Producer(Stage):
         task_status.started()
         while True:
             self.held = await self.ingress.take(PROCESSOR_DEMAND)
-            while self.held:
-                job = self.held[0]
-                if not job.done:
-                    await self._forward(job)
+            while self.held:  # no `job` local: it would keep the last job (and what it holds) while waiting
+                if not self.held[0].done:
+                    await self._forward(self.held[0])
                 self.held.pop(0)
 
     async def _forward(self, job: Job) -> None:

@@ -34,12 +34,15 @@ class Router(Stage):
         task_status.started()
         while True:
             self.items = await self.inbox.take(256)
-            for done in self.items:
-                job = done.job
-                if job.done:
-                    continue
-                job.emit(done.result)
-                job.sent += done.result.pixels.shape[0]
-                if job.image is not None and job.sent >= job.image.n:
-                    job.finish(Outcome())
+            self._deliver()  # a method: its locals (the last result's pixels) end with it, not at the next take
             self.items = []
+
+    def _deliver(self) -> None:
+        for done in self.items:
+            job = done.job
+            if job.done:
+                continue
+            job.emit(done.result)
+            job.sent += done.result.pixels.shape[0]
+            if job.image is not None and job.sent >= job.image.n:
+                job.finish(Outcome())

@@ -52,18 +52,20 @@ class TextFeeder(Stage):
         while True:
             await self._wait_for_room()
             self.held = await self.inbox.take(self._room_left())
-            for job in self.held:
-                if not job.done:
-                    self._submit(job)
+            self._submit_held()  # a method: its `job` local ends with it, not at the next take
             self.held = []
+
+    def _submit_held(self) -> None:
+        for job in self.held:
+            if not job.done:
+                self._submit(job)
 
     def _room_left(self) -> int:
         try:
             served = self.registry.get(self.model)
         except ModelNotFound:
             return 1
-        worker = self.engine.text_worker(served)
-        return max(0, self.max_pending - worker.loop.pending_count)
+        return self.engine.text_worker(served).room(self.max_pending)  # 0 while a failed loop is replaced
 
     async def _wait_for_room(self) -> None:
         while self._room_left() <= 0:

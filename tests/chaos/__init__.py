@@ -4,7 +4,8 @@ r"""Chaos: a real server under sustained mixed load while faults are injected; t
 
 ``run_chaos(ChaosConfig(...))`` (``tests/chaos/harness.py``) starts a server in this process (``tests.serving.running_server``,
 with a restart intensity the injected faults cannot trip), drives it with many clients over real
-localhost gRPC channels, and injects, for ``duration_s`` seconds:
+localhost gRPC channels from a process of their own (``load_process``: so this process's RSS is
+the server's), and injects, for ``duration_s`` seconds:
 
 - every 100-400 ms, a fault in the next component of a shuffled rotation of every stage task
   (producer, processor-N, batcher-<model>, text-<model>, router: ``Supervisor.kill``) and of every
@@ -31,9 +32,9 @@ gave up on it; a second terminal message, a message after the Finish, or output 
 flight is a duplicate. A request with no outcome ``safety_s`` after its deadline is given up on:
 it is lost. Its deadline: ``timeout_ms`` counts from the server's admission (the server cannot
 know when a request was sent), so a request is late when its outcome arrives more than
-``late_tolerance_s`` after admission + timeout (``Pipeline.admit`` is wrapped to note both), or,
-if it was never admitted, after send + timeout. The wait for admission (client and server share
-one event loop here) is reported apart, with how many would be late counted from the send.
+``late_tolerance_s`` after admission + timeout (``Pipeline.on_admit`` notes both, in the server's
+process, on ``time.monotonic()``: one clock for both processes), or, if it was never admitted, after
+send + timeout. The wait for admission is reported apart, with how many would be late counted from the send.
 
 Which requests a fault touched (the classification rule). A fault's victims are taken at the
 moment of the fault, from the component it hits:
@@ -53,11 +54,14 @@ After the load: in-flight jobs drain to 0 and nothing is left behind (links empt
 job, decode loops idle), every closed stream got all its credit back, health ("" and
 genserve.v1.Generator) is SERVING, the kills counted here equal the supervisor's restarts and the
 sum of ``genserve_stage_restarts_total``, every stage kind and decode loop was faulted, fresh
-requests of every model succeed, and the process RSS (the server is in-process) is back within
-``memory_bound_mb`` of where it was after warm-up (after ``gc.collect()``; the RSS before it and the
-peak are reported too). The summary is printed; the exit status is 1 when a check failed.
+requests of every model succeed, and the server's RSS (this process: the load is in another) peaks
+within ``memory_peak_mb`` (150) of where it was after warm-up and ends, drained, within
+``memory_end_mb`` (50) of it BEFORE any ``gc.collect()``: big buffers (KV caches, latents, results)
+must go with their work by reference counting, not wait for the cyclic collector. The RSS after a
+collection is reported too. The summary is printed; the exit status is 1 when a check failed.
 
 The package: ``config`` (ChaosConfig and the outcome names), ``ledger`` (the books), ``faults``
 (the injector, through the engine's one fault seam ``engine/faults.py``), ``load`` (the clients),
+``load_process`` (the clients' process, and the books' way back),
 ``report`` (classification, checks, the summary), ``harness`` (the run), ``__main__`` (the command).
 """

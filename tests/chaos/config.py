@@ -36,6 +36,8 @@ class ChaosConfig:
     late_tolerance_s: float = 0.25  # an outcome this long past the deadline is late
     safety_s: float = 5.0  # past its deadline, a request with no outcome is given up on (lost)
     min_untouched_success: float = 0.99
-    memory_bound_mb: float = 150.0
+    # the server's process RSS (the load runs in a process of its own), against its RSS after warm-up:
+    memory_peak_mb: float = 150.0  # the peak during the run may be this much above
+    memory_end_mb: float = 50.0  # ... and the end, once drained, BEFORE any gc.collect(): big buffers must not wait for the collector
     drain_timeout_s: float = 10.0
     server: dict[str, Any] = field(default_factory=dict)  # more ServerConfig overrides

@@ -35,12 +35,14 @@ class Injector(Faults):
     """Injects the faults; records each one with its victims. Stage kills go through
     ``Supervisor.kill``; the rest through the engine's fault seam, which it is."""
 
-    def __init__(self, server: GenServer, ledger: Ledger, config: ChaosConfig, rng: random.Random) -> None:
+    def __init__(self, server: GenServer, config: ChaosConfig, rng: random.Random) -> None:
         self.server = server
-        self.ledger = ledger
         self.config = config
         self.rng = rng
         self.faults: list[Fault] = []
+        # request id -> (admitted, the server's deadline), both on time.monotonic(); the ledger lives in
+        # the load's process, so these notes are merged into it after the run (``note_admissions``)
+        self.admissions: dict[str, tuple[float, float]] = {}
         self.kills: collections.Counter[str] = collections.Counter()
         self.kills_skipped = 0
         self._lock = threading.Lock()  # forward-pass arming is read on engine threads
@@ -68,11 +70,15 @@ class Injector(Faults):
         self.server.pipeline.on_admit = None
 
     def _note_admission(self, job: Job) -> None:  # not a fault: notes when the server admitted a request
-        req = self.ledger.reqs.get(job.id)
-        if req is not None:
-            now = time.monotonic()
-            req.admitted = now
-            req.server_deadline = now + (job.deadline - asyncio.get_running_loop().time())
+        now = time.monotonic()
+        self.admissions[job.id] = (now, now + (job.deadline - asyncio.get_running_loop().time()))
+
+    def note_admissions(self, ledger: Ledger) -> None:
+        """Write the admissions noted here into the load's books (time.monotonic() is one clock for both processes)."""
+        for id, (admitted, deadline) in self.admissions.items():
+            req = ledger.reqs.get(id)
+            if req is not None:
+                req.admitted, req.server_deadline = admitted, deadline
 
     async def before_image_batch(self, served: ServedModel, chunks: Sequence[ImageChunk]) -> None:
         if self._armed_stalls[served.name] and served.name not in self._stalling:
@@ -101,7 +107,7 @@ class Injector(Faults):
         """Hold this batch past the latest deadline of its requests."""
         now = time.monotonic()
         ids = [c.request.request_id for c in chunks]
-        deadlines = [self.ledger.reqs[i].due for i in ids if i in self.ledger.reqs]
+        deadlines = [self.admissions[i][1] for i in ids if i in self.admissions]
         stall = min(max([*deadlines, now]) - now + 0.25, self.config.max_stall_s)
         fault = Fault("stall", model, now, now + stall, ids)
         self.faults.append(fault)

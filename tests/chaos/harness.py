@@ -7,7 +7,6 @@ import contextlib
 import gc
 import random
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import READINESS_NAMES, GenServer
 from tests.chaos.config import OK, ChaosConfig
 from tests.chaos.faults import Injector
-from tests.chaos.ledger import Ledger, code_name
-from tests.chaos.load import Load
+from tests.chaos.ledger import code_name
+from tests.chaos.load_process import LoadProcess, Plan
 from tests.chaos.report import ChaosReport, build_report
 from tests.serving import running_server
 
@@ -94,7 +93,6 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
         "restart_period_s": 1.0,
         **config.server,
     }
-    ledger = Ledger()
     rng = random.Random(config.seed)
     started = time.monotonic()
     async with running_server(**overrides) as server:
@@ -104,60 +102,54 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
             raise RuntimeError(f"the server does not serve before the chaos: {post}")
         gc.collect()
         rss_start = rss_mb()
-        injector = Injector(server, ledger, config, random.Random(rng.getrandbits(64)))
-        load = Load(server.address, ledger, config, models)
+        injector = Injector(server, config, random.Random(rng.getrandbits(64)))
         monitor = Monitor(server.address)
-        until = time.monotonic() + config.duration_s
-        client_rng = random.Random(rng.getrandbits(64))
-
-        def seeded() -> random.Random:
-            return random.Random(client_rng.getrandbits(64))
-
-        clients: list[Coroutine[Any, Any, None]] = []
-        if load.image_models:
-            clients += [load.plain(f"img{i}", "image", seeded(), until) for i in range(config.plain_image_clients)]
-        if load.text_models:
-            clients += [load.plain(f"txt{i}", "text", seeded(), until) for i in range(config.plain_text_clients)]
-        clients += [load.sessions(f"ses{i}", seeded(), until) for i in range(config.sessions)]
-        clients += [load.deadline_probe(f"ddl{i}", seeded(), until) for i in range(config.deadline_probes)]
-        clients += [load.disconnector(f"dis{i}", seeded(), until) for i in range(config.disconnectors)]
-        injector.install()
+        client_seed = rng.getrandbits(64)
+        load = LoadProcess()
+        await load.start()
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(injector.run(until), name="chaos-injector")
-                tg.create_task(monitor.run(until), name="chaos-monitor")
-                for i, client in enumerate(clients):
-                    tg.create_task(load.guard(client), name=f"chaos-client-{i}")
-            await injector.settle()
-        finally:
-            injector.uninstall()
+            injector.install()
+            try:
+                until = time.monotonic() + config.duration_s
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(injector.run(until), name="chaos-injector")
+                    tg.create_task(monitor.run(until), name="chaos-monitor")
+                    tg.create_task(load.run(Plan(server.address, config, models, client_seed, until)), name="chaos-load")
+                await injector.settle()
+            finally:
+                injector.uninstall()
 
-        drain_started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(config.drain_timeout_s):
-                await server.pipeline.wait_idle()
-        drain_s = time.monotonic() - drain_started
-        inflight_after = len(server.pipeline.inflight)
-        leftovers = await _leftovers(server)
-        health = {name: await health_of(server.address, name) for name in READINESS_NAMES}
-        post = await one_of_each(server.address, models)
-        supervisor = server.supervisor
-        restarts_metric = sum(
-            int(server.metrics.registry.get_sample_value("genserve_stage_restarts_total", {"stage": name}) or 0)
-            for name in supervisor.stages
-        )
-        restarts_supervisor = sum(supervisor.restart_count.values())
-        kinds = {name: stage.kind for name, stage in supervisor.stages.items()}
-        rss_before_gc = rss_mb()
-        gc.collect()  # what only the cyclic collector frees is garbage, not a leak (a failed decode loop is such garbage)
-        await asyncio.sleep(0.2)
-        rss_end = rss_mb()
+            drain_started = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.drain_timeout_s):
+                    await server.pipeline.wait_idle()
+            drain_s = time.monotonic() - drain_started
+            inflight_after = len(server.pipeline.inflight)
+            leftovers = await _leftovers(server)
+            health = {name: await health_of(server.address, name) for name in READINESS_NAMES}
+            post = await one_of_each(server.address, models)
+            supervisor = server.supervisor
+            restarts_metric = sum(
+                int(server.metrics.registry.get_sample_value("genserve_stage_restarts_total", {"stage": name}) or 0)
+                for name in supervisor.stages
+            )
+            restarts_supervisor = sum(supervisor.restart_count.values())
+            kinds = {name: stage.kind for name, stage in supervisor.stages.items()}
+            rss_before_gc = rss_mb()
+            gc.collect()  # for comparison: the end is checked before it (big buffers must not wait for the collector)
+            await asyncio.sleep(0.2)
+            rss_end = rss_mb()
+            result = await load.books()  # after the measurements: the books are the load's, not the server's
+        finally:
+            load.kill()
+        ledger = result.ledger
+        injector.note_admissions(ledger)
     wall = time.monotonic() - started
     return build_report(
         config,
         ledger,
         injector,
-        load,
+        result.errors,
         monitor,
         wall=wall,
         drain_s=drain_s,

@@ -34,6 +34,29 @@ class Load:
         self.given_up: list[str] = []
         self.errors: list[str] = []  # protocol errors: no credit, credit not all returned, a client that crashed
 
+    def clients(self, client_rng: random.Random, until: float) -> list[Coroutine[Any, Any, None]]:
+        """Every client of a run, each with its own generator drawn from ``client_rng`` (in this order: the seed decides)."""
+
+        def seeded() -> random.Random:
+            return random.Random(client_rng.getrandbits(64))
+
+        config = self.config
+        clients: list[Coroutine[Any, Any, None]] = []
+        if self.image_models:
+            clients += [self.plain(f"img{i}", "image", seeded(), until) for i in range(config.plain_image_clients)]
+        if self.text_models:
+            clients += [self.plain(f"txt{i}", "text", seeded(), until) for i in range(config.plain_text_clients)]
+        clients += [self.sessions(f"ses{i}", seeded(), until) for i in range(config.sessions)]
+        clients += [self.deadline_probe(f"ddl{i}", seeded(), until) for i in range(config.deadline_probes)]
+        clients += [self.disconnector(f"dis{i}", seeded(), until) for i in range(config.disconnectors)]
+        return clients
+
+    async def run(self, client_seed: int, until: float) -> None:
+        """Run every client until ``until`` (time.monotonic()) and each has its outcomes."""
+        async with asyncio.TaskGroup() as tg:
+            for i, client in enumerate(self.clients(random.Random(client_seed), until)):
+                tg.create_task(self.guard(client), name=f"chaos-client-{i}")
+
     async def guard(self, client: Coroutine[Any, Any, None]) -> None:
         """Run a client; a crash is recorded (and fails the run's checks) instead of ending the run."""
         try:

@@ -14,7 +14,6 @@ from tests.chaos.ledger import Ledger, Req
 if TYPE_CHECKING:
     from tests.chaos.faults import Fault, Injector
     from tests.chaos.harness import Monitor
-    from tests.chaos.load import Load
 
 
 @dataclass
@@ -189,7 +188,7 @@ def _checks(
     t: _Tally,
     ledger: Ledger,
     injector: Injector,
-    load: Load,
+    client_errors: list[str],
     *,
     drain_s: float,
     inflight_after: int,
@@ -202,7 +201,7 @@ def _checks(
 ) -> list[Check]:
     faults = collections.Counter(f.kind for f in injector.faults)
     injected, by_supervisor, by_metric = restarts
-    rss_start, rss_peak, _, rss_end = rss
+    rss_start, rss_peak, rss_before_gc, rss_end = rss
     killed_kinds = {kinds[name] for name in injector.kills}
     missing = sorted(set(kinds.values()) - killed_kinds)
     if injector.text_models and not faults["decode-step"]:
@@ -226,14 +225,22 @@ def _checks(
         Check("drained", inflight_after == 0, f"{inflight_after} in flight {drain_s:.2f} s after the load"),
         Check("nothing left behind", not leftovers, "; ".join(leftovers) or "links empty, stages hold nothing, decode loops idle"),
         Check(
-            "clients saw no protocol error", not load.errors, "; ".join(load.errors[:5]) or "credits all returned on every closed stream"
+            "clients saw no protocol error",
+            not client_errors,
+            "; ".join(client_errors[:5]) or "credits all returned on every closed stream",
         ),
         Check("health SERVING", all(v == "SERVING" for v in health.values()), str(health)),
         Check("serves after", all(v == OK for v in post.values()), str(post)),
         Check(
-            f"memory within {config.memory_bound_mb:g} MB",
-            rss_end <= rss_start + config.memory_bound_mb,
-            f"start {rss_start:.0f} MB, peak {rss_peak:.0f} MB, end {rss_end:.0f} MB",
+            f"server memory peak within +{config.memory_peak_mb:g} MB",
+            rss_peak <= rss_start + config.memory_peak_mb,
+            f"start {rss_start:.0f} MB, peak {rss_peak:.0f} MB ({rss_peak - rss_start:+.0f} MB)",
+        ),
+        Check(
+            f"server memory at the end within +{config.memory_end_mb:g} MB, before gc.collect()",
+            rss_before_gc <= rss_start + config.memory_end_mb,
+            f"start {rss_start:.0f} MB, end {rss_before_gc:.0f} MB ({rss_before_gc - rss_start:+.0f} MB), "
+            f"{rss_end:.0f} MB after gc.collect()",
         ),
     ]
 
@@ -242,7 +249,7 @@ def build_report(
     config: ChaosConfig,
     ledger: Ledger,
     injector: Injector,
-    load: Load,
+    client_errors: list[str],
     monitor: Monitor,
     *,
     wall: float,
@@ -265,7 +272,7 @@ def build_report(
         t,
         ledger,
         injector,
-        load,
+        client_errors,
         drain_s=drain_s,
         inflight_after=inflight_after,
         leftovers=leftovers,
@@ -355,7 +362,7 @@ def format_report(r: ChaosReport) -> str:
         ("health", f"after: {r.health_after}; during: {r.health_samples - r.health_not_serving_samples}/{r.health_samples} SERVING"),
         ("drain", f"{r.inflight_after} in flight after {r.drain_s:.2f} s; then {counts(r.post_chaos)}"),
         (
-            "memory (RSS)",
+            "server memory (RSS)",
             f"start {r.rss_start_mb:.0f} MB, peak {r.rss_peak_mb:.0f} MB, "
             f"end {r.rss_end_before_gc_mb:.0f} MB, {r.rss_end_mb:.0f} MB after gc.collect()",
         ),

@@ -1,4 +1,4 @@
-"""Chaos in CI: a short seeded ``run_chaos`` against a real in-process server, and the two decode-loop
+"""Chaos in CI: a short seeded ``run_chaos`` against a real server (the load in a process of its own), and the two decode-loop
 defects the chaos runs found (fixed; kept as regression tests)."""
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ MODELS = "models"  # the bundled vae, gan and transformer
 @pytest.mark.timeout(120)
 async def test_a_short_chaos_run_keeps_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("console", "critical")  # every injected failure logs a traceback
-    # Client and server share one event loop here, so shedding by queueing delay (server/admission.py)
-    # would refuse for the harness's own load, which its books count as unexplained failures;
-    # overload has its own tests (tests/test_overload.py). The count limit still applies.
-    report = await run_chaos(ChaosConfig(duration_s=8.0, seed=1, server={"admission_target_ms": 60_000.0}))
+    # Shedding by queueing delay (server/admission.py) would refuse for the harness's own load on these
+    # 2 shared cores, which its books count as unexplained failures; overload has its own tests
+    # (tests/test_overload.py). The count limit still applies.
+    # The end-of-run bound is looser here than the 60 s target (+50 MB): on a shared 2-core machine an
+    # 8 s run ended +27 to +59 MB above its start, the same before and after gc.collect() (allocator
+    # state, not garbage); a leak of buffers per fault (a 50 MB KV cache per failed decode loop) still fails it.
+    report = await run_chaos(ChaosConfig(duration_s=8.0, seed=1, memory_end_mb=100.0, server={"admission_target_ms": 60_000.0}))
     text = format_report(report)
     with capsys.disabled():
         print("\n" + text)
@@ -51,7 +54,7 @@ async def test_a_short_chaos_run_keeps_every_invariant(capsys: pytest.CaptureFix
     assert report.probes.get("cancel", {}).get("CLIENT_CANCELLED", 0) > 0, text  # clients did go away mid-stream
     assert report.inflight_after == 0 and not report.leftovers, text
     assert report.health_after == "(server)=SERVING,genserve.v1.Generator=SERVING", text
-    assert report.rss_end_mb <= report.rss_start_mb + 150, text
+    assert report.rss_peak_mb <= report.rss_start_mb + 150, text  # the server's own RSS: the load runs in another process
     assert report.ok, text
 
 
