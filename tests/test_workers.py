@@ -124,6 +124,10 @@ def group(request: pytest.FixtureRequest, small_models: Path) -> Iterator[Group]
             os.kill(pid, signal.SIGKILL)
 
 
+# Closed-loop load that doubles on the survivor once a worker dies: on a slow machine its queueing
+# delay passes the admission target and it sheds (RESOURCE_EXHAUSTED, rightly). This test is about
+# the crash, so shedding by delay is out of reach here; overload has its own tests.
+@pytest.mark.parametrize("group", [("--admission-target-ms", "60000")], indirect=True)
 def test_two_workers_serve_one_port_and_a_killed_worker_is_replaced(group: Group) -> None:
     wait_for(group.serving, "readiness SERVING")
     assert set(group.worker_pids()) == {0, 1}
