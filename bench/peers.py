@@ -72,9 +72,14 @@ class Side:
     needs: str = ""  # a distribution that must be installed
     peer: str = ""  # bench.peer_apps name (http sides)
 
+    @property
+    def process(self) -> str:
+        """The server process it runs on: our Generate and GenerateStream (and text) share one."""
+        return self.peer or ("echo" if self.name == "echo" else "genserve")
+
 
 def sides(threads: int) -> list[Side]:
-    t = f"{threads} torch threads"
+    t = f"torch threads {threads}"
     return [
         Side("echo", "grpc", "bench.echo: answers every call at once, no model (the ceiling of grpc.aio here)"),
         Side(
@@ -183,7 +188,10 @@ def h2load_figures(run: Run, by_status: dict[str, int] | None, offered: float | 
         p99 = admitted_pct_ms(run.durations, admitted, 99)
         exact = refused == 0
     cut = run.started - run.done
-    if cut:
+    if by_status is not None and statuses.get("CANCELLED"):  # the cut calls the side had picked up: the same calls
+        statuses["CANCELLED"] -= min(cut, statuses["CANCELLED"])
+        statuses = {k: v for k, v in statuses.items() if v}
+    if cut and offered is not None:  # closed loop: the calls in flight when h2load stopped, by design
         statuses["unanswered at the end"] = cut
     return {
         "offered_req_s": offered,
@@ -196,6 +204,15 @@ def h2load_figures(run: Run, by_status: dict[str, int] | None, offered: float | 
         "not_ok": statuses,
         "calls": run.started,
     }
+
+
+def open_load(side: Side, rate: float) -> dict[str, Any]:
+    """h2load's connections for an open loop at ``rate``: 4 HTTP/2 connections, or for HTTP/1.1 (one call in
+    flight per connection) up to H1_CONNECTIONS_OPEN, each sending at least 2 calls/s (h2load's --rps is per
+    connection, in whole tenths)."""
+    if side.kind == "grpc":
+        return {"connections": 4, "streams": 100_000}
+    return {"connections": max(1, min(H1_CONNECTIONS_OPEN, int(rate / 2)))}
 
 
 # -- one side -------------------------------------------------------------------------------------
@@ -225,6 +242,31 @@ class Runner:
         self.plan, self.threads, self.models_dir, self.logs = plan, threads, models_dir, logs
         self.ports = iter(range(PORT_BASE, PORT_BASE + 100))
         self.clients: Clients | None = None
+        self.current: tuple[str, Server, int, float] | None = None  # process key, server, metrics port, idle RSS MB
+
+    def acquire(self, side: Side) -> tuple[Server, int, float]:
+        """The server ``side`` runs on, started (and the previous one stopped) unless it is already up."""
+        if self.current is not None and self.current[0] == side.process:
+            return self.current[1:]
+        self.release()
+        server, metrics = self.start(side)
+        try:
+            t0 = time.monotonic()
+            self.ready(side, server)
+        except BaseException:
+            stop_tree(server)
+            server.log.close()
+            raise
+        progress(f"{side.process}: serving after {time.monotonic() - t0:.1f} s")
+        self.current = (side.process, server, metrics, tree_rss_bytes(server.pid) / MB)
+        return self.current[1:]
+
+    def release(self) -> None:
+        if self.current is not None:
+            _, server, _, _ = self.current
+            self.current = None
+            stop_tree(server)
+            server.log.close()
 
     def start(self, side: Side) -> tuple[Server, int]:
         port, metrics = next(self.ports), next(self.ports)
@@ -274,54 +316,51 @@ class Runner:
         return h2load_figures(r, by_status, offered)
 
     def serve_side(self, side: Side, out: list[dict[str, Any]]) -> None:
-        p = self.plan
-        server, metrics = self.start(side)
+        server, metrics, rss_idle = self.acquire(side)
+        rows = self.stream_points(side, server) if side.kind == "stream" else self.h2_points(side, server, metrics)
+        out += [{"side": side.name, "rss_idle_mb": rss_idle} | r for r in rows]
+
+    def stream_points(self, side: Side, server: Server) -> list[dict[str, Any]]:
+        """GenerateStream, closed loop: each window of requests in flight (the credit bounds what a client may send,
+        so there is no overload point: a client cannot offer more than the server grants)."""
+        assert self.clients is not None
+        p, rows = self.plan, []
+        for w in p.stream_windows:
+            job = Job("stream", server.port, time.monotonic() + 0.5, p.warm_s, p.dur_s, window=w, drain_s=3.0)
+            f = closed_figures(Calls.merge(self.clients.run([job], [server])), job)
+            not_ok = {k: v for k, v in f["not_ok"].items() if k != "UNFINISHED"}  # in flight when the window closed
+            rows.append({"mode": "closed", "in_flight": w, "req_s": f["req_s"], "p50_ms": f["p50_ms"], "p99_ms": f["p99_ms"]})
+            rows[-1] |= {"not_ok": not_ok, "p99_exact": True, "refused": not_ok.get("RESOURCE_EXHAUSTED", 0)}
+            progress(f"{side.name}: window {w}: {f['req_s']:,.0f} req/s, p99 {f['p99_ms']:.1f} ms")
+        return rows
+
+    def h2_points(self, side: Side, server: Server, metrics: int) -> list[dict[str, Any]]:
+        """h2load: the closed-loop sweep, the open loop at fractions of the best rate, then overload at twice the best."""
+        p, rows = self.plan, []
+        h2 = self.h2load(side)
         try:
-            t0 = time.monotonic()
-            self.ready(side, server)
-            progress(f"{side.name}: serving after {time.monotonic() - t0:.1f} s")
-            rows: list[dict[str, Any]] = []
-            rss_idle = tree_rss_bytes(server.pid) / MB
-            if side.kind == "stream":
-                assert self.clients is not None
-                for w in p.stream_windows:
-                    start = time.monotonic() + 0.5
-                    job = Job("stream", server.port, start, p.warm_s, p.dur_s, window=w, drain_s=3.0)
-                    calls = Calls.merge(self.clients.run([job], [server]))
-                    f = closed_figures(calls, job)
-                    rows.append({"mode": "closed", "in_flight": w, **{k: f[k] for k in ("req_s", "p50_ms", "p99_ms")}})
-                    rows[-1] |= {"not_ok": f["not_ok"], "p99_exact": True, "refused": f["not_ok"].get("RESOURCE_EXHAUSTED", 0)}
-                    progress(f"{side.name}: window {w}: {rows[-1]['req_s']:,.0f} req/s, p99 {rows[-1]['p99_ms']:.1f} ms")
-            else:
-                h2 = self.h2load(side)
-                try:
-                    conns = {"connections": 1} if side.kind == "grpc" else {}
-                    for c in p.in_flight:
-                        load = {"streams": c, **conns} if side.kind == "grpc" else {"connections": c}
-                        h2.run(server.port, timeout_s=120.0, duration_s=p.warm_s, **load)
-                        f = self.h2_point(side, h2, server, metrics, duration_s=p.dur_s, **load)
-                        rows.append({"mode": "closed", "in_flight": c, **f})
-                        progress(f"{side.name}: {c} in flight: {f['req_s']:,.0f} req/s, p99 {f['p99_ms']:.1f} ms")
-                    best = max(r["req_s"] for r in rows)
-                    open_load = {"connections": 4, "streams": 100_000} if side.kind == "grpc" else {"connections": H1_CONNECTIONS_OPEN}
-                    for frac in p.open_fractions:
-                        rate = max(1.0, frac * best)
-                        f = self.h2_point(side, h2, server, metrics, offered=rate, duration_s=p.dur_s, rps=rate, **open_load)
-                        rows.append({"mode": "open", "fraction": frac, **f})
-                        progress(f"{side.name}: open loop at {rate:,.0f}/s: goodput {f['req_s']:,.0f}/s, p99 {f['p99_ms']:.1f} ms")
-                    rows.append(self.overload(side, h2, server, metrics, 2 * best, open_load))
-                    o = rows[-1]
-                    progress(
-                        f"{side.name}: overload at {2 * best:,.0f}/s: goodput {o['req_s']:,.0f}/s, p99 of admitted "
-                        f"{o['p99_ms']:.0f} ms, refused {o['refused']}, RSS peak {o['rss_peak_mb']:.0f} MB"
-                    )
-                finally:
-                    h2.close()
-            for r in rows:
-                out.append({"side": side.name, "rss_idle_mb": rss_idle} | r)
+            for c in p.in_flight:
+                load = {"streams": c, "connections": 1} if side.kind == "grpc" else {"connections": c}
+                h2.run(server.port, timeout_s=120.0, duration_s=p.warm_s, **load)
+                f = self.h2_point(side, h2, server, metrics, duration_s=p.dur_s, **load)
+                rows.append({"mode": "closed", "in_flight": c, **f})
+                progress(f"{side.name}: {c} in flight: {f['req_s']:,.0f} req/s, p99 {f['p99_ms']:.1f} ms")
+            best = max(r["req_s"] for r in rows)
+            for frac in p.open_fractions:
+                rate = max(1.0, frac * best)
+                f = self.h2_point(side, h2, server, metrics, offered=rate, duration_s=p.dur_s, rps=rate, **open_load(side, rate))
+                rows.append({"mode": "open", "fraction": frac, **f})
+                progress(f"{side.name}: open loop at {rate:,.0f}/s: goodput {f['req_s']:,.0f}/s, p99 {f['p99_ms']:.1f} ms")
+            best = max(r["req_s"] for r in rows)  # the most it sustained, closed or open
+            o = self.overload(side, h2, server, metrics, 2 * best, open_load(side, 2 * best))
+            rows.append(o)
+            progress(
+                f"{side.name}: overload at {2 * best:,.0f}/s: goodput {o['req_s']:,.0f}/s, p99 of admitted "
+                f"{o['p99_ms']:.0f} ms, refused {o['refused']}, RSS peak {o['rss_peak_mb']:.0f} MB"
+            )
         finally:
-            stop_tree(server)
-            server.log.close()
+            h2.close()
+        return rows
 
     def overload(self, side: Side, h2: H2Load, server: Server, metrics: int, rate: float, load: dict[str, Any]) -> dict[str, Any]:
         """Twice the best rate for overload_s; the side's resident memory sampled while it runs."""
@@ -399,20 +438,14 @@ def server_text(runner: Runner) -> list[dict[str, Any]]:
     from bench.figures import text_figures
 
     p = runner.plan
-    side = Side("genserve", "grpc", "")
-    server, _ = runner.start(side)
+    server, _, _ = runner.acquire(Side("genserve", "grpc", ""))
     rows = []
-    try:
-        runner.ready(side, server)
-        assert runner.clients is not None
-        for n in p.text_streams:
-            job = Job("text", server.port, time.monotonic() + 0.5, p.warm_s, max(p.dur_s, 2.0), concurrency=n, max_tokens=p.text_tokens)
-            f = text_figures(Calls.merge(runner.clients.run([job], [server])), job)
-            rows.append({"system": "genserve streaming (gRPC)", "streams": n, "tokens_s": f["tokens_s"], "ttft_ms": f["ttft_p50_ms"]})
-            progress(f"text: genserve, {n} streams: {f['tokens_s']:,.0f} tokens/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms")
-    finally:
-        stop_tree(server)
-        server.log.close()
+    assert runner.clients is not None
+    for n in p.text_streams:
+        job = Job("text", server.port, time.monotonic() + 0.5, p.warm_s, max(p.dur_s, 2.0), concurrency=n, max_tokens=p.text_tokens)
+        f = text_figures(Calls.merge(runner.clients.run([job], [server])), job)
+        rows.append({"system": "genserve streaming (gRPC)", "streams": n, "tokens_s": f["tokens_s"], "ttft_ms": f["ttft_p50_ms"]})
+        progress(f"text: genserve, {n} streams: {f['tokens_s']:,.0f} tokens/s, TTFT p50 {f['ttft_p50_ms']:.1f} ms")
     return rows
 
 
@@ -432,11 +465,21 @@ def engine_section(plan: Plan, threads: int) -> list[dict[str, Any]]:
     return [dict(r) for r in out["vae"]]
 
 
-REFERENCES = {  # published figures of the reference recipes (quoted, not measured here)
-    "vae": ("pytorch/examples VAE (ReLU, Adam 1e-3, batch 128, 100 epochs), run by bench.vae_baseline here", "-ELBO 109.86 nats"),
-    "transformer": ("nanoGPT shakespeare-char, CPU 'baby' config (its README)", "val loss ~1.88 nats/char in ~3 min"),
-    "gan": ("WGAN-GP (Gulrajani et al. 2017), MNIST: no published FD", "-"),
-    "classifier": ("a small CNN on MNIST (pytorch/examples mnist): ~99% test accuracy", "99%"),
+REFERENCES = {  # the reference recipes' figures: quoted (from the README's bench.vae_baseline run, nanoGPT's README)
+    "vae": (
+        "pytorch/examples VAE (ReLU, Adam 1e-3, batch 128), 100 epochs; README, bench.vae_baseline on 2 cores",
+        "held-out -ELBO 109.86 (ours 104.20, same judge)",
+    ),
+    "char-transformer": (
+        "nanoGPT shakespeare_char on a CPU (4 layers, 4 heads, 128 wide, context 64); its README, its own split",
+        "val 1.88 after ~3 min",
+    ),
+}
+QUALITY = {  # the record's figure that says how good the model is, and its name
+    "vae": ("best_val_loss", "-ELBO nats (val)"),
+    "char-transformer": ("best_val_loss", "nats/char (val)"),
+    "wgan-gp": ("best_val_loss", "critic loss (val)"),
+    "mnist-classifier": ("val_accuracy", "accuracy (val)"),
 }
 
 
@@ -449,12 +492,15 @@ def training_section(runs_dir: Path) -> list[dict[str, Any]]:
         secs = [h["seconds"] for h in hist if isinstance(h.get("seconds"), (int, float))]
         kind = d.get("kind", path.stem.removesuffix("_metrics"))
         ref, ref_figure = REFERENCES.get(kind, ("-", "-"))
+        key, label = QUALITY.get(kind, ("best_val_loss", "val loss"))
+        value = d.get(key, hist[-1].get(key) if hist else None)
         rows.append({
             "model": kind,
             "epochs": d.get("epochs_run"),
             "s_per_epoch": float(np.median(secs)) if secs else math.nan,
             "train_s": d.get("train_seconds"),
-            "best_val_loss": d.get("best_val_loss"),
+            "quality": value,
+            "quality_name": label,
             "best_epoch": d.get("best_epoch"),
             "record": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
             "reference": ref,
@@ -492,7 +538,7 @@ def machine(threads: int, quick: bool) -> dict[str, Any]:
 def plan_for(quick: bool) -> Plan:
     if quick:
         return Plan((1, 64), (512,), (0.5,), 0.5, 1.5, 3.0, (1, 8, 32), 16, 2)
-    return Plan((1, 16, 64), (64, 512, 2048), (0.5, 0.8), 1.0, 4.0, 10.0, (1, 8, 32), 64, 5)
+    return Plan((1, 16, 64, 256), (64, 512, 2048), (0.5, 0.8), 1.0, 4.0, 10.0, (1, 8, 32), 64, 5)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -508,8 +554,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as logs:
         runner = Runner(plan, threads, args.models_dir, Path(logs))
         runner.clients = Clients(1)
+        server_text_rows: list[dict[str, Any]] = []
         try:
             for side in sides(threads):
+                if side.process != "genserve" and runner.current is not None and runner.current[0] == "genserve":
+                    if "text" not in args.skip:  # while our server is up
+                        server_text_rows = server_text(runner)
+                    runner.release()
                 if wanted is not None and keys[side.name] not in wanted:
                     continue
                 if side.needs and installed(side.needs) is None:
@@ -523,9 +574,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     out["skipped"][side.name] = f"failed: {str(e).splitlines()[0]}"
                     progress(f"{side.name}: FAILED: {e}")
             if "text" not in args.skip:
-                server_rows = server_text(runner)
-                out["text"] = text_section(plan, threads, args.models_dir, server_rows)
+                if not server_text_rows:
+                    server_text_rows = server_text(runner)
+                runner.release()
+                out["text"] = text_section(plan, threads, args.models_dir, server_text_rows)
         finally:
+            runner.release()
             runner.clients.close()
     if "engine" not in args.skip:
         progress("engine: VAE decoder batches, ours vs bare PyTorch vs ONNX Runtime")
