@@ -84,6 +84,38 @@ def headline(out: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+PEERS = ("LitServe", "FastAPI", "Ray Serve")
+
+
+def targets(head: list[dict[str, Any]]) -> list[tuple[str, float, str, bool | None]]:
+    """Issue 15's targets on the headline: (figure, value, bound, met); met is None when a side is missing."""
+    by = {h["side"]: h for h in head}
+    gen, stream = by.get("genserve Generate"), by.get("genserve GenerateStream")
+    peers = [by[p] for p in PEERS if p in by]
+    rows: list[tuple[str, float, str, bool | None]] = []
+
+    def ratio(side: dict[str, Any] | None, bound: float, name: str) -> None:
+        value = side["x_litserve"] if side else math.nan
+        rows.append((name, value, f">= {bound:g}", None if math.isnan(value) else value >= bound))
+
+    ratio(stream, 10, "GenerateStream best req/s / LitServe's")
+    ratio(gen, 5, "Generate best req/s / LitServe's")
+    if gen:
+        for name, key, better in (
+            ("Generate best req/s / the best peer's", "best_req_s", "> 1"),
+            ("Generate p99 at half load / the best peer's", "half_p99_ms", "< 1"),
+            ("Generate overload goodput / the best peer's", "over_goodput", "> 1"),
+        ):
+            values = [p[key] for p in peers if not math.isnan(p[key])]
+            if not values or math.isnan(gen[key]):
+                rows.append((name, math.nan, better, None))
+                continue
+            best = min(values) if better == "< 1" else max(values)
+            value = gen[key] / best
+            rows.append((name, value, better, value < 1 if better == "< 1" else value > 1))
+    return rows
+
+
 def render(out: dict[str, Any], plots: Sequence[str]) -> str:
     m = out["machine"]
     lines = ["# genserve beside its peers", ""]
@@ -109,6 +141,9 @@ def render(out: dict[str, Any], plots: Sequence[str]) -> str:
               str(h["over_refused"]), fmt(h["over_rss_peak_mb"])] for h in head],
         )  # fmt: skip
         lines.append("")
+        verdicts = [[n, fmt(v), b, "n/a" if met is None else "met" if met else "MISSED"] for n, v, b, met in targets(head)]
+        if verdicts:
+            lines += ["Targets (issue 15):", "", *table(["figure", "value", "target", ""], verdicts), ""]
     for p in plots[:2]:
         lines += [f"![{p}]({p})", ""]
     lines += ["Settings (why each is fair):", ""]
@@ -126,8 +161,8 @@ def render(out: dict[str, Any], plots: Sequence[str]) -> str:
         "Latency is from the send. Goodput counts OK answers per second of the run. `*`: p99 of the admitted taken as the "
         "slowest answers (h2load cannot read grpc-status; refusals come back at admission, faster than admitted calls). "
         "A refusal is RESOURCE_EXHAUSTED (gRPC) or 429/503 (HTTP). HTTP/1.1 peers get one call per connection "
-        f"({'closed: as many connections as calls in flight'}; open loop and overload: many connections, so a peer that slows "
-        "down is sent less: its sent rate is in the JSON).",
+        "(closed loop: as many connections as calls in flight; open loop and overload: up to 256 connections, so a peer that "
+        "slows down is sent less than offered: `sent_req_s` in the JSON).",
         "",
     ]
 
