@@ -53,7 +53,7 @@ from bench import peers_report
 from bench.figures import Calls, closed_figures, pct_ms
 from bench.h2load import H2Load, Run
 from bench.loadgen import MB, Clients, Job
-from bench.serve import Server, tree_rss_bytes
+from bench.serve import Server, plain, tree_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_BASE = 52000  # this benchmark's ports: 52000-52099
@@ -249,14 +249,19 @@ class Runner:
         if self.current is not None and self.current[0] == side.process:
             return self.current[1:]
         self.release()
-        server, metrics = self.start(side)
-        try:
-            t0 = time.monotonic()
-            self.ready(side, server)
-        except BaseException:
-            stop_tree(server)
-            server.log.close()
-            raise
+        for attempt in (1, 2):
+            server, metrics = self.start(side)
+            try:
+                t0 = time.monotonic()
+                self.ready(side, server)
+                break
+            except BaseException as e:
+                stop_tree(server)
+                server.log.close()
+                # Our range lies inside Linux's ephemeral ports: a client socket (Ray opens hundreds) can hold one for a moment.
+                if attempt == 2 or "bind" not in str(e).lower():
+                    raise
+                progress(f"{side.process}: its port was taken ({str(e).splitlines()[-1][:100]}); once more on the next one")
         progress(f"{side.process}: serving after {time.monotonic() - t0:.1f} s")
         self.current = (side.process, server, metrics, tree_rss_bytes(server.pid) / MB)
         return self.current[1:]
@@ -611,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run(args)
         out["total_s"] = time.perf_counter() - t0
     if args.json is not None:
-        args.json.write_text(json.dumps(peers_report.plain(out), indent=2) + "\n")
+        args.json.write_text(json.dumps(plain(out), indent=2) + "\n")
     written = peers_report.write(out, args.out)
     progress("wrote " + ", ".join(str(p) for p in written))
     return 0

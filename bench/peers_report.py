@@ -10,21 +10,9 @@ from typing import Any
 import numpy as np
 
 from bench.figures import fmt
+from bench.serve import plain
 
 PLOTS = ("peers_latency_throughput.png", "peers_overload.png", "peers_text.png")
-
-
-def plain(x: Any) -> Any:
-    """``x`` for strict JSON: numpy numbers as Python's, nan (no sample) as null, inf as "inf"."""
-    if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) else "inf" if math.isinf(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def num(x: Any) -> float:

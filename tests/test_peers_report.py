@@ -19,6 +19,7 @@ from bench import peers_report
 from bench.h2load import Run, command, read_log_statuses
 from bench.peer_apps import seed_of
 from bench.peers import admitted_pct_ms, h2load_figures, open_load, sides, training_section
+from bench.serve import plain
 
 
 def fake_run(durations_s: list[float], statuses: list[int] | None = None, started: int | None = None, wall_s: float = 2.0) -> Run:
@@ -110,7 +111,7 @@ def fake_out() -> dict[str, Any]:
 
 
 def test_headline_compares_every_side_with_litserve() -> None:
-    rows = {r["side"]: r for r in peers_report.headline(peers_report.plain(fake_out()))}
+    rows = {r["side"]: r for r in peers_report.headline(plain(fake_out()))}
     g = rows["genserve Generate"]
     assert g["x_litserve"] == 5.0 and g["half_p99_ms"] == 5.0 and g["over_goodput"] == 2900.0 and g["over_refused"] == 3000
     assert rows["LitServe"]["x_litserve"] == 1.0 and rows["LitServe"]["over_p99_ms"] == math.inf
@@ -131,7 +132,7 @@ def test_report_and_plots_are_written(tmp_path: Path) -> None:
     assert "| Generate overload goodput / the best peer's | 9.67 | > 1 | met |" in text
     assert "**Ray Serve**: not measured: ray is not installed" in text
     assert "Fake CPU" in text and "2026-12-01" in text and "ray" not in text.split("Versions:")[1].split("\n")[0]
-    json.dumps(peers_report.plain(fake_out()), allow_nan=False)  # strict JSON: inf and nan become strings and nulls
+    json.dumps(plain(fake_out()), allow_nan=False)  # strict JSON: inf and nan become strings and nulls
 
 
 def test_training_rows_come_from_the_run_records(tmp_path: Path) -> None:
