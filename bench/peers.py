@@ -576,7 +576,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     runner.serve_side(side, out["serving"])
                 except RuntimeError as e:
-                    out["skipped"][side.name] = f"failed: {str(e).splitlines()[0]}"
+                    lines = str(e).strip().splitlines()
+                    out["settings"].pop(side.name)
+                    out["skipped"][side.name] = "failed: " + (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")
                     progress(f"{side.name}: FAILED: {e}")
             if "text" not in args.skip:
                 if not server_text_rows:
