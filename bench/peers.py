@@ -618,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run(args)
         out["total_s"] = time.perf_counter() - t0
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(plain(out), indent=2) + "\n")
     written = peers_report.write(out, args.out)
     progress("wrote " + ", ".join(str(p) for p in written))
