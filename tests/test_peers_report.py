@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,7 @@ def test_closed_loop_does_not_list_the_calls_in_flight_at_the_end() -> None:
     assert math.isnan(admitted_pct_ms(np.zeros(0), 5, 99)) and math.isnan(admitted_pct_ms(np.ones(3), 0, 99))
 
 
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed (scripts/bench_setup.sh)")
 def test_h2load_command_for_an_http_peer(tmp_path: Path) -> None:
     cmd = command(8000, tmp_path / "b", tmp_path / "l", duration_s=1.5, connections=64, path="/predict", headers=("x: y",), h1=True)
     assert "--h1" in cmd and cmd[-1] == "http://127.0.0.1:8000/predict"
