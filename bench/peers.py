@@ -53,6 +53,7 @@ from bench import peers_report
 from bench.figures import Calls, closed_figures, pct_ms
 from bench.h2load import H2Load, Run
 from bench.loadgen import MB, Clients, Job
+from bench.peer_apps import BATCH, BATCH_TIMEOUT_MS
 from bench.serve import Server, plain, tree_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,16 +80,20 @@ class Side:
 
 
 def sides(threads: int) -> list[Side]:
-    t = f"torch threads {threads}"
+    from server.config import ServerConfig
+
+    t, c = f"torch threads {threads}", ServerConfig()  # our server runs on its defaults: the settings said are those
     return [
         Side("echo", "grpc", "bench.echo: answers every call at once, no model (the ceiling of grpc.aio here)"),
         Side(
             "genserve Generate", "grpc",
-            f"python -m server defaults: batch_size 128, batch_timeout 2 ms, {t}, CoDel admission (5 ms target); one process",
+            f"python -m server defaults: batch_size {c.batch_size}, batch_timeout {c.batch_timeout_ms:g} ms, {t}, admission by "
+            f"queueing delay (target {c.admission_target_ms:g} ms, interval {c.admission_interval_ms:g} ms); one process",
         ),
         Side("genserve GenerateStream", "stream", "the same server; a stream client keeps the window in flight within its credit"),
         Side(
-            "LitServe", "http", f"max_batch_size 32, batch_timeout 5 ms, fast_queue (zmq), 1 worker, 1 API server, {t}; JSON",
+            "LitServe", "http",
+            f"max_batch_size {BATCH}, batch_timeout {BATCH_TIMEOUT_MS:g} ms, fast_queue (zmq), 1 worker, 1 API server, {t}; JSON",
             needs="litserve", peer="litserve",
         ),
         Side(
@@ -97,7 +102,8 @@ def sides(threads: int) -> list[Side]:
         ),
         Side(
             "Ray Serve", "http",
-            f"@serve.batch(max_batch_size 32, batch_wait_timeout_s 0.005), 1 replica, max_ongoing_requests 64, {t}; JSON",
+            f"@serve.batch(max_batch_size {BATCH}, batch_wait_timeout_s {BATCH_TIMEOUT_MS / 1000:g}), 1 replica, "
+            f"max_ongoing_requests {2 * BATCH}, {t}; JSON",
             needs="ray", peer="ray",
         ),
     ]  # fmt: skip
