@@ -21,8 +21,9 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,27 +66,34 @@ class Run:
     wall_s: float
     durations: np.ndarray  # seconds, one per finished call
     output: str
+    statuses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # HTTP status of each finished call (HTTP peers)
 
     @property
     def calls_s(self) -> float:
         return self.done / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def parse(output: str, durations: np.ndarray) -> Run:
+def parse(output: str, durations: np.ndarray, statuses: np.ndarray | None = None) -> Run:
     m = _REQUESTS.search(output)
     if m is None:
         raise RuntimeError(f"h2load gave no summary; its output ends:\n{output[-2000:]}")
     total, started, done, succeeded, _failed, errored, _timeout = (int(g) for g in m.groups())
     wall = re.search(r"finished in ([\d.]+)(ms|s),", output)
     wall_s = 0.0 if wall is None else float(wall.group(1)) / (1000.0 if wall.group(2) == "ms" else 1.0)
-    return Run(total, started, done, succeeded, errored, wall_s, durations, output)
+    return Run(total, started, done, succeeded, errored, wall_s, durations, output, np.zeros(0, np.int32) if statuses is None else statuses)
 
 
 def read_log(path: Path) -> np.ndarray:
     """Durations in seconds from h2load's --log-file (start us, HTTP status, duration us per line)."""
+    return read_log_statuses(path)[0]
+
+
+def read_log_statuses(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Durations in seconds and HTTP statuses from h2load's --log-file (start us, HTTP status, duration us per line)."""
     text = path.read_text() if path.exists() else ""
-    values = [int(line.split("\t")[2]) for line in text.splitlines() if line.count("\t") == 2]
-    return np.asarray(values, dtype=np.float64) / 1e6
+    rows = [line.split("\t") for line in text.splitlines() if line.count("\t") == 2]
+    durations = np.asarray([int(r[2]) for r in rows], dtype=np.float64) / 1e6
+    return durations, np.asarray([int(r[1]) for r in rows], dtype=np.int32)
 
 
 def command(
@@ -98,11 +106,17 @@ def command(
     connections: int = 1,
     streams: int = 64,
     rps: float | None = None,
+    path: str = GENERATE_PATH,
+    headers: tuple[str, ...] = HEADERS,
+    h1: bool = False,
 ) -> list[str]:
     """The h2load command line: closed loop (``streams`` calls in flight per connection) or, with
-    ``rps``, open loop at ``rps`` calls/s over all ``connections`` (h2load's --rps is per connection)."""
-    cmd = [find(), "-c", str(connections), "-m", str(streams), "-t", "1", "-d", str(body), "--log-file", str(log_file)]
-    for header in HEADERS:
+    ``rps``, open loop at ``rps`` calls/s over all ``connections`` (h2load's --rps is per connection).
+    ``h1``: HTTP/1.1, one call in flight per connection (no pipelining: ``streams`` is ignored), for HTTP peers."""
+    cmd = [find(), "-c", str(connections), "-m", str(1 if h1 else streams), "-t", "1", "-d", str(body), "--log-file", str(log_file)]
+    if h1:
+        cmd.append("--h1")
+    for header in headers:
         cmd += ["-H", header]
     if duration_s is not None:
         cmd += ["-D", f"{max(1, round(duration_s * 1000))}ms"]  # whole units only: "0.5" is refused
@@ -110,24 +124,29 @@ def command(
         cmd += ["-n", str(calls or 1)]
     if rps is not None:
         cmd += ["--rps", f"{max(rps / connections, 1.0):.1f}"]
-    return [*cmd, f"http://127.0.0.1:{port}{GENERATE_PATH}"]
+    return [*cmd, f"http://127.0.0.1:{port}{path}"]
 
 
 class H2Load:
     """Runs h2load against one port with one request body; one temporary folder for its files."""
 
-    def __init__(self, request: pb.GenerateRequest | None = None) -> None:
+    def __init__(
+        self, request: pb.GenerateRequest | None = None, *, http_body: bytes | None = None, path: str = GENERATE_PATH,
+        headers: tuple[str, ...] = HEADERS, h1: bool = False,
+    ) -> None:  # fmt: skip
+        """gRPC Generate by default; ``http_body`` (with ``path``, ``headers``, ``h1``) for an HTTP peer."""
         find()
         self._dir = tempfile.TemporaryDirectory(prefix="bench-h2load-")
         self.body = Path(self._dir.name) / "request.bin"
-        self.body.write_bytes(grpc_frame(request or one_image_request()))
+        self.body.write_bytes(http_body if http_body is not None else grpc_frame(request or one_image_request()))
+        self._target: dict[str, Any] = {"path": path, "headers": headers, "h1": h1}
         self._runs = 0
 
     def start(self, port: int, **load: float | int | None) -> tuple[subprocess.Popen[str], Path]:
         """Start a run in the background (``command``'s keywords); ``finish`` collects it."""
         self._runs += 1
         log_file = Path(self._dir.name) / f"run-{self._runs}.log"
-        cmd = command(port, self.body, log_file, **load)  # type: ignore[arg-type]
+        cmd = command(port, self.body, log_file, **self._target, **load)  # type: ignore[arg-type]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
         return proc, log_file
 
@@ -139,7 +158,7 @@ class H2Load:
             proc.kill()
             output, _ = proc.communicate()
             raise RuntimeError(f"h2load ran past {timeout_s:.0f} s; its output ends:\n{output[-2000:]}") from None
-        return parse(output, read_log(log_file))
+        return parse(output, *read_log_statuses(log_file))
 
     def run(self, port: int, timeout_s: float = 120.0, **load: float | int | None) -> Run:
         return self.finish(self.start(port, **load), timeout_s)
