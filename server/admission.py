@@ -53,19 +53,25 @@ from server.statuses import Refused
 SHEDDING_CREDIT_FRACTION = 4  # a stream holds 1/4 of its credit while the server sheds
 
 
-def grpc_server_options(max_streams_per_connection: int) -> list[tuple[str, int]]:
-    """grpc core settings that keep every call for our admission to answer.
+def grpc_server_options(max_streams_per_connection: int, max_pending_calls: int) -> list[tuple[str, int]]:
+    """grpc core settings for the calls the application has not picked up yet.
 
-    grpc core holds the calls the application has not picked up yet in a backlog; past
-    ``grpc.server.max_pending_requests`` (default 1000, random early drop up to the hard limit,
-    3000) it ends them itself, as CANCELLED: measured under 2x overload (h2load, 4 connections),
-    ~37.7k of ~45k calls ended so, unseen by admission and by the metrics. With the limits raised
-    out of reach every call reaches the handler, which refuses it (RESOURCE_EXHAUSTED) or serves it.
-    What bounds the backlog then is the HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS):
-    a gRPC client waits for a free stream instead of sending, so a connection never holds more
-    than ``max_streams_per_connection`` calls in the server (0: grpc's default, no limit).
+    grpc core holds them in a backlog; past ``grpc.server.max_pending_requests`` (grpc's default
+    1000, then random early drop up to the hard limit, 3000) it ends them itself, as CANCELLED:
+    measured under 2x overload (h2load, 4 connections), ~37.7k of ~45k calls ended so, unseen by
+    admission and by the metrics. With the limits out of reach (1<<20) every call reached the
+    handler, but under 2x overload one grpc.aio process cannot even refuse as fast as calls come
+    (a refusal costs 170-240 us of CPU here, a served echo call 210-310 us), so the backlog, and
+    with it memory, grew with the load: +232 MB RSS in a 5 s overload (~14 KB a waiting call).
+    So the backlog is bounded by configuration (``max_pending_calls``, the hard limit twice it):
+    ~8k waiting calls is ~115 MB here, and what a flood brings beyond it grpc core drops.
+    The HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS) bounds it per client
+    instead: a gRPC client waits for a free stream rather than sending (0: grpc's default, no limit).
     """
-    options = [("grpc.server.max_pending_requests", 1 << 20), ("grpc.server.max_pending_requests_hard_limit", 1 << 21)]
+    options = [
+        ("grpc.server.max_pending_requests", max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
+    ]
     if max_streams_per_connection:
         options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
     return options

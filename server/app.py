@@ -149,7 +149,7 @@ class GenServer:
                 ("grpc.max_send_message_length", limit),
                 # a second server on the same port must fail, not share it; workers of one group share it
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-                *grpc_server_options(c.max_streams_per_connection),  # no call is left to grpc core to cancel
+                *grpc_server_options(c.max_streams_per_connection, c.max_pending_calls),  # grpc core's backlog, bounded
             ],
         )
         undo.push_async_callback(self.grpc.stop, None)

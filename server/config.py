@@ -50,6 +50,10 @@ class ServerConfig:
         default=5.0, metadata={"help": "queueing delay a request may meet; held over it for an interval, new requests are refused"}
     )
     admission_interval_ms: float = field(default=100.0, metadata={"help": "... this long (CoDel's interval; also the retry hint)"})
+    max_pending_calls: int = field(
+        default=8192,
+        metadata={"help": "calls grpc core may hold before the server takes them; beyond it (to twice it) core drops them, CANCELLED"},
+    )
     max_streams_per_connection: int = field(
         default=0, metadata={"help": "HTTP/2 streams (calls) one connection may have open; clients wait for one beyond it (0: no limit)"}
     )
@@ -94,6 +98,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
+        positive += ["max_pending_calls"]
         positive += ["max_new_tokens", "max_inflight", "queue_size", "stream_credits", "restart_intensity", "max_message_mb"]
         for name in positive:
             if getattr(self, name) < 1:

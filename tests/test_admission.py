@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from server.admission import Admission, CoDel
+from server.admission import Admission, CoDel, grpc_server_options
 from server.statuses import RETRY_PUSHBACK_KEY, Refused
 
 TARGET, INTERVAL = 0.005, 0.100
@@ -114,3 +114,12 @@ def test_stream_credit_shrinks_while_shedding_and_comes_back_after() -> None:
     assert admission.stream_grant(2, 0) == 1  # never nothing to spend and nothing in flight
     admission.observe_job(clock.now - 0.002, 0.001)  # calm again
     assert admission.stream_grant(64, 10) == 54  # topped up to the full grant
+
+
+def test_grpc_cores_backlog_is_bounded_by_configuration() -> None:
+    """Memory is bounded by configuration, never by load: grpc core's backlog of calls not yet picked up too."""
+    options = dict(grpc_server_options(0, 100))
+    assert options["grpc.server.max_pending_requests"] == 100
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 200
+    assert "grpc.max_concurrent_streams" not in options
+    assert dict(grpc_server_options(32, 100))["grpc.max_concurrent_streams"] == 32
