@@ -88,16 +88,18 @@ class Batcher(Stage):
         if not self.pending:
             self.pending = await self.inbox.take(1)
             size = self.pending[0].chunk.n
-        deadline = loop.time() + self.batch_timeout
-        while size < self.batch_size and not self.carry:
-            more = self.inbox.take_nowait(self.batch_size - size)
-            if not more:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        more = await self.inbox.take(self.batch_size - size)
-                except TimeoutError:
-                    return
-            size = self._add(more, size)
+        # One timeout for the whole fill, not one per wait: pieces of one-image calls arrive one by
+        # one, and a Timeout per arrival (its timer armed and cancelled) was 1.5% of the server's
+        # samples under 64 Generate calls in flight (py-spy), of the 1.8% the whole fill took.
+        # Link.take is cancellation-safe (nothing is lost when the timeout cancels it) and
+        # ``_add`` does not wait, so a timeout can only end the fill between pieces.
+        try:
+            async with asyncio.timeout_at(loop.time() + self.batch_timeout):
+                while size < self.batch_size and not self.carry:
+                    more = self.inbox.take_nowait(self.batch_size - size) or await self.inbox.take(self.batch_size - size)
+                    size = self._add(more, size)
+        except TimeoutError:
+            return
 
     async def _run_batch(self, batch_id: int, slots: asyncio.Semaphore) -> None:
         # the batch is read from `running`, not passed in: this frame cannot be cleared (below) while it runs
