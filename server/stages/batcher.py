@@ -17,10 +17,59 @@ from server.links import Link
 from server.stages.base import ImageDone, ImageWork, Stage
 from server.statuses import status_of
 
+# How far the batch window stretches while the event loop is saturated, and where stretching
+# starts and ends (the loop thread's busy fraction). Measured (python -m bench.ab, 64 one-image
+# Generate calls in flight by h2load, a shared 2-core machine): with a 2 ms window the server
+# formed batches of 3-5 samples (each padded to the VAE's 32-row tile: a batch of 3 costs the
+# model what 32 do) and reached 0.33-0.45 of the bare echo; with 8 ms, batches of ~24 and
+# 0.68-0.92. The calls waited in grpc core, not in the pipeline (2-35 admitted at a time), so
+# nothing but a longer window lets a batch gather more; a loop that is not saturated keeps the
+# configured window, so the latency of a lightly loaded server does not change.
+STRETCH_MAX = 4.0
+BUSY_FROM = 0.75  # below: the configured window
+BUSY_FULL = 0.95  # at and above: STRETCH_MAX times it
+MIN_SPAN_S = 0.001  # the busy fraction is read over at least this much wall time
+
+
+class BatchWindow:
+    """The batch timeout in force: ``base_s`` while the event loop has time to spare, stretched up
+    to ``STRETCH_MAX`` times as the loop thread's busy fraction (its CPU time over wall time since
+    the last reading, smoothed) goes from ``BUSY_FROM`` to ``BUSY_FULL``. ``next`` must be called
+    on the loop thread (``cpu`` is that thread's CPU clock)."""
+
+    def __init__(
+        self,
+        base_s: float,
+        *,
+        cpu: Callable[[], float] = time.thread_time,
+        wall: Callable[[], float] = time.perf_counter,
+        stretch: float = STRETCH_MAX,
+    ) -> None:
+        self.base_s = base_s
+        self.stretch = stretch
+        self.cpu = cpu
+        self.wall = wall
+        self.busy = 0.0
+        self._cpu, self._wall = cpu(), wall()
+        self.current_s = base_s
+
+    def next(self) -> float:
+        """The window for the batch that opens now."""
+        cpu, wall = self.cpu(), self.wall()
+        span = wall - self._wall
+        if span >= MIN_SPAN_S:
+            sample = min(1.0, max(0.0, (cpu - self._cpu) / span))
+            self.busy = 0.5 * self.busy + 0.5 * sample
+            self._cpu, self._wall = cpu, wall
+        over = min(1.0, max(0.0, (self.busy - BUSY_FROM) / (BUSY_FULL - BUSY_FROM)))
+        self.current_s = self.base_s * (1.0 + (self.stretch - 1.0) * over)
+        return self.current_s
+
 
 class Batcher(Stage):
     """Collects one model's image work into batches: a batch closes at ``batch_size`` samples, or
-    ``batch_timeout`` seconds after its first piece; up to ``concurrency`` batches run at once, so
+    ``batch_timeout`` seconds after its first piece (up to STRETCH_MAX times that while the event
+    loop is saturated: ``BatchWindow``); up to ``concurrency`` batches run at once, so
     the next batch fills while one computes."""
 
     kind = "batcher"
@@ -44,6 +93,7 @@ class Batcher(Stage):
         self.engine = engine
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
+        self.window = BatchWindow(batch_timeout)  # the timeout in force: longer while the loop is saturated
         self.concurrency = concurrency
         self.observe_batch = observe_batch
         self.pending: list[ImageWork] = []  # the batch being filled
@@ -94,7 +144,7 @@ class Batcher(Stage):
         # Link.take is cancellation-safe (nothing is lost when the timeout cancels it) and
         # ``_add`` does not wait, so a timeout can only end the fill between pieces.
         try:
-            async with asyncio.timeout_at(loop.time() + self.batch_timeout):
+            async with asyncio.timeout_at(loop.time() + self.window.next()):
                 while size < self.batch_size and not self.carry:
                     more = self.inbox.take_nowait(self.batch_size - size) or await self.inbox.take(self.batch_size - size)
                     size = self._add(more, size)
