@@ -24,7 +24,8 @@ from server.statuses import status_of
 # model what 32 do) and reached 0.33-0.45 of the bare echo; with 8 ms, batches of ~24 and
 # 0.68-0.92. The calls waited in grpc core, not in the pipeline (2-35 admitted at a time), so
 # nothing but a longer window lets a batch gather more; a loop that is not saturated keeps the
-# configured window, so the latency of a lightly loaded server does not change.
+# configured window, so the latency of a lightly loaded server does not change; and only a batch
+# still under one tile waits on (Batcher._fill): one that holds a tile gains nothing by waiting.
 STRETCH_MAX = 4.0
 BUSY_FROM = 0.75  # below: the configured window
 BUSY_FULL = 0.95  # at and above: STRETCH_MAX times it
@@ -131,25 +132,39 @@ class Batcher(Stage):
         return size
 
     async def _fill(self) -> None:
-        """Fill ``pending`` until it is full or its timeout, counted from its first piece, passes."""
+        """Fill ``pending`` until it is full or its timeout, counted from its first piece, passes;
+        a batch still smaller than one of the model's tiles then waits on, up to the stretched
+        window (``BatchWindow``), for a tile's worth: a smaller batch costs the model a whole tile
+        anyway (engine/images.py), and one that holds a tile has nothing to gain by waiting."""
         loop = asyncio.get_running_loop()
         carry, self.carry = self.carry, []
         size = self._add(carry, 0)
         if not self.pending:
             self.pending = await self.inbox.take(1)
             size = self.pending[0].chunk.n
+        start = loop.time()
+        stretched = start + self.window.next()
+        size = await self._fill_until(start + self.batch_timeout, self.batch_size, size)
+        images = self.pending[0].job.served.images
+        tile = images.tile if images is not None else 0
+        if size < min(tile, self.batch_size) and not self.carry and stretched > loop.time():
+            await self._fill_until(stretched, min(tile, self.batch_size), size)
+
+    async def _fill_until(self, deadline: float, goal: int, size: int) -> int:
+        """Add pieces to ``pending`` until it holds ``goal`` samples, a piece does not fit, or ``deadline``."""
         # One timeout for the whole fill, not one per wait: pieces of one-image calls arrive one by
         # one, and a Timeout per arrival (its timer armed and cancelled) was 1.5% of the server's
         # samples under 64 Generate calls in flight (py-spy), of the 1.8% the whole fill took.
         # Link.take is cancellation-safe (nothing is lost when the timeout cancels it) and
         # ``_add`` does not wait, so a timeout can only end the fill between pieces.
         try:
-            async with asyncio.timeout_at(loop.time() + self.window.next()):
-                while size < self.batch_size and not self.carry:
-                    more = self.inbox.take_nowait(self.batch_size - size) or await self.inbox.take(self.batch_size - size)
+            async with asyncio.timeout_at(deadline):
+                while size < goal and not self.carry:
+                    more = self.inbox.take_nowait(goal - size) or await self.inbox.take(goal - size)
                     size = self._add(more, size)
         except TimeoutError:
-            return
+            pass
+        return size
 
     async def _run_batch(self, batch_id: int, slots: asyncio.Semaphore) -> None:
         # the batch is read from `running`, not passed in: this frame cannot be cleared (below) while it runs
