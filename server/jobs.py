@@ -43,6 +43,11 @@ class Outcome:
         return cls(code, message, "error")
 
 
+# One shared value for every image job that completes (Outcome is frozen): an Outcome() each was
+# 0.57 us of the per-request path.
+COMPLETE = Outcome()
+
+
 class Recipient(Protocol):
     """The caller's side of a job: where its chunks and its one terminal outcome go."""
 

@@ -107,7 +107,10 @@ class Pipeline:
 
     def _drop_link(self, link_name: str) -> None:
         links: dict[str, Any] = self.image_links if link_name.startswith("batcher-") else self.text_links
-        link = links.pop(link_name.split("-", 1)[1], None)
+        model = link_name.split("-", 1)[1]
+        link = links.pop(model, None)
+        if link_name.startswith("batcher-"):
+            self.topology.batchers.pop(model, None)
         if link is None:
             return
         for item in link.take_nowait(link.capacity):
@@ -209,8 +212,11 @@ class Pipeline:
         if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/admission.py)
             # What batching itself costs is not queueing: the batch timeout, the job's own batches,
             # and one batch ahead of it (one computes while the next fills).
+            # The window is the one in force (a saturated loop stretches it: server/stages/batcher.py).
             batches = -(-job.image.n // self.config.batch_size) + 1
-            allowance = self.config.batch_timeout_ms / 1000 + batches * self._service_s.get(name, 0.0)
+            batcher = self.topology.batchers.get(name)
+            window = batcher.window.current_s if batcher is not None else self.config.batch_timeout_ms / 1000
+            allowance = window + batches * self._service_s.get(name, 0.0)
             self.admission.observe_job(job.created, allowance)
         counters = self._children.get((name, job.rpc, code))
         if counters is None:  # label lookups cost microseconds: keep the children per label set

@@ -120,7 +120,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             return
         try:
             while True:
-                item = await queue.items.get()
+                item = await queue.get()
                 if isinstance(item, Outcome):
                     if item.ok:
                         yield finish_message(job_id, job, item)

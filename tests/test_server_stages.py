@@ -29,6 +29,7 @@ from server.links import Link
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+from server.stages.batcher import BatchWindow
 from server.statuses import Refused
 from server.supervisor import Supervisor
 
@@ -257,6 +258,34 @@ async def test_a_link_needs_room() -> None:
 
 
 # -- Batcher ----------------------------------------------------------------------------------------
+
+
+class FakeClocks:
+    """A loop thread's CPU clock and the wall clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.cpu = 0.0
+        self.wall = 0.0
+
+    def advance(self, wall_s: float, busy: float) -> None:
+        self.wall += wall_s
+        self.cpu += wall_s * busy
+
+
+def test_the_batch_window_stretches_only_while_the_loop_is_saturated() -> None:
+    clocks = FakeClocks()
+    window = BatchWindow(0.002, cpu=lambda: clocks.cpu, wall=lambda: clocks.wall, stretch=4.0)
+    for _ in range(20):  # a loop with time to spare: the configured window
+        clocks.advance(0.01, busy=0.3)
+        assert window.next() == 0.002
+    for _ in range(20):  # saturated: up to 4x
+        clocks.advance(0.01, busy=1.0)
+        window.next()
+    assert window.current_s == pytest.approx(0.008)
+    for _ in range(20):  # the load goes: back to the configured window
+        clocks.advance(0.01, busy=0.1)
+        window.next()
+    assert window.current_s == 0.002
 
 
 async def test_a_full_batch_closes_without_waiting_for_the_timeout(digits: ServedModel) -> None:

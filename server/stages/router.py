@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import anyio
 from anyio.abc import TaskStatus
 
-from server.jobs import Job, Outcome
+from server.jobs import COMPLETE, Job
 from server.links import Link
 from server.stages.base import ImageDone, Stage
 
@@ -45,4 +45,4 @@ class Router(Stage):
             job.emit(done.result)
             job.sent += done.result.pixels.shape[0]
             if job.image is not None and job.sent >= job.image.n:
-                job.finish(Outcome())
+                job.finish(COMPLETE)

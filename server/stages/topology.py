@@ -45,6 +45,7 @@ class Topology:
         # shared with the producer and the processors (the same dicts): a link added later is routed to at once
         self.image_links: dict[str, Link[ImageWork]] = {}
         self.text_links: dict[str, Link[Job]] = {}
+        self.batchers: dict[str, Batcher] = {}  # model name -> its batcher (admission reads its window in force)
         models = [stage for served in registry.served() if (stage := self.model_stage(served)) is not None]
         self.stages: list[Stage] = [Producer(self.ingress, self.work, self.text_links)]
         self.stages += [Processor(i, self.work, self.image_links, max_chunk=c.batch_size) for i in range(c.processors)]
@@ -60,7 +61,7 @@ class Topology:
                 return None
             link: Link[ImageWork] = Link(f"batcher-{name}", c.queue_size)
             self.image_links[name] = link
-            return Batcher(
+            batcher = self.batchers[name] = Batcher(
                 name,
                 link,
                 self.results,
@@ -70,6 +71,7 @@ class Topology:
                 concurrency=c.batch_concurrency,
                 observe_batch=self.observe_batch,
             )
+            return batcher
         if name in self.text_links:
             return None
         text_link: Link[Job] = Link(f"text-{name}", c.queue_size)
