@@ -27,7 +27,7 @@ class CallQueue:
     (the router, the text feeder's routing callback, the deadline sweep); one handler reads.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("__weakref__", "_items", "_waiter")  # weakly referable: tests/test_fault_memory.py checks it is freed
 
     def __init__(self) -> None:
         self._items: collections.deque[pb.GenerateResponse | Outcome] = collections.deque()
