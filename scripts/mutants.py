@@ -72,7 +72,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "cancel-worker-noop",
         "engine/engine.py",
-        "        if self.loop.cancel(handle):\n            self._wake.set()",
+        "        if loop is not None and loop.cancel(handle):\n            self._wake.set()",
         "        pass",
         ("tests/test_engine.py", "tests/test_server.py", "-k", "closing or deadline or goes_away"),
         "a cancelled sequence stops costing work",
