@@ -272,7 +272,7 @@ class FakeClocks:
         self.cpu += wall_s * busy
 
 
-def test_the_batch_window_stretches_only_while_the_loop_is_saturated() -> None:
+async def test_the_batch_window_stretches_only_while_the_loop_is_saturated() -> None:
     clocks = FakeClocks()
     window = BatchWindow(0.002, cpu=lambda: clocks.cpu, wall=lambda: clocks.wall, stretch=4.0)
     for _ in range(20):  # a loop with time to spare: the configured window
