@@ -143,7 +143,7 @@ async def amqp_load(url: str, queue: str, args: argparse.Namespace) -> dict[str,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return {"calls_per_s": done / elapsed, "done": done, "duplicates": client.duplicates}
+    return {"calls_per_s": done / elapsed, "done": done, "duplicates": client.duplicates, "late": client.late}
 
 
 def bench_amqp(models: Path, servers: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -157,12 +157,14 @@ def bench_amqp(models: Path, servers: int, url: str, args: argparse.Namespace) -
         # several client processes: one Python client tops out near one server's rate
         with ProcessPoolExecutor(args.amqp_clients) as pool:
             parts = list(pool.map(_amqp_client, [(url, queue, args)] * args.amqp_clients))
-        result = {key: sum(p[key] for p in parts) for key in ("calls_per_s", "done", "duplicates")}
+        result = {key: sum(p[key] for p in parts) for key in ("calls_per_s", "done", "duplicates", "late")}
     finally:
         for proc in procs:
             stop(proc)
         asyncio.run(_delete_queue(url, queue))
-    print(f"amqp  servers={servers}: {result['calls_per_s']:9.0f} calls/s", flush=True)
+    # late: replies to the calls cut when the clients stopped; duplicates: second replies to one request
+    rate, duplicates, late = result["calls_per_s"], result["duplicates"], result["late"]
+    print(f"amqp  servers={servers}: {rate:9.0f} calls/s ({duplicates} duplicates, {late} late)", flush=True)
     return {"servers": servers, **result}
 
 

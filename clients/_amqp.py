@@ -5,7 +5,9 @@ Each request is one message (a serialized ``GenerateRequest``, with a fresh ``co
 The guarantee is at-least-once: a server that dies before acknowledging a request makes the
 broker hand it to another server, so a reply can come twice. The client keeps the first reply of
 each correlation id and drops the rest (``duplicates`` counts them); generation is idempotent for
-a given seed, so the first reply is as good as any.
+a given seed, so the first reply is as good as any. A reply to a request the caller gave up on (its
+deadline passed, or its task was cancelled) is dropped too and counted apart, in ``late``: it is
+not a second answer, only one nobody waits for any more.
 
 A deadline becomes the message's ``expiration`` (a request still queued when it passes is
 dead-lettered by the broker, never served late), its ``timeout_ms``, and a
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# How many given-up correlation ids are remembered, to tell a late reply from a duplicate: a
+# bounded memory (an id is 32 characters), enough for every request of a long burst of timeouts.
+REMEMBER_ABANDONED = 65536
 
 
 class AsyncAmqpClient:
@@ -58,6 +64,8 @@ class AsyncAmqpClient:
         self.queue = queue
         self.timeout = timeout
         self.duplicates = 0  # replies dropped because their request had its reply already
+        self.late = 0  # replies dropped because their request was given up on (deadline, cancellation)
+        self._abandoned: OrderedDict[str, None] = OrderedDict()  # the last REMEMBER_ABANDONED given up on
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._replies: AbstractQueue | None = None
@@ -108,11 +116,17 @@ class AsyncAmqpClient:
             return self._channel
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._waiting.pop(message.correlation_id or "", None)
-        if future is None or future.done():  # a redelivered request's second reply, or one that came too late
-            self.duplicates += 1
+        correlation_id = message.correlation_id or ""
+        future = self._waiting.pop(correlation_id, None)
+        if future is not None and not future.done():
+            future.set_result(message.body)
             return
-        future.set_result(message.body)
+        # its caller stopped waiting: the future is cancelled at once, the id is remembered when the
+        # caller's task next runs, and the reply can come in between
+        if (future is not None and future.cancelled()) or self._abandoned.pop(correlation_id, 0) is None:
+            self.late += 1
+        else:  # a redelivered request's second reply
+            self.duplicates += 1
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -147,6 +161,11 @@ class AsyncAmqpClient:
         except TimeoutError:
             raise DeadlineExceeded(f"no reply within {timeout:g} s", request_id=correlation_id) from None
         finally:
+            # given up on (a timeout or a cancelled task cancels the future too): a reply that still comes is late
+            if future.cancelled() or not future.done():
+                self._abandoned[correlation_id] = None
+                if len(self._abandoned) > REMEMBER_ABANDONED:
+                    self._abandoned.popitem(last=False)
             self._waiting.pop(correlation_id, None)
         return pb.StreamResponse.FromString(body)
 
@@ -232,6 +251,10 @@ class AmqpClient:
     @property
     def duplicates(self) -> int:
         return self._async.duplicates
+
+    @property
+    def late(self) -> int:
+        return self._async.late
 
     def __enter__(self) -> Self:
         return self

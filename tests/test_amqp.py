@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import AmqpClient, AsyncAmqpClient, AsyncClient, ModelNotFound
+from clients import AmqpClient, AsyncAmqpClient, AsyncClient, DeadlineExceeded, ModelNotFound
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
 from server.amqp import declare_queues
@@ -268,7 +268,44 @@ async def test_the_client_keeps_the_first_reply_of_each_request() -> None:
     await client._on_reply(reply)  # type: ignore[arg-type]
     await client._on_reply(SimpleNamespace(correlation_id="r1", body=b"second"))  # type: ignore[arg-type]
     await client._on_reply(SimpleNamespace(correlation_id="unknown", body=b""))  # type: ignore[arg-type]
-    assert first.result() == b"first" and client.duplicates == 2
+    assert first.result() == b"first" and client.duplicates == 2 and client.late == 0
+
+
+@pytest.mark.asyncio
+async def test_a_reply_to_a_request_given_up_on_is_late_not_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call whose deadline passes (or whose task is cancelled) gets its reply later: that reply
+    is counted as late; a second reply to an answered request is still a duplicate."""
+    client = AsyncAmqpClient(URL, timeout=0.05)
+    published: list[Any] = []
+
+    class Exchange:
+        async def publish(self, message: Any, routing_key: str) -> None:
+            published.append(message)
+
+    async def opened() -> Any:
+        return SimpleNamespace(default_exchange=Exchange())
+
+    client._replies = SimpleNamespace(name="replies")  # type: ignore[assignment]
+    monkeypatch.setattr(client, "_open", opened)
+    with pytest.raises(DeadlineExceeded):
+        await client.call(pb.GenerateRequest(id="x", model="vae", image=pb.ImageParams(n=1)))
+    await client._on_reply(SimpleNamespace(correlation_id=published[0].correlation_id, body=b""))  # type: ignore[arg-type]
+    assert (client.late, client.duplicates) == (1, 0)
+    await client._on_reply(SimpleNamespace(correlation_id=published[0].correlation_id, body=b""))  # type: ignore[arg-type]
+    assert (client.late, client.duplicates) == (1, 1)  # remembered once: a second reply is a duplicate
+    for expect_late in (2, 3):
+        cancelled = asyncio.create_task(client.call(pb.GenerateRequest(id="y", model="vae", image=pb.ImageParams(n=1)), timeout=30))
+        await wait_until(lambda n=expect_late: len(published) == n, "the next publish", 5)
+        reply = SimpleNamespace(correlation_id=published[-1].correlation_id, body=b"")
+        cancelled.cancel()
+        if expect_late == 2:  # the reply comes before the cancelled task runs again
+            await client._on_reply(reply)  # type: ignore[arg-type]
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        if expect_late == 3:  # the reply comes after
+            await client._on_reply(reply)  # type: ignore[arg-type]
+        assert (client.late, client.duplicates) == (expect_late, 1)
+    assert client._waiting == {}
 
 
 class ServerProcess:
