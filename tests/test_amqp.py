@@ -311,12 +311,13 @@ async def test_a_reply_to_a_request_given_up_on_is_late_not_a_duplicate(monkeypa
 class ServerProcess:
     """``python -m server`` consuming ``queue``; JSON logs read on a thread."""
 
-    def __init__(self, models: Path, queue: str) -> None:
+    def __init__(self, models: Path, queue: str, *extra: str) -> None:
         cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json"]
-        cmd += ["--models-dir", str(models), "--amqp-queue", queue]
+        cmd += ["--models-dir", str(models), "--amqp-queue", queue, *extra]
         env = {**os.environ, "GENSERVE_AMQP_URL": URL}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.consuming = threading.Event()
+        self.events: list[dict[str, Any]] = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -326,8 +327,12 @@ class ServerProcess:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            self.events.append(event)
             if event.get("event") == "amqp_consuming":
                 self.consuming.set()
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        return next((e for e in self.events if e.get("event") == name), None)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -365,3 +370,32 @@ async def test_a_server_killed_mid_load_loses_no_request(two_servers: tuple[Serv
         results = await asyncio.gather(*calls)
     assert len(results) == 40  # gather raised had any request failed
     assert victim.proc.wait(5) == -signal.SIGKILL
+
+
+@pytest.mark.asyncio
+async def test_a_server_stopped_mid_load_hands_back_what_it_cannot_finish(small_models: Path, queue: str) -> None:
+    """SIGTERM with a short grace: the server stops consuming, finishes what it can, and puts the
+    rest back on the queue (UNAVAILABLE is "retry elsewhere"), where the other server serves it:
+    every request gets one OK reply, none twice, and the stopped server exits 0."""
+    stopping, other = ServerProcess(small_models, queue, "--grace-s", "0.3"), ServerProcess(small_models, queue)
+    try:
+        for s in (stopping, other):
+            assert s.consuming.wait(150), "a server did not start consuming"
+        async with AsyncAmqpClient(URL, queue=queue, timeout=60) as client:
+            # lengths staggered, so the first reply comes while each server still decodes the longer ones
+            lengths = [16 + 40 * i for i in range(24)]
+            calls = [asyncio.create_task(client.generate_text("transformer", "ROMEO:", max_new_tokens=n, seed=n)) for n in lengths]
+            await wait_until(lambda: any(c.done() for c in calls), "a first reply", 60)
+            assert not all(c.done() for c in calls), "the load ended before the stop: make it longer"
+            stopping.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(stopping.proc.wait, 30) == 0
+            results = await asyncio.gather(*calls)  # raised had any request failed
+            assert len(results) == 24 and all(results)
+            assert (client.duplicates, client.late) == (0, 0)
+        stopped = stopping.event("stopped")
+        assert stopped is not None and stopped["exit_code"] == 0
+        # the grace was too short for the stopped server's share: some of it went back to the queue
+        assert stopped["failed"] > 0, stopped
+    finally:
+        for s in (stopping, other):
+            s.stop()
