@@ -399,3 +399,25 @@ async def test_a_server_stopped_mid_load_hands_back_what_it_cannot_finish(small_
     finally:
         for s in (stopping, other):
             s.stop()
+
+
+@pytest.mark.asyncio
+async def test_each_worker_of_a_group_consumes_the_queue(small_models: Path, queue: str) -> None:
+    """``--workers 2 --amqp-queue Q``: each worker is a consumer of its own (the broker sees two),
+    and requests through the queue are served."""
+    group = ServerProcess(small_models, queue, "--workers", "2")
+    try:
+        await wait_until(lambda: sum(e.get("event") == "amqp_consuming" for e in group.events) == 2, "both workers to consume", 150)
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(queue, passive=True)
+            assert declared.declaration_result.consumer_count == 2
+        async with AsyncAmqpClient(URL, queue=queue, timeout=60) as client:
+            digits = await asyncio.gather(*(client.generate_images("vae", 2, seed=i) for i in range(40)))
+        assert [d.shape for d in digits] == [(2, 28, 28)] * 40 and client.duplicates == 0
+        group.proc.send_signal(signal.SIGTERM)  # the parent drains both workers
+        assert await asyncio.to_thread(group.proc.wait, 30) == 0
+        assert sum(e.get("event") == "stopped" for e in group.events) == 2
+    finally:
+        group.stop()
