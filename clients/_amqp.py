@@ -20,16 +20,15 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
 import numpy as np
 import numpy.typing as npt
 
 from clients._channel import DEFAULT_TIMEOUT
 from clients._exceptions import DeadlineExceeded, ServerError, from_status
-from clients._protocol import ImageAssembler, Labels, TextAssembler, image_request, text_request
+from clients._protocol import ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._sync import _Portal
 from clients._types import ImageResult, TextResult
 from genserve.v1 import generator_pb2 as pb
@@ -186,39 +185,16 @@ class AsyncAmqpClient:
         raise ServerError("the reply has no finish")
 
     async def generate_images(
-        self, model: str, n: int, *, seed: int | None = None, labels: Labels = None, version: int = 0, timeout: float | None = None
+        self, model: str, n: int, *, timeout: float | None = None, **options: Unpack[ImageOptions]
     ) -> npt.NDArray[np.uint8]:
         """``n`` samples of an image model as a (n, 28, 28) uint8 array (as ``AsyncClient.generate_images``)."""
-        result = await self.result(image_request(model, n, seed=seed, labels=labels, version=version), timeout=timeout)
+        result = await self.result(image_request(model, n, **options), timeout=timeout)
         assert isinstance(result, ImageResult)
         return result.images
 
-    async def generate_text(
-        self,
-        model: str,
-        prompt: str,
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        version: int = 0,
-        timeout: float | None = None,
-    ) -> str:
+    async def generate_text(self, model: str, prompt: str, *, timeout: float | None = None, **options: Unpack[TextOptions]) -> str:
         """The text generated after ``prompt`` (as ``AsyncClient.generate_text``)."""
-        request = text_request(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-        )
+        request = text_request(model, prompt, **options)
         result = await self.result(request, timeout=timeout)
         assert isinstance(result, TextResult)
         return result.text
@@ -274,10 +250,10 @@ class AmqpClient:
         return self._portal.run(self._async.result(request, timeout=timeout))
 
     def generate_images(
-        self, model: str, n: int, *, seed: int | None = None, labels: Labels = None, version: int = 0, timeout: float | None = None
+        self, model: str, n: int, *, timeout: float | None = None, **options: Unpack[ImageOptions]
     ) -> npt.NDArray[np.uint8]:
-        return self._portal.run(self._async.generate_images(model, n, seed=seed, labels=labels, version=version, timeout=timeout))
+        return self._portal.run(self._async.generate_images(model, n, timeout=timeout, **options))
 
-    def generate_text(self, model: str, prompt: str, **options: Any) -> str:
+    def generate_text(self, model: str, prompt: str, *, timeout: float | None = None, **options: Unpack[TextOptions]) -> str:
         """Keyword options as ``AsyncAmqpClient.generate_text``."""
-        return self._portal.run(self._async.generate_text(model, prompt, **options))
+        return self._portal.run(self._async.generate_text(model, prompt, timeout=timeout, **options))
