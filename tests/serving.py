@@ -6,23 +6,33 @@
     with ServerThread(models_dir="models") as srv:   # for synchronous code
         client = Client(srv.address)
 
+    proc = ServerProcess("--models-dir", "models")   # ``python -m server``, its JSON log read
+    proc.wait_for("server_ready")
+
 Keyword arguments are ServerConfig fields; the port defaults to 0 (a free one) and metrics to off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from types import TracebackType
+from pathlib import Path
 from typing import Any
 
 from server.app import GenServer
 from server.config import ServerConfig
 
 TEST_DEFAULTS: dict[str, Any] = {"port": 0, "metrics_port": 0, "grace_s": 5.0}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_config(**overrides: Any) -> ServerConfig:
@@ -87,3 +97,59 @@ class ServerThread:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+class ServerProcess:
+    """``python -m server`` as a process: a free port, no metrics port and JSON logs unless ``args``
+    say otherwise (argparse keeps the last), its log lines read on a thread into ``events``."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json", *args]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+        with self._changed:  # the log ended: the process is gone, nobody need wait longer
+            self._changed.notify_all()
+
+    def find(self, name: str) -> list[dict[str, Any]]:
+        """The events called ``name``, oldest first."""
+        with self._changed:
+            return [e for e in self.events if e.get("event") == name]
+
+    def names(self) -> list[object]:
+        with self._changed:
+            return [e.get("event") for e in self.events]
+
+    def wait_for(self, name: str, timeout: float = 60.0, count: int = 1) -> dict[str, Any]:
+        """The ``count``-th event called ``name``; AssertionError naming the last events if it does
+        not come within ``timeout`` s or the process ends first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [e for e in self.events if e.get("event") == name]
+                if len(found) >= count:
+                    return found[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"no {count} x {name!r} from the server (exit {self.proc.poll()}): {self.events[-5:]}")
+                self._changed.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        """Kill the process if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -7,13 +7,10 @@ fail instead (CI machines run one). Each test uses queues named after itself, de
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,7 +29,7 @@ from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
 from server.amqp import declare_queues
 from server.app import AMQP_NAME, SERVICE_NAME
-from tests.serving import running_server
+from tests.serving import ServerProcess, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -308,44 +305,23 @@ async def test_a_reply_to_a_request_given_up_on_is_late_not_a_duplicate(monkeypa
     assert client._waiting == {}
 
 
-class ServerProcess:
-    """``python -m server`` consuming ``queue``; JSON logs read on a thread."""
+class AmqpServer(ServerProcess):
+    """``python -m server`` consuming ``queue`` from the test broker; JSON logs read on a thread."""
 
     def __init__(self, models: Path, queue: str, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json"]
-        cmd += ["--models-dir", str(models), "--amqp-queue", queue, *extra]
-        env = {**os.environ, "GENSERVE_AMQP_URL": URL}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.consuming = threading.Event()
-        self.events: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.events.append(event)
-            if event.get("event") == "amqp_consuming":
-                self.consuming.set()
+        super().__init__("--models-dir", str(models), "--amqp-queue", queue, *extra, env={"GENSERVE_AMQP_URL": URL})
 
     def event(self, name: str) -> dict[str, Any] | None:
-        return next((e for e in self.events if e.get("event") == name), None)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        found = self.find(name)
+        return found[0] if found else None
 
 
 @pytest.fixture
-def two_servers(small_models: Path, queue: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    servers = (ServerProcess(small_models, queue), ServerProcess(small_models, queue))
+def two_servers(small_models: Path, queue: str) -> Iterator[tuple[AmqpServer, AmqpServer]]:
+    servers = (AmqpServer(small_models, queue), AmqpServer(small_models, queue))
     try:
         for s in servers:
-            assert s.consuming.wait(150), "a server did not start consuming"
+            s.wait_for("amqp_consuming", 150)
         yield servers
     finally:
         for s in servers:
@@ -353,7 +329,7 @@ def two_servers(small_models: Path, queue: str) -> Iterator[tuple[ServerProcess,
 
 
 @pytest.mark.asyncio
-async def test_a_server_killed_mid_load_loses_no_request(two_servers: tuple[ServerProcess, ServerProcess], queue: str) -> None:
+async def test_a_server_killed_mid_load_loses_no_request(two_servers: tuple[AmqpServer, AmqpServer], queue: str) -> None:
     """Two servers on one queue; SIGKILL one while both hold requests: the broker redelivers its
     unacknowledged requests to the other, and every request gets an OK reply."""
     victim, _ = two_servers
@@ -377,10 +353,10 @@ async def test_a_server_stopped_mid_load_hands_back_what_it_cannot_finish(small_
     """SIGTERM with a short grace: the server stops consuming, finishes what it can, and puts the
     rest back on the queue (UNAVAILABLE is "retry elsewhere"), where the other server serves it:
     every request gets one OK reply, none twice, and the stopped server exits 0."""
-    stopping, other = ServerProcess(small_models, queue, "--grace-s", "0.3"), ServerProcess(small_models, queue)
+    stopping, other = AmqpServer(small_models, queue, "--grace-s", "0.3"), AmqpServer(small_models, queue)
     try:
         for s in (stopping, other):
-            assert s.consuming.wait(150), "a server did not start consuming"
+            s.wait_for("amqp_consuming", 150)
         async with AsyncAmqpClient(URL, queue=queue, timeout=60) as client:
             # lengths staggered, so the first reply comes while each server still decodes the longer ones
             lengths = [16 + 40 * i for i in range(24)]
@@ -405,9 +381,9 @@ async def test_a_server_stopped_mid_load_hands_back_what_it_cannot_finish(small_
 async def test_each_worker_of_a_group_consumes_the_queue(small_models: Path, queue: str) -> None:
     """``--workers 2 --amqp-queue Q``: each worker is a consumer of its own (the broker sees two),
     and requests through the queue are served."""
-    group = ServerProcess(small_models, queue, "--workers", "2")
+    group = AmqpServer(small_models, queue, "--workers", "2")
     try:
-        await wait_until(lambda: sum(e.get("event") == "amqp_consuming" for e in group.events) == 2, "both workers to consume", 150)
+        await asyncio.to_thread(group.wait_for, "amqp_consuming", 150, 2)  # one a worker
         connection = await aio_pika.connect(URL)
         async with connection:
             channel = await connection.channel()
@@ -418,6 +394,6 @@ async def test_each_worker_of_a_group_consumes_the_queue(small_models: Path, que
         assert [d.shape for d in digits] == [(2, 28, 28)] * 40 and client.duplicates == 0
         group.proc.send_signal(signal.SIGTERM)  # the parent drains both workers
         assert await asyncio.to_thread(group.proc.wait, 30) == 0
-        assert sum(e.get("event") == "stopped" for e in group.events) == 2
+        assert len(group.find("stopped")) == 2
     finally:
         group.stop()

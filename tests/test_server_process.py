@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, build_parser, env_name, parse_args
+from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,43 +33,23 @@ def run_server_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.
     )
 
 
-class ServerProcess:
-    """python -m server on a free port, JSON logs read on a thread; the address from its ready line."""
+class ReadyServer(ServerProcess):
+    """A server process that has logged ``server_ready``; its address from that line."""
 
     def __init__(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.events: list[dict[str, object]] = []
-        self.ready = threading.Event()
-        self.address = ""
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(60):
-            self.proc.kill()
-            raise AssertionError(f"server did not become ready: {self.events[-5:]}")
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.events.append(event)
-            if event.get("event") == "server_ready":
-                self.address = str(event["address"])
-                self.ready.set()
-
-    def names(self) -> list[object]:
-        return [e.get("event") for e in self.events]
+        super().__init__(*args)
+        try:
+            self.address = str(self.wait_for("server_ready", 60)["address"])
+        except AssertionError:
+            self.stop()
+            raise
 
 
 @pytest.fixture
-def server_process(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
-    proc = ServerProcess(*getattr(request, "param", ()))
+def server_process(request: pytest.FixtureRequest) -> Iterator[ReadyServer]:
+    proc = ReadyServer(*getattr(request, "param", ()))
     yield proc
-    if proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait()
+    proc.stop()
 
 
 def test_help_lists_every_option_with_its_environment_variable() -> None:
@@ -189,7 +168,7 @@ LONG = 600
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("server_process", [("--grace-s", "60")], indirect=True)
-def test_a_signal_drains_in_flight_work_refuses_new_work_and_exits_zero(server_process: ServerProcess, sig: signal.Signals) -> None:
+def test_a_signal_drains_in_flight_work_refuses_new_work_and_exits_zero(server_process: ReadyServer, sig: signal.Signals) -> None:
     """A first SIGTERM or SIGINT: readiness NOT_SERVING, new calls UNAVAILABLE, in-flight work finishes within --grace-s.
 
     With the signal path draining for 0 s instead, the in-flight request would fail with UNAVAILABLE.
@@ -216,7 +195,7 @@ def test_a_signal_drains_in_flight_work_refuses_new_work_and_exits_zero(server_p
 
 
 @pytest.mark.parametrize("server_process", [("--grace-s", "60", "--max-new-tokens", "4000")], indirect=True)
-def test_a_second_signal_forces_the_exit(server_process: ServerProcess) -> None:
+def test_a_second_signal_forces_the_exit(server_process: ReadyServer) -> None:
     results: list[object] = []
     request = pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=4000, seed=1))
     with grpc.insecure_channel(server_process.address) as channel:

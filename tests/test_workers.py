@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import AsyncClient, GenserveError, Unavailable
 from server.config import ServerConfig
 from server.workers import Board, merge_metrics, reserve_port, worker_threads
+from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,33 +56,19 @@ def small_models(tmp_path: Path) -> Path:
     return folder
 
 
-class Group:
+class Group(ServerProcess):
     """``python -m server --workers N`` with JSON logs read on a thread."""
 
     def __init__(self, *args: str) -> None:
         self.metrics_port = free_port()
-        cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", str(self.metrics_port), "--log-format", "json", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.events: list[dict[str, object]] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_for(lambda: self.find("workers_starting") or self.proc.poll() is not None, "the group to start", 60)
-        started = self.find("workers_starting")
-        self.address = str(started[0]["address"]) if started else ""
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            with self.lock:
-                self.events.append(event)
-
-    def find(self, name: str) -> list[dict[str, object]]:
-        with self.lock:
-            return [e for e in self.events if e.get("event") == name]
+        super().__init__("--metrics-port", str(self.metrics_port), *args)
+        try:
+            started: dict[str, Any] | None = self.wait_for("workers_starting", 60)
+        except AssertionError:
+            if self.proc.poll() is None:
+                raise
+            started = None  # a group that exited at once (bad settings): the tests read why from its events
+        self.address = str(started["address"]) if started else ""
 
     def worker_pids(self) -> dict[int, int]:
         """worker index -> pid of its latest incarnation"""
