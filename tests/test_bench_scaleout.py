@@ -1,0 +1,32 @@
+"""``python -m bench.scaleout`` on a tiny run: its gRPC half counts calls by gRPC status from the
+group's /metrics, so its rate is of OK calls and every answered call is accounted for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import h2load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(shutil.which("h2load") is None, reason=h2load.INSTALL_HINT)]
+
+
+def test_the_grpc_half_reports_ok_calls_and_nothing_unaccounted(tmp_path: Path) -> None:
+    out = tmp_path / "scaleout.json"
+    args = ["--duration", "1", "--warmup", "1", "--workers", "1", "--connections", "2", "--streams", "4"]
+    args += ["--amqp-url", "amqp://guest:guest@127.0.0.1:1/", "--json", str(out)]  # no broker there: the AMQP half is skipped
+    result = subprocess.run([sys.executable, "-m", "bench.scaleout", *args], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "amqp: no broker reachable, skipped" in result.stdout
+    [point] = json.loads(out.read_text())["grpc"]
+    assert point["workers"] == 1 and point["ok"] > 0 and point["unseen"] == 0
+    # CANCELLED: calls cut when h2load stopped; RESOURCE_EXHAUSTED: refused on a busy machine, not in the rate
+    assert point["by_status"]["OK"] == point["ok"] and set(point["by_status"]) <= {"OK", "CANCELLED", "RESOURCE_EXHAUSTED"}
+    assert point["calls_per_s"] > 0 and point["ok"] <= point["done"]
