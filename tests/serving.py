@@ -24,8 +24,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from types import TracebackType
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from server.app import GenServer

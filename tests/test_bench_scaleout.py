@@ -29,4 +29,4 @@ def test_the_grpc_half_reports_ok_calls_and_nothing_unaccounted(tmp_path: Path) 
     assert point["workers"] == 1 and point["ok"] > 0 and point["unseen"] == 0
     # CANCELLED: calls cut when h2load stopped; RESOURCE_EXHAUSTED: refused on a busy machine, not in the rate
     assert point["by_status"]["OK"] == point["ok"] and set(point["by_status"]) <= {"OK", "CANCELLED", "RESOURCE_EXHAUSTED"}
-    assert point["calls_per_s"] > 0 and point["ok"] <= point["done"]
+    assert point["calls_per_s"] > 0 and point["ok"] <= point["started"]  # OK may exceed done: calls cut at the end, served
