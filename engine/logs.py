@@ -14,6 +14,22 @@ import structlog
 
 LogFormat = Literal["console", "json"]
 
+# Fields on every line this process logs, from any thread. Context variables (structlog's
+# bind_contextvars) reach the event loop's tasks but not the threads the engine loads and runs
+# models on, whose lines then lacked e.g. a server worker's ``worker`` label.
+_PROCESS_FIELDS: dict[str, object] = {}
+
+
+def bind_process(**fields: object) -> None:
+    """Put ``fields`` on every later log line of this process, whichever thread logs it."""
+    _PROCESS_FIELDS.update(fields)
+
+
+def _add_process_fields(logger: object, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    for key, value in _PROCESS_FIELDS.items():
+        event.setdefault(key, value)
+    return event
+
 
 def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
     """Configure structlog for a process; call once at start-up of each entry point."""
@@ -30,6 +46,7 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -375,13 +375,12 @@ def _die_with_parent(parent: int) -> None:
 
 def run_worker(config: ServerConfig, index: int, board: Board, parent: int) -> int:
     """A worker's whole life, in the forked child: one server, as ``python -m server`` runs it."""
-    import structlog
-
+    from engine.logs import bind_process
     from server.__main__ import _main, run_loop
 
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent alone, which drains each worker once
     _die_with_parent(parent)
-    structlog.contextvars.bind_contextvars(worker=index)
+    bind_process(worker=index)  # on the lines of every thread, the engine's too
 
     def setup(server: GenServer) -> None:
         from prometheus_client import start_http_server
