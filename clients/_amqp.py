@@ -64,7 +64,7 @@ class AsyncAmqpClient:
         self.timeout = timeout
         self.duplicates = 0  # replies dropped because their request had its reply already
         self.late = 0  # replies dropped because their request was given up on (deadline, cancellation)
-        self._abandoned: OrderedDict[str, None] = OrderedDict()  # the last REMEMBER_ABANDONED given up on
+        self._abandoned: OrderedDict[str, bool] = OrderedDict()  # the last REMEMBER_ABANDONED given up on: late reply seen?
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._replies: AbstractQueue | None = None
@@ -122,10 +122,17 @@ class AsyncAmqpClient:
             return
         # its caller stopped waiting: the future is cancelled at once, the id is remembered when the
         # caller's task next runs, and the reply can come in between
-        if (future is not None and future.cancelled()) or self._abandoned.pop(correlation_id, 0) is None:
+        if (future is not None and future.cancelled()) or self._abandoned.get(correlation_id) is False:
             self.late += 1
+            self._remember(correlation_id, replied=True)  # a reply after this one is a duplicate
         else:  # a redelivered request's second reply
             self.duplicates += 1
+
+    def _remember(self, correlation_id: str, *, replied: bool) -> None:
+        """Note a request given up on (``replied``: its late reply came), forgetting the oldest past the bound."""
+        self._abandoned[correlation_id] = replied or self._abandoned.get(correlation_id, False)
+        if len(self._abandoned) > REMEMBER_ABANDONED:
+            self._abandoned.popitem(last=False)
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -162,9 +169,7 @@ class AsyncAmqpClient:
         finally:
             # given up on (a timeout or a cancelled task cancels the future too): a reply that still comes is late
             if future.cancelled() or not future.done():
-                self._abandoned[correlation_id] = None
-                if len(self._abandoned) > REMEMBER_ABANDONED:
-                    self._abandoned.popitem(last=False)
+                self._remember(correlation_id, replied=False)
             self._waiting.pop(correlation_id, None)
         return pb.StreamResponse.FromString(body)
 

@@ -302,6 +302,9 @@ async def test_a_reply_to_a_request_given_up_on_is_late_not_a_duplicate(monkeypa
         if expect_late == 3:  # the reply comes after
             await client._on_reply(reply)  # type: ignore[arg-type]
         assert (client.late, client.duplicates) == (expect_late, 1)
+        await client._on_reply(reply)  # type: ignore[arg-type]
+        assert (client.late, client.duplicates) == (expect_late, 2), "a second reply to a late one is a duplicate"
+        client.duplicates = 1
     assert client._waiting == {}
 
 
