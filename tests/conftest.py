@@ -30,3 +30,14 @@ def _fresh_logging() -> Iterator[None]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def small_models(tmp_path: Path, repo_root: Path) -> Path:
+    """A models folder with one image model and one text model (links to the bundled ones): a
+    server process starts, loads and calibrates less."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("vae", "transformer"):
+        (folder / f"{name}.safetensors").symlink_to(repo_root / "models" / f"{name}.safetensors")
+    return folder

@@ -57,15 +57,6 @@ def broker() -> None:
 
 
 @pytest.fixture
-def small_models(tmp_path: Path) -> Path:
-    folder = tmp_path / "models"
-    folder.mkdir()
-    for name in ("vae", "transformer"):
-        (folder / f"{name}.safetensors").symlink_to(ROOT / "models" / f"{name}.safetensors")
-    return folder
-
-
-@pytest.fixture
 def queue(broker: None, request: pytest.FixtureRequest) -> Iterator[str]:
     """A request queue private to this test; it and its dead letters are deleted afterwards."""
     name = f"test.{request.node.name}.{uuid.uuid4().hex[:8]}"

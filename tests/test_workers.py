@@ -46,16 +46,6 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = START_
         time.sleep(0.1)
 
 
-@pytest.fixture
-def small_models(tmp_path: Path) -> Path:
-    """One image model and one text model: a start-up loads and calibrates less."""
-    folder = tmp_path / "models"
-    folder.mkdir()
-    for name in ("vae", "transformer"):
-        (folder / f"{name}.safetensors").symlink_to(ROOT / "models" / f"{name}.safetensors")
-    return folder
-
-
 class Group(ServerProcess):
     """``python -m server --workers N`` with JSON logs read on a thread."""
 
