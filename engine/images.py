@@ -287,6 +287,29 @@ class ImageGenerator:
             x[a : a + t] = self._forward(z[a : a + t], None if labels is None else labels[a : a + t])
         return x[:total]
 
+    def batch_invariant(self) -> bool:
+        """Whether a row's floats are the same wherever it sits in a tile, the premise of
+        ``forward``'s tiling: a block of probe rows is run at the start of one tile, then near the
+        end and in the middle of another, beside other rows, and compared bit for bit. Narrow
+        layers can fail it on some BLAS kernels (tests/test_images.py); the registry warns then."""
+        t = self.tile
+        k = max(1, t // 8)
+        gen = torch.Generator().manual_seed(1)
+        z = torch.randn((2 * t, self.latent_dim), generator=gen).to(self.device)
+        labels = torch.randint(0, self.num_classes, (2 * t,), generator=gen).to(self.device) if self.conditional else None
+        with torch.inference_mode():
+            want = self.forward(z[:t], None if labels is None else labels[:t])[:k]
+            for at in sorted({t - k, (t - k) // 2} - {0}):
+                zb = z[t:].clone()
+                zb[at : at + k] = z[:k]
+                lb = None
+                if labels is not None:
+                    lb = labels[t:].clone()
+                    lb[at : at + k] = labels[:k]
+                if not torch.equal(self.forward(zb, lb)[at : at + k], want):
+                    return False
+        return True
+
     def _to_uint8(self, x: torch.Tensor, in_place: bool) -> np.ndarray:
         """[0, 1] -> uint8 levels, rounded to nearest: x * 255 + 0.5, clamped, truncated; one batch at a time.
 

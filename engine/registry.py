@@ -295,6 +295,13 @@ class ModelRegistry:
         """One small forward pass, so the first request does not pay for lazy initialisation."""
         if images is not None:
             images.generate([ImageRequest(n=1, seed=0)])  # the engine's own path, uint8 conversion included
+            if not images.batch_invariant():  # served anyway: the samples are right, only not bit-stable
+                log.warning(
+                    "batch_invariance_not_held",
+                    model=model.name,
+                    detail="a sample's floats depend on its place in a batch on this machine's kernels "
+                    "(narrow layers); a seed still gives the same images but for a rare uint8 level",
+                )
         elif model.kind in TEXT_KINDS:
             with torch.inference_mode():
                 model.module(torch.zeros((1, 1), dtype=torch.long, device=self.device))

@@ -116,9 +116,10 @@ def test_models_are_warmed_up_at_load_under_inference_mode(folder: Path) -> None
         ModelRegistry.from_folder(folder)
     finally:
         handle.remove()
-    # an image model's warm-up is one tile, the only shape its forward pass ever sees (engine/images.py)
+    # an image model's warm-up (and its batch-invariance probe) runs whole tiles, the only shape its
+    # forward pass ever sees (engine/images.py)
     gan, vae = DEFAULT_TILE["wgan-gp"], DEFAULT_TILE["vae"]
-    assert sorted(seen) == [("CharTransformer", (1, 1), True), ("Generator", (gan, 4), True), ("MLP2", (vae, 3), True)]
+    assert sorted(set(seen)) == [("CharTransformer", (1, 1), True), ("Generator", (gan, 4), True), ("MLP2", (vae, 3), True)]
 
 
 def test_a_bad_file_is_refused_with_its_reason_and_the_others_load(folder: Path) -> None:
