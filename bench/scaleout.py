@@ -10,9 +10,13 @@ The same request everywhere: one vae image (n=1, seed 0). Measured side by side 
             (bench/h2load.py). h2load cannot see a grpc-status, so calls are counted by their
             status from the group's /metrics (bench/accounting.py): the rate is of OK calls,
             and refusals or calls ended by grpc core are printed beside it.
-  amqp      S = 1, 2 server processes (``--workers 1``) consuming one queue, loaded by one
-            ``--amqp-clients`` client processes, each keeping ``--inflight`` AsyncAmqpClient
-            requests in flight.
+  amqp      S = 1, 2 server processes (``--workers 1``) consuming one queue. ``--amqp-driver
+            node`` (the default where scripts/bench_setup.sh installed it): one
+            bench/amqp/load.mjs process keeps ``--inflight`` x ``--amqp-clients`` requests in
+            flight and the rate is of OK replies counted by the servers (rpc "Amqp"), as for
+            gRPC; ``python``: ``--amqp-clients`` processes of ``--inflight`` AsyncAmqpClient
+            calls each (the SDK's client costs about what the server spends per request, so on
+            shared cores it measures the client too).
 
 Everything shares this machine's cores, so the ratios, not the absolute rates, are the result.
 Needs h2load (apt-get install nghttp2-client) and a broker for the AMQP half (skipped without).
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,11 +36,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.accounting import settled, tally
+from bench.accounting import scrape, settled, statuses, tally
 from bench.h2load import H2Load
 from bench.serve import free_ports
 from genserve.v1 import generator_pb2 as pb
@@ -138,24 +144,75 @@ async def amqp_load(url: str, queue: str, args: argparse.Namespace) -> dict[str,
 
 def bench_amqp(models: Path, servers: int, url: str, args: argparse.Namespace) -> dict[str, Any]:
     queue = f"bench.scaleout.{uuid.uuid4().hex[:8]}"
-    ports = [free_ports(1)[0] for _ in range(servers)]
+    ports = [free_ports(2) for _ in range(servers)]
     env = {"GENSERVE_AMQP_URL": url}
-    procs = [start_server(models, "--port", str(p), "--amqp-queue", queue, env=env) for p in ports]
+    procs = [start_server(models, "--port", str(p), "--metrics-port", str(m), "--amqp-queue", queue, env=env) for p, m in ports]
+    driver = args.amqp_driver
     try:
-        for p in ports:
+        for p, _ in ports:
             wait_serving(f"127.0.0.1:{p}", "genserve.amqp")
-        # several client processes: one Python client tops out near one server's rate
-        with ProcessPoolExecutor(args.amqp_clients) as pool:
-            parts = list(pool.map(_amqp_client, [(url, queue, args)] * args.amqp_clients))
-        result = {key: sum(p[key] for p in parts) for key in ("calls_per_s", "done", "duplicates", "late")}
+        if driver == "node":
+            result = node_load(url, queue, [m for _, m in ports], args)
+        else:
+            # several client processes: one Python client tops out near one server's rate
+            with ProcessPoolExecutor(args.amqp_clients) as pool:
+                parts = list(pool.map(_amqp_client, [(url, queue, args)] * args.amqp_clients))
+            result = {key: sum(p[key] for p in parts) for key in ("calls_per_s", "done", "duplicates", "late")}
     finally:
         for proc in procs:
             stop(proc)
         asyncio.run(_delete_queue(url, queue))
     # late: replies to the calls cut when the clients stopped; duplicates: second replies to one request
-    rate, duplicates, late = result["calls_per_s"], result["duplicates"], result["late"]
-    print(f"amqp  servers={servers}: {rate:9.0f} calls/s ({duplicates} duplicates, {late} late)", flush=True)
-    return {"servers": servers, **result}
+    rate, duplicates, late = result["calls_per_s"], result["duplicates"], result.get("late", 0)
+    statuses = f", by status {result['by_status']}" if "by_status" in result else ""
+    print(f"amqp  servers={servers} ({driver} client): {rate:9.0f} OK calls/s ({duplicates} duplicates, {late} late{statuses})", flush=True)
+    return {"servers": servers, "driver": driver, **result}
+
+
+NODE_LOAD = ROOT / "bench" / "amqp" / "load.mjs"
+
+
+def node_available() -> bool:
+    """node on PATH and bench/amqp's amqplib installed (scripts/bench_setup.sh)."""
+    return shutil.which("node") is not None and (NODE_LOAD.parent / "node_modules" / "amqplib").is_dir()
+
+
+def node_load(url: str, queue: str, metrics_ports: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """One bench/amqp/load.mjs process keeps ``inflight x amqp_clients`` requests in flight; the
+    servers' counters (rpc "Amqp") say what became of the requests of the measured window."""
+    from server.amqp import RPC  # the rpc label of AMQP requests in the servers' counters
+
+    body = pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=0)).SerializeToString().hex()
+    inflight = args.inflight * args.amqp_clients
+    cmd = ["node", str(NODE_LOAD), url, queue, str(inflight), str(args.warmup), str(args.duration), body]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(args.warmup)
+    before = [scrape(m) for m in metrics_ports]
+    window = time.perf_counter()
+    try:
+        out, err = proc.communicate(timeout=args.duration + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"bench/amqp/load.mjs failed ({proc.returncode}): {err.strip()[-2000:]}")
+    elapsed = time.perf_counter() - window
+    by_status: Counter[str] = Counter()
+    for m, b in zip(metrics_ports, before, strict=True):
+        delta = statuses(settled(m), RPC)
+        delta.subtract(statuses(b, RPC))
+        by_status.update(delta)
+    report = json.loads(out.strip().splitlines()[-1])
+    # the servers' window is this process's (a scrape's worth wider than the client's): OK calls over it
+    ok = by_status.get("OK", 0)
+    return {
+        "calls_per_s": ok / elapsed,
+        "done": report["done"],
+        "replies_per_s": report["done"] / report["elapsed"],
+        "duplicates": report["duplicates"],
+        "late": 0,
+        "by_status": {k: v for k, v in sorted(by_status.items()) if v},
+    }
 
 
 def _amqp_client(job: tuple[str, str, argparse.Namespace]) -> dict[str, Any]:
@@ -189,12 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=5, help="measured seconds per point")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of load before each measurement")
-    parser.add_argument("--workers", default="1,2", help="gRPC points: worker counts, comma-separated")
-    parser.add_argument("--servers", default="1,2", help="AMQP points: server processes, comma-separated")
+    parser.add_argument("--workers", default="1,2", help="gRPC points: worker counts, comma-separated (empty: none)")
+    parser.add_argument("--servers", default="1,2", help="AMQP points: server processes, comma-separated (empty: none)")
     parser.add_argument("--connections", type=int, default=8, help="h2load connections")
     parser.add_argument("--streams", type=int, default=32, help="h2load concurrent calls per connection")
     parser.add_argument("--inflight", type=int, default=128, help="AMQP requests each client keeps in flight")
-    parser.add_argument("--amqp-clients", type=int, default=2, help="AMQP client processes")
+    parser.add_argument("--amqp-clients", type=int, default=2, help="AMQP client processes (python driver)")
+    parser.add_argument(
+        "--amqp-driver",
+        choices=("node", "python"),
+        default="node" if node_available() else "python",
+        help="AMQP load: bench/amqp/load.mjs (cheap; scripts/bench_setup.sh installs it) or the SDK's AsyncAmqpClient",
+    )
     parser.add_argument("--amqp-url", default=os.environ.get("GENSERVE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -208,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         models.mkdir()
         (models / "vae.safetensors").symlink_to(ROOT / "models" / "vae.safetensors")
         try:
-            for w in (int(x) for x in args.workers.split(",")):
+            for w in (int(x) for x in args.workers.split(",") if x):
                 report["grpc"].append(bench_grpc(models, w, h2load, args))
         finally:
             h2load.close()
         if broker_up(args.amqp_url):
-            for s in (int(x) for x in args.servers.split(",")):
+            for s in (int(x) for x in args.servers.split(",") if x):
                 report["amqp"].append(bench_amqp(models, s, args.amqp_url, args))
         else:
             print("amqp: no broker reachable, skipped", flush=True)

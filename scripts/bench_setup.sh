@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install what `python -m bench.serve` needs beyond the Python environment (scripts/setup.sh):
-# h2load, nghttp2's HTTP/2 load generator, which drives the plain Generate calls (bench/h2load.py).
-# Idempotent: does nothing when h2load is already on PATH.
+# Install what the benchmarks need beyond the Python environment (scripts/setup.sh):
+# - h2load, nghttp2's HTTP/2 load generator, which drives the plain Generate calls (bench/h2load.py);
+# - bench/amqp's node packages (amqplib), for bench.scaleout's AMQP load generator (bench/amqp/load.mjs),
+#   when node and npm are there (bench.scaleout falls back to the Python AMQP client without them).
+# Idempotent: skips what is already installed.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/node_setup.sh
 if command -v h2load >/dev/null 2>&1; then
   echo "h2load: $(command -v h2load) ($(h2load --version 2>/dev/null | head -1))"
   exit 0
