@@ -13,10 +13,11 @@ The same request everywhere: one vae image (n=1, seed 0). Measured side by side 
   amqp      S = 1, 2 server processes (``--workers 1``) consuming one queue. ``--amqp-driver
             node`` (the default where scripts/bench_setup.sh installed it): one
             bench/amqp/load.mjs process keeps ``--inflight`` x ``--amqp-clients`` requests in
-            flight and the rate is of OK replies counted by the servers (rpc "Amqp"), as for
-            gRPC; ``python``: ``--amqp-clients`` processes of ``--inflight`` AsyncAmqpClient
-            calls each (the SDK's client costs about what the server spends per request, so on
-            shared cores it measures the client too).
+            flight; the rate is of its replies, times the OK share of the statuses the servers
+            counted (rpc "Amqp"), as the gRPC half counts from /metrics. ``python``:
+            ``--amqp-clients`` processes of ``--inflight`` AsyncAmqpClient calls each (the SDK's
+            client costs about what the server spends per request, so on shared cores it
+            measures the client too).
 
 Everything shares this machine's cores, so the ratios, not the absolute rates, are the result.
 Needs h2load (apt-get install nghttp2-client) and a broker for the AMQP half (skipped without).
@@ -203,10 +204,15 @@ def node_load(url: str, queue: str, metrics_ports: list[int], args: argparse.Nam
         delta.subtract(statuses(b, RPC))
         by_status.update(delta)
     report = json.loads(out.strip().splitlines()[-1])
-    # the servers' window is this process's (a scrape's worth wider than the client's): OK calls over it
+    # The client's window is exact (its own clock, warm-up excluded); the servers' counts span a
+    # little more (its connect, the drain after it stopped). So: the replies of the client's window
+    # per second, times the OK share of what the servers counted (a request a full server put back
+    # on the queue counts there too, so the share errs low, never high).
     ok = by_status.get("OK", 0)
+    ok_share = ok / max(1, sum(by_status.values()))
     return {
-        "calls_per_s": ok / elapsed,
+        "calls_per_s": report["done"] / report["elapsed"] * ok_share,
+        "window_s": elapsed,
         "done": report["done"],
         "replies_per_s": report["done"] / report["elapsed"],
         "duplicates": report["duplicates"],
