@@ -105,7 +105,9 @@ def group(request: pytest.FixtureRequest, small_models: Path) -> Iterator[Group]
 def test_two_workers_serve_one_port_and_a_killed_worker_is_replaced(group: Group) -> None:
     wait_for(group.serving, "readiness SERVING")
     assert set(group.worker_pids()) == {0, 1}
-    # each worker's lines carry its label, those of the threads that load its models too
+    # each worker's lines carry its label, those of the threads that load its models too (the log is
+    # read on a thread: a worker can be SERVING before its lines are read, so wait for all four)
+    group.wait_for("model_loaded", 30, count=4)
     loaded = group.find("model_loaded")
     assert sorted(str(e.get("worker")) for e in loaded) == ["0", "0", "1", "1"], loaded
     outcomes: list[tuple[float, str]] = []  # (when, "OK" or the error class)
