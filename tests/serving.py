@@ -110,7 +110,8 @@ class ServerProcess:
         )
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -144,9 +145,16 @@ class ServerProcess:
                 if len(found) >= count:
                     return found[count - 1]
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):  # exited, log read
                     raise AssertionError(f"no {count} x {name!r} from the server (exit {self.proc.poll()}): {self.events[-5:]}")
                 self._changed.wait(min(left, 0.5))
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit status, once the process has ended and all of its log has been read (``find``
+        then sees its last lines: the reader thread can lag behind the process)."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=timeout)
+        return code
 
     def stop(self) -> None:
         """Kill the process if it still runs, and reap it."""

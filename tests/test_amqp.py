@@ -358,7 +358,7 @@ async def test_a_server_stopped_mid_load_hands_back_what_it_cannot_finish(small_
             await wait_until(lambda: any(c.done() for c in calls), "a first reply", 60)
             assert not all(c.done() for c in calls), "the load ended before the stop: make it longer"
             stopping.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(stopping.proc.wait, 30) == 0
+            assert await asyncio.to_thread(stopping.wait_exit, 30) == 0
             results = await asyncio.gather(*calls)  # raised had any request failed
             assert len(results) == 24 and all(results)
             assert (client.duplicates, client.late) == (0, 0)
@@ -387,7 +387,7 @@ async def test_each_worker_of_a_group_consumes_the_queue(small_models: Path, que
             digits = await asyncio.gather(*(client.generate_images("vae", 2, seed=i) for i in range(40)))
         assert [d.shape for d in digits] == [(2, 28, 28)] * 40 and client.duplicates == 0
         group.proc.send_signal(signal.SIGTERM)  # the parent drains both workers
-        assert await asyncio.to_thread(group.proc.wait, 30) == 0
+        assert await asyncio.to_thread(group.wait_exit, 30) == 0
         assert len(group.find("stopped")) == 2
     finally:
         group.stop()

@@ -188,7 +188,7 @@ def test_a_signal_drains_in_flight_work_refuses_new_work_and_exits_zero(server_p
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (info.value.details() or "")
         rest = list(call)
         assert rest[-1].finish.code == 0 and rest[-1].finish.reason == pb.FINISH_REASON_LENGTH and rest[-1].finish.n_generated == LONG
-    assert server_process.proc.wait(30) == 0
+    assert server_process.wait_exit(30) == 0
     stopped = [e for e in server_process.events if e.get("event") == "stopped"]
     assert stopped and stopped[0]["failed"] == 0 and stopped[0]["in_time"] is True
     assert "signal_received" in server_process.names() and "draining" in server_process.names()
@@ -205,7 +205,7 @@ def test_a_second_signal_forces_the_exit(server_process: ReadyServer) -> None:
         wait_for(lambda: "draining" in server_process.names(), "the drain began")
         assert server_process.proc.poll() is None  # draining: waits for the long request
         server_process.proc.send_signal(signal.SIGINT)
-        assert server_process.proc.wait(10) == 1
+        assert server_process.wait_exit(10) == 1
         with pytest.raises(grpc.RpcError):
             results.extend(call)
     assert "forced_exit" in server_process.names()

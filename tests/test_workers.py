@@ -151,7 +151,7 @@ def test_two_workers_serve_one_port_and_a_killed_worker_is_replaced(group: Group
     assert any(when > killed_at[0] and kind == "OK" for when, kind in outcomes), "the other worker kept serving"
     assert "genserve_worker_restarts_total 1.0" in group.metrics()
     group.proc.send_signal(signal.SIGTERM)
-    assert group.proc.wait(timeout=30) == 0
+    assert group.wait_exit(30) == 0
     assert len(group.find("worker_stopped")) == 2
 
 
@@ -163,13 +163,13 @@ def test_past_the_restart_intensity_the_parent_drains_and_exits_non_zero(group: 
     wait_for(lambda: group.worker_pids()[1] != first, "a restart of worker 1", 30)
     wait_for(lambda: group.sample("genserve_ready", 1) == 1, "the new worker 1 to serve")
     os.kill(group.worker_pids()[1], signal.SIGKILL)  # the second death within the period: past an intensity of 1
-    assert group.proc.wait(timeout=30) == 1
+    assert group.wait_exit(30) == 1
     assert group.find("workers_gave_up") and group.find("worker_stopped")[-1]["worker"] == 0
 
 
 def test_a_worker_that_cannot_start_stops_the_group(tmp_path: Path) -> None:
     g = Group("--workers", "2", "--models-dir", str(tmp_path))  # no models: each worker fails its start
-    assert g.proc.wait(timeout=90) == 1
+    assert g.wait_exit(90) == 1
     assert "before it started serving" in str(g.find("workers_gave_up")[0]["reason"])
 
 
@@ -181,7 +181,7 @@ def test_a_second_signal_kills_the_workers(small_models: Path) -> None:
         g.proc.send_signal(signal.SIGTERM)  # their drain would wait for the loading to end
         wait_for(lambda: any(e["component"] == "server.workers" for e in g.find("signal_received")), "the first signal", 30)
         g.proc.send_signal(signal.SIGTERM)
-        assert g.proc.wait(timeout=30) == 1
+        assert g.wait_exit(30) == 1
         assert str(g.find("workers_killed")[0]["why"]) == "second signal (SIGTERM)"
     finally:
         if g.proc.poll() is None:
