@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
+from server.accept import aio_server
 
 IMAGE_SIZE = 28
 MAX_N = 64
@@ -118,10 +119,12 @@ class EchoGenerator(pb_grpc.GeneratorServicer):
             yield pb.StreamResponse(results=results, credits=admitted)
 
 
-async def serve(port: int, credits: int, max_message_mb: int = 16, metrics_port: int = 0) -> None:
+async def serve(port: int, credits: int, max_message_mb: int = 16, metrics_port: int = 0, accept_ahead: int = 1) -> None:
     """Serve on 127.0.0.1:port until SIGTERM or SIGINT; prints one line once it accepts calls."""
     limit = max_message_mb * 1024 * 1024
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    server = aio_server(
+        accept_ahead=accept_ahead, options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
     registry = CollectorRegistry() if metrics_port else None
     pb_grpc.add_GeneratorServicer_to_server(EchoGenerator(credits, registry), server)
     if registry is not None:
@@ -156,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--credits", type=int, default=512, help="credit granted to each GenerateStream (the server's --stream-credits)")
+    parser.add_argument(
+        "--accept-ahead", type=int, default=1, help="calls asked of grpc core ahead of need (server/accept.py; 1: grpc.aio's own)"
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1 (0: off)")
     args = parser.parse_args(argv)
     if args.credits < 1:
         parser.error("--credits must be >= 1")
     with contextlib.suppress(KeyboardInterrupt):
-        run(serve(args.port, args.credits, metrics_port=args.metrics_port))
+        run(serve(args.port, args.credits, metrics_port=args.metrics_port, accept_ahead=args.accept_ahead))
     return 0
 
 

@@ -30,13 +30,13 @@ GenerateStream requests are admitted by their credit, and the credit follows the
 unspent), so a streaming client slows down instead of being refused request by request; a request
 within its credit meets only the count backstop.
 
-What this cannot see: calls waiting in grpc core before any handler runs. grpc.aio keeps one
-``request_call`` outstanding per server (``_server_main_loop`` in grpc's aio/server.pyx.pxi), so
-it accepts one call per round trip between its poller thread and the event loop. Measured under
-2x overload (h2load, 4 connections, shared 2-core machine): the server held 2-7 calls in flight
-and its event loop ran timers at most 7 ms late, while h2load's calls waited 1.5 s on average in
-grpc core. An event-loop-lateness signal was tried and dropped: it stayed under target there.
-The stream limit per connection (``grpc_server_options``) is what bounds that wait.
+The second signal, ``arrival``: the time a call waited between grpc core handing it over and
+grpc.aio starting its handler (server/accept.py measures it; the service's policy feeds it and
+refuses, at arrival, what would only queue). What neither can see: calls that grpc core has not
+handed over yet. Measured under 2x overload (h2load, 4 connections, shared 2-core machine): the
+accept path held 256 requests out and 0-85 calls between arrival and handler (waits 5 ms mean,
+max 30 ms), while h2load's calls waited seconds before reaching it; the process is out of CPU, not
+short of a signal (docs/benchmarks.md, "What moves the serving figures").
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ class Admission:
         on_refusal: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.max_inflight = max_inflight
-        self.codel = CoDel(target_s, interval_s)
+        self.codel = CoDel(target_s, interval_s)  # jobs: admission to their last batch
+        self.arrival = CoDel(target_s, interval_s)  # calls: arrival to their handler (server/accept.py)
         self.clock = clock
         self.on_refusal = on_refusal  # metrics: "delay" or "count"
         self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
@@ -135,7 +136,7 @@ class Admission:
         and the credit shrinks while the server sheds)."""
         if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
             self.codel.reset()
-        if by_delay and self.codel.shedding:
+        if by_delay and self.codel.shedding:  # the arrival queue's own refusals are the accept path's (server/accept.py)
             self.on_refusal("delay")
             raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -150,6 +151,25 @@ class Admission:
                 self.retry_after_ms,
             )
 
+    @property
+    def shedding(self) -> bool:
+        """Either queue has stood over target for an interval: jobs in the pipeline, or calls waiting for a handler
+        (``arrival``, fed and acted on by the accept path: server/accept.py and the service's policy)."""
+        return self.codel.shedding or self.arrival.shedding
+
+    def arrival_refusal(self) -> Refused:
+        """The refusal of a call while the arrival queue stands (the accept path raises or sends it)."""
+        self.on_refusal("arrival")
+        return Refused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"server is overloaded: calls wait over {self.arrival.target * 1000:g} ms for a handler; retry after {self.retry_after_ms} ms",
+            self.retry_after_ms,
+        )
+
+    def observe_arrival(self, waited_s: float) -> None:
+        """A call waited ``waited_s`` between grpc core handing it over and grpc.aio starting its handler."""
+        self.arrival.observe(waited_s, self.clock())
+
     def observe_job(self, created: float, allowance_s: float) -> None:
         """A job created (``clock``) at ``created`` has finished; ``allowance_s`` of its time was batching, not queueing."""
         now = self.clock()
@@ -163,7 +183,7 @@ class Admission:
         shedding spell). Shedding: only up to a quarter of the credit. Never leaves a stream with
         nothing in flight and nothing to spend, or it would wait for credits forever.
         """
-        window = max(1, full // SHEDDING_CREDIT_FRACTION) if self.codel.shedding else full
+        window = max(1, full // SHEDDING_CREDIT_FRACTION) if self.shedding else full
         grant = max(0, window - outstanding)
         if outstanding + grant < 1:
             grant = 1

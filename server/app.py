@@ -30,6 +30,7 @@ from engine.engine import Engine
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
+from server.accept import aio_server, set_policy
 from server.admission import grpc_server_options
 from server.allocator import tune_allocator
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
@@ -142,7 +143,9 @@ class GenServer:
         if tokens:
             public = PUBLIC_SERVICES if c.public_health else ()
             interceptors.append(BearerTokenAuth(tokens, public=public, on_refusal=self._on_unauthenticated))
-        self.grpc = grpc.aio.server(
+        self.grpc = aio_server(
+            accept_ahead=c.accept_ahead,  # calls taken from grpc core as they come (server/accept.py)
+            backlog=c.max_pending_calls,
             interceptors=interceptors or None,  # none at all without tokens: an interceptor costs every call
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -202,6 +205,8 @@ class GenServer:
 
         self.service = GeneratorService(c, self.pipeline, self.metrics)
         register(self.service, self.grpc)
+        if not interceptors:  # with tokens, a caller hears UNAUTHENTICATED before anything about load
+            set_policy(self.grpc, self.service)
         self.health = HealthServicer()
         # grpc's HealthServicer starts "" as SERVING: readiness says NOT_SERVING until start ends
         await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)

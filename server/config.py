@@ -54,6 +54,10 @@ class ServerConfig:
         default=8192,
         metadata={"help": "calls grpc core may hold before the server takes them; beyond it (to twice it) core drops them, CANCELLED"},
     )
+    accept_ahead: int = field(
+        default=256,
+        metadata={"help": "most calls the server asks grpc core for ahead of need, per method (1: grpc.aio's own one at a time)"},
+    )
     max_streams_per_connection: int = field(
         default=0, metadata={"help": "HTTP/2 streams (calls) one connection may have open; clients wait for one beyond it (0: no limit)"}
     )
@@ -98,7 +102,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
-        positive += ["max_pending_calls"]
+        positive += ["max_pending_calls", "accept_ahead"]
         positive += ["max_new_tokens", "max_inflight", "queue_size", "stream_credits", "restart_intensity", "max_message_mb"]
         for name in positive:
             if getattr(self, name) < 1:

@@ -27,7 +27,10 @@ class Metrics:
         self.requests = Counter("genserve_requests_total", "Finished requests by outcome", ["model", "rpc", "code"], registry=r)
         self.rejections = Counter("genserve_rejections_total", "Requests refused before admission", ["rpc", "code"], registry=r)
         self.overload_refusals = Counter(
-            "genserve_overload_refusals_total", "Requests refused for overload, by reason (delay, count)", ["reason"], registry=r
+            "genserve_overload_refusals_total",
+            "Requests refused for overload, by reason (delay: jobs queue; arrival: calls wait for a handler; count)",
+            ["reason"],
+            registry=r,
         )
         self.queue_delay = Gauge(
             "genserve_queue_delay_seconds", "Latest queueing delay seen by admission (an image job's wait)", registry=r

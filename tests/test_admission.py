@@ -123,3 +123,22 @@ def test_grpc_cores_backlog_is_bounded_by_configuration() -> None:
     assert options["grpc.server.max_pending_requests_hard_limit"] == 200
     assert "grpc.max_concurrent_streams" not in options
     assert dict(grpc_server_options(32, 100))["grpc.max_concurrent_streams"] == 32
+
+
+def test_the_arrival_queue_sheds_when_calls_wait_for_a_handler_over_target_for_an_interval() -> None:
+    """The second signal (server/accept.py): calls that wait between arrival and their handler. The
+    job queue may be short meanwhile (a saturated event loop is the bottleneck, not the batches)."""
+    clock = Clock()
+    reasons: list[str] = []
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock, on_refusal=reasons.append)
+    for _ in range(12):  # calls that waited 20 ms for a handler, 10 ms apart: a standing arrival queue
+        admission.observe_arrival(0.020)
+        clock.now += 0.010
+    assert admission.shedding and admission.arrival.shedding and not admission.codel.shedding
+    admission.check(5)  # the handler's check is the job queue's: the accept path refuses for arrivals
+    refusal = admission.arrival_refusal()
+    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refusal.retry_after_ms == 100
+    assert "wait over 5 ms for a handler" in refusal.message and reasons == ["arrival"]
+    assert admission.stream_grant(64, 63) == 0  # streams slow down on either signal
+    admission.observe_arrival(0.001)  # one call handed over quickly: the queue has drained
+    assert not admission.shedding

@@ -144,3 +144,31 @@ async def test_the_sdk_session_waits_for_the_hint_before_sending_a_refused_reque
             assert result.images.shape == (1, 28, 28)
             await held
         assert counter(srv, "genserve_rejections_total", rpc="GenerateStream", code="RESOURCE_EXHAUSTED") == 1
+
+
+async def test_calls_standing_in_the_arrival_queue_are_refused_by_the_accept_path_and_nothing_else_is(held: GenServer) -> None:
+    """The service's policy for server/accept.py: with the arrival queue standing, a Generate call that
+    arrives behind others, or that waited over twice the target, is refused with the hint; other
+    methods, and a call that finds no queue, go on to their handlers; one quick hand-over ends it."""
+    from server.service import GENERATE_PATH
+
+    service, admission = held.service, held.pipeline.admission
+    list_models = b"/genserve.v1.Generator/ListModels"
+    now = [time.perf_counter()]
+    admission.clock = lambda: now[0]
+    for _ in range(10):  # calls that waited 1 s each, 40 ms apart: longer than an interval (HINT_MS)
+        admission.observe_arrival(1.0)
+        now[0] += 0.04
+    assert admission.arrival.shedding
+    code, message, trailers = service.refusal_at_arrival(GENERATE_PATH, queued=3) or (None, "", ())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "for a handler" in message
+    assert dict(trailers)[RETRY_PUSHBACK_KEY] == str(HINT_MS)
+    assert service.refusal_at_arrival(GENERATE_PATH, queued=0) is None  # no queue in front of it
+    assert service.refusal_at_arrival(list_models, queued=3) is None
+    assert service.refusal_at_handover(GENERATE_PATH, waited_s=1.0) is not None  # shedding, and it waited 1 s
+    assert counter(held, "genserve_rejections_total", rpc="Generate", code="RESOURCE_EXHAUSTED") == 2
+    assert counter(held, "genserve_overload_refusals_total", reason="arrival") == 2
+    assert service.refusal_at_handover(GENERATE_PATH, waited_s=0.0001) is None
+    assert not admission.shedding
+    async with grpc.aio.insecure_channel(held.address) as channel:
+        assert (await outcome(pb_grpc.GeneratorStub(channel), image(1)))[0] == grpc.StatusCode.OK

@@ -1,0 +1,140 @@
+"""Accepting calls ahead of need (server/accept.py): every call still gets one answer, the policy's
+refusals reach the client with their code, details and hint before any handler runs, and the
+seam into grpc.aio's internals is there in the pinned grpcio (a grpcio that moves it fails here,
+not silently in production)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from server import accept
+from server.accept import EagerAcceptServer, Refusal, aio_server, set_policy
+from server.statuses import RETRY_PUSHBACK_KEY
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+SERVICE = "test.Echo"
+ECHO, SLOW = f"/{SERVICE}/Echo".encode(), f"/{SERVICE}/Slow".encode()
+
+
+class Calls:
+    """The handlers: each call is counted; Slow holds its answer until released."""
+
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+        self.release = asyncio.Event()
+
+    async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.handled.append("Echo")
+        return request
+
+    async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.handled.append("Slow")
+        await self.release.wait()
+        return request
+
+
+class Policy:
+    """Refuses what ``refuse`` names, at arrival; records each hand-over's wait."""
+
+    def __init__(self) -> None:
+        self.refuse: set[bytes | None] = set()
+        self.waits: list[float] = []
+
+    def refusal_at_arrival(self, method: bytes | None, queued: int) -> Refusal | None:
+        if method in self.refuse:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later", ((RETRY_PUSHBACK_KEY, "250"),)
+        return None
+
+    def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
+        self.waits.append(waited_s)
+        return None
+
+
+async def serve(depth: int) -> tuple[grpc.aio.Server, int, Calls]:
+    calls = Calls()
+    server = aio_server(options=[], accept_ahead=depth)
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(calls.echo),
+        "Slow": grpc.unary_unary_rpc_method_handler(calls.slow),
+    }
+    server.add_registered_method_handlers(SERVICE, handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port, calls
+
+
+@pytest_asyncio.fixture
+async def ahead() -> AsyncIterator[tuple[grpc.aio.Server, grpc.aio.Channel, Calls]]:
+    server, port, calls = await serve(depth=64)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield server, channel, calls
+    calls.release.set()
+    await server.stop(1.0)
+
+
+async def test_the_seam_into_grpc_aio_is_there() -> None:
+    assert accept.supported(), f"grpcio {grpc.__version__} moved grpc.aio's accept internals: see server/accept.py"
+
+
+async def test_one_at_a_time_is_grpc_aios_own_server() -> None:
+    server = aio_server(options=[], accept_ahead=1)
+    assert not isinstance(server._server, EagerAcceptServer)
+    assert not set_policy(server, Policy())
+    await server.stop(None)
+
+
+async def test_a_burst_of_calls_each_gets_its_one_answer_and_the_lane_asks_further_ahead(
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls],
+) -> None:
+    server, channel, calls = ahead
+    echo = channel.unary_unary(ECHO.decode())
+    slow = channel.unary_unary(SLOW.decode())
+    held = [asyncio.ensure_future(slow(b"s%d" % i)) for i in range(200)]  # 200 calls in the handler at once
+    replies = await asyncio.gather(*(echo(b"e%d" % i) for i in range(300)))
+    assert replies == [b"e%d" % i for i in range(300)]
+    assert not any(t.done() for t in held)
+    calls.release.set()
+    assert await asyncio.gather(*held) == [b"s%d" % i for i in range(200)]
+    assert calls.handled.count("Echo") == 300 and calls.handled.count("Slow") == 200
+    lanes = server._server.__dict__["_lanes"]
+    assert lanes[SLOW].depth > accept.INITIAL_DEPTH  # 200 arrivals at once: grpc core matched every request out
+    assert server._server.queued() == {k: 0 for k in server._server.queued()}
+
+
+async def test_a_refusal_at_arrival_reaches_the_client_with_its_hint_and_no_handler_runs(
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls],
+) -> None:
+    server, channel, calls = ahead
+    policy = Policy()
+    policy.refuse = {SLOW}
+    assert set_policy(server, policy)
+    slow = channel.unary_unary(SLOW.decode())
+    echo = channel.unary_unary(ECHO.decode())
+    for i in range(20):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await slow(b"x")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details() == "overloaded: retry later"
+        assert dict(info.value.trailing_metadata() or ())[RETRY_PUSHBACK_KEY] == "250"
+        assert await echo(b"%d" % i) == b"%d" % i  # other methods are served meanwhile
+    assert calls.handled == ["Echo"] * 20
+    assert len(policy.waits) == 20 and all(0.0 <= w < 5.0 for w in policy.waits)  # each Echo's wait, handed over
+
+
+async def test_a_stopped_server_answers_every_call_it_had_accepted(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
+    server, channel, calls = ahead
+    slow = channel.unary_unary(SLOW.decode())
+    held = [asyncio.ensure_future(slow(b"%d" % i)) for i in range(50)]
+    while len(calls.handled) < 50:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(server.stop(0.2))  # grace passes with the 50 still held: grpc cancels them
+    outcomes = await asyncio.gather(*held, return_exceptions=True)
+    await stopping
+    assert len(outcomes) == 50
+    assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes)  # each one answered, none left hanging
