@@ -73,6 +73,7 @@ class _Lane:
     def __init__(self, server: EagerAcceptServer, method: bytes | None) -> None:
         self.server = server
         self.method = method
+        self.loop = asyncio.get_running_loop()  # once: get_running_loop costs a getpid() syscall a call
         self.depth = min(INITIAL_DEPTH, server.max_depth)
         self.outstanding: set[asyncio.Future[Any]] = set()
         self.newest: asyncio.Future[Any] | None = None  # the request made last
@@ -82,8 +83,7 @@ class _Lane:
 
     def next(self) -> asyncio.Future[Any]:
         """grpc.aio's main loop asks for the next call of this method."""
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[Any] = loop.create_future()
+        out: asyncio.Future[Any] = self.loop.create_future()
         out.add_done_callback(self._on_handed)
         policy = self.server.policy
         while self.accepted:
