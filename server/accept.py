@@ -171,6 +171,9 @@ _CORE_CODES = {code: code.value[0] for code in grpc.StatusCode}
 SHUTTING_DOWN: Refusal = (grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server", ())
 
 
+_STOCK_SERVER = cygrpc.AioServer
+
+
 class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
     """grpc.aio's server asking grpc core for calls ahead of need, per method (see the module's doc)."""
 
@@ -200,12 +203,11 @@ class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
 
 def supported() -> bool:
     """grpc.aio's internals this module uses are where it expects them."""
-    return (
-        getattr(aio_server_module, "cygrpc", None) is cygrpc
-        and all(hasattr(cygrpc.AioServer, name) for name in ("_make_request_call_future", "_request_registered_call", "is_running"))
-        and hasattr(cygrpc, "_send_error_status_from_server")
-        and hasattr(cygrpc, "SendInitialMetadataOperation")
-    )
+    if getattr(getattr(aio_server_module, "cygrpc", None), "AioServer", None) is not _STOCK_SERVER:  # grpc.aio builds from it
+        return False
+    methods = ("_make_request_call_future", "_request_registered_call", "is_running")
+    functions = ("_send_error_status_from_server", "SendInitialMetadataOperation")
+    return all(hasattr(cygrpc.AioServer, name) for name in methods) and all(hasattr(cygrpc, name) for name in functions)
 
 
 @contextlib.contextmanager
