@@ -65,9 +65,9 @@ class _Lane:
 
     ``depth`` starts small and doubles (to ``max_depth``) whenever grpc core matched every request
     outstanding (the newest one among them) before the loop could ask for more: calls were then
-    waiting in core. ``backlog``
-    bounds the calls accepted and not yet handed over; past it the lane stops asking, and calls
-    wait in grpc core (bounded by ``--max-pending-calls``) as with grpc.aio's own accept.
+    waiting in core. The server's ``backlog`` bounds the calls accepted and not yet handed over;
+    past it the lane stops asking, and calls wait in grpc core (bounded by ``--max-pending-calls``)
+    as with grpc.aio's own accept.
     """
 
     def __init__(self, server: EagerAcceptServer, method: bytes | None) -> None:
