@@ -127,7 +127,7 @@ class _Lane:
         waiting, self.waiting = self.waiting, None
         if waiting is not None and not waiting.done():
             if policy is not None and not failed:
-                policy.refusal_at_handover(self.method, 0.0)  # no wait: a sample of an empty queue
+                policy.refusal_at_handover(self.method, 0.0)  # a sample of an empty queue (no wait: never refused)
             _transfer(inner, waiting)
         else:
             self.accepted.append((inner, time.perf_counter()))
@@ -196,7 +196,7 @@ class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
         task.add_done_callback(refusing.discard)
 
     def queued(self) -> dict[str, int]:
-        """Calls accepted and not yet handed over, by method (for tests and metrics)."""
+        """Calls accepted and not yet handed over, by method (for tests)."""
         lanes: dict[bytes | None, _Lane] = self.__dict__.get("_lanes", {})
         return {(m or b"").decode(): len(lane.accepted) for m, lane in lanes.items()}
 

@@ -126,7 +126,7 @@ class Admission:
         self.codel = CoDel(target_s, interval_s)  # jobs: admission to their last batch
         self.arrival = CoDel(target_s, interval_s)  # calls: arrival to their handler (server/accept.py)
         self.clock = clock
-        self.on_refusal = on_refusal  # metrics: "delay" or "count"
+        self.on_refusal = on_refusal  # metrics: "delay", "arrival" or "count"
         self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
 
     def check(self, inflight: int, *, by_delay: bool = True) -> None:

@@ -56,7 +56,7 @@ def register(service: GeneratorService, server: grpc.aio.Server) -> None:
         ),
     }
     # Registered, not generic: grpc core matches each method's calls to its own requests, so the
-    # accept path knows a call's method before any handler runs (server/accept.py's gate).
+    # accept path knows a call's method before any handler runs (server/accept.py's ArrivalPolicy).
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
@@ -110,8 +110,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def refusal_at_arrival(self, method: bytes | None, queued: int) -> Refusal | None:
         """While admission sheds, a Generate call is refused as it arrives, before its message is read or
         a handler runs. Measured (h2load, 4 x 64 in flight, a server held shedding): 20-27k refusals/s
-        at 54-72 us of server CPU each, against 8-10k/s at 138-159 us from the handler; so a flood is
-        refused faster than it comes instead of waiting in grpc core. When shedding by the arrival
+        at 54-72 us of server CPU each, against 8-10k/s at 138-159 us from the handler (a served call:
+        190-237 us). When shedding by the arrival
         queue, only while calls are queued (as CoDel drops only from a queue): an empty queue lets the
         next call through, and its sample ends the spell. Anything else goes on to its handler."""
         if method != GENERATE_PATH:

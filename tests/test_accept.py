@@ -28,6 +28,9 @@ class Calls:
     def __init__(self) -> None:
         self.handled: list[str] = []
         self.release = asyncio.Event()
+        self.held = 0  # Slow calls in their handler
+        self.all_held = asyncio.Event()  # set when ``held`` reaches ``expect_held``
+        self.expect_held = 0
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.handled.append("Echo")
@@ -35,6 +38,9 @@ class Calls:
 
     async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.handled.append("Slow")
+        self.held += 1
+        if self.held == self.expect_held:
+            self.all_held.set()
         await self.release.wait()
         return request
 
@@ -130,9 +136,9 @@ async def test_a_refusal_at_arrival_reaches_the_client_with_its_hint_and_no_hand
 async def test_a_stopped_server_answers_every_call_it_had_accepted(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
     server, channel, calls = ahead
     slow = channel.unary_unary(SLOW.decode())
+    calls.expect_held = 50
     held = [asyncio.ensure_future(slow(b"%d" % i)) for i in range(50)]
-    while len(calls.handled) < 50:
-        await asyncio.sleep(0.01)
+    await calls.all_held.wait()
     stopping = asyncio.create_task(server.stop(0.2))  # grace passes with the 50 still held: grpc cancels them
     outcomes = await asyncio.gather(*held, return_exceptions=True)
     await stopping
