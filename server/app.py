@@ -35,6 +35,7 @@ from server.admission import grpc_server_options
 from server.allocator import tune_allocator
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
+from server.loop_busy import LoopBusyProbe
 from server.metrics import Metrics
 from server.model_watch import FileStamp, ModelWatcher, stamp_folder
 from server.pipeline import Pipeline
@@ -100,6 +101,7 @@ class GenServer:
         self._supervisor: Supervisor | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.watcher: ModelWatcher | None = None
+        self._busy_probe: LoopBusyProbe | None = None
 
     @property
     def registry(self) -> ModelRegistry:
@@ -207,6 +209,9 @@ class GenServer:
         register(self.service, self.grpc)
         if not interceptors:  # with tokens, a caller hears UNAUTHENTICATED before anything about load
             set_policy(self.grpc, self.service)
+        self._busy_probe = LoopBusyProbe(self.metrics.loop_busy.set)  # genserve_loop_busy_ratio
+        self._busy_probe.start()
+        undo.callback(self._busy_probe.stop)
         self.health = HealthServicer()
         # grpc's HealthServicer starts "" as SERVING: readiness says NOT_SERVING until start ends
         await self.health.set(LIVENESS_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -364,6 +369,8 @@ class GenServer:
         except TimeoutError:
             finished_in_time = False
         failed = self.pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
+        if self._busy_probe is not None:
+            self._busy_probe.stop()
         if self.amqp is not None:
             await self.amqp.close()  # after the last replies are published and acknowledged
         if self._health_task is not None:

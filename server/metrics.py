@@ -35,6 +35,11 @@ class Metrics:
         self.queue_delay = Gauge(
             "genserve_queue_delay_seconds", "Latest queueing delay seen by admission (an image job's wait)", registry=r
         )
+        self.loop_busy = Gauge(
+            "genserve_loop_busy_ratio",
+            "Share of the latest 20 ms the event loop's thread was on a CPU (near 1: this process's loop is the limit)",
+            registry=r,
+        )
         self.restarts = Counter("genserve_stage_restarts_total", "Stage restarts by the supervisor", ["stage"], registry=r)
         self.tokens = Counter("genserve_tokens_total", "Tokens generated", ["model"], registry=r)
         self.samples = Counter("genserve_samples_total", "Image samples generated", ["model"], registry=r)

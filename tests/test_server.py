@@ -539,6 +539,8 @@ async def test_metrics_are_served_over_http_on_their_own_port(tmp_path: Path) ->
     assert 'genserve_requests_total{code="OK",model="vae",rpc="Generate"} 1.0' in body
     for family in ("genserve_queue_depth", "genserve_inflight_requests", "genserve_batch_size", "genserve_stage_restarts_total"):
         assert family in body
+    busy = float(next(line.split()[1] for line in body.splitlines() if line.startswith("genserve_loop_busy_ratio ")))
+    assert 0.0 <= busy <= 1.0  # the event loop's busy share (server/loop_busy.py), sampled while it serves
     with pytest.raises(OSError):  # and the port is closed with the server
         await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)
 
