@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,7 +63,7 @@ import torch
 
 from engine.errors import InvalidPromptError, QueueFullError
 from engine.modelfile import LoadedModel
-from engine.models.transformer import CharTransformer
+from engine.models.transformer import CharTransformer, cached_forward
 from engine.sampling import (
     MAX_NEW_TOKENS,
     SamplingBatch,
@@ -114,7 +114,10 @@ class SlotCache:
         cfg = model.config
         param = next(model.parameters())
         self.model = model.eval()  # dropout off; the cached path never applies it anyway
-        self.linear = model.inference_linears()  # weights (in, out): faster sgemm (measured in its docstring)
+        # The model's cached forward: one TorchScript graph (the GIL released once per forward, not per
+        # op: the decode thread runs beside the event loop; measured in ScriptedForward's docstring),
+        # bit for bit the eager forward with weights (in, out) (InferenceLinears: faster sgemm).
+        self.forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = cached_forward(model)
         self.device = param.device
         self.max_batch = max_batch
         self.block_size = cfg.block_size
@@ -144,11 +147,11 @@ class SlotCache:
             pos = torch.arange(t, device=self.device).expand(b, t)  # (B, T)
             first = slots[0]
             if list(slots) == list(range(first, first + b)):  # adjacent slots: write in place
-                return self.model.forward_cached(idx, pos, self.kv[:, :, first : first + b, :, :t], self.linear)
+                return self.forward(idx, pos, self.kv[:, :, first : first + b, :, :t])
             # Scattered slots: a prefill reads only cells it writes first, so run it on scratch and copy in.
             kv = self.kv
             scratch = kv.new_empty(kv.shape[0], kv.shape[1], b, kv.shape[3], t, kv.shape[5])  # (n_layer, 2, B, nh, T, hs)
-            logits = self.model.forward_cached(idx, pos, scratch, self.linear)
+            logits = self.forward(idx, pos, scratch)
             kv[:, :, list(slots), :, :t] = scratch
             return logits
 
@@ -168,7 +171,7 @@ class SlotCache:
         with torch.inference_mode():
             idx = torch.tensor(ids, device=self.device).unsqueeze(1)  # (rows, 1)
             pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (rows, 1)
-            return self.model.forward_cached(idx, pos, self.kv[:, :, :rows, :, :span], self.linear)[:n, 0]
+            return self.forward(idx, pos, self.kv[:, :, :rows, :, :span])[:n, 0]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of slot ``src`` into slot ``dst``."""

@@ -8,12 +8,11 @@ from typing import Literal
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
 from engine.errors import InvalidPromptError, InvalidRequestError, InvalidSamplingError, QueueFullError
 from engine.modelfile import load_model
-from engine.models.transformer import CharTransformer, Linear, TransformerConfig
+from engine.models.transformer import CharTransformer, ScriptedForward, TransformerConfig
 from engine.sampling import SamplingBatch, SamplingParams, sample
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
@@ -87,6 +86,29 @@ def test_kv_cache_logits_match_full_forward(block: Literal["gpt2", "seed"]) -> N
                 window = torch.tensor([seqs[b][starts[b] :]])
                 torch.testing.assert_close(logits[b], model(window)[0, -1], rtol=1e-5, atol=1e-5)
     assert [0, 2] in refills and [1] in refills  # the re-prefill paths (adjacent and scattered slots) really ran
+
+
+@pytest.mark.parametrize("block", ["gpt2", "seed"])
+def test_the_scripted_forward_is_the_eager_forward_bit_for_bit(block: Literal["gpt2", "seed"]) -> None:
+    """SlotCache runs ScriptedForward (one TorchScript graph, the GIL released once per forward): its
+    logits and the cache cells it writes equal the eager forward_cached's exactly, for a prefill and
+    for decode steps at growing contexts over ragged positions."""
+    model = tiny_model(block, block_size=32)
+    scripted, linear = ScriptedForward(model), model.inference_linears()
+    cfg = model.config
+    eager_kv, script_kv = (torch.zeros(cfg.n_layer, 2, 3, cfg.n_head, 32, cfg.d_model // cfg.n_head) for _ in range(2))
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        idx = torch.randint(0, len(VOCAB), (3, 9), generator=gen)
+        pos = torch.arange(9).expand(3, 9)
+        assert torch.equal(scripted(idx, pos, script_kv[:, :, :, :, :9]), model.forward_cached(idx, pos, eager_kv[:, :, :, :, :9], linear))
+        for step in range(9, 20):
+            idx = torch.randint(0, len(VOCAB), (3, 1), generator=gen)
+            pos = torch.tensor([[step], [step - 2], [step - 5]])  # sequences of different lengths
+            want = model.forward_cached(idx, pos, eager_kv[:, :, :, :, : step + 1], linear)
+            assert torch.equal(scripted(idx, pos, script_kv[:, :, :, :, : step + 1]), want)
+    assert torch.equal(script_kv, eager_kv)
+    assert isinstance(DecodeLoop(model, VOCAB, max_batch=2)._cache.forward, ScriptedForward)
 
 
 def test_greedy_bundled_model_matches_naive_forward_loop(bundled: DecodeLoop) -> None:
@@ -182,13 +204,13 @@ def test_one_forward_pass_per_step_for_all_active_sequences() -> None:
         loop.add(r)
     loop.step()  # admission: four prefills
     calls: list[int] = []
-    original = model.forward_cached
+    original = loop._cache.forward
 
-    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
+    def counting(idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         calls.append(idx.shape[0])
-        return original(idx, pos, cache, linear)
+        return original(idx, pos, cache)
 
-    model.forward_cached = counting  # type: ignore[method-assign]
+    loop._cache.forward = counting
     events = loop.step()
     assert calls == [4] and len(events) == 4 and all(e.token_id is not None for e in events)
 
