@@ -22,12 +22,13 @@ import pytest
 import torch
 from torch import nn
 
+from engine.faults import Faults
 from engine.images import ImageRequest
 from engine.modelfile import export_model
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
-from engine.registry import DEFAULT_MODELS_DIR, ModelRegistry
+from engine.registry import DEFAULT_MODELS_DIR, ModelRegistry, ServedModel
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
@@ -289,10 +290,11 @@ async def test_a_request_in_flight_on_a_removed_version_finishes_there_or_fails_
     text2 = publish(folder, "text@2.safetensors", tiny_text(2))
     entered, release = threading.Event(), threading.Event()
 
-    def hold(module: nn.Module, args: Any, output: Any) -> None:  # pauses version 2's decode thread mid-step
-        if not release.is_set():
-            entered.set()
-            release.wait(10)
+    class Hold(Faults):  # pauses version 2's decode thread before its first step (the forward is one TorchScript graph: no hooks)
+        def before_decode_step(self, served: ServedModel) -> None:
+            if served.version == 2 and not release.is_set():
+                entered.set()
+                release.wait(10)
 
     async with (
         running_server(
@@ -301,9 +303,7 @@ async def test_a_request_in_flight_on_a_removed_version_finishes_there_or_fails_
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         stub = pb_grpc.GeneratorStub(channel)
-        embedding = server.registry.get("text", 2).model.module.tok_emb
-        assert isinstance(embedding, nn.Module)
-        handle = embedding.register_forward_hook(hold)
+        server.engine.install_faults(Hold())
         try:
             held = asyncio.create_task(_collect(stub, text()))  # the latest: version 2
             await wait_until(entered.is_set)
@@ -325,7 +325,7 @@ async def test_a_request_in_flight_on_a_removed_version_finishes_there_or_fails_
                 assert late.value.code() == grpc.StatusCode.UNAVAILABLE and "text version 2 was retired" in (late.value.details() or "")
         finally:
             release.set()
-            handle.remove()
+            server.engine.install_faults(None)
         await wait_until(lambda: not watcher(server)._retiring)
         assert "text-text" in server.supervisor.stages  # version 1 still needs the feeder
 
