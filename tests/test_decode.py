@@ -12,6 +12,7 @@ import torch
 from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
 from engine.errors import InvalidPromptError, InvalidRequestError, InvalidSamplingError, QueueFullError
 from engine.modelfile import load_model
+from engine.models import transformer
 from engine.models.transformer import CharTransformer, ScriptedForward, TransformerConfig
 from engine.sampling import SamplingBatch, SamplingParams, sample
 
@@ -109,6 +110,24 @@ def test_the_scripted_forward_is_the_eager_forward_bit_for_bit(block: Literal["g
             assert torch.equal(scripted(idx, pos, script_kv[:, :, :, :, : step + 1]), want)
     assert torch.equal(script_kv, eager_kv)
     assert isinstance(DecodeLoop(model, VOCAB, max_batch=2)._cache.forward, ScriptedForward)
+
+
+def test_without_torchscript_the_decode_loop_runs_the_eager_forward_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_script() -> None:
+        raise RuntimeError("TorchScript is not available")
+
+    monkeypatch.setattr(transformer, "_scripted_graph", no_script)
+    model = tiny_model()
+    with pytest.warns(UserWarning, match=r"decoding eagerly: TorchScript could not compile the cached forward \(RuntimeError: TorchScript"):
+        loop = DecodeLoop(model, VOCAB, max_batch=2)
+    assert not isinstance(loop._cache.forward, ScriptedForward)
+    request = SequenceRequest("abc", SamplingParams(temperature=0, max_new_tokens=8))
+    loop.add(request)
+    eager = texts(loop.run_until_idle())
+    monkeypatch.undo()
+    scripted = DecodeLoop(model, VOCAB, max_batch=2)
+    scripted.add(request)
+    assert list(eager.values()) == list(texts(scripted.run_until_idle()).values())  # the same text either way
 
 
 def test_greedy_bundled_model_matches_naive_forward_loop(bundled: DecodeLoop) -> None:
