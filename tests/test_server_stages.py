@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -240,6 +241,57 @@ async def test_put_waits_while_full_and_resumes_when_a_consumer_takes() -> None:
     with anyio.fail_after(WAIT):
         await producer
     assert await link.take(5) == [1, 2]
+
+
+async def test_put_from_hands_over_a_group_in_order_as_room_allows() -> None:
+    link: Link[int] = Link("l", 3)
+    pending = collections.deque(range(5))
+    producer = asyncio.create_task(link.put_from(pending))
+    await settle()
+    assert not producer.done()  # back-pressure: 3 fit, 2 wait in the producer's own deque
+    assert list(pending) == [3, 4] and len(link) == 3
+    assert await link.take(2) == [0, 1]
+    with anyio.fail_after(WAIT):
+        await producer
+    assert not pending
+    assert await link.take(10) == [2, 3, 4]
+
+
+async def test_a_cancelled_put_from_keeps_what_it_did_not_hand_over() -> None:
+    link: Link[int] = Link("l", 2)
+    pending = collections.deque(range(4))
+    producer = asyncio.create_task(link.put_from(pending))
+    await settle()
+    producer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await producer
+    assert list(pending) == [2, 3]  # the supervisor can still see (and fail) them
+    assert link.take_nowait(5) == [0, 1]
+
+
+async def test_a_group_wakes_every_waiting_consumer_it_can_feed() -> None:
+    link: Link[int] = Link("l", 8)
+    takers = [asyncio.create_task(link.take(1)) for _ in range(3)]
+    await settle()
+    await link.put_from(collections.deque([1, 2]))
+    await settle()
+    assert sorted(t.result()[0] for t in takers if t.done()) == [1, 2]  # two items: two consumers run
+    link.offer(3)
+    with anyio.fail_after(WAIT):
+        assert await asyncio.gather(*takers) == [[1], [2], [3]]
+
+
+async def test_a_consumer_cancelled_after_its_wake_up_passes_it_on() -> None:
+    link: Link[int] = Link("l", 4)
+    first = asyncio.create_task(link.take(1))
+    second = asyncio.create_task(link.take(1))
+    await settle()
+    link.offer(7)  # wakes `first` ...
+    first.cancel()  # ... which is cancelled before it runs: the item must reach `second`
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with anyio.fail_after(WAIT):
+        assert await second == [7]
 
 
 async def test_a_demand_below_one_is_refused_and_takes_nothing() -> None:

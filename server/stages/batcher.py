@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -200,5 +201,4 @@ class Batcher(Stage):
                 w.job.fail(*status)
             return
         self.observe_batch(self.model, sum(w.chunk.n for w in group), time.perf_counter() - started)
-        for w, result in zip(group, results, strict=True):
-            await self.out.put(ImageDone(w.job, result))
+        await self.out.put_from(collections.deque(ImageDone(w.job, result) for w, result in zip(group, results, strict=True)))

@@ -34,10 +34,10 @@ class Processor(Stage):
         self.max_chunk = max_chunk  # the batch size: a bigger request is split into pieces of at most this
         self.inbox = inbox
         self.image_links = image_links
-        self.pending: collections.deque[tuple[Link[ImageWork], ImageWork]] = collections.deque()
+        self.pending: dict[Link[ImageWork], collections.deque[ImageWork]] = {}  # prepared, not yet in the batcher's link
 
     def holding(self) -> Iterable[Job]:
-        return [*self.held, *(w.job for _, w in self.pending)]
+        return [*self.held, *(w.job for works in self.pending.values() for w in works)]
 
     def release(self) -> list[Job]:
         jobs = super().release()
@@ -48,12 +48,22 @@ class Processor(Stage):
         task_status.started()
         while True:
             self.held = await self.inbox.take(PROCESSOR_DEMAND)
-            while self.held:  # no `job` local: it would keep the last job (and what it holds) while waiting
-                if not self.held[0].done:
-                    await self._process(self.held[0])
-                self.held.pop(0)
+            self._prepare_held()
+            # One group per model's link. A restart fails what is still pending, so no piece is left
+            # behind unnoticed (put_from takes a piece out of ``pending`` only as it enters the link).
+            while self.pending:
+                link = next(iter(self.pending))
+                await link.put_from(self.pending[link])
+                del self.pending[link]
 
-    async def _process(self, job: Job) -> None:
+    def _prepare_held(self) -> None:
+        """Prepare every job taken (no waiting in between: a group is prepared in one go), into ``pending``."""
+        for job in self.held:
+            if not job.done:
+                self._prepare(job)
+        self.held = []
+
+    def _prepare(self, job: Job) -> None:
         name = job.served.name
         link = self.image_links.get(name)
         images = job.served.images
@@ -69,8 +79,7 @@ class Processor(Stage):
         size = min(images.limits.max_batch, self.max_chunk)
         pieces = whole.split(size) if whole.n > size else [whole]
         job.chunks = pieces
-        self.pending.extend((link, ImageWork(job, c)) for c in pieces)
-        while self.pending:  # a restart fails the job, so no piece is left behind unnoticed
-            target, work = self.pending[0]
-            await target.put(work)
-            self.pending.popleft()
+        works = self.pending.get(link)
+        if works is None:
+            works = self.pending[link] = collections.deque()
+        works.extend(ImageWork(job, c) for c in pieces)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable
+
 import anyio
 import grpc
 from anyio.abc import TaskStatus
@@ -22,20 +25,35 @@ class Producer(Stage):
         self.ingress = ingress
         self.out = out
         self.text_links = text_links or {}
+        self.images: collections.deque[Job] = collections.deque()  # image jobs taken, not yet handed to the processors
+
+    def holding(self) -> Iterable[Job]:
+        return [*self.held, *self.images]
+
+    def release(self) -> list[Job]:
+        jobs = super().release()
+        self.images.clear()
+        return jobs
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             self.held = await self.ingress.take(PROCESSOR_DEMAND)
-            while self.held:  # no `job` local: it would keep the last job (and what it holds) while waiting
+            self._sort()
+            while self.held:  # text jobs, one by one; no `job` local across the wait: it would keep the last job
                 if not self.held[0].done:
-                    await self._forward(self.held[0])
+                    await self._forward_text(self.held[0])
                 self.held.pop(0)
+            await self.out.put_from(self.images)
 
-    async def _forward(self, job: Job) -> None:
-        if job.text is None:
-            await self.out.put(job)
-            return
+    def _sort(self) -> None:
+        """Image jobs to ``images``, to go on as one group (``Link.put_from``); ``held`` keeps the text
+        jobs. A method: its locals end with it, not across the waits that follow."""
+        held = self.held
+        self.images.extend(job for job in held if not job.done and job.text is None)
+        self.held = [job for job in held if job.text is not None]
+
+    async def _forward_text(self, job: Job) -> None:
         link = self.text_links.get(job.served.name)
         if link is None:
             job.fail(grpc.StatusCode.UNAVAILABLE, f"model {job.served.name!r} is not being served")
