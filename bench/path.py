@@ -1,6 +1,6 @@
 """The server's own cost per GenerateStream request, without grpc or a load generator.
 
-    python -m bench.path [--requests N] [--rounds R] [--window W] [--baseline DIR] [--models-dir DIR]
+    python -m bench.path [--baseline DIR] [--runs 3] [--rounds 3] [--requests N] [--window W] [--models-dir DIR]
 
 A ``GenServer`` is started in this process (its real service, pipeline, stages and engine) and fed
 one-image VAE requests through the same method the stream reader calls for each request it parses
@@ -63,17 +63,17 @@ async def measure(models_dir: str, requests: int, window: int, rounds: int, mode
             wall, cpu = time.perf_counter(), time.thread_time()
             while finished < requests:
                 if sent - finished <= window // 2 and sent < requests:  # top up the window, 256 a message
-                    for first in range(0, min(window - (sent - finished), requests - sent), 256):
+                    todo = min(window - (sent - finished), requests - sent)
+                    while todo:
+                        ids = range(sent, sent + min(256, todo))
                         message = pb.StreamRequest(
-                            requests=[
-                                pb.GenerateRequest(id=str(sent + i), model=model, image=pb.ImageParams(n=1, seed=sent + i))
-                                for i in range(first, min(first + 256, window - (sent - finished), requests - sent))
-                            ]
+                            requests=[pb.GenerateRequest(id=str(i), model=model, image=pb.ImageParams(n=1, seed=i)) for i in ids]
                         )
                         parsed = pb.StreamRequest.FromString(message.SerializeToString())  # as grpc hands it over
                         for request in parsed.requests:
                             service._stream_request(request, stream, context)
-                        sent += len(parsed.requests)
+                        sent += len(ids)
+                        todo -= len(ids)
                 await stream.ready.wait()
                 out = stream.next_message()
                 if out is None:
@@ -133,21 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(args.runs):
         for name, tree in trees:
             env = dict(os.environ, PYTHONPATH=str(tree))
-            done = subprocess.run(
-                [sys.executable, "-m", "bench.path", *child], cwd=tree, env=env, capture_output=True, text=True, check=False
-            )
+            # this file's code, run from the tree (its server and engine first on the path: sys.path[0] is the cwd)
+            code = f"import runpy, sys; sys.argv[0] = 'bench.path'; runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')"
+            done = subprocess.run([sys.executable, "-c", code, *child], cwd=tree, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 print(done.stdout + done.stderr, file=sys.stderr)
                 print(f"bench.path: the run of {name} ({tree}) failed (exit {done.returncode})", file=sys.stderr)
                 return 1
-            rounds = [tuple(map(float, line.split()[1:])) for line in done.stdout.splitlines() if line.startswith("ROUND ")]
-            results[name] += rounds  # type: ignore[arg-type]
-            line = "  ".join(f"{rate:7.0f} req/s {cpu:5.1f} us" for rate, cpu in rounds)
+            fields = [line.split() for line in done.stdout.splitlines() if line.startswith("ROUND ")]
+            measured = [(float(rate), float(cpu)) for _, rate, cpu in fields]
+            results[name] += measured
+            line = "  ".join(f"{rate:7.0f} req/s {cpu:5.1f} us" for rate, cpu in measured)
             print(f"run {run + 1} {name:9s}  {line}", flush=True)
     print("loop CPU per request (us): min / median over every round; requests/s: median")
-    for name, rounds in results.items():
-        cpus = [cpu for _, cpu in rounds]
-        rates = [rate for rate, _ in rounds]
+    for name, measured in results.items():
+        cpus = [cpu for _, cpu in measured]
+        rates = [rate for rate, _ in measured]
         print(f"  {name:9s}  {min(cpus):5.1f} / {statistics.median(cpus):5.1f} us   {statistics.median(rates):7.0f} req/s")
     return 0
 
