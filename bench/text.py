@@ -10,7 +10,8 @@ a shared machine hits all of them alike:
   h2load   the same server driven by h2load (C, Debian's ``nghttp2-client``) with ``streams`` calls in
            flight on one connection, so that the load generator costs little next to the server
            (a Python client takes a large share of two cores). Seeds are drawn by the server (one
-           request body for all calls); tokens = calls x tokens, checked against the bytes received.
+           request body for all calls); tokens = calls x tokens, each call's status counted from the
+           server's metrics (every one must be OK: h2load cannot read grpc-status).
   engine   ``DecodeLoop`` in this process, without the server: every sequence added, then ``step()``
            until idle (the decode loop's own ceiling).
   inv      the same with ``batch_invariant=True`` (fixed-shape passes: what bit-for-bit batch
@@ -48,6 +49,7 @@ from typing import Any
 import grpc
 import torch
 
+from bench import accounting
 from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
 from bench.serve import free_ports
 from engine.decode import DecodeLoop
@@ -57,7 +59,7 @@ from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-H2LOAD_ID = "h2load"  # one id for every h2load call, so that every call's chunks have the same size
+H2LOAD_ID = "h2load"  # the id of every h2load call (one request body serves them all)
 
 
 def default_threads() -> int:
@@ -91,41 +93,39 @@ async def server_ttft(stub: Any, text: str, seed: int) -> float:
     return first
 
 
-def h2load_round(port: int, body: Path, calls: int, streams: int, tokens: int, chunk_bytes: float) -> tuple[int, float]:
+def h2load_round(port: int, metrics_port: int, body: Path, calls: int, streams: int, tokens: int) -> tuple[int, float]:
     """(tokens, wall seconds) for ``calls`` Generate calls, ``streams`` in flight, driven by h2load.
 
-    h2load does not read grpc-status; a call that failed sends far fewer bytes than its 100 chunks,
-    so the data received is checked against ``chunk_bytes`` (measured from a real call) per token.
+    h2load does not read grpc-status, and a call's bytes say nothing (the server puts the tokens
+    that are ready together into one message), so every call's status is counted from the
+    server's metrics around the round (bench/accounting.py): all ``calls`` must be OK.
     """
     cmd = ["h2load", "-n", str(calls), "-c", "1", "-m", str(streams), "-d", str(body)]
     cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
     cmd += [f"http://127.0.0.1:{port}/genserve.v1.Generator/Generate"]
+    before = accounting.settled(metrics_port)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
-    return calls * tokens, parse_h2load(out, calls, calls * tokens * chunk_bytes)
+    seconds = parse_h2load(out, calls)
+    check_all_ok(accounting.tally(before, accounting.settled(metrics_port), calls, calls), calls)
+    return calls * tokens, seconds
 
 
-def parse_h2load(out: str, calls: int, expected_data: float) -> float:
-    """Seconds h2load took for ``calls`` calls; RuntimeError unless every call succeeded and sent
-    about ``expected_data`` bytes of data (a failed call lacks most of its chunks)."""
+def parse_h2load(out: str, calls: int) -> float:
+    """Seconds h2load took for ``calls`` calls; RuntimeError unless every call got an HTTP answer."""
     finished = re.search(r"finished in ([\d.]+)(m?s)", out)
     done = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out)
-    data = re.search(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data", out)
-    if not finished or not done or not data:
+    if not finished or not done:
         raise RuntimeError(f"unexpected h2load output:\n{out}")
     if int(done.group(1)) != calls:
         raise RuntimeError(f"h2load: {done.group(0)} of {calls} calls")
-    if abs(int(data.group(3)) - expected_data) > 0.2 * expected_data / calls:
-        raise RuntimeError(f"h2load received {data.group(3)} bytes of data, expected about {expected_data:.0f}: some calls failed")
     return float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
 
 
-async def chunk_bytes(stub: Any, text: str, tokens: int) -> float:
-    """Bytes on the wire per token of one real call (gRPC's 5-byte prefix included, the Finish spread over the chunks)."""
-    params = pb.TextParams(prompt=text, max_new_tokens=tokens, temperature=1.0)
-    total = 0
-    async for resp in stub.Generate(pb.GenerateRequest(model="transformer", id=H2LOAD_ID, text=params), timeout=60):
-        total += 5 + resp.ByteSize()
-    return total / tokens
+def check_all_ok(tally: accounting.Tally, calls: int) -> None:
+    """RuntimeError unless the server counted exactly ``calls`` calls, every one OK."""
+    if tally.by_status != {"OK": calls}:
+        counted = ", ".join(f"{code} {n}" for code, n in tally.by_status.items()) or "none"
+        raise RuntimeError(f"h2load sent {calls} calls; the server counted {counted}: every call must be OK")
 
 
 async def wait_ready(stub: Any, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
@@ -181,8 +181,8 @@ async def bench(args: argparse.Namespace) -> list[str]:
     channel: grpc.aio.Channel | None = None
     try:
         if not args.no_server:
-            (port,) = free_ports(1)
-            cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", "0", "--models-dir", str(MODELS)]
+            port, metrics_port = free_ports(2)
+            cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port), "--models-dir", str(MODELS)]
             cmd += ["--threads", str(args.threads), "--log-level", "warning", "--decode-batch", str(max(64, args.streams))]
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -196,11 +196,10 @@ async def bench(args: argparse.Namespace) -> list[str]:
                 payload = request.SerializeToString()
                 body = Path(tmp.name) / "request.bin"
                 body.write_bytes(b"\0" + struct.pack(">I", len(payload)) + payload)
-                per_token = await chunk_bytes(stub, texts[0], args.tokens)
                 calls = args.streams * args.h2load_waves
 
-                async def h2load_round_(seed: int, port: int = port, body: Path = body, per_token: float = per_token) -> tuple[int, float]:
-                    return h2load_round(port, body, calls, args.streams, args.tokens, per_token)
+                async def h2load_round_(seed: int, port: int = port, body: Path = body) -> tuple[int, float]:
+                    return h2load_round(port, metrics_port, body, calls, args.streams, args.tokens)
 
                 contenders["h2load"] = h2load_round_
         ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
