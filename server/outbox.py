@@ -11,7 +11,7 @@ from engine.decode import TokenEvent
 from engine.images import ImageResult
 from genserve.v1 import generator_pb2 as pb
 from server.jobs import Job, Outcome
-from server.wire import append_token, chunk_message, fill_chunk, fill_finish, payload_size
+from server.wire import chunk_message, fill_chunk, fill_finish, payload_size
 
 MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
 MAX_BYTES_PER_MESSAGE = 1 << 20  # ... and at most this many payload bytes (a quarter of grpc's default receive limit)
@@ -27,15 +27,13 @@ class CallQueue:
     (the router, the text feeder's routing callback, the deadline sweep); one handler reads.
     """
 
-    __slots__ = ("__weakref__", "_items", "_open_text", "_waiter")  # weakly referable: tests/test_fault_memory.py checks it is freed
+    __slots__ = ("__weakref__", "_items", "_waiter")  # weakly referable: tests/test_fault_memory.py checks it is freed
 
     def __init__(self) -> None:
         self._items: collections.deque[pb.GenerateResponse | Outcome] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._open_text: pb.Text | None = None  # the text chunk at the end of the queue, while the handler has not taken it
 
     def _put(self, item: pb.GenerateResponse | Outcome) -> None:
-        self._open_text = None
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None:
@@ -48,23 +46,10 @@ class CallQueue:
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        item = self._items.popleft()
-        if not self._items:
-            self._open_text = None  # the handler has it now: it is not to change any more
-        return item
+        return self._items.popleft()
 
     def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        if self._open_text is not None and isinstance(item, TokenEvent):
-            # The handler has not taken the last chunk yet: the token joins it (the protocol's Text
-            # carries "the new characters"), so a call whose handler is behind, on a busy loop,
-            # sends one message for what is ready rather than one per token. At low load the
-            # handler takes each token as it comes, so the first token is not held back.
-            append_token(self._open_text, item)
-            return
-        message = chunk_message(job.id, item)
-        self._put(message)
-        if isinstance(item, TokenEvent):
-            self._open_text = message.text
+        self._put(chunk_message(job.id, item))
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         self._put(outcome)
