@@ -96,9 +96,10 @@ async def server_ttft(stub: Any, text: str, seed: int) -> float:
 def h2load_round(port: int, metrics_port: int, body: Path, calls: int, streams: int, tokens: int) -> tuple[int, float]:
     """(tokens, wall seconds) for ``calls`` Generate calls, ``streams`` in flight, driven by h2load.
 
-    h2load does not read grpc-status, and a call's bytes say nothing (the server puts the tokens
-    that are ready together into one message), so every call's status is counted from the
-    server's metrics around the round (bench/accounting.py): all ``calls`` must be OK.
+    h2load does not read grpc-status, so every call's status is counted from the server's metrics
+    around the round (bench/accounting.py), as bench.serve does: all ``calls`` must be OK. (The
+    bytes received, checked here before, tell a failed call only by its missing chunks, and
+    nothing of which status ended it.)
     """
     cmd = ["h2load", "-n", str(calls), "-c", "1", "-m", str(streams), "-d", str(body)]
     cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
