@@ -126,6 +126,23 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_supervisor.py",),
         "past `intensity` restarts within the period the server gives up",
     ),
+    # -- links: bounded, and nothing lost between stages ------------------------------------------
+    Mutant(
+        "link-group-ignores-capacity",
+        "server/links.py",
+        "            n = min(self.capacity - len(items), len(pending))",
+        "            n = len(pending)",
+        ("tests/test_server_stages.py",),
+        "a link holds at most its capacity, a group included: the rest waits in its producer",
+    ),
+    Mutant(
+        "link-wake-up-lost",
+        "server/links.py",
+        "            if woken and ready():",
+        "            if False:",
+        ("tests/test_server_stages.py",),
+        "a consumer cancelled after its wake-up passes it on: no item is left with nobody to take it",
+    ),
     # -- admission ------------------------------------------------------------------------------
     Mutant(
         "admission-no-inflight-limit",
