@@ -1,6 +1,6 @@
 """Text decoding beside Hugging Face ``generate``, on the same weights and torch thread count, in one run.
 
-    python -m bench.text [--quick] [--threads N] [--rounds R] [--streams 32] [--tokens 100] [--no-server]
+    python -m bench.text [--quick] [--threads N] [--rounds R] [--streams 32] [--tokens 100] [--no-server] [--server-args "..."]
 
 Contenders, each decoding ``streams`` sequences of ``tokens`` new tokens (prompts of 16 characters,
 temperature 1, top_k 0, distinct seeds), timed in rounds whose order is shuffled so that noise from
@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import statistics
 import struct
@@ -185,6 +186,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
             port, metrics_port = free_ports(2)
             cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port), "--models-dir", str(MODELS)]
             cmd += ["--threads", str(args.threads), "--log-level", "warning", "--decode-batch", str(max(64, args.streams))]
+            cmd += shlex.split(args.server_args)
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
             stub = pb_grpc.GeneratorStub(channel)
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--h2load-waves", type=int, default=3, help="h2load sends streams x this many calls per round")
     parser.add_argument("--profile", action="store_true", help="also profile the engine's decode loop once")
     parser.add_argument("--seed", type=int, default=0, help="seeds the order of the rounds")
+    parser.add_argument("--server-args", default="", help='more flags for the server, e.g. "--stream-interval 8"')
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.streams, args.tokens, args.ttft_calls = 2, 8, 24, 2

@@ -63,6 +63,13 @@ class ServerConfig:
     )
     queue_size: int = field(default=1024, metadata={"help": "capacity of each link between stages"})
     stream_credits: int = field(default=512, metadata={"help": "requests one GenerateStream may have in flight (its credit)"})
+    stream_interval: int = field(
+        default=1,
+        metadata={
+            "help": "text tokens per Generate message after the first (1: each token as it comes; more: fewer, bigger messages and "
+            "more tokens/s under load)"
+        },
+    )
     request_timeout_s: float = field(default=30.0, metadata={"help": "deadline of a request that brings none"})
     restart_intensity: int = field(default=3, metadata={"help": "stage restarts allowed within the restart period ..."})
     restart_period_s: float = field(default=5.0, metadata={"help": "... past which the server drains and exits non-zero"})
@@ -103,7 +110,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
         positive += ["max_pending_calls", "accept_ahead"]
-        positive += ["max_new_tokens", "max_inflight", "queue_size", "stream_credits", "restart_intensity", "max_message_mb"]
+        positive += ["max_new_tokens", "max_inflight", "queue_size", "stream_credits", "stream_interval", "restart_intensity"]
+        positive += ["max_message_mb"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

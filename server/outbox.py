@@ -11,7 +11,7 @@ from engine.decode import TokenEvent
 from engine.images import ImageResult
 from genserve.v1 import generator_pb2 as pb
 from server.jobs import Job, Outcome
-from server.wire import chunk_message, fill_chunk, fill_finish, payload_size
+from server.wire import append_token, chunk_message, fill_chunk, fill_finish, payload_size
 
 MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
 MAX_BYTES_PER_MESSAGE = 1 << 20  # ... and at most this many payload bytes (a quarter of grpc's default receive limit)
@@ -25,16 +25,31 @@ class CallQueue:
     putting a chunk and an outcome from a loop callback and reading both took 13-16 us with
     asyncio.Queue, 8-10 us so (uvloop, a shared 2-core machine). Only the event loop's thread puts
     (the router, the text feeder's routing callback, the deadline sweep); one handler reads.
+
+    Text tokens join the text chunk at the end of the queue while the handler has not taken it (the
+    protocol's ``Text`` carries "the new characters", its ids, the count so far). The first token
+    goes at once; after it, a chunk goes once it holds ``stream_interval`` tokens, or when the
+    outcome comes behind it (the last chunk: what is left). With ``stream_interval`` 1 that is a
+    message a token unless the handler is behind. More trades smoothness for tokens/s: each message costs the event
+    loop (grpc.aio) time the decode thread could use (measured: docs/benchmarks.md).
     """
 
-    __slots__ = ("__weakref__", "_items", "_waiter")  # weakly referable: tests/test_fault_memory.py checks it is freed
+    __slots__ = ("__weakref__", "_chunk_from", "_items", "_open_ready", "_open_text", "_waiter", "stream_interval")  # weakref: tests
 
-    def __init__(self) -> None:
+    def __init__(self, stream_interval: int = 1) -> None:
         self._items: collections.deque[pb.GenerateResponse | Outcome] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._open_text: pb.Text | None = None  # the text chunk at the end of the queue, while the handler has not taken it
+        self._chunk_from = 0  # n_generated of the open chunk's first token (0: no text sent yet)
+        self._open_ready = False  # the open chunk may go: the call's first, or ``stream_interval`` tokens
+        self.stream_interval = stream_interval
 
     def _put(self, item: pb.GenerateResponse | Outcome) -> None:
+        self._open_text = None
         self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -43,13 +58,28 @@ class CallQueue:
 
     async def get(self) -> pb.GenerateResponse | Outcome:
         """The next item, waiting for it."""
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
+        while not self._items or (self._open_text is not None and not self._open_ready and len(self._items) == 1):
+            self._waiter = asyncio.get_running_loop().create_future()  # nothing, or a text chunk short of the interval
             await self._waiter
-        return self._items.popleft()
+        item = self._items.popleft()
+        if not self._items:
+            self._open_text = None  # the handler has it now: it is not to change any more
+        return item
 
     def emit(self, job: Job, item: ImageResult | TokenEvent) -> None:
-        self._put(chunk_message(job.id, item))
+        if not isinstance(item, TokenEvent):
+            self._put(chunk_message(job.id, item))
+            return
+        first = not self._chunk_from  # the call's first text: never held back
+        if self._open_text is None:
+            message = chunk_message(job.id, item)
+            self._items.append(message)
+            self._open_text, self._chunk_from, self._open_ready = message.text, item.n_generated, False
+        else:
+            append_token(self._open_text, item)
+        if first or item.n_generated - self._chunk_from + 1 >= self.stream_interval:
+            self._open_ready = True
+            self._wake()
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         self._put(outcome)

@@ -153,7 +153,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
         job_id = call_id(request)
-        queue = CallQueue()
+        queue = CallQueue(self.config.stream_interval)
         try:  # a bad request hears what is wrong with it even from an overloaded server: validate, then admit
             job = self.jobs.build(request, "Generate", job_id, queue)
             self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))

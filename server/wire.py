@@ -26,11 +26,7 @@ def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> 
     """Write one chunk into ``message`` (in place: no copy into the stream's response later);
     ``payload_size`` says how big it is, before it is written."""
     if isinstance(item, TokenEvent):
-        text = message.text
-        text.text = item.text
-        if item.token_id is not None:
-            text.token_ids.append(item.token_id)
-        text.n_generated = item.n_generated
+        append_token(message.text, item)
         return
     pixels = item.pixels
     images = message.images
@@ -41,6 +37,14 @@ def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> 
         images.labels.extend(item.labels.tolist())
     if item.floats is not None:
         images.floats = item.floats.astype("<f4", copy=False).tobytes()
+
+
+def append_token(text: pb.Text, item: TokenEvent) -> None:
+    """Add one token to a text chunk: its characters, its id, the count so far (a chunk may carry several)."""
+    text.text += item.text
+    if item.token_id is not None:
+        text.token_ids.append(item.token_id)
+    text.n_generated = item.n_generated
 
 
 def fill_finish(finish: pb.Finish, job: Job | None, outcome: Outcome) -> None:

@@ -4,6 +4,7 @@ reflection, a crashed stage, the drain."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import socket
 import time
@@ -152,15 +153,31 @@ async def test_floats_on_request(stub: pb_grpc.GeneratorStub) -> None:
     np.testing.assert_allclose(np.round(floats * 255), np.frombuffer(chunk.pixels, np.uint8).reshape(2, 28, 28), atol=1)
 
 
-async def test_text_streams_token_by_token(stub: pb_grpc.GeneratorStub) -> None:
+async def test_text_streams_as_it_is_generated(stub: pb_grpc.GeneratorStub) -> None:
     messages = await collect(stub, text("ROMEO:", max_new_tokens=20, seed=5))
-    tokens = [m.text for m in messages if m.HasField("text")]
-    assert len(tokens) == 20 and all(len(t.text) == 1 for t in tokens)
-    assert [t.n_generated for t in tokens] == list(range(1, 21))
+    chunks = [m.text for m in messages if m.HasField("text")]
+    # A chunk carries the tokens that were ready when the handler took it: one each on an idle
+    # server, several when the handler is behind (tests/test_outbox.py), never fewer than one.
+    assert all(len(c.token_ids) == len(c.text) >= 1 for c in chunks)  # a character model: one character a token
+    assert sum(len(c.token_ids) for c in chunks) == 20
+    counts = [c.n_generated for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 20
+    assert counts == list(itertools.accumulate(len(c.token_ids) for c in chunks))
     finish = messages[-1].finish
     assert finish.reason == pb.FINISH_REASON_LENGTH and finish.n_generated == 20 and finish.seed == 5
     again = await collect(stub, text("ROMEO:", max_new_tokens=20, seed=5))
-    assert "".join(t.text for t in tokens) == "".join(m.text.text for m in again if m.HasField("text"))
+    assert "".join(c.text for c in chunks) == "".join(m.text.text for m in again if m.HasField("text"))
+
+
+async def test_a_stream_interval_sends_fewer_bigger_text_messages_of_the_same_text(stub: pb_grpc.GeneratorStub) -> None:
+    per_token = await collect(stub, text("ROMEO:", max_new_tokens=20, seed=5))
+    async with running_server(models_dir=MODELS, stream_interval=4) as other, grpc.aio.insecure_channel(other.address) as channel:
+        grouped = await collect(pb_grpc.GeneratorStub(channel), text("ROMEO:", max_new_tokens=20, seed=5))
+    chunks = [m.text for m in grouped if m.HasField("text")]
+    assert 2 <= len(chunks) <= 1 + -(-19 // 4)  # the first token alone, then at least 4 a message (the last: what is left)
+    assert all(len(c.token_ids) >= 4 for c in chunks[1:-1])
+    assert "".join(c.text for c in chunks) == "".join(m.text.text for m in per_token if m.HasField("text"))
+    assert grouped[-1].finish.n_generated == 20 and chunks[-1].n_generated == 20
 
 
 async def test_text_stops_at_a_stop_string(stub: pb_grpc.GeneratorStub) -> None:
