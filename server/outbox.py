@@ -30,8 +30,8 @@ class CallQueue:
     protocol's ``Text`` carries "the new characters", its ids, the count so far). The first token
     goes at once; after it, a chunk goes once it holds ``stream_interval`` tokens, or when the
     outcome comes behind it (the last chunk: what is left). With ``stream_interval`` 1 that is a
-    message a token unless the handler is behind. More trades smoothness for tokens/s: each message costs the event
-    loop (grpc.aio) time the decode thread could use (measured: docs/benchmarks.md).
+    message a token unless the handler is behind. More trades smoothness for tokens/s: each message
+    costs the event loop (grpc.aio) time the decode thread could use (measured: docs/benchmarks.md).
     """
 
     __slots__ = ("__weakref__", "_chunk_from", "_items", "_open_ready", "_open_text", "_waiter", "stream_interval")  # weakref: tests
