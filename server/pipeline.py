@@ -63,7 +63,9 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retiring: dict[ServedModel, tuple[set[Job], asyncio.Event]] = {}  # drain_version's waits
-        topology = self.topology = Topology(config, registry, engine, observe_batch=self._observe_batch)
+        topology = self.topology = Topology(
+            config, registry, engine, observe_batch=self._observe_batch, in_flight=lambda: len(self.inflight)
+        )
         self.ingress = topology.ingress
         self.work = topology.work
         self.results = topology.results

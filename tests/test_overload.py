@@ -1,21 +1,25 @@
 """Overload end to end on localhost: a saturated server refuses at once with RESOURCE_EXHAUSTED and a
 retry hint, no call ends CANCELLED, and the SDK's retries wait as long as the hint says.
 
-Saturation is made deterministic, not timed: a long batch timeout holds the admitted requests in
-the batcher (so ``max_inflight`` is reached and stays reached), or the delay controller is given
-samples of a standing queue while one request is held. Each test is bounded: a few dozen calls."""
+Saturation is made deterministic, not timed: the engine's fault seam holds every image batch for a
+while before it runs (so ``max_inflight`` is reached and stays reached), or the delay controller is
+given samples of a standing queue while one request is held. Each test is bounded: a few dozen calls."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
 import pytest_asyncio
 
 from clients import AsyncClient, RetryPolicy
+from engine.faults import Faults
+from engine.images import ImageChunk
+from engine.registry import ServedModel
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.app import GenServer
@@ -63,12 +67,28 @@ def stand_queue(server: GenServer) -> None:
     assert codel.shedding
 
 
+class HoldBatches(Faults):
+    """Every image batch waits ``seconds`` before it runs. (Not a long batch timeout: a batch with
+    nobody else in flight no longer waits out its window.)"""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def before_image_batch(self, served: ServedModel, chunks: Sequence[ImageChunk]) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+@asynccontextmanager
+async def holding_server(seconds: float, max_inflight: int) -> AsyncIterator[GenServer]:
+    async with running_server(models_dir=MODELS, max_inflight=max_inflight, admission_interval_ms=HINT_MS, log_level="warning") as srv:
+        srv.engine.install_faults(HoldBatches(seconds))
+        yield srv
+
+
 @pytest_asyncio.fixture
 async def held() -> AsyncIterator[GenServer]:
-    """A server whose image batches wait 2 s for company: admitted requests stay in flight that long."""
-    async with running_server(
-        models_dir=MODELS, max_inflight=4, batch_timeout_ms=2000, admission_interval_ms=HINT_MS, log_level="warning"
-    ) as srv:
+    """A server whose image batches wait 2 s before they run: admitted requests stay in flight that long."""
+    async with holding_server(2.0, max_inflight=4) as srv:
         yield srv
 
 
@@ -116,9 +136,7 @@ async def test_a_standing_queue_sheds_plain_calls_with_a_hint_and_shrinks_stream
 
 
 async def test_the_sdk_waits_for_the_hint_before_retrying_a_plain_call() -> None:
-    async with running_server(
-        models_dir=MODELS, max_inflight=1, batch_timeout_ms=100, admission_interval_ms=HINT_MS, log_level="warning"
-    ) as srv:
+    async with holding_server(0.1, max_inflight=1) as srv:
         async with AsyncClient(srv.address, retry=QUICK_RETRIES, timeout=30) as client:
             held = asyncio.create_task(client.generate_images("vae", 1, seed=0))
             await until(lambda: len(srv.pipeline.inflight) == 1)
@@ -131,9 +149,7 @@ async def test_the_sdk_waits_for_the_hint_before_retrying_a_plain_call() -> None
 
 
 async def test_the_sdk_session_waits_for_the_hint_before_sending_a_refused_request_again() -> None:
-    async with running_server(
-        models_dir=MODELS, max_inflight=1, batch_timeout_ms=100, admission_interval_ms=HINT_MS, log_level="warning"
-    ) as srv:
+    async with holding_server(0.1, max_inflight=1) as srv:
         async with AsyncClient(srv.address, retry=QUICK_RETRIES, timeout=30) as client:
             held = asyncio.create_task(client.generate_images("vae", 1, seed=0))
             await until(lambda: len(srv.pipeline.inflight) == 1)

@@ -376,6 +376,29 @@ async def test_a_partial_batch_closes_after_the_timeout(digits: ServedModel) -> 
     assert 0.03 <= elapsed < WAIT  # it waited for the timeout (about 0.05 s), not for a full batch
 
 
+async def test_a_batch_with_nobody_else_to_wait_for_closes_at_once(digits: ServedModel) -> None:
+    """Every unfinished request of the server is in the batch: the window would only add latency."""
+    sink = RecordingRecipient()
+    engine = FakeEngine()
+    inbox: Link[ImageWork] = Link("in", 16)
+    out: Link[ImageDone] = Link("out", 16)
+    unfinished = [1]  # what the pipeline's in-flight count says
+    async with running(make_batcher(engine, inbox, out, batch_size=8, batch_timeout=10.0, in_flight=lambda: unfinished[0])):
+        alone = image_job(digits, sink, "alone", 3)
+        await inbox.put_from(collections.deque(pieces(alone, size=2)))  # a job in two pieces counts once
+        (first, second) = await take_n(out, 2)  # well before the 10 s window
+        assert engine.sizes == [[2, 1]] and first.job is second.job is alone
+
+        unfinished[0] = 2  # another request is on its way: the batch waits for it as before
+        a, b = image_job(digits, sink, "a", 1), image_job(digits, sink, "b", 1)
+        await inbox.put(pieces(a)[0])
+        await settle()
+        assert len(engine.sizes) == 1
+        await inbox.put(pieces(b)[0])
+        await settle()
+        assert len(engine.sizes) == 1  # a batch of 2 out of 8: still within its window
+
+
 async def test_the_batch_timeout_counts_from_its_first_piece(digits: ServedModel) -> None:
     """Pieces keep arriving more often than the timeout: the batch must still close about one timeout
     after its first piece, not wait for a quiet spell (that would hold it until the stream stops)."""
