@@ -53,7 +53,10 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # WriteLogger writes a line and its newline in one write; PrintLogger's print() made two
+        # (stderr is write-through), so a worker of a group could put its line between another's
+        # line and newline on the shared pipe, and a JSON reader lost both (tests/test_logs.py).
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
 

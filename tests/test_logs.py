@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +35,33 @@ def test_a_process_field_is_on_the_lines_of_other_threads(capfd: pytest.CaptureF
     assert events["on_the_main_thread"]["worker"] == 3
     assert events["on_another_thread"]["worker"] == 3
     assert events["its_own_value_wins"]["worker"] == 7
+
+
+WRITER = """
+import sys
+from engine.logs import bind_process, configure_logging, get_logger
+configure_logging("json", "info")
+bind_process(worker=int(sys.argv[1]))
+log = get_logger("test")
+for i in range(int(sys.argv[2])):
+    log.info("line", i=i)
+"""
+
+
+def test_processes_sharing_one_pipe_never_glue_their_lines_together(tmp_path: Path) -> None:
+    """The workers of a group write to one stderr: each line must reach it in one write (a line and
+    its newline written apart let another process's line in between, and both were lost to JSON)."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    read, write = os.pipe()
+    lines = 3000
+    writers = [
+        subprocess.Popen([sys.executable, str(script), str(w), str(lines)], stderr=write, cwd=Path(__file__).resolve().parent.parent)
+        for w in range(2)
+    ]
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        out = pipe.read()
+    assert [p.wait(timeout=60) for p in writers] == [0, 0]
+    events = [json.loads(line) for line in out.splitlines()]  # a glued or split line does not parse
+    assert sorted((e["worker"], e["i"]) for e in events) == [(w, i) for w in range(2) for i in range(lines)]
