@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -91,7 +92,7 @@ class _Lane:
             if policy is not None and not inner.cancelled() and inner.exception() is None:
                 refusal = policy.refusal_at_handover(self.method, time.perf_counter() - accepted_at)
                 if refusal is not None:
-                    self.server.refuse(inner.result(), refusal)
+                    _refuse(inner.result(), refusal, self.loop)
                     continue
             _transfer(inner, out)
             break
@@ -121,7 +122,7 @@ class _Lane:
         if policy is not None and not failed:
             refusal = policy.refusal_at_arrival(self.method, len(self.accepted))
             if refusal is not None:
-                self.server.refuse(inner.result(), refusal)
+                _refuse(inner.result(), refusal, self.loop)
                 self._top_up()
                 return
         waiting, self.waiting = self.waiting, None
@@ -153,17 +154,37 @@ def _transfer(inner: asyncio.Future[Any], out: asyncio.Future[Any]) -> None:
         out.set_result(inner.result())
 
 
-async def _refuse(rpc_state: Any, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, str], ...]) -> None:
-    """End an accepted call with ``code`` without running its handler or reading its message."""
-    with contextlib.suppress(Exception):  # the client may be gone already: nothing to tell it
-        await cygrpc._send_error_status_from_server(
+def _refuse(rpc_state: Any, refusal: Refusal, loop: asyncio.AbstractEventLoop) -> None:
+    """End an accepted call with ``refusal`` without running its handler or reading its message.
+
+    grpc's coroutine that sends the status is driven here without a Task: it awaits one future (the
+    batch's completion) and is resumed from that future's callback. Under overload refusals are most
+    of the loop's work, and the goodput left is what they do not use. Measured (h2load 4 x 64 in
+    flight, a server held shedding, loop thread CPU per refusal): 44-46 us against 46-51 us with a
+    Task and the counters' labels looked up per refusal (server/service.py caches those).
+    """
+    code, details, trailing_metadata = refusal
+    _step(
+        cygrpc._send_error_status_from_server(
             rpc_state,
             _CORE_CODES[code],
             details,
             trailing_metadata,
             cygrpc.SendInitialMetadataOperation((), 0),  # what grpc.aio sends before an error status
-            asyncio.get_running_loop(),
+            loop,
         )
+    )
+
+
+def _step(coro: Any, _: Any = None) -> None:
+    """Run ``coro`` to its next await of a future, and resume it when that future is done."""
+    try:
+        awaited = coro.send(None)
+    except StopIteration:
+        return
+    except Exception:  # the client may be gone already: nothing to tell it
+        return
+    awaited.add_done_callback(functools.partial(_step, coro))
 
 
 _CORE_CODES = {code: code.value[0] for code in grpc.StatusCode}
@@ -189,11 +210,8 @@ class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
         return lane.next()
 
     def refuse(self, rpc_state: Any, refusal: Refusal) -> None:
-        """End an accepted call with ``refusal``, in a task of its own (kept until it is done)."""
-        refusing: set[asyncio.Task[None]] = self.__dict__.setdefault("_refusing", set())
-        task = asyncio.get_running_loop().create_task(_refuse(rpc_state, *refusal))
-        refusing.add(task)
-        task.add_done_callback(refusing.discard)
+        """End an accepted call with ``refusal`` (its status goes out as the loop gets to it)."""
+        _refuse(rpc_state, refusal, asyncio.get_running_loop())
 
     def queued(self) -> dict[str, int]:
         """Calls accepted and not yet handed over, by method (for tests)."""

@@ -43,6 +43,7 @@ from server.reflection import enable_reflection
 from server.service import GeneratorService, register
 from server.stages import Stage
 from server.supervisor import Supervisor
+from server.wakeups import unblock_completion_writes
 
 if TYPE_CHECKING:
     from server.amqp import AmqpIngress
@@ -158,6 +159,7 @@ class GenServer:
             ],
         )
         undo.push_async_callback(self.grpc.stop, None)
+        unblock_completion_writes()  # grpc core hands calls over as fast as they come (server/wakeups.py)
         self.port = self._listen(credentials)
         if c.metrics_port:
             try:

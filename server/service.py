@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -67,6 +68,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.pipeline = pipeline
         self.registry = pipeline.registry
         self.metrics = metrics
+        self._refusals: dict[tuple[grpc.StatusCode, str], tuple[Refusal, Any]] = {}  # the accept path's refusals, ready made
 
     # -- ListModels -------------------------------------------------------------------------
 
@@ -140,8 +142,15 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             if by_arrival:
                 raise self.pipeline.admission.arrival_refusal()
         except Refused as e:
-            self._refused("Generate", e.code)
-            return e.code, e.message, e.trailing_metadata or ()
+            known = self._refusals.get((e.code, e.message))
+            if known is None:  # a few distinct refusals: each built and its counter looked up once
+                known = self._refusals[(e.code, e.message)] = (
+                    (e.code, e.message, e.trailing_metadata or ()),
+                    self.metrics.rejections.labels("Generate", e.code.name),
+                )
+            refusal, counter = known
+            counter.inc()
+            return refusal
         return None
 
     def _refused(self, rpc: str, code: grpc.StatusCode) -> None:
