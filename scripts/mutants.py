@@ -176,6 +176,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_server_stages.py", "-k", "timeout"),
         "the server's request timeout caps the one a client asks for",
     ),
+    Mutant(
+        "completion-writes-block",
+        "server/wakeups.py",
+        "        writer.setblocking(False)",
+        "        pass",
+        ("tests/test_wakeups.py",),
+        "grpc's poller thread is never held by a full wake-up socket (every call reaches admission)",
+    ),
     # -- drain ----------------------------------------------------------------------------------
     Mutant(
         "drain-grace-zero",

@@ -69,6 +69,11 @@ class _Lane:
     waiting in core. The server's ``backlog`` bounds the calls accepted and not yet handed over;
     past it the lane stops asking, and calls wait in grpc core (bounded by ``--max-pending-calls``)
     as with grpc.aio's own accept.
+
+    grpc's request coroutine (``_request_registered_call``: ask core, await the match, build the
+    call's state) is driven here without a Task, as ``_refuse`` drives the refusal's: it awaits one
+    future and is resumed from that future's callback. A Task a call was 13% of the loop's time
+    under a flood (py-spy: its creation and its steps), and every call, served or refused, has one.
     """
 
     def __init__(self, server: EagerAcceptServer, method: bytes | None) -> None:
@@ -76,11 +81,15 @@ class _Lane:
         self.method = method
         self.loop = asyncio.get_running_loop()  # once: get_running_loop costs a getpid() syscall a call
         self.depth = min(INITIAL_DEPTH, server.max_depth)
-        self.outstanding: set[asyncio.Future[Any]] = set()
-        self.newest: asyncio.Future[Any] | None = None  # the request made last
-        self.accepted: deque[tuple[asyncio.Future[Any], float]] = deque()  # (finished request, when), not yet handed over
+        self.outstanding = 0  # requests made and not yet matched (or failed) by grpc core
+        self.newest: asyncio.Future[Any] | None = None  # what the request made last waits on
+        self.accepted: deque[tuple[Any, BaseException | None, float]] = deque()  # (call, error, when), not yet handed over
         self.waiting: asyncio.Future[Any] | None = None  # the main loop's future, when nothing was accepted yet
         self.closed = False
+        if method is None:
+            self._request = functools.partial(_STOCK_SERVER._request_call, server)
+        else:
+            self._request = functools.partial(_STOCK_SERVER._request_registered_call, server, method)
 
     def next(self) -> asyncio.Future[Any]:
         """grpc.aio's main loop asks for the next call of this method."""
@@ -88,13 +97,13 @@ class _Lane:
         out.add_done_callback(self._on_handed)
         policy = self.server.policy
         while self.accepted:
-            inner, accepted_at = self.accepted.popleft()
-            if policy is not None and not inner.cancelled() and inner.exception() is None:
+            call, error, accepted_at = self.accepted.popleft()
+            if policy is not None and error is None:
                 refusal = policy.refusal_at_handover(self.method, time.perf_counter() - accepted_at)
                 if refusal is not None:
-                    _refuse(inner.result(), refusal, self.loop)
+                    _refuse(call, refusal, self.loop)
                     continue
-            _transfer(inner, out)
+            _settle(out, call, error)
             break
         else:
             self.waiting = out
@@ -103,35 +112,56 @@ class _Lane:
 
     def _top_up(self) -> None:
         room = self.server.backlog - len(self.accepted)
-        while not self.closed and len(self.outstanding) < min(self.depth, room) and self.server.is_running():
-            inner = EagerAcceptServer.__mro__[1]._make_request_call_future(self.server, self.method)  # grpc's own request
-            self.outstanding.add(inner)
-            self.newest = inner
-            inner.add_done_callback(self._on_accepted)
+        while not self.closed and self.outstanding < min(self.depth, room) and self.server.is_running():
+            request = self._request()  # grpc's own request for the next call, as a coroutine
+            try:
+                awaited = request.send(None)
+            except StopIteration as done:  # matched at once (grpc core does not do this today)
+                self._on_accepted(done.value, None)
+                return
+            except (Exception, asyncio.CancelledError) as error:
+                self._on_accepted(None, error)
+                return
+            self.outstanding += 1
+            self.newest = awaited
+            awaited.add_done_callback(functools.partial(self._resume, request))
 
-    def _on_accepted(self, inner: asyncio.Future[Any]) -> None:
-        self.outstanding.discard(inner)
-        failed = inner.cancelled() or inner.exception() is not None  # exception(): retrieved here, handed on below
-        if self.closed:
+    def _resume(self, request: Any, awaited: asyncio.Future[Any]) -> None:
+        self.outstanding -= 1
+        try:
+            again = request.send(None)
+        except StopIteration as done:
+            self._on_accepted(done.value, None)
+        except (Exception, asyncio.CancelledError) as error:
+            self._on_accepted(None, error)
+        else:  # it waits on something else (not today's grpc): resume it from that
+            self.outstanding += 1
+            again.add_done_callback(functools.partial(self._resume, request))
+
+    def _on_accepted(self, call: Any, error: BaseException | None) -> None:
+        """grpc core handed over ``call`` (grpc.aio's RPCState), or the request failed with ``error``."""
+        if self.closed:  # grpc.aio stopped asking: a call that still came in is told to go elsewhere
+            if error is None:
+                _refuse(call, SHUTTING_DOWN, self.loop)
             return
         if self.newest is not None and self.newest.done() and self.depth < self.server.max_depth:
             # grpc core matches requests in the order they were made: the newest one taken means every
             # request was, so calls were waiting in core for the loop to ask: ask for more at a time
             self.depth = min(2 * self.depth, self.server.max_depth)
         policy = self.server.policy
-        if policy is not None and not failed:
+        if policy is not None and error is None:
             refusal = policy.refusal_at_arrival(self.method, len(self.accepted))
             if refusal is not None:
-                _refuse(inner.result(), refusal, self.loop)
+                _refuse(call, refusal, self.loop)
                 self._top_up()
                 return
         waiting, self.waiting = self.waiting, None
         if waiting is not None and not waiting.done():
-            if policy is not None and not failed:
+            if policy is not None and error is None:
                 policy.refusal_at_handover(self.method, 0.0)  # a sample of an empty queue (no wait: never refused)
-            _transfer(inner, waiting)
+            _settle(waiting, call, error)
         else:
-            self.accepted.append((inner, time.perf_counter()))
+            self.accepted.append((call, error, time.perf_counter()))
         self._top_up()
 
     def _on_handed(self, out: asyncio.Future[Any]) -> None:
@@ -140,18 +170,18 @@ class _Lane:
             # call state until it fails them itself (its shutdown does), so they must outlive that.
             self.closed = True
             while self.accepted:  # accepted, never to be handed over: tell their clients to go elsewhere
-                inner, _ = self.accepted.popleft()
-                if not inner.cancelled() and inner.exception() is None:
-                    self.server.refuse(inner.result(), SHUTTING_DOWN)
+                call, error, _ = self.accepted.popleft()
+                if error is None:
+                    _refuse(call, SHUTTING_DOWN, self.loop)
 
 
-def _transfer(inner: asyncio.Future[Any], out: asyncio.Future[Any]) -> None:
-    if inner.cancelled():
+def _settle(out: asyncio.Future[Any], call: Any, error: BaseException | None) -> None:
+    if error is None:
+        out.set_result(call)
+    elif isinstance(error, asyncio.CancelledError):
         out.cancel()
-    elif (error := inner.exception()) is not None:
-        out.set_exception(error)
     else:
-        out.set_result(inner.result())
+        out.set_exception(error)
 
 
 def _refuse(rpc_state: Any, refusal: Refusal, loop: asyncio.AbstractEventLoop) -> None:
@@ -209,10 +239,6 @@ class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
             lane = lanes[method_bytes] = _Lane(self, method_bytes)
         return lane.next()
 
-    def refuse(self, rpc_state: Any, refusal: Refusal) -> None:
-        """End an accepted call with ``refusal`` (its status goes out as the loop gets to it)."""
-        _refuse(rpc_state, refusal, asyncio.get_running_loop())
-
     def queued(self) -> dict[str, int]:
         """Calls accepted and not yet handed over, by method (for tests)."""
         lanes: dict[bytes | None, _Lane] = self.__dict__.get("_lanes", {})
@@ -223,7 +249,7 @@ def supported() -> bool:
     """grpc.aio's internals this module uses are where it expects them."""
     if getattr(getattr(aio_server_module, "cygrpc", None), "AioServer", None) is not _STOCK_SERVER:  # grpc.aio builds from it
         return False
-    methods = ("_make_request_call_future", "_request_registered_call", "is_running")
+    methods = ("_make_request_call_future", "_request_registered_call", "_request_call", "is_running")
     functions = ("_send_error_status_from_server", "SendInitialMetadataOperation")
     return all(hasattr(cygrpc.AioServer, name) for name in methods) and all(hasattr(cygrpc, name) for name in functions)
 

@@ -154,9 +154,22 @@ class Pipeline:
 
     def check_room(self, *, by_delay: bool = True) -> None:
         """Raise Refused if a new request would be refused now (shutting down, or overloaded)."""
+        reason = self.refusal_reason(by_delay=by_delay)
+        if reason is not None:
+            raise self.refused(reason)
+
+    def refusal_reason(self, *, by_delay: bool = True) -> str | None:
+        """``check_room`` without raising: why a new request is refused now ("shutting_down", or
+        admission's reason, counted), or None."""
         if not self.accepting:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
-        self.admission.check(len(self.inflight), by_delay=by_delay)
+            return "shutting_down"
+        return self.admission.overloaded(len(self.inflight), by_delay=by_delay)
+
+    def refused(self, reason: str) -> Refused:
+        """The refusal for a ``refusal_reason`` (or admission's "arrival")."""
+        if reason == "shutting_down":
+            return Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
+        return self.admission.refused(reason)
 
     def admit(self, job: Job, timeout: float | None) -> None:
         """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""

@@ -68,7 +68,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.pipeline = pipeline
         self.registry = pipeline.registry
         self.metrics = metrics
-        self._refusals: dict[tuple[grpc.StatusCode, str], tuple[Refusal, Any]] = {}  # the accept path's refusals, ready made
+        self._refusals: dict[str, tuple[Refusal, Any]] = {}  # the accept path's refusals, ready made
 
     # -- ListModels -------------------------------------------------------------------------
 
@@ -137,21 +137,23 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     def _refusal_now(self, *, by_arrival: bool) -> Refusal | None:
         """The refusal admission gives now (counted as the handler's are), or None if it would admit."""
-        try:
-            self.pipeline.check_room()
-            if by_arrival:
-                raise self.pipeline.admission.arrival_refusal()
-        except Refused as e:
-            known = self._refusals.get((e.code, e.message))
-            if known is None:  # a few distinct refusals: each built and its counter looked up once
-                known = self._refusals[(e.code, e.message)] = (
-                    (e.code, e.message, e.trailing_metadata or ()),
-                    self.metrics.rejections.labels("Generate", e.code.name),
-                )
-            refusal, counter = known
-            counter.inc()
-            return refusal
-        return None
+        pipeline = self.pipeline
+        reason = pipeline.refusal_reason()
+        if reason is None:
+            if not by_arrival:
+                return None
+            pipeline.admission.on_refusal("arrival")
+            reason = "arrival"
+        known = self._refusals.get(reason)
+        if known is None:  # a few distinct refusals: each built and its counter looked up once
+            e = pipeline.refused(reason)
+            known = self._refusals[reason] = (
+                (e.code, e.message, e.trailing_metadata or ()),
+                self.metrics.rejections.labels("Generate", e.code.name),
+            )
+        refusal, counter = known
+        counter.inc()
+        return refusal
 
     def _refused(self, rpc: str, code: grpc.StatusCode) -> None:
         self.metrics.rejections.labels(rpc, code.name).inc()
