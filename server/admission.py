@@ -33,10 +33,11 @@ within its credit meets only the count backstop.
 The second signal, ``arrival``: the time a call waited between grpc core handing it over and
 grpc.aio starting its handler (server/accept.py measures it; the service's policy feeds it and
 refuses, at arrival, what would only queue). What neither can see: calls that grpc core has not
-handed over yet. Measured under 2x overload (h2load, 4 connections, shared 2-core machine): the
-accept path held 256 requests out and 0-85 calls between arrival and handler (waits 5 ms mean,
-max 30 ms), while h2load's calls waited seconds before reaching it; the process is out of CPU, not
-short of a signal (docs/benchmarks.md, "What moves the serving figures").
+handed over yet. Those used to be most of a flood: grpc's poller thread blocked on its wake-up
+socket and grpc core handed over about one completion per turn of the loop (server/wakeups.py).
+With that fixed, under 2x overload (h2load, 4 connections, 2-core VM) every call reached the
+accept path and was answered OK or RESOURCE_EXHAUSTED, by this signal
+(docs/benchmarks.md, "Calls reach admission").
 """
 
 from __future__ import annotations
@@ -59,12 +60,10 @@ def grpc_server_options(max_streams_per_connection: int, max_pending_calls: int)
     grpc core holds them in a backlog; past ``grpc.server.max_pending_requests`` (grpc's default
     1000, then random early drop up to the hard limit, 3000) it ends them itself, as CANCELLED:
     measured under 2x overload (h2load, 4 connections), ~37.7k of ~45k calls ended so, unseen by
-    admission and by the metrics. With the limits out of reach (1<<20) every call reached the
-    handler, but under 2x overload one grpc.aio process cannot even refuse as fast as calls come
-    (a refusal costs 170-240 us of CPU here, a served echo call 210-310 us), so the backlog, and
-    with it memory, grew with the load: +232 MB RSS in a 5 s overload (~14 KB a waiting call).
-    So the backlog is bounded by configuration (``max_pending_calls``, the hard limit twice it):
-    ~8k waiting calls is ~115 MB here, and what a flood brings beyond it grpc core drops.
+    admission and by the metrics. Most of that backlog was grpc's own poller thread held on its
+    wake-up socket (server/wakeups.py fixes it); the backlog is still bounded by configuration
+    (``max_pending_calls``, the hard limit twice it; ~14 KB a waiting call), for floods that come
+    faster than the loop can even refuse them.
     The HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS) bounds it per client
     instead: a gRPC client waits for a free stream rather than sending (0: grpc's default, no limit).
     """

@@ -9,10 +9,17 @@ loop reads one more byte. From then on grpc core hands over about one completion
 loop. Every hop of every call waits a turn, and new calls wait in grpc core's backlog, where
 admission cannot see them and grpc drops them as CANCELLED when it overflows.
 
-Measured (h2load, one-image VAE calls, 2-core VM, one server at a time): under 4 x 2,500 calls/s
-the write side's Send-Q sat at its limit (``ss -x``: 212,736 bytes). At 2x the server's maximum,
-grpc core ended 38,889 of 60,364 calls of the bare echo (stock grpc.aio) as CANCELLED, and none of
-the server's with this change: admission answered every call, OK or RESOURCE_EXHAUSTED.
+Measured (h2load, one-image VAE calls, 2-core VM): under 4 x 2,500 calls/s the write side's
+Send-Q sat at its limit (``ss -x``: 212,736 bytes). ``bench.serve --quick``, 5 s at 2x the
+server's maximum: grpc core ended 12,771 calls as CANCELLED before this change and none after
+(30,770 refused by admission, goodput 0.80 of the maximum, RSS +17 MB against +177). The bare echo
+(stock grpc.aio) in the same run: 36,723 of 60,860 ended by grpc core.
+
+The price, measured side by side (``bench.ab``, and one server at a time with h2load at 64 calls in
+flight): a closed loop that never overloads the server ran 10-17% slower than with the poller
+throttled (4,000-4,600 against 4,800-5,500 calls/s, same batch sizes). Discarding the wake-up
+bytes in the loop's reader instead (the poller then never meets a full socket) cost the same; the
+cause is not pinned down (the second vCPU now also runs the poller thread's wake-ups).
 
 ``unblock_completion_writes`` makes the poller's write side non-blocking. A write into a full buffer
 then fails at once (grpc ignores its result), which loses nothing: the buffer is full, so the loop
