@@ -481,13 +481,24 @@ async def test_a_killed_stage_is_restarted_and_serving_goes_on() -> None:
 async def test_work_held_by_a_killed_stage_is_failed_with_unavailable_not_lost() -> None:
     async with running_server(models_dir=MODELS, batch_timeout_ms=5000, batch_size=64) as srv, grpc.aio.insecure_channel(srv.address) as ch:
         stub = pb_grpc.GeneratorStub(ch)
-        calls = [asyncio.ensure_future(collect(stub, image(n=1, seed=i))) for i in range(3)]
-        await wait_until(lambda: len(srv.pipeline.inflight) == 3 and not len(srv.pipeline.image_links["vae"]))  # all in the open batch
-        srv.supervisor.kill("batcher-vae")
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE for r in results)
-        assert "may be retried" in str(results[0])
-        assert (await collect(stub, image(n=64)))[-1].finish.code == 0  # the restarted batcher serves (a full batch: no 5 s wait)
+        # A text call held in flight: with every unfinished request in the batch a batch closes at
+        # once (Batcher._alone), so without another request the image calls could leave the open batch
+        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)
+        held = stub.Generate(text(max_new_tokens=512, seed=99))
+        await held.read()  # admitted and generating
+        spy.pause()
+        try:
+            calls = [asyncio.ensure_future(collect(stub, image(n=1, seed=i))) for i in range(3)]
+            # all three in the open batch
+            await wait_until(lambda: len(srv.pipeline.inflight) == 4 and not len(srv.pipeline.image_links["vae"]))
+            srv.supervisor.kill("batcher-vae")
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE for r in results)
+            assert "may be retried" in str(results[0])
+            assert (await collect(stub, image(n=64)))[-1].finish.code == 0  # the restarted batcher serves (a full batch: no 5 s wait)
+        finally:
+            spy.restore()
+            held.cancel()
 
 
 async def test_a_failed_start_stops_its_stages_without_restarting_them(monkeypatch: pytest.MonkeyPatch) -> None:
