@@ -117,10 +117,10 @@ class _Lane:
             try:
                 awaited = request.send(None)
             except StopIteration as done:  # matched at once (grpc core does not do this today)
-                self._on_accepted(done.value, None)
+                self.loop.call_soon(self._on_accepted, done.value, None)  # later: _on_accepted tops up again
                 return
-            except (Exception, asyncio.CancelledError) as error:
-                self._on_accepted(None, error)
+            except (Exception, asyncio.CancelledError) as error:  # e.g. the server is shutting down
+                self.loop.call_soon(self._on_accepted, None, error)  # later, as a Task's failure came: no recursion
                 return
             self.outstanding += 1
             self.newest = awaited
