@@ -212,7 +212,7 @@ def _step(coro: Any, _: Any = None) -> None:
         awaited = coro.send(None)
     except StopIteration:
         return
-    except Exception:  # the client may be gone already: nothing to tell it
+    except (Exception, asyncio.CancelledError):  # the client may be gone already: nothing to tell it
         return
     awaited.add_done_callback(functools.partial(_step, coro))
 
