@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from engine.errors import InvalidImageRequest, brief_repr
+from engine.image_graph import ImageGraph, image_graph
 from engine.modelfile import LoadedModel
 
 IMAGE_KINDS = ("vae", "wgan-gp")
@@ -168,6 +169,7 @@ class ImageGenerator:
         self.device = next(model.module.parameters()).device
         self.tile: int = self.limits.tile or DEFAULT_TILE[model.kind]
         self._half = torch.tensor(0.5, device=self.device)  # made once: a tensor constant per batch costs a few us
+        self._graph: ImageGraph | bool | None = self.device.type == "cpu"  # True: not built yet (on first run)
 
     @property
     def conditional(self) -> bool:
@@ -236,11 +238,16 @@ class ImageGenerator:
         else:
             z = torch.cat([c.z for c in chunks])
             labels = torch.cat([c.labels for c in chunks if c.labels is not None]) if self.conditional else None
-        with torch.inference_mode():
-            x = self.forward(z, labels)  # (B, size * size) in [0, 1], on the model's device
-            want_float = any(c.request.want_float for c in chunks)
-            floats = x.float().cpu().numpy() if want_float else None
-            pixels = self._to_uint8(x, in_place=not want_float or self.device.type != "cpu")
+        want_float = any(c.request.want_float for c in chunks)
+        graph = self.graph()
+        if graph is not None:  # the CPU's one call (engine/image_graph.py): the GIL is given up once a batch
+            x, levels = graph(z, labels)
+            floats, pixels = (x.numpy() if want_float else None), levels.numpy()
+        else:
+            with torch.inference_mode():
+                x = self.forward(z, labels)  # (B, size * size) in [0, 1], on the model's device
+                floats = x.float().cpu().numpy() if want_float else None
+                pixels = self._to_uint8(x, in_place=not want_float or self.device.type != "cpu")
         s = self.image_size
         pixels = pixels.reshape(total, s, s)
         results: list[ImageResult] = []
@@ -260,6 +267,26 @@ class ImageGenerator:
             )
             a = b
         return results
+
+    def graph(self) -> ImageGraph | None:
+        """The CPU graph of ``forward`` and ``_to_uint8`` (built on first use, shared by every
+        generator of this model and tile); None on other devices or where it is not available."""
+        if self._graph is True:
+            self._graph = image_graph(
+                self.model.module,
+                decode=self.model.kind == "vae",
+                latent_dim=self.latent_dim,
+                num_classes=self.num_classes,
+                tile=self.tile,
+                reference=self._eager,
+            )
+        return self._graph or None
+
+    def _eager(self, z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(floats, uint8 levels) the eager way: what the graph must equal bit for bit."""
+        with torch.inference_mode():
+            x = self.forward(z, labels)
+            return x, torch.from_numpy(self._to_uint8(x, in_place=False))
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The model on (B, latent_dim) CPU latents, ``tile`` rows per call: (B, size * size) on the device.

@@ -112,9 +112,11 @@ def test_a_seed_gives_the_same_samples_whatever_shares_its_batch(models: dict[st
 
 
 class _Spy:
-    """Wraps a generator's model call and records the rows of every call."""
+    """Wraps a generator's eager model call and records the rows of every call (the CPU graph,
+    which runs the same tiles as one call, is switched off: tests below hold it to the eager path)."""
 
     def __init__(self, g: ImageGenerator) -> None:
+        g._graph = None
         self.rows: list[int] = []
         self._inner = g._forward
         g._forward = self
@@ -135,6 +137,50 @@ def test_every_model_call_sees_exactly_one_tile(models: dict[str, LoadedModel], 
     assert res.pixels.shape == (total, 28, 28) and res.floats is not None and res.floats.shape == (total, 28, 28)
     assert res.labels is not None and res.labels.shape == (total,)
     torch.testing.assert_close(torch.from_numpy(res.floats), expected_floats(models["cvae"], total, total))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_the_cpu_graph_gives_the_eager_results_bit_for_bit(models: dict[str, LoadedModel], name: str) -> None:
+    """The graph (engine/image_graph.py) serves on the CPU, and every batch it runs equals the
+    eager tiles and numpy rounding bit for bit: floats and pixels, whatever the batch's size."""
+    graphed = ImageGenerator(models[name], ImageLimits(max_n=16, max_batch=64, tile=4))
+    eager = ImageGenerator(models[name], ImageLimits(max_n=16, max_batch=64, tile=4))
+    assert graphed.graph() is not None
+    eager._graph = None
+    for sizes in ([1], [3], [4], [2, 3], [8, 1], [9], [16, 16, 5]):
+        requests = [ImageRequest(n=n, seed=100 + i * 7 + n, want_float=i % 2 == 0) for i, n in enumerate(sizes)]
+        for a, b in zip(graphed.generate(requests), eager.generate(requests), strict=True):
+            np.testing.assert_array_equal(a.pixels, b.pixels)
+            assert (a.floats is None) == (b.floats is None)
+            if a.floats is not None:
+                np.testing.assert_array_equal(a.floats, b.floats)
+
+
+def test_the_graph_rounds_as_numpy_does_at_every_level(models: dict[str, LoadedModel]) -> None:
+    """Levels at and around every rounding boundary k/255 +- 0.5/255, and out of range: the graph's
+    torch rounding equals the eager numpy one (ImageGenerator._to_uint8) on each."""
+    g = gen(models, "vae")
+    graph = g.graph()
+    assert graph is not None
+    k = torch.arange(256, dtype=torch.float32)
+    edges = torch.cat([(k + 0.5) / 255, k / 255, torch.tensor([-1.0, -1e-7, 1.0 + 1e-7, 3.0])])
+    x = torch.cat([edges, torch.nextafter(edges, torch.tensor(2.0)), torch.nextafter(edges, torch.tensor(-2.0))])
+    levels = graph._levels(x)
+    np.testing.assert_array_equal(levels.numpy(), g._to_uint8(x.clone(), in_place=True))
+
+
+def test_a_model_that_cannot_be_traced_runs_eagerly_with_a_warning(models: dict[str, LoadedModel], monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("tracing refused")
+
+    model = load_model(export_model(Path(str(models["vae"].path)).with_name("untraceable.safetensors"), "vae", models["vae"].module))
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    g = gen({"m": model}, "m")
+    with pytest.warns(UserWarning, match=r"image model runs eagerly: no TorchScript graph \(RuntimeError: tracing refused\)"):
+        assert g.graph() is None
+    (res,) = g.generate([ImageRequest(n=3, seed=5, want_float=True)])
+    assert res.floats is not None
+    torch.testing.assert_close(torch.from_numpy(res.floats), expected_floats(model, 3, 5))
 
 
 def test_tiles_default_by_kind_and_are_checked(models: dict[str, LoadedModel]) -> None:

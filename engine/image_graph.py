@@ -1,0 +1,164 @@
+"""An image model's tiled forward pass and its uint8 levels as ONE TorchScript graph (CPU).
+
+Why: the engine runs image batches on a thread beside the server's event loop, and an eager
+forward gives up the GIL around each torch op and must win it back after: ~35 times for a VAE
+batch of 128 (4 tiles of linear, tanh, linear, sigmoid, plus slicing, copies, clamp and numpy's
+passes). While the loop holds the GIL, every one of those waits, up to the interpreter's switch
+interval (5 ms). Measured on the 2-core VM (1 torch thread, VAE batch of 128): 5.5 ms alone
+either way; beside a Python thread that never lets go, 242 ms eager against 19 ms as one graph.
+In the server under a GenerateStream load (512 requests in flight), a batch of 128 took 35-45 ms
+of wall time against ~6 ms of compute, its engine thread on a CPU 40% of the time.
+
+The graph runs exactly the eager ops (the model traced at one tile's shape, called once a tile;
+``x * 255 + 0.5``, clamped, truncated as ``ImageGenerator._to_uint8`` does in numpy), so it is
+checked bit for bit against the eager path when built, and not used where it differs.
+Run it under ``optimized_execution(False)``: the profiling executor may fuse or rewrite ops
+after a few calls, and then the floats need not be bit-equal to eager (the text model's graph
+changed by ~4e-6 so: engine/models/transformer.py).
+"""
+
+# No ``from __future__ import annotations`` here: TorchScript reads _Tiles' annotations as objects.
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Optional, Tuple  # noqa: UP035  TorchScript reads these annotations
+
+import torch
+from torch import nn
+from torch.jit._fuser import optimized_execution
+
+Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class _OneTile(nn.Module):
+    """The model on one tile of (z, labels): a module (not a closure) so tracing keeps the
+    weights as parameters; ``labels`` is ignored by an unconditional model."""
+
+    def __init__(self, module: nn.Module, decode: bool, conditional: bool) -> None:
+        super().__init__()
+        self.model = module
+        self.decode = decode
+        self.conditional = conditional
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        given = labels if self.conditional else None
+        return self.model.decode(z, given) if self.decode else self.model(z, given)  # type: ignore[operator]
+
+
+class _Tiles(nn.Module):
+    """Every tile of a batch through the traced tile, then the levels: (floats, uint8 levels)."""
+
+    tile: int
+    conditional: bool
+
+    def __init__(self, one_tile: torch.jit.ScriptModule, tile: int, conditional: bool) -> None:
+        super().__init__()
+        self.one_tile = one_tile
+        self.tile = tile
+        self.conditional = conditional
+
+    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006, UP045
+        total = z.size(0)
+        lab = labels if labels is not None and self.conditional else torch.zeros(total, dtype=torch.long)
+        t = self.tile
+        pad = (t - total % t) % t
+        if pad > 0:  # the last tile padded with zeros: every call sees exactly ``tile`` rows
+            z = torch.cat([z, z.new_zeros((pad, z.size(1)))])
+            lab = torch.cat([lab, lab.new_zeros(pad)])
+        if total + pad == t:
+            x = self.one_tile(z, lab)[:total]
+        else:
+            first = self.one_tile(z[:t], lab[:t])
+            x = first.new_empty((total + pad, first.size(1)))
+            x[:t] = first
+            for a in range(t, total + pad, t):
+                x[a : a + t] = self.one_tile(z[a : a + t], lab[a : a + t])
+            x = x[:total]
+        return x, self.levels(x)
+
+    @torch.jit.export
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] -> uint8 as ImageGenerator._to_uint8 rounds on the CPU: clamped, times 255 plus
+        0.5 in float32 (two ops, as numpy's two passes: no fused multiply-add), truncated."""
+        y = x.clamp(0.0, 1.0)  # a copy: x (the floats) is returned as the model gave it
+        y.mul_(255.0)
+        y.add_(0.5)
+        return y.to(torch.uint8)
+
+
+class ImageGraph:
+    """``(z, labels) -> (floats (B, size*size), uint8 levels (B, size*size))`` for CPU tensors.
+
+    One tensor each, not a list of the chunks': a list of 128 tensors as the graph's argument made
+    the call wait on the GIL as long as the eager forward did (346 ms against 20 beside a busy
+    thread, measured), so the caller concatenates them first (one op)."""
+
+    def __init__(self, graph: torch.jit.ScriptModule) -> None:
+        self._graph = graph
+
+    def __call__(self, z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        with optimized_execution(False), torch.inference_mode():
+            x, levels = self._graph(z, labels)
+        return x, levels
+
+    def _levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The graph's rounding alone (tests hold it to numpy's)."""
+        with optimized_execution(False), torch.inference_mode():
+            return self._graph.levels(x)
+
+
+_graphs: weakref.WeakKeyDictionary[nn.Module, dict[int, ImageGraph | None]] = weakref.WeakKeyDictionary()
+_graphs_lock = threading.Lock()
+
+
+def image_graph(
+    module: nn.Module,
+    *,
+    decode: bool,
+    latent_dim: int,
+    num_classes: int,
+    tile: int,
+    reference: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+) -> ImageGraph | None:
+    """The graph of ``module`` at ``tile`` rows, built once per module and tile (~0.1 s) and
+    shared by every ImageGenerator of it; None where TorchScript cannot trace the model or the
+    graph's results differ from ``reference`` (the eager path: ``(z, labels) -> (floats, levels)``)
+    in one bit (a warning says so: the eager path then serves, only slower beside a busy loop)."""
+    with _graphs_lock:
+        known = _graphs.setdefault(module, {})
+        if tile in known:
+            return known[tile]
+        graph = _build(module, decode=decode, latent_dim=latent_dim, num_classes=num_classes, tile=tile, reference=reference)
+        known[tile] = graph
+        return graph
+
+
+def _build(
+    module: nn.Module,
+    *,
+    decode: bool,
+    latent_dim: int,
+    num_classes: int,
+    tile: int,
+    reference: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+) -> ImageGraph | None:
+    conditional = num_classes > 0
+    try:
+        with warnings.catch_warnings(), optimized_execution(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch 2.x calls torch.jit deprecated; the tracer warns of what the check below settles
+            example = (torch.zeros(tile, latent_dim), torch.zeros(tile, dtype=torch.long))
+            one_tile = torch.jit.trace(_OneTile(module, decode, conditional), example, check_trace=False)
+            graph = ImageGraph(torch.jit.script(_Tiles(one_tile, tile, conditional)))
+        gen = torch.Generator().manual_seed(0)
+        for rows in sorted({1, tile, 2 * tile + 3}):
+            z = torch.randn((rows, latent_dim), generator=gen)
+            labels = torch.randint(0, max(num_classes, 1), (rows,), generator=gen)
+            want_x, want_levels = reference(z, labels if conditional else None)
+            x, levels = graph(z, labels if conditional else None)
+            if not (torch.equal(x, want_x) and torch.equal(levels, want_levels)):
+                raise ValueError(f"results differ from the eager forward at {rows} rows")
+    except Exception as e:  # the eager path gives the same results, only slower beside a busy event loop
+        warnings.warn(f"image model runs eagerly: no TorchScript graph ({type(e).__name__}: {e})", stacklevel=3)
+        return None
+    return graph
