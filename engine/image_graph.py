@@ -1,3 +1,4 @@
+# ruff: noqa: UP006, UP035, UP045  (TorchScript needs typing.List, Optional and Tuple in _Tiles' signatures)
 """An image model's tiled forward pass and its uint8 levels as ONE TorchScript graph (CPU).
 
 Why: the engine runs image batches on a thread beside the server's event loop, and an eager
@@ -22,7 +23,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Optional, Tuple  # noqa: UP035  TorchScript reads these annotations
+from typing import List, Optional, Tuple  # TorchScript reads typing's forms (see the ruff line at the top)
 
 import torch
 from torch import nn
@@ -47,18 +48,51 @@ class _OneTile(nn.Module):
 
 
 class _Tiles(nn.Module):
-    """Every tile of a batch through the traced tile, then the levels: (floats, uint8 levels)."""
+    """Every tile of a batch through the traced tile, then the levels: (floats, uint8 levels);
+    ``seeded`` draws the batch's latents first, as ``ImageGenerator.draw`` does."""
 
     tile: int
     conditional: bool
+    latent_dim: int
+    num_classes: int
 
-    def __init__(self, one_tile: torch.jit.ScriptModule, tile: int, conditional: bool) -> None:
+    def __init__(self, one_tile: torch.jit.ScriptModule, tile: int, latent_dim: int, num_classes: int) -> None:
         super().__init__()
         self.one_tile = one_tile
         self.tile = tile
-        self.conditional = conditional
+        self.conditional = num_classes > 0
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
 
-    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006, UP045
+    @torch.jit.export
+    def seeded(
+        self,
+        seeds: List[int],
+        totals: List[int],
+        offsets: List[int],
+        ns: List[int],
+        gen: torch.Generator,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows offsets[i] .. offsets[i] + ns[i] - 1 of each request's block, drawn from its seed
+        (the whole block: z, then a conditional model's labels), then ``forward``."""
+        rows = 0
+        for n in ns:
+            rows += n
+        z = torch.empty([rows, self.latent_dim])
+        labels = torch.zeros([rows], dtype=torch.long)
+        a = 0
+        for i in range(len(seeds)):
+            gen.manual_seed(seeds[i])
+            n, o, total = ns[i], offsets[i], totals[i]
+            block = torch.randn([total, self.latent_dim], generator=gen)
+            z[a : a + n] = block[o : o + n]
+            if self.conditional:
+                labels[a : a + n] = torch.randint(0, self.num_classes, [total], generator=gen)[o : o + n]
+            a += n
+        x, levels = self.forward(z, labels)
+        return x, levels, labels
+
+    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         total = z.size(0)
         lab = labels if labels is not None and self.conditional else torch.zeros(total, dtype=torch.long)
         t = self.tile
@@ -102,6 +136,14 @@ class ImageGraph:
             x, levels = self._graph(z, labels)
         return x, levels
 
+    def seeded(
+        self, seeds: list[int], totals: list[int], offsets: list[int], ns: list[int], gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chunks given by seed, block size, offset and rows: (floats, levels, labels drawn (conditional models))."""
+        with optimized_execution(False), torch.inference_mode():
+            x, levels, labels = self._graph.seeded(seeds, totals, offsets, ns, gen)
+        return x, levels, labels
+
     def _levels(self, x: torch.Tensor) -> torch.Tensor:
         """The graph's rounding alone (tests hold it to numpy's)."""
         with optimized_execution(False), torch.inference_mode():
@@ -120,16 +162,18 @@ def image_graph(
     num_classes: int,
     tile: int,
     reference: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    draw: Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor | None]],
 ) -> ImageGraph | None:
     """The graph of ``module`` at ``tile`` rows, built once per module and tile (~0.1 s) and
     shared by every ImageGenerator of it; None where TorchScript cannot trace the model or the
     graph's results differ from ``reference`` (the eager path: ``(z, labels) -> (floats, levels)``)
-    in one bit (a warning says so: the eager path then serves, only slower beside a busy loop)."""
+    or its draws from ``draw`` (``(seed, total, offset, n) -> (z, labels)``, eagerly) in one bit
+    (a warning says so: the eager path then serves, only slower beside a busy loop)."""
     with _graphs_lock:
         known = _graphs.setdefault(module, {})
         if tile in known:
             return known[tile]
-        graph = _build(module, decode=decode, latent_dim=latent_dim, num_classes=num_classes, tile=tile, reference=reference)
+        graph = _build(module, decode=decode, latent_dim=latent_dim, num_classes=num_classes, tile=tile, reference=reference, draw=draw)
         known[tile] = graph
         return graph
 
@@ -142,6 +186,7 @@ def _build(
     num_classes: int,
     tile: int,
     reference: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    draw: Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor | None]],
 ) -> ImageGraph | None:
     conditional = num_classes > 0
     try:
@@ -149,7 +194,7 @@ def _build(
             warnings.simplefilter("ignore")  # torch 2.x calls torch.jit deprecated; the tracer warns of what the check below settles
             example = (torch.zeros(tile, latent_dim), torch.zeros(tile, dtype=torch.long))
             one_tile = torch.jit.trace(_OneTile(module, decode, conditional), example, check_trace=False)
-            graph = ImageGraph(torch.jit.script(_Tiles(one_tile, tile, conditional)))
+            graph = ImageGraph(torch.jit.script(_Tiles(one_tile, tile, latent_dim, num_classes)))
         gen = torch.Generator().manual_seed(0)
         for rows in sorted({1, tile, 2 * tile + 3}):
             z = torch.randn((rows, latent_dim), generator=gen)
@@ -158,6 +203,16 @@ def _build(
             x, levels = graph(z, labels if conditional else None)
             if not (torch.equal(x, want_x) and torch.equal(levels, want_levels)):
                 raise ValueError(f"results differ from the eager forward at {rows} rows")
+        # latents drawn inside: whole requests, and the middle rows of a split one (seeds up to 2**63 - 1)
+        pieces = [(2**63 - 1, 2, 0, 2), (7, 1, 0, 1), (12345, 2 * tile + 3, tile, tile + 1)]
+        seeds, totals, offsets, ns = (list(column) for column in zip(*pieces, strict=True))
+        x, levels, drawn = graph.seeded(seeds, totals, offsets, ns, torch.Generator())
+        zs, ls = zip(*(draw(*piece) for piece in pieces), strict=True)
+        want_z = torch.cat(zs)
+        want_labels = torch.cat([lab for lab in ls if lab is not None]) if conditional else None
+        want_x, want_levels = reference(want_z, want_labels)
+        if not (torch.equal(x, want_x) and torch.equal(levels, want_levels) and (want_labels is None or torch.equal(drawn, want_labels))):
+            raise ValueError("results of latents drawn inside the graph differ from the eager draw and forward")
     except Exception as e:  # the eager path gives the same results, only slower beside a busy event loop
         warnings.warn(f"image model runs eagerly: no TorchScript graph ({type(e).__name__}: {e})", stacklevel=3)
         return None

@@ -85,20 +85,30 @@ class ImageRequest:
     request_id: str = ""  # carried through for logs and routing only
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # weakly referable: tests check finished work is freed
 class ImageChunk:
-    """A validated request's inputs, or a slice of them: samples offset .. offset + n - 1 of ``total``."""
+    """A validated request's inputs, or a slice of them: samples offset .. offset + n - 1 of ``total``.
+
+    ``z`` None: not drawn yet (``prepare(request, draw=False)``). The engine then draws rows
+    offset .. offset + n - 1 of the request's block when it runs the chunk, inside the CPU graph
+    (engine/image_graph.py: off the event loop and without the GIL), or eagerly (``draw``). Not
+    frozen: a deferred chunk's latents are filled in where they are drawn, and a frozen
+    dataclass costs ~1 us more to make (object.__setattr__ per field), per request.
+    """
 
     request: ImageRequest
     seed: int
-    z: torch.Tensor  # (n, latent_dim) float32, CPU
-    labels: torch.Tensor | None  # (n,) int64, CPU; None for unconditional models
+    z: torch.Tensor | None  # (n, latent_dim) float32, CPU; None: not drawn yet
+    labels: torch.Tensor | None  # (n,) int64, CPU; None for unconditional models (and deferred draws)
     offset: int = 0
     total: int = 0
-    n: int = field(init=False)  # samples in this chunk: z's rows, read once (batchers sum it often)
+    n: int = -1  # samples in this chunk (read often by batchers); -1: z's rows
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "n", int(self.z.shape[0]))
+        if self.n < 0:
+            if self.z is None:
+                raise ValueError("a chunk without latents needs its n")
+            self.n = int(self.z.shape[0])
 
     def split(self, size: int) -> list[ImageChunk]:
         """Consecutive slices of at most ``size`` samples (views: no copy)."""
@@ -106,14 +116,16 @@ class ImageChunk:
             raise ValueError(f"chunk size must be >= 1, got {size}")
         if self.n <= size:
             return [self]
+        z, labels = self.z, self.labels
         return [
             ImageChunk(
                 self.request,
                 self.seed,
-                self.z[a : a + size],
-                None if self.labels is None else self.labels[a : a + size],
+                None if z is None else z[a : a + size],
+                None if labels is None else labels[a : a + size],
                 self.offset + a,
                 self.total,
+                min(size, self.n - a),
             )
             for a in range(0, self.n, size)
         ]
@@ -189,21 +201,36 @@ class ImageGenerator:
             raise InvalidImageRequest("seed", f"seed must be an integer from 0 to 2**63-1, got {brief_repr(seed)}")
         return self._check_labels(request.labels, n)
 
-    def prepare(self, request: ImageRequest) -> ImageChunk:
-        """Validate ``request`` (``check``) and draw its latents (and labels); raise InvalidImageRequest."""
+    def prepare(self, request: ImageRequest, *, draw: bool = True) -> ImageChunk:
+        """Validate ``request`` (``check``), pick its seed and draw its latents (and labels); raise
+        InvalidImageRequest. ``draw=False``: leave the drawing to ``run`` (the server's processor
+        does: two torch calls a request, ~12% of the event loop under a stream of one-image
+        requests, py-spy), unless the request brings labels, which are not drawn."""
         given = self.check(request)
         n = request.n
-        seed = request.seed if request.seed is not None else secrets.randbelow(SEED_LIMIT)
+        seed = int(request.seed) if request.seed is not None else secrets.randbelow(SEED_LIMIT)
+        if given is None and not draw:
+            return ImageChunk(request, seed, None, None, 0, n, n)
+        chunk = ImageChunk(request, seed, None, None, 0, n, n)
+        self.draw(chunk)
+        if given is not None:  # drawn labels were replaced: the given ones (z does not depend on labels)
+            chunk.labels = torch.from_numpy(given).expand(n) if len(given) == 1 else torch.from_numpy(given)
+        return chunk
 
-        gen = _generator().manual_seed(int(seed))
-        z = torch.randn((n, self.latent_dim), generator=gen)  # first: z does not depend on labels
-        labels: torch.Tensor | None = None
-        if self.conditional:
-            if given is None:
-                labels = torch.randint(0, self.num_classes, (n,), generator=gen)
-            else:
-                labels = torch.from_numpy(given).expand(n) if len(given) == 1 else torch.from_numpy(given)
-        return ImageChunk(request, int(seed), z, labels, 0, n)
+    def draw(self, chunk: ImageChunk) -> ImageChunk:
+        """Fill in a deferred chunk's latents (and drawn labels) eagerly; returns it. The request's
+        whole block is drawn from its seed (z first, then a conditional model's labels: a seed gives
+        the same z with or without labels), and the chunk's rows taken from it."""
+        if chunk.z is None:
+            gen = _generator().manual_seed(chunk.seed)
+            total = chunk.total
+            z = torch.randn((total, self.latent_dim), generator=gen)
+            labels = torch.randint(0, self.num_classes, (total,), generator=gen) if self.conditional else None
+            a, b = chunk.offset, chunk.offset + chunk.n
+            whole = a == 0 and b == total
+            chunk.z = z if whole else z[a:b]
+            chunk.labels = labels if labels is None or whole else labels[a:b]
+        return chunk
 
     def _check_labels(self, labels: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray | None:
         """Labels as int64, or None when none were given; vectorised (n can be large)."""
@@ -233,21 +260,28 @@ class ImageGenerator:
         total = sum(c.n for c in chunks)
         if total > self.limits.max_batch:  # the batcher's job; memory is bounded by configuration
             raise ValueError(f"a batch holds at most {self.limits.max_batch} samples, got {total}: split the chunks first")
-        if len(chunks) == 1:
-            z, labels = chunks[0].z, chunks[0].labels
-        else:
-            z = torch.cat([c.z for c in chunks])
-            labels = torch.cat([c.labels for c in chunks if c.labels is not None]) if self.conditional else None
         want_float = any(c.request.want_float for c in chunks)
         graph = self.graph()
-        if graph is not None:  # the CPU's one call (engine/image_graph.py): the GIL is given up once a batch
-            x, levels = graph(z, labels)
+        drawn: np.ndarray | None = None  # labels drawn inside the graph (conditional models)
+        floats: np.ndarray | None
+        if graph is not None and all(c.z is None for c in chunks):
+            # The CPU's one call, latents drawn inside (engine/image_graph.py): no torch call on the
+            # event loop for the batch's requests, and the GIL given up once for the whole batch.
+            x, levels, drawn_labels = graph.seeded(
+                [c.seed for c in chunks], [c.total for c in chunks], [c.offset for c in chunks], [c.n for c in chunks], _generator()
+            )
             floats, pixels = (x.numpy() if want_float else None), levels.numpy()
+            drawn = drawn_labels.numpy() if self.conditional else None
         else:
-            with torch.inference_mode():
-                x = self.forward(z, labels)  # (B, size * size) in [0, 1], on the model's device
-                floats = x.float().cpu().numpy() if want_float else None
-                pixels = self._to_uint8(x, in_place=not want_float or self.device.type != "cpu")
+            z, labels = self._inputs(chunks)
+            if graph is not None:  # the CPU's one call for the given latents
+                x, levels = graph(z, labels)
+                floats, pixels = (x.numpy() if want_float else None), levels.numpy()
+            else:
+                with torch.inference_mode():
+                    x = self.forward(z, labels)  # (B, size * size) in [0, 1], on the model's device
+                    floats = x.float().cpu().numpy() if want_float else None
+                    pixels = self._to_uint8(x, in_place=not want_float or self.device.type != "cpu")
         s = self.image_size
         pixels = pixels.reshape(total, s, s)
         results: list[ImageResult] = []
@@ -261,12 +295,22 @@ class ImageGenerator:
                     offset=c.offset,
                     total=c.total,
                     pixels=pixels[a:b],
-                    labels=None if c.labels is None else c.labels.numpy(),
+                    labels=drawn[a:b] if drawn is not None else None if c.labels is None else c.labels.numpy(),
                     floats=floats[a:b].reshape(c.n, s, s) if floats is not None and c.request.want_float else None,
                 )
             )
             a = b
         return results
+
+    def _inputs(self, chunks: Sequence[ImageChunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's latents and labels, one tensor each (deferred chunks drawn here)."""
+        zs: list[torch.Tensor] = []
+        for c in chunks:
+            zs.append(c.z if c.z is not None else cast(torch.Tensor, self.draw(c).z))
+        if len(chunks) == 1:
+            return zs[0], chunks[0].labels
+        labels = torch.cat([c.labels for c in chunks if c.labels is not None]) if self.conditional else None
+        return torch.cat(zs), labels
 
     def graph(self) -> ImageGraph | None:
         """The CPU graph of ``forward`` and ``_to_uint8`` (built on first use, shared by every
@@ -279,8 +323,13 @@ class ImageGenerator:
                 num_classes=self.num_classes,
                 tile=self.tile,
                 reference=self._eager,
+                draw=self._eager_draw,
             )
         return self._graph or None
+
+    def _eager_draw(self, seed: int, total: int, offset: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        chunk = self.draw(ImageChunk(ImageRequest(n=total), seed, None, None, offset, total, n))
+        return cast(torch.Tensor, chunk.z), chunk.labels
 
     def _eager(self, z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(floats, uint8 levels) the eager way: what the graph must equal bit for bit."""

@@ -45,7 +45,7 @@ class _Burst(Faults):
         self.seen: list[weakref.ref[Any]] = []  # chunks and their latents
 
     def _see(self, chunks: Sequence[ImageChunk]) -> None:
-        self.seen += [weakref.ref(x) for c in chunks for x in (c, c.z)]
+        self.seen += [weakref.ref(x) for c in chunks for x in (c, c.z) if x is not None]  # z: None until drawn in the batch
 
     async def before_image_batch(self, served: ServedModel, chunks: Sequence[ImageChunk]) -> None:
         self._see(chunks)
@@ -155,7 +155,7 @@ async def test_after_a_burst_of_faults_the_big_buffers_are_freed_without_the_col
     assert loop_threads and all(name.startswith("decode-") for name in loop_threads), (
         f"a replacement decode loop was allocated on {loop_threads}, not on the failed loop's own thread"
     )
-    assert len(jobs) == 8 and len(faults.seen) >= 4
+    assert len(jobs) == 8 and len(faults.seen) >= 2  # the chunks (their latents are drawn inside the engine's batch)
     refs = [*jobs, *faults.seen]
 
     def alive() -> list[str]:

@@ -156,6 +156,41 @@ def test_the_cpu_graph_gives_the_eager_results_bit_for_bit(models: dict[str, Loa
                 np.testing.assert_array_equal(a.floats, b.floats)
 
 
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_latents_drawn_in_the_batch_equal_those_drawn_up_front(models: dict[str, LoadedModel], name: str) -> None:
+    """``prepare(draw=False)`` leaves the drawing to ``run``: inside the CPU graph, or eagerly
+    without it. Whole requests and pieces of split ones, side by side in one batch, give what
+    requests drawn up front give: pixels, floats and drawn labels, bit for bit."""
+    g = ImageGenerator(models[name], ImageLimits(max_n=16, max_batch=64, tile=4))
+    requests = [ImageRequest(n=1, seed=3), ImageRequest(n=11, seed=2**63 - 1, want_float=True), ImageRequest(n=5, seed=0)]
+    expected = g.generate(requests)
+    for use_graph in (True, False):
+        h = ImageGenerator(models[name], ImageLimits(max_n=16, max_batch=64, tile=4))
+        if not use_graph:
+            h._graph = None
+        chunks = [h.prepare(r, draw=False) for r in requests]
+        assert all(c.z is None and c.labels is None for c in chunks)
+        pieces = [chunks[0], *chunks[1].split(4), chunks[2]]  # the 11: rows 0-3, 4-7, 8-10
+        got = h.run(pieces)
+        by_request = [got[:1], got[1:4], got[4:]]
+        for want, parts in zip(expected, by_request, strict=True):
+            np.testing.assert_array_equal(np.concatenate([p.pixels for p in parts]), want.pixels)
+            if want.floats is not None:
+                np.testing.assert_array_equal(np.concatenate([p.floats for p in parts if p.floats is not None]), want.floats)
+            if name in CONDITIONAL:
+                assert want.labels is not None
+                np.testing.assert_array_equal(np.concatenate([p.labels for p in parts if p.labels is not None]), want.labels)
+            else:
+                assert all(p.labels is None for p in parts)
+
+
+def test_given_labels_are_never_deferred(models: dict[str, LoadedModel]) -> None:
+    g = gen(models, "cvae")
+    chunk = g.prepare(ImageRequest(n=3, seed=4, labels=[7]), draw=False)
+    assert chunk.z is not None and chunk.labels is not None and chunk.labels.tolist() == [7, 7, 7]
+    torch.testing.assert_close(g.run([chunk])[0].pixels, g.generate([ImageRequest(n=3, seed=4, labels=[7])])[0].pixels)
+
+
 def test_the_graph_rounds_as_numpy_does_at_every_level(models: dict[str, LoadedModel]) -> None:
     """Levels at and around every rounding boundary k/255 +- 0.5/255, and out of range: the graph's
     torch rounding equals the eager numpy one (ImageGenerator._to_uint8) on each."""

@@ -578,8 +578,13 @@ async def test_a_big_request_is_split_into_contiguous_pieces(digits: ServedModel
 
 
 async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: ServedModel) -> None:
+    """The processor leaves the drawing to the engine; drawn in pieces, eagerly or inside the
+    batch's graph, the latents and images are those of the whole request."""
     assert digits.images is not None
-    expected = digits.images.prepare(ImageRequest(n=10, seed=123)).z
+    whole = digits.images.prepare(ImageRequest(n=10, seed=123))
+    expected = whole.z
+    assert expected is not None
+    (expected_result,) = digits.images.run([whole])
     for max_chunk in (1, 3, 4, 16):
         sink = RecordingRecipient()
         inbox: Link[Job] = Link("work", 8)
@@ -588,7 +593,10 @@ async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: S
         await inbox.put(job)
         async with running(Processor(0, inbox, {"digits": images}, max_chunk=max_chunk)):
             works = await take_n(images, -(-10 // max_chunk))
-        z = torch.cat([w.chunk.z for w in works])
+        assert all(w.chunk.z is None for w in works)  # not drawn on the event loop
+        results = digits.images.run([w.chunk for w in works])  # drawn inside the graph
+        np.testing.assert_array_equal(np.concatenate([r.pixels for r in results]), expected_result.pixels)
+        z = torch.cat([digits.images.draw(w.chunk).z for w in works])  # type: ignore[misc]
         assert torch.equal(z, expected), f"max_chunk={max_chunk}"
 
 
@@ -602,7 +610,9 @@ async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
         works = await take_n(images, 2)
     assert {w.chunk.seed for w in works} == {job.seed}
     assert digits.images is not None
-    assert torch.equal(torch.cat([w.chunk.z for w in works]), digits.images.prepare(ImageRequest(n=6, seed=job.seed)).z)
+    drawn = torch.cat([digits.images.draw(w.chunk).z for w in works])  # type: ignore[misc]
+    whole = digits.images.prepare(ImageRequest(n=6, seed=job.seed)).z
+    assert whole is not None and torch.equal(drawn, whole)
 
 
 async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, text_model: ServedModel) -> None:

@@ -1,4 +1,4 @@
-"""The processor: prepares image inputs (latents from each request's seed) and splits big requests."""
+"""The processor: prepares image inputs (each request's seed; its latents are drawn in its batch) and splits big requests."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from server.statuses import status_of
 
 
 class Processor(Stage):
-    """Prepares image inputs: draws each request's latents from its seed, splits big requests.
+    """Prepares image inputs: picks each request's seed (its latents are drawn by the engine, in
+    its batch), splits big requests.
     (Text jobs go from the producer straight to their feeder: there is nothing to prepare.)"""
 
     kind = "processor"
@@ -71,7 +72,8 @@ class Processor(Stage):
             job.fail(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not being served (as an image model)")
             return
         try:
-            whole = images.prepare(job.image)  # checked at admission (requests.py); this draws the latents
+            # checked at admission (requests.py); the latents are drawn by the engine, in its batch (engine/images.py)
+            whole = images.prepare(job.image, draw=False)
         except InvalidImageRequest as e:
             job.fail(*status_of(e))
             return
