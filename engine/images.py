@@ -131,7 +131,7 @@ class ImageChunk:
         ]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # not frozen: ~1 us less to make, one a request (object.__setattr__ per field)
 class ImageResult:
     """Samples offset .. offset + k - 1 of a request of ``total`` samples."""
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from engine.errors import InvalidImageRequest
 from engine.images import DEFAULT_TILE, SEED_LIMIT, ImageChunk, ImageGenerator, ImageLimits, ImageRequest
@@ -189,6 +190,37 @@ def test_given_labels_are_never_deferred(models: dict[str, LoadedModel]) -> None
     chunk = g.prepare(ImageRequest(n=3, seed=4, labels=[7]), draw=False)
     assert chunk.z is not None and chunk.labels is not None and chunk.labels.tolist() == [7, 7, 7]
     torch.testing.assert_close(g.run([chunk])[0].pixels, g.generate([ImageRequest(n=3, seed=4, labels=[7])])[0].pixels)
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Counts the torch calls made from Python: each one gives up the GIL and waits to win it back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(
+        self, func: Callable[..., object], types: object, args: tuple[object, ...] = (), kwargs: dict[str, object] | None = None
+    ) -> object:
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_batch_makes_a_handful_of_torch_calls_from_python_whatever_its_size(models: dict[str, LoadedModel]) -> None:
+    """The point of the CPU graph: beside a busy event loop every torch call from Python on the
+    engine thread waits for the GIL (up to the 5 ms switch interval), so a batch of 64 one-sample
+    requests makes one or two, not one per op and tile (the eager path: dozens)."""
+    g = gen(models, "vae")
+    assert g.graph() is not None  # built (once) before counting
+    for draw, most in ((False, 1), (True, 2)):  # latents drawn in the batch / drawn up front (cat)
+        chunks = [g.prepare(ImageRequest(n=1, seed=i), draw=draw) for i in range(64)]
+        with _TorchCalls() as counted:
+            g.run(chunks)
+        assert len(counted.calls) <= most, counted.calls
+    g._graph = None
+    with _TorchCalls() as counted:
+        g.run([g.prepare(ImageRequest(n=1, seed=i)) for i in range(64)])
+    assert len(counted.calls) > 10  # the eager path, for contrast: the count above is the graph's doing
 
 
 def test_the_graph_rounds_as_numpy_does_at_every_level(models: dict[str, LoadedModel]) -> None:

@@ -14,7 +14,9 @@ from server.jobs import Job
 PROCESSOR_DEMAND = 64  # jobs a processor asks for at once: amortises the hand-off, keeps latency low
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field with object.__setattr__, 1.1 us a make against
+# 0.46 here (this VM), and one of each is made per request.
+@dataclass(slots=True)
 class ImageWork:
     """One piece of an image job, at most a batch in size."""
 
@@ -22,7 +24,7 @@ class ImageWork:
     chunk: ImageChunk
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ImageDone:
     job: Job
     result: ImageResult
