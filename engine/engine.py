@@ -232,16 +232,17 @@ class Engine:
         images = served.images
         if images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
-        chunk = images.prepare(ImageRequest(n=images.limits.max_batch, seed=0))
+        # as served: one-sample requests, their latents drawn in the batch (the processor's prepare)
+        chunks = [images.prepare(ImageRequest(n=1, seed=i), draw=False) for i in range(images.limits.max_batch)]
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
-            images.run([chunk])
+            images.run(chunks)
             times.append((time.perf_counter() - started) * 1000)
         ms = min(times)
         inline = ms < self.limits.inline_image_ms
         self._inline[served] = inline
-        log.info("image_batches_placed", model=served.name, version=served.version, batch=chunk.n, batch_ms=round(ms, 3), inline=inline)
+        log.info("image_batches_placed", model=served.name, version=served.version, batch=len(chunks), batch_ms=round(ms, 3), inline=inline)
         return ms
 
     def text_worker(self, served: ServedModel) -> TextWorker:

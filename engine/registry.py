@@ -297,6 +297,13 @@ class ModelRegistry:
         44 ms for the GAN here)."""
         if images is not None:
             images.generate([ImageRequest(n=1, seed=0)])  # the engine's own path, uint8 conversion included
+            if self.device.type == "cpu" and images.graph() is None:  # served eagerly: right, only slower beside a busy loop
+                log.warning(
+                    "image_graph_unavailable",
+                    model=model.name,
+                    detail="TorchScript could not run this model's batch as one graph equal to the eager forward; "
+                    "its batches run op by op (engine/image_graph.py)",
+                )
             if not images.batch_invariant():  # served anyway: the samples are right, only not bit-stable
                 log.warning(
                     "batch_invariance_not_held",

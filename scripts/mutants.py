@@ -184,6 +184,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_wakeups.py",),
         "grpc's poller thread is never held by a full wake-up socket (every call reaches admission)",
     ),
+    Mutant(
+        "image-batch-eager",
+        "engine/images.py",
+        "        return self._graph or None\n",
+        "        return None\n",
+        ("tests/test_images.py",),
+        "an image batch on the CPU is one graph: its engine thread does not wait on the GIL op by op",
+    ),
+    Mutant(
+        "latents-drawn-on-the-loop",
+        "server/stages/processor.py",
+        "            whole = images.prepare(job.image, draw=False)",
+        "            whole = images.prepare(job.image)",
+        ("tests/test_server_stages.py",),
+        "the processor leaves a request's latents to be drawn in its batch, off the event loop",
+    ),
     # -- drain ----------------------------------------------------------------------------------
     Mutant(
         "drain-grace-zero",

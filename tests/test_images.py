@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,6 +225,18 @@ def test_a_batch_makes_a_handful_of_torch_calls_from_python_whatever_its_size(mo
     assert len(counted.calls) > 10  # the eager path, for contrast: the count above is the graph's doing
 
 
+def test_a_models_graph_goes_with_the_model(tmp_path: Path) -> None:
+    """Graphs are kept per model module (shared by its generators), weakly: a retired model
+    version's weights and graph are freed with it, not kept by the cache."""
+    model = load_model(export_model(tmp_path / "v.safetensors", "vae", VAE(VAEConfig(hidden_dim=8, latent_dim=3))))
+    g = ImageGenerator(model, ImageLimits(max_n=4, max_batch=4))
+    assert g.graph() is not None and ImageGenerator(model, ImageLimits(max_n=4, max_batch=4)).graph() is g.graph()
+    module, weight = weakref.ref(model.module), weakref.ref(next(model.module.parameters()))
+    del model, g
+    gc.collect()
+    assert module() is None and weight() is None
+
+
 def test_the_graph_rounds_as_numpy_does_at_every_level(models: dict[str, LoadedModel]) -> None:
     """Levels at and around every rounding boundary k/255 +- 0.5/255, and out of range: the graph's
     torch rounding equals the eager numpy one (ImageGenerator._to_uint8) on each."""
@@ -248,6 +262,12 @@ def test_a_model_that_cannot_be_traced_runs_eagerly_with_a_warning(models: dict[
     (res,) = g.generate([ImageRequest(n=3, seed=5, want_float=True)])
     assert res.floats is not None
     torch.testing.assert_close(torch.from_numpy(res.floats), expected_floats(model, 3, 5))
+    # the registry says so in its log when it loads such a model
+    other = export_model(Path(str(models["vae"].path)).with_name("untraceable2.safetensors"), "vae", models["vae"].module)
+    with structlog.testing.capture_logs() as logs, pytest.warns(UserWarning, match="image model runs eagerly"):
+        ModelRegistry().load(other)
+    warned = [e for e in logs if e["event"] == "image_graph_unavailable"]
+    assert len(warned) == 1 and warned[0]["model"] == "untraceable2" and warned[0]["log_level"] == "warning"
 
 
 def test_tiles_default_by_kind_and_are_checked(models: dict[str, LoadedModel]) -> None:
