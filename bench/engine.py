@@ -191,6 +191,7 @@ def image_bench(
     for b in IMAGE_BATCHES:
         request = ImageRequest(n=b, seed=1234 + b)
         chunk: ImageChunk = gen.prepare(request)
+        assert chunk.z is not None  # prepare draws by default
         z_dev = chunk.z.to(device)
         labels_dev = None if chunk.labels is None else chunk.labels.to(device)
         feeds: dict[str, np.ndarray] = {"z": chunk.z.numpy()}

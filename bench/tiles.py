@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             gen = ImageGenerator(loaded, ImageLimits(max_n=b, max_batch=b))
             chunk = gen.prepare(ImageRequest(n=b, seed=b))
             z, labels = chunk.z, chunk.labels
+            assert z is not None  # prepare draws by default
 
             def untiled(z: torch.Tensor = z, labels: torch.Tensor | None = labels, bare: Callable[..., torch.Tensor] = bare) -> object:
                 with torch.inference_mode():

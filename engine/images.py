@@ -76,7 +76,9 @@ class ImageLimits:
             raise ValueError(f"tile must be >= 1, got {self.tile}")
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made a request on the event loop, and a frozen dataclass sets each field with
+# object.__setattr__ (4.5 us a make against 1.8 so, measured on the 2-core VM under load).
+@dataclass(slots=True)
 class ImageRequest:
     n: int
     seed: int | None = None  # None: a seed is drawn (ImageResult.seed reports it)

@@ -2,12 +2,57 @@
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class RequestTally:
+    """``genserve_requests_total`` (finished requests by outcome) and ``genserve_request_seconds``
+    (admission to outcome), kept as plain numbers by the event loop's thread and made into metric
+    families at scrape time (a collector, as prometheus_client's docs describe for custom ones).
+
+    Why not a Counter and a Histogram: every finished request updates both, and their locked
+    values cost ~6 us a request on the loop (Histogram.observe 4.1 us, Counter.inc 1.9 us, the
+    2-core VM under load), against well under 1 us here. Only the loop's thread writes; a scrape
+    (another thread) reads copies made in one step each, so it may see an outcome counted a moment
+    before its latency, never a count that goes back."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._latency: dict[tuple[str, str], tuple[list[int], list[float]]] = {}  # per bucket (and +Inf), [sum]
+
+    def finished(self, model: str, rpc: str, code: str, seconds: float) -> None:
+        key = (model, rpc, code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        latency = self._latency.get((model, rpc))
+        if latency is None:
+            latency = self._latency[(model, rpc)] = ([0] * (len(LATENCY_BUCKETS) + 1), [0.0])
+        latency[0][bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bound >= seconds, as Histogram.observe
+        latency[1][0] += seconds
+
+    def count(self, model: str, rpc: str, code: str) -> int:
+        return self._counts.get((model, rpc, code), 0)
+
+    def collect(self) -> list[Metric]:
+        requests = CounterMetricFamily("genserve_requests_total", "Finished requests by outcome", labels=["model", "rpc", "code"])
+        for (model, rpc, code), n in list(self._counts.items()):
+            requests.add_metric([model, rpc, code], n)
+        latency = HistogramMetricFamily("genserve_request_seconds", "Time from admission to the terminal outcome", labels=["model", "rpc"])
+        for (model, rpc), (counts, total) in list(self._latency.items()):
+            seen, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, math.inf), list(counts), strict=True):
+                seen += n
+                buckets.append((floatToGoString(bound), seen))  # type: ignore[no-untyped-call]
+            latency.add_metric([model, rpc], buckets, total[0])
+        return [requests, latency]
 
 
 class Metrics:
@@ -21,10 +66,8 @@ class Metrics:
         self.batch_seconds = Histogram(
             "genserve_batch_seconds", "Time of one image batch on the engine", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.latency = Histogram(
-            "genserve_request_seconds", "Time from admission to the terminal outcome", ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.requests = Counter("genserve_requests_total", "Finished requests by outcome", ["model", "rpc", "code"], registry=r)
+        self.requests = RequestTally()  # genserve_requests_total and genserve_request_seconds
+        r.register(self.requests)
         self.rejections = Counter("genserve_rejections_total", "Requests refused before admission", ["rpc", "code"], registry=r)
         self.overload_refusals = Counter(
             "genserve_overload_refusals_total",

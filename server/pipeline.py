@@ -49,7 +49,7 @@ class Pipeline:
         self._wheel: dict[int, set[Job]] = {}  # deadline tick -> jobs due then
         self._swept = 0
         self._sweeper: asyncio.TimerHandle | None = None
-        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
+        self._tokens: dict[str, Any] = {}  # tokens counter children per model
         self.accepting = True
         self.on_admit: Callable[[Job], None] | None = None  # an observer of admissions (tests/chaos notes when); None in the product
         # one child per reason, looked up once: under overload every refusal counts (labels() ~2 us each)
@@ -235,15 +235,11 @@ class Pipeline:
             window = batcher.window.current_s if batcher is not None else self.config.batch_timeout_ms / 1000
             allowance = window + batches * self._service_s.get(name, 0.0)
             self.admission.observe_job(job.created, allowance)
-        counters = self._children.get((name, job.rpc, code))
-        if counters is None:  # label lookups cost microseconds: keep the children per label set
-            m = self.metrics
-            counters = (m.requests.labels(name, job.rpc, code.name), m.latency.labels(name, job.rpc), m.tokens.labels(name))
-            self._children[(name, job.rpc, code)] = counters
-        requests, latency, tokens = counters
-        requests.inc()
-        latency.observe(time.perf_counter() - job.created)
+        self.metrics.requests.finished(name, job.rpc, code.name, time.perf_counter() - job.created)
         if job.text is not None and job.sent:
+            tokens = self._tokens.get(name)
+            if tokens is None:  # label lookups cost microseconds: keep the child per model
+                tokens = self._tokens[name] = self.metrics.tokens.labels(name)
             tokens.inc(job.sent)
 
     async def wait_idle(self) -> None:

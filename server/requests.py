@@ -81,9 +81,8 @@ class JobBuilder:
         images = served.images
         if images is None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send text params, not image")
-        image = ImageRequest(
-            n=p.n, seed=p.seed if p.HasField("seed") else None, labels=list(p.labels) or None, want_float=p.want_float, request_id=job_id
-        )
+        labels = p.labels
+        image = ImageRequest(p.n, p.seed if p.HasField("seed") else None, list(labels) if labels else None, p.want_float, job_id)
         try:
             images.check(image)  # the engine's rules: n, seed, labels (count, range, conditional model)
         except InvalidRequestError as e:
