@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from torch.jit._fuser import optimized_execution
 
-Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# The eager path, what a graph must equal: (z, labels) -> (floats, levels); (seed, total, offset, n) -> (z, labels).
+Reference = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+Draw = Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class _OneTile(nn.Module):
@@ -161,8 +163,8 @@ def image_graph(
     latent_dim: int,
     num_classes: int,
     tile: int,
-    reference: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
-    draw: Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor | None]],
+    reference: Reference,
+    draw: Draw,
 ) -> ImageGraph | None:
     """The graph of ``module`` at ``tile`` rows, built once per module and tile (~0.1 s) and
     shared by every ImageGenerator of it; None where TorchScript cannot trace the model or the
@@ -185,8 +187,8 @@ def _build(
     latent_dim: int,
     num_classes: int,
     tile: int,
-    reference: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
-    draw: Callable[[int, int, int, int], tuple[torch.Tensor, torch.Tensor | None]],
+    reference: Reference,
+    draw: Draw,
 ) -> ImageGraph | None:
     conditional = num_classes > 0
     try:
