@@ -156,7 +156,17 @@ _graphs: weakref.WeakKeyDictionary[nn.Module, dict[int, ImageGraph | None]] = we
 _graphs_lock = threading.Lock()
 
 
-def image_graph(
+def image_graph(module: nn.Module, tile: int, build: Callable[[], ImageGraph | None]) -> ImageGraph | None:
+    """The graph of ``module`` at ``tile`` rows: ``build()`` once per module and tile (~0.1 s),
+    then shared by every ImageGenerator of that module, and dropped with it (weakly keyed)."""
+    with _graphs_lock:
+        known = _graphs.setdefault(module, {})
+        if tile not in known:
+            known[tile] = build()
+        return known[tile]
+
+
+def build_graph(
     module: nn.Module,
     *,
     decode: bool,
@@ -166,30 +176,10 @@ def image_graph(
     reference: Reference,
     draw: Draw,
 ) -> ImageGraph | None:
-    """The graph of ``module`` at ``tile`` rows, built once per module and tile (~0.1 s) and
-    shared by every ImageGenerator of it; None where TorchScript cannot trace the model or the
+    """``module``'s graph at ``tile`` rows; None where TorchScript cannot trace the model or the
     graph's results differ from ``reference`` (the eager path: ``(z, labels) -> (floats, levels)``)
     or its draws from ``draw`` (``(seed, total, offset, n) -> (z, labels)``, eagerly) in one bit
     (a warning says so: the eager path then serves, only slower beside a busy loop)."""
-    with _graphs_lock:
-        known = _graphs.setdefault(module, {})
-        if tile in known:
-            return known[tile]
-        graph = _build(module, decode=decode, latent_dim=latent_dim, num_classes=num_classes, tile=tile, reference=reference, draw=draw)
-        known[tile] = graph
-        return graph
-
-
-def _build(
-    module: nn.Module,
-    *,
-    decode: bool,
-    latent_dim: int,
-    num_classes: int,
-    tile: int,
-    reference: Reference,
-    draw: Draw,
-) -> ImageGraph | None:
     conditional = num_classes > 0
     try:
         with warnings.catch_warnings(), optimized_execution(False), torch.no_grad():
@@ -216,6 +206,6 @@ def _build(
         if not (torch.equal(x, want_x) and torch.equal(levels, want_levels) and (want_labels is None or torch.equal(drawn, want_labels))):
             raise ValueError("results of latents drawn inside the graph differ from the eager draw and forward")
     except Exception as e:  # the eager path gives the same results, only slower beside a busy event loop
-        warnings.warn(f"image model runs eagerly: no TorchScript graph ({type(e).__name__}: {e})", stacklevel=3)
+        warnings.warn(f"image model runs eagerly: no TorchScript graph ({type(e).__name__}: {e})", stacklevel=4)
         return None
     return graph

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from engine.errors import InvalidImageRequest, brief_repr
-from engine.image_graph import ImageGraph, image_graph
+from engine.image_graph import ImageGraph, build_graph, image_graph
 from engine.modelfile import LoadedModel
 
 IMAGE_KINDS = ("vae", "wgan-gp")
@@ -318,14 +318,19 @@ class ImageGenerator:
         """The CPU graph of ``forward`` and ``_to_uint8`` (built on first use, shared by every
         generator of this model and tile); None on other devices or where it is not available."""
         if self._graph is True:
+            module = self.model.module
             self._graph = image_graph(
-                self.model.module,
-                decode=self.model.kind == "vae",
-                latent_dim=self.latent_dim,
-                num_classes=self.num_classes,
-                tile=self.tile,
-                reference=self._eager,
-                draw=self._eager_draw,
+                module,
+                self.tile,
+                lambda: build_graph(
+                    module,
+                    decode=self.model.kind == "vae",
+                    latent_dim=self.latent_dim,
+                    num_classes=self.num_classes,
+                    tile=self.tile,
+                    reference=self._eager,
+                    draw=self._eager_draw,
+                ),
             )
         return self._graph or None
 
