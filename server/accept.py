@@ -1,26 +1,32 @@
-"""Accepting calls from grpc core ahead of need, and refusing at arrival what admission would refuse.
+"""Accepting calls from grpc core ahead of need, starting their handlers at once, and refusing at
+arrival what admission would refuse.
 
 grpc.aio (grpcio's ``AioServer._server_main_loop``) asks grpc core for the next call of a method
 only after the previous one was handed over, and each hand-over takes several turns of the event
 loop: a task starts and issues ``grpc_server_request_call``, the completion comes back from the
-poller thread, the task finishes, ``asyncio.wait`` wakes the main loop, which creates the handler's
-task and asks again. On a busy loop each turn is long, so calls wait in grpc core's backlog, unseen.
+poller thread, the task finishes, ``asyncio.wait`` (over every method's future) wakes the main
+loop, which creates the handler's task and asks again. One call at a time, two or more turns of
+the loop each: on a busy loop, calls wait in grpc core's backlog or in front of that main loop.
 
 ``EagerAcceptServer`` keeps up to ``max_depth`` requests outstanding per method (grpc.aio's
 ``_make_request_call_future`` is the one seam: its main loop calls it for "the next call"), so
-grpc core hands calls over as they arrive and the main loop's next call is usually there already.
-Measured (``python -m bench.ab``, h2load, 64 Generate calls in flight, five rounds each, 2-core
-VM): server/echo 0.78 median against 0.70 with grpc.aio's own accept (adaptive depth; 0.98 vs 0.81
-with a fixed 16), ahead in every round. GenerateStream (one call) is unchanged.
+grpc core hands calls over as they arrive, and starts each registered method's call where it is
+accepted, as grpc.aio's main loop would (``_handle_rpc`` under ``_schedule_rpc_coro``, in a Task
+of its own). The main loop hears only of failed requests and of an unregistered method's calls
+(whose name Python cannot read from the call).
+Measured (h2load, one-image VAE calls, 64 in flight on one connection, 2-core VM, one server at a
+time): accepting ahead with grpc.aio's hand-over, 4,049-5,071 calls/s (the bare echo 4,870);
+starting calls here, 6,796-7,718. Under a 1.6x flood (8,000/s offered) 0-600 accepted calls had
+waited for the main loop.
 
-The accepted calls wait in arrival order until the main loop takes them; an ``ArrivalPolicy``
-(the service) is asked about each one as it arrives (refuse now?) and as it is handed over (it
-waited this long: refuse instead?). A refusal here ends the call without reading its message or
-running a handler: 54-72 us of server CPU against 138-159 us for the same refusal from the
-handler (h2load, a server held shedding; server/service.py).
+An ``ArrivalPolicy`` (the service) is asked about each call as it arrives (refuse now?) and as its
+task starts (it waited this long in the loop's queue: refuse instead?). A refusal here ends the
+call without reading its message or running a handler: 54-72 us of server CPU against 138-159 us
+for the same refusal from the handler (h2load, a server held shedding; server/service.py).
 
 This relies on grpcio internals (``grpc.aio._server.cygrpc.AioServer``, its
-``_make_request_call_future`` and ``_request_registered_call``, ``_send_error_status_from_server``):
+``_make_request_call_future``, ``_request_registered_call`` and handler registration,
+``_send_error_status_from_server``, ``_handle_rpc``, ``_schedule_rpc_coro``, ``_MethodResolver``):
 ``aio_server`` falls back to grpc.aio's own server, with a warning, where they are missing, and
 tests/test_accept.py fails on a grpcio that moved them.
 """
@@ -54,21 +60,31 @@ Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, deta
 class ArrivalPolicy(Protocol):
     """What the accept path asks the application (server/service.py implements it)."""
 
-    def refusal_at_arrival(self, method: bytes | None, queued: int) -> Refusal | None:
-        """A call of ``method`` has come in, ``queued`` calls of it wait to be handed over: refuse it now?"""
+    def refusal_at_arrival(self, method: bytes | None, queued_s: float) -> Refusal | None:
+        """A call of ``method`` has come in; the oldest call of it not started yet has waited ``queued_s``
+        (0: none waits): refuse it now?"""
 
     def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
-        """A call waited ``waited_s`` between its arrival and its hand-over to grpc.aio: refuse it instead?"""
+        """A call is about to start, ``waited_s`` after it was accepted (the event loop's queue in front of
+        it): refuse it instead?"""
 
 
 class _Lane:
-    """The calls of one method: requests outstanding in grpc core, accepted calls in arrival order.
+    """The calls of one method: requests outstanding in grpc core, and the calls started from here.
 
     ``depth`` starts small and doubles (to ``max_depth``) whenever grpc core matched every request
     outstanding (the newest one among them) before the loop could ask for more: calls were then
-    waiting in core. The server's ``backlog`` bounds the calls accepted and not yet handed over;
-    past it the lane stops asking, and calls wait in grpc core (bounded by ``--max-pending-calls``)
-    as with grpc.aio's own accept.
+    waiting in core. ``started`` holds the calls started here whose task has not run its first
+    step yet (the loop's own queue in front of them); past the server's ``backlog`` of those the
+    lane stops asking, and calls wait in grpc core (bounded by ``--max-pending-calls``).
+
+    Each accepted call is started here, as grpc.aio's main loop would start it (``_handle_rpc``
+    under ``_schedule_rpc_coro``, in a Task), and not handed to that main loop. The main loop takes
+    one call per ``asyncio.wait`` over every method's future: at least two turns of the event loop
+    a call, one call at a time. Measured under a 1.6x open-loop flood (h2load, 8,000 calls/s, 2-core
+    VM): ~3,300 turns of the loop a second, 0-600 accepted calls waiting for the main loop, p50 47 ms
+    for every call. The main loop still gets this lane's future (``next``) and hears of a failed
+    request (it re-asks, as it does) and of the generic lane's calls; it cancels the future at shutdown.
 
     grpc's request coroutine (``_request_registered_call``: ask core, await the match, build the
     call's state) is driven here without a Task, as ``_refuse`` drives the refusal's: it awaits one
@@ -79,12 +95,14 @@ class _Lane:
     def __init__(self, server: EagerAcceptServer, method: bytes | None) -> None:
         self.server = server
         self.method = method
+        self.name = None if method is None else method.decode()  # None: the generic lane (handed to grpc.aio's main loop)
         self.loop = asyncio.get_running_loop()  # once: get_running_loop costs a getpid() syscall a call
         self.depth = min(INITIAL_DEPTH, server.max_depth)
         self.outstanding = 0  # requests made and not yet matched (or failed) by grpc core
         self.newest: asyncio.Future[Any] | None = None  # what the request made last waits on
-        self.accepted: deque[tuple[Any, BaseException | None, float]] = deque()  # (call, error, when), not yet handed over
-        self.waiting: asyncio.Future[Any] | None = None  # the main loop's future, when nothing was accepted yet
+        self.started: deque[float] = deque()  # when each call started here and not run yet was accepted, oldest first
+        self.handover: deque[tuple[Any, BaseException | None]] = deque()  # for grpc.aio's main loop: failed requests (generic calls)
+        self.waiting: asyncio.Future[Any] | None = None  # the main loop's future
         self.closed = False
         if method is None:
             self._request = functools.partial(_STOCK_SERVER._request_call, server)
@@ -92,26 +110,19 @@ class _Lane:
             self._request = functools.partial(_STOCK_SERVER._request_registered_call, server, method)
 
     def next(self) -> asyncio.Future[Any]:
-        """grpc.aio's main loop asks for the next call of this method."""
+        """grpc.aio's main loop asks for the next call of this method: it hears of failed requests, and of the
+        generic lane's calls (an unregistered method's name is in the call's state, out of Python's reach)."""
         out: asyncio.Future[Any] = self.loop.create_future()
         out.add_done_callback(self._on_handed)
-        policy = self.server.policy
-        while self.accepted:
-            call, error, accepted_at = self.accepted.popleft()
-            if policy is not None and error is None:
-                refusal = policy.refusal_at_handover(self.method, time.perf_counter() - accepted_at)
-                if refusal is not None:
-                    _refuse(call, refusal, self.loop)
-                    continue
-            _settle(out, call, error)
-            break
+        if self.handover:
+            _settle(out, *self.handover.popleft())
         else:
             self.waiting = out
         self._top_up()
         return out
 
     def _top_up(self) -> None:
-        room = self.server.backlog - len(self.accepted)
+        room = self.server.backlog - len(self.started)
         while not self.closed and self.outstanding < min(self.depth, room) and self.server.is_running():
             request = self._request()  # grpc's own request for the next call, as a coroutine
             try:
@@ -148,29 +159,51 @@ class _Lane:
             # grpc core matches requests in the order they were made: the newest one taken means every
             # request was, so calls were waiting in core for the loop to ask: ask for more at a time
             self.depth = min(2 * self.depth, self.server.max_depth)
+        if error is not None or self.name is None:  # for grpc.aio's main loop: it re-asks after a failed request, or stops
+            waiting, self.waiting = self.waiting, None
+            if waiting is not None and not waiting.done():
+                _settle(waiting, call, error)
+            else:
+                self.handover.append((call, error))
+            self._top_up()
+            return
         policy = self.server.policy
-        if policy is not None and error is None:
-            refusal = policy.refusal_at_arrival(self.method, len(self.accepted))
+        now = time.perf_counter()
+        started = self.started
+        if policy is not None:
+            refusal = policy.refusal_at_arrival(self.method, now - started[0] if started else 0.0)
             if refusal is not None:
                 _refuse(call, refusal, self.loop)
                 self._top_up()
                 return
-        waiting, self.waiting = self.waiting, None
-        if waiting is not None and not waiting.done():
-            if policy is not None and error is None:
-                policy.refusal_at_handover(self.method, 0.0)  # a sample of an empty queue (no wait: never refused)
-            _settle(waiting, call, error)
-        else:
-            self.accepted.append((call, error, time.perf_counter()))
+        started.append(now)
+        task = self.loop.create_task(self._serve(call), name="rpc_task")
+        tasks = self.server.rpc_tasks
+        tasks.add(task)  # the loop holds only a weak reference to a task
+        task.add_done_callback(tasks.discard)
         self._top_up()
+
+    async def _serve(self, call: Any) -> None:
+        """What grpc.aio's main loop starts for a call, after asking the policy about its wait. The loop runs
+        tasks in the order they were made: this call's acceptance is the oldest in ``started``."""
+        accepted_at = self.started.popleft()
+        server = self.server
+        policy = server.policy
+        if policy is not None:
+            refusal = policy.refusal_at_handover(self.method, time.perf_counter() - accepted_at)
+            if refusal is not None:
+                _refuse(call, refusal, self.loop)
+                return
+        rpc = _handle_rpc(self.name, server.resolver(), server.interceptors, call, self.loop, False)
+        await _schedule_rpc_coro(rpc, call, self.loop, self.name)
 
     def _on_handed(self, out: asyncio.Future[Any]) -> None:
         if out.cancelled():  # grpc.aio cancels its pending request at shutdown: ask for no more calls
             # The outstanding requests are not cancelled: grpc core still holds pointers into their
             # call state until it fails them itself (its shutdown does), so they must outlive that.
             self.closed = True
-            while self.accepted:  # accepted, never to be handed over: tell their clients to go elsewhere
-                call, error, _ = self.accepted.popleft()
+            while self.handover:  # accepted, never to be handed over: tell their clients to go elsewhere
+                call, error = self.handover.popleft()
                 if error is None:
                     _refuse(call, SHUTTING_DOWN, self.loop)
 
@@ -223,14 +256,44 @@ SHUTTING_DOWN: Refusal = (grpc.StatusCode.UNAVAILABLE, "server is shutting down;
 
 
 _STOCK_SERVER = cygrpc.AioServer
+_handle_rpc: Any = getattr(cygrpc, "_handle_rpc", None)  # how grpc.aio's main loop starts a call (checked by supported())
+_schedule_rpc_coro: Any = getattr(cygrpc, "_schedule_rpc_coro", None)
 
 
 class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
-    """grpc.aio's server asking grpc core for calls ahead of need, per method (see the module's doc)."""
+    """grpc.aio's server asking grpc core for calls ahead of need, per method, and starting each call's
+    handler as it is accepted (see the module's doc)."""
 
     max_depth = DEFAULT_DEPTH
     backlog = DEFAULT_BACKLOG
     policy: ArrivalPolicy | None = None
+    interceptors: tuple[Any, ...] = ()  # the server's, as grpc.aio gives them to its own main loop
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
+        super().add_generic_rpc_handlers(generic_rpc_handlers)
+        self.__dict__.setdefault("_generic_handlers", []).extend(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, method_handlers: dict[str, Any]) -> None:
+        super().add_registered_method_handlers(method_handlers)
+        if not self.is_running():  # grpc.aio refuses (with a warning) what comes after the start
+            self.__dict__.setdefault("_registered_handlers", {}).update(method_handlers)
+
+    def resolver(self) -> Any:
+        """grpc.aio's handler lookup over the same handlers its main loop would use (built at the first call)."""
+        resolver = self.__dict__.get("_resolver")
+        if resolver is None:
+            generic = self.__dict__.setdefault("_generic_handlers", [])
+            registered = self.__dict__.setdefault("_registered_handlers", {})
+            resolver = self.__dict__["_resolver"] = cygrpc._MethodResolver(generic, registered)
+        return resolver
+
+    @property
+    def rpc_tasks(self) -> set[asyncio.Task[None]]:
+        """The calls' tasks, held until done (the loop keeps only weak references)."""
+        tasks: set[asyncio.Task[None]] | None = self.__dict__.get("_rpc_tasks")
+        if tasks is None:
+            tasks = self.__dict__["_rpc_tasks"] = set()
+        return tasks
 
     def _make_request_call_future(self, method_bytes: bytes | None) -> asyncio.Future[Any]:
         lanes: dict[bytes | None, _Lane] = self.__dict__.setdefault("_lanes", {})
@@ -240,17 +303,20 @@ class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
         return lane.next()
 
     def queued(self) -> dict[str, int]:
-        """Calls accepted and not yet handed over, by method (for tests)."""
+        """Calls started and not yet run, by method (for tests)."""
         lanes: dict[bytes | None, _Lane] = self.__dict__.get("_lanes", {})
-        return {(m or b"").decode(): len(lane.accepted) for m, lane in lanes.items()}
+        return {(m or b"").decode(): len(lane.started) for m, lane in lanes.items()}
 
 
 def supported() -> bool:
     """grpc.aio's internals this module uses are where it expects them."""
     if getattr(getattr(aio_server_module, "cygrpc", None), "AioServer", None) is not _STOCK_SERVER:  # grpc.aio builds from it
         return False
-    methods = ("_make_request_call_future", "_request_registered_call", "_request_call", "is_running")
-    functions = ("_send_error_status_from_server", "SendInitialMetadataOperation")
+    methods = (
+        "_make_request_call_future", "_request_registered_call", "_request_call", "is_running", "add_generic_rpc_handlers",
+        "add_registered_method_handlers",
+    )  # fmt: skip
+    functions = ("_send_error_status_from_server", "SendInitialMetadataOperation", "_handle_rpc", "_schedule_rpc_coro", "_MethodResolver")
     return all(hasattr(cygrpc.AioServer, name) for name in methods) and all(hasattr(cygrpc, name) for name in functions)
 
 
@@ -274,7 +340,8 @@ def aio_server(
         if accept_ahead > 1:
             log.warning("accept_ahead_unavailable", grpcio=grpc.__version__, reason="grpc.aio internals differ")
         return grpc.aio.server(interceptors=interceptors, options=options)
-    cls = type("EagerAcceptServer", (EagerAcceptServer,), {"max_depth": accept_ahead, "backlog": backlog})
+    attributes = {"max_depth": accept_ahead, "backlog": backlog, "interceptors": tuple(interceptors or ())}
+    cls = type("EagerAcceptServer", (EagerAcceptServer,), attributes)
     with _building_with(cls):
         return grpc.aio.server(interceptors=interceptors, options=options)
 

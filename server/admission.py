@@ -30,14 +30,16 @@ GenerateStream requests are admitted by their credit, and the credit follows the
 unspent), so a streaming client slows down instead of being refused request by request; a request
 within its credit meets only the count backstop.
 
-The second signal, ``arrival``: the time a call waited between grpc core handing it over and
-grpc.aio starting its handler (server/accept.py measures it; the service's policy feeds it and
-refuses, at arrival, what would only queue). What neither can see: calls that grpc core has not
-handed over yet. Those used to be most of a flood: grpc's poller thread blocked on its wake-up
-socket and grpc core handed over about one completion per turn of the loop (server/wakeups.py).
-With that fixed, under 2x overload (h2load, 4 connections, 2-core VM) every call reached the
-accept path and was answered OK or RESOURCE_EXHAUSTED, by this signal
-(docs/benchmarks.md, "Calls reach admission").
+The second signal, ``arrival``: the event loop's own queue. Every call is started as a task where
+it is accepted (server/accept.py), and its wait from acceptance to the task's first step is a
+sample of how much work the loop has queued (``LoopDelay``: their moving average, about half a
+turn of the loop). While that average is over the target, a new Generate call is refused at
+arrival if calls are still waiting to start (one that finds none goes in, and its sample updates
+the average), and a call that waited over twice the target is refused as it starts (Facebook's
+rule: under overload, the oldest are the ones to drop). What neither signal sees: calls grpc core
+has not handed over. Those used to be most of a flood: grpc's poller thread blocked on its wake-up
+socket (server/wakeups.py fixes it), then grpc.aio's main loop took one call per two turns of the
+loop (server/accept.py starts them itself now).
 """
 
 from __future__ import annotations
@@ -104,6 +106,40 @@ class CoDel:
         self.shedding = False
 
 
+@dataclass
+class LoopDelay:
+    """The event loop's queue: a moving average of how long calls wait between being accepted and
+    starting (``observe``, one sample a call), and whether a call should be refused for it (``sheds``).
+
+    Why not CoDel's rule (the smallest delay of an interval): the loop runs everything that was ready
+    at the start of a turn, in order, so a call made ready late in a turn waits a whole turn and one
+    made ready early waits almost nothing, whatever the load. Every interval has a quick call in it,
+    and a minimum never sees the turns grow. The average does: it is about half a turn, and a turn is
+    the work the loop has queued. A moving average of the last ~``1/alpha`` calls.
+    """
+
+    target: float = 0.005  # seconds: the average wait to start over which new calls are refused
+    alpha: float = 0.02
+    average: float = 0.0
+    delay: float = 0.0  # the latest sample, for the metrics
+
+    def observe(self, delay: float, now: float) -> None:
+        self.delay = delay
+        self.average += self.alpha * (delay - self.average)
+
+    def sheds(self, queued_s: float) -> bool:
+        """Refuse a call while the average is over target and calls still wait (``queued_s``, the oldest
+        one's wait so far): an empty queue lets the next call through, and its sample updates the average."""
+        return self.average > self.target and queued_s > 0.0
+
+    @property
+    def shedding(self) -> bool:
+        return self.average > self.target
+
+    def reset(self) -> None:
+        self.average = 0.0
+
+
 class Admission:
     """The server's admission policy: the delay controller, the count backstop, the stream credit.
 
@@ -123,7 +159,7 @@ class Admission:
     ) -> None:
         self.max_inflight = max_inflight
         self.codel = CoDel(target_s, interval_s)  # jobs: admission to their last batch
-        self.arrival = CoDel(target_s, interval_s)  # calls: arrival to their handler (server/accept.py)
+        self.arrival = LoopDelay(target_s)  # calls: accepted to started (server/accept.py)
         self.clock = clock
         self.on_refusal = on_refusal  # metrics: "delay", "arrival" or "count"
         self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
@@ -158,8 +194,8 @@ class Admission:
         elif reason == "count":
             message = f"server is at its limit of {self.max_inflight} requests in flight; retry after {self.retry_after_ms} ms"
         elif reason == "arrival":
-            target_ms = self.arrival.target * 1000
-            message = f"server is overloaded: calls wait over {target_ms:g} ms for a handler; retry after {self.retry_after_ms} ms"
+            wait_ms = 2 * self.arrival.target * 1000
+            message = f"server is overloaded: calls wait over {wait_ms:g} ms to start; retry after {self.retry_after_ms} ms"
         else:
             raise ValueError(f"unknown refusal reason {reason!r}")
         return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message, self.retry_after_ms)

@@ -109,31 +109,31 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     # -- the accept path's policy (server/accept.py) -------------------------------------------
 
-    def refusal_at_arrival(self, method: bytes | None, queued: int) -> Refusal | None:
-        """While admission sheds, a Generate call is refused as it arrives, before its message is read or
-        a handler runs. Measured (h2load, 4 x 64 in flight, a server held shedding): 20-27k refusals/s
-        at 54-72 us of server CPU each, against 8-10k/s at 138-159 us from the handler (a served call:
-        190-237 us). When shedding by the arrival
-        queue, only while calls are queued (as CoDel drops only from a queue): an empty queue lets the
-        next call through, and its sample ends the spell. Anything else goes on to its handler."""
+    def refusal_at_arrival(self, method: bytes | None, queued_s: float) -> Refusal | None:
+        """A Generate call is refused as it arrives, before its message is read or a handler runs, while
+        the pipeline's queue stands, or while the loop's queue is overloaded and the oldest call in it
+        has already waited over twice the target (this one would wait as long). Measured (h2load, 4 x 64
+        in flight, a server held shedding): 20-27k refusals/s at 54-72 us of server CPU each, against
+        8-10k/s at 138-159 us from the handler (a served call: 190-237 us). Anything else goes on."""
         if method != GENERATE_PATH:
             return None
         admission = self.pipeline.admission
         if admission.codel.shedding:
             return self._refusal_now(by_arrival=False)
-        if queued and admission.arrival.shedding:
+        if admission.arrival.sheds(queued_s):
             return self._refusal_now(by_arrival=True)
         return None
 
     def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
-        """Every call's wait for a handler is admission's arrival signal; while shedding, a Generate call
-        that waited over twice the target is refused rather than served late (Facebook's adaptive
-        CoDel: under overload, the oldest are the ones to drop)."""
+        """Every call's wait to start is admission's arrival signal; while that queue is overloaded, a
+        Generate call that waited over twice the target is refused rather than served late (Facebook's
+        adaptive CoDel: under overload, the oldest are the ones to drop)."""
         admission = self.pipeline.admission
         admission.observe_arrival(waited_s)
-        if method != GENERATE_PATH or not admission.shedding or waited_s <= 2 * admission.arrival.target:
+        arrival = admission.arrival
+        if method != GENERATE_PATH or not arrival.shedding or waited_s <= 2 * arrival.target:
             return None
-        return self._refusal_now(by_arrival=admission.arrival.shedding)
+        return self._refusal_now(by_arrival=True)
 
     def _refusal_now(self, *, by_arrival: bool) -> Refusal | None:
         """The refusal admission gives now (counted as the handler's are), or None if it would admit."""

@@ -52,7 +52,7 @@ class Policy:
         self.refuse: set[bytes | None] = set()
         self.waits: list[float] = []
 
-    def refusal_at_arrival(self, method: bytes | None, queued: int) -> Refusal | None:
+    def refusal_at_arrival(self, method: bytes | None, queued_s: float) -> Refusal | None:
         if method in self.refuse:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later", ((RETRY_PUSHBACK_KEY, "250"),)
         return None
@@ -111,6 +111,29 @@ async def test_a_burst_of_calls_each_gets_its_one_answer_and_the_lane_asks_furth
     lanes = server._server.__dict__["_lanes"]
     assert lanes[SLOW].depth > accept.INITIAL_DEPTH  # 200 arrivals at once: grpc core matched every request out
     assert server._server.queued() == {k: 0 for k in server._server.queued()}
+    # every call was started where it was accepted: grpc.aio's main loop, one call per two turns of the
+    # event loop, never got one (its future for each method is the first one it asked for, still pending)
+    assert all(lanes[m].waiting is not None and not lanes[m].waiting.done() for m in (ECHO, SLOW))
+
+
+async def test_a_handover_refusal_reaches_the_client_and_no_handler_runs(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
+    """The policy's second question, as a call's task starts: refused there, the call ends with the
+    refusal and its handler never runs."""
+    server, channel, calls = ahead
+
+    class RefuseAtStart(Policy):
+        def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
+            self.waits.append(waited_s)
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED, "waited too long", ((RETRY_PUSHBACK_KEY, "100"),)) if method == SLOW else None
+
+    policy = RefuseAtStart()
+    assert set_policy(server, policy)
+    slow = channel.unary_unary(SLOW.decode())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await slow(b"x")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.details() == "waited too long"
+    assert await channel.unary_unary(ECHO.decode())(b"y") == b"y"
+    assert calls.handled == ["Echo"] and len(policy.waits) == 2
 
 
 async def test_a_refusal_at_arrival_reaches_the_client_with_its_hint_and_no_handler_runs(

@@ -125,20 +125,39 @@ def test_grpc_cores_backlog_is_bounded_by_configuration() -> None:
     assert dict(grpc_server_options(32, 100))["grpc.max_concurrent_streams"] == 32
 
 
-def test_the_arrival_queue_sheds_when_calls_wait_for_a_handler_over_target_for_an_interval() -> None:
-    """The second signal (server/accept.py): calls that wait between arrival and their handler. The
-    job queue may be short meanwhile (a saturated event loop is the bottleneck, not the batches)."""
+def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average() -> None:
+    """The second signal (server/accept.py): how long calls wait between acceptance and their task's
+    first step. The job queue may be short meanwhile (a saturated event loop is the bottleneck)."""
     clock = Clock()
     reasons: list[str] = []
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock, on_refusal=reasons.append)
-    for _ in range(12):  # calls that waited 20 ms for a handler, 10 ms apart: a standing arrival queue
+    for _ in range(40):  # calls that waited 20 ms each to start: the loop has a turn's worth of work queued
         admission.observe_arrival(0.020)
-        clock.now += 0.010
     assert admission.shedding and admission.arrival.shedding and not admission.codel.shedding
+    assert admission.arrival.sheds(0.001)  # a call arriving behind one still waiting is refused
+    assert not admission.arrival.sheds(0.0)  # one that finds nobody waiting goes in: its sample updates the average
     admission.check(5)  # the handler's check is the job queue's: the accept path refuses for arrivals
     refusal = admission.arrival_refusal()
     assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refusal.retry_after_ms == 100
-    assert "wait over 5 ms for a handler" in refusal.message and reasons == ["arrival"]
+    assert "wait over 10 ms to start" in refusal.message and reasons == ["arrival"]
     assert admission.stream_grant(64, 63) == 0  # streams slow down on either signal
-    admission.observe_arrival(0.001)  # one call handed over quickly: the queue has drained
-    assert not admission.shedding
+    for _ in range(200):  # calls start at once again: the queue has drained
+        admission.observe_arrival(0.0005)
+    assert (admission.shedding, admission.arrival.sheds(0.001)) == (False, False)
+
+
+def test_a_few_long_waits_among_quick_ones_are_a_burst_and_shed_nothing() -> None:
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
+    for _ in range(200):
+        admission.observe_arrival(0.001)
+    for _ in range(5):  # one long turn of the loop: five calls waited 20 ms
+        admission.observe_arrival(0.020)
+    assert not admission.arrival.shedding and not admission.arrival.sheds(0.020)
+
+
+def test_an_idle_loop_never_sheds_whatever_it_last_saw() -> None:
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
+    for _ in range(100):
+        admission.observe_arrival(1.0)
+    assert admission.arrival.shedding
+    assert not admission.arrival.sheds(0.0)  # nothing waits to start: the next call goes in
