@@ -119,12 +119,15 @@ class LoopDelay:
     """
 
     target: float = 0.005  # seconds: the average wait to start over which new calls are refused
+    interval: float = 0.100  # seconds: an average with no sample this long is stale (the loop has had no calls)
     alpha: float = 0.02
     average: float = 0.0
     delay: float = 0.0  # the latest sample, for the metrics
+    last: float = -math.inf  # when the latest sample came
 
     def observe(self, delay: float, now: float) -> None:
         self.delay = delay
+        self.last = now
         self.average += self.alpha * (delay - self.average)
 
     def sheds(self, queued_s: float) -> bool:
@@ -132,9 +135,10 @@ class LoopDelay:
         one's wait so far): an empty queue lets the next call through, and its sample updates the average."""
         return self.average > self.target and queued_s > 0.0
 
-    @property
-    def shedding(self) -> bool:
-        return self.average > self.target
+    def shedding(self, now: float) -> bool:
+        """Over target, and not stale: a server whose calls stopped coming (a GenerateStream's requests
+        give no sample) does not keep refusing, or keep streams short of credit, on old samples."""
+        return self.average > self.target and now - self.last < self.interval
 
     def reset(self) -> None:
         self.average = 0.0
@@ -159,7 +163,7 @@ class Admission:
     ) -> None:
         self.max_inflight = max_inflight
         self.codel = CoDel(target_s, interval_s)  # jobs: admission to their last batch
-        self.arrival = LoopDelay(target_s)  # calls: accepted to started (server/accept.py)
+        self.arrival = LoopDelay(target_s, interval_s)  # calls: accepted to started (server/accept.py)
         self.clock = clock
         self.on_refusal = on_refusal  # metrics: "delay", "arrival" or "count"
         self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
@@ -204,7 +208,7 @@ class Admission:
     def shedding(self) -> bool:
         """Either queue has stood over target for an interval: jobs in the pipeline, or calls waiting for a handler
         (``arrival``, fed and acted on by the accept path: server/accept.py and the service's policy)."""
-        return self.codel.shedding or self.arrival.shedding
+        return self.codel.shedding or self.arrival.shedding(self.clock())
 
     def arrival_refusal(self) -> Refused:
         """The refusal of a call while the arrival queue stands (counted; the accept path sends it)."""
@@ -212,7 +216,7 @@ class Admission:
         return self.refused("arrival")
 
     def observe_arrival(self, waited_s: float) -> None:
-        """A call waited ``waited_s`` between grpc core handing it over and grpc.aio starting its handler."""
+        """A call waited ``waited_s`` between its acceptance and its task's first step (server/accept.py)."""
         self.arrival.observe(waited_s, self.clock())
 
     def observe_job(self, created: float, allowance_s: float) -> None:

@@ -131,7 +131,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         admission = self.pipeline.admission
         admission.observe_arrival(waited_s)
         arrival = admission.arrival
-        if method != GENERATE_PATH or not arrival.shedding or waited_s <= 2 * arrival.target:
+        if method != GENERATE_PATH or waited_s <= 2 * arrival.target or not arrival.shedding(admission.clock()):
             return None
         return self._refusal_now(by_arrival=True)
 

@@ -133,7 +133,7 @@ def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average()
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock, on_refusal=reasons.append)
     for _ in range(40):  # calls that waited 20 ms each to start: the loop has a turn's worth of work queued
         admission.observe_arrival(0.020)
-    assert admission.shedding and admission.arrival.shedding and not admission.codel.shedding
+    assert admission.shedding and admission.arrival.shedding(clock.now) and not admission.codel.shedding
     assert admission.arrival.sheds(0.001)  # a call arriving behind one still waiting is refused
     assert not admission.arrival.sheds(0.0)  # one that finds nobody waiting goes in: its sample updates the average
     admission.check(5)  # the handler's check is the job queue's: the accept path refuses for arrivals
@@ -152,12 +152,16 @@ def test_a_few_long_waits_among_quick_ones_are_a_burst_and_shed_nothing() -> Non
         admission.observe_arrival(0.001)
     for _ in range(5):  # one long turn of the loop: five calls waited 20 ms
         admission.observe_arrival(0.020)
-    assert not admission.arrival.shedding and not admission.arrival.sheds(0.020)
+    assert not admission.shedding and not admission.arrival.sheds(0.020)
 
 
 def test_an_idle_loop_never_sheds_whatever_it_last_saw() -> None:
-    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
+    clock = Clock()
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
     for _ in range(100):
         admission.observe_arrival(1.0)
-    assert admission.arrival.shedding
+    assert admission.stream_grant(64, 0) == 16  # shedding: a stream holds a quarter of its credit
     assert not admission.arrival.sheds(0.0)  # nothing waits to start: the next call goes in
+    clock.now += 2 * INTERVAL  # no call started since (a GenerateStream's requests give no sample)
+    assert admission.stream_grant(64, 0) == 64  # the average is stale: streams get their whole credit back
+    assert not admission.arrival.shedding(clock.now)

@@ -173,7 +173,7 @@ async def test_calls_behind_a_long_loop_queue_are_refused_by_the_accept_path_and
     list_models = b"/genserve.v1.Generator/ListModels"
     for _ in range(10):  # calls that waited 1 s each to start
         admission.observe_arrival(1.0)
-    assert admission.arrival.shedding
+    assert admission.arrival.shedding(admission.clock())
     code, message, trailers = service.refusal_at_arrival(GENERATE_PATH, queued_s=0.003) or (None, "", ())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "to start" in message
     assert dict(trailers)[RETRY_PUSHBACK_KEY] == str(HINT_MS)
