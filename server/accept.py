@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import time
 from collections import deque
@@ -60,9 +61,10 @@ Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, deta
 class ArrivalPolicy(Protocol):
     """What the accept path asks the application (server/service.py implements it)."""
 
-    def refusal_at_arrival(self, method: bytes | None, queued_s: float) -> Refusal | None:
-        """A call of ``method`` has come in; the oldest call of it not started yet has waited ``queued_s``
-        (0: none waits): refuse it now?"""
+    def refusal_at_arrival(self, method: bytes | None, in_progress: int, queued_s: float) -> Refusal | None:
+        """A call of ``method`` has come in; ``in_progress`` calls of it were started and have not
+        finished (less those released: ``release_call``); the oldest of them not running yet has
+        waited ``queued_s`` (0: none waits). Refuse it now?"""
 
     def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
         """A call is about to start, ``waited_s`` after it was accepted (the event loop's queue in front of
@@ -101,6 +103,7 @@ class _Lane:
         self.outstanding = 0  # requests made and not yet matched (or failed) by grpc core
         self.newest: asyncio.Future[Any] | None = None  # what the request made last waits on
         self.started: deque[float] = deque()  # when each call started here and not run yet was accepted, oldest first
+        self.active = 0  # calls started here and not finished, less those released (release_call)
         self.handover: deque[tuple[Any, BaseException | None]] = deque()  # for grpc.aio's main loop: failed requests (generic calls)
         self.waiting: asyncio.Future[Any] | None = None  # the main loop's future
         self.closed = False
@@ -171,22 +174,25 @@ class _Lane:
         now = time.perf_counter()
         started = self.started
         if policy is not None:
-            refusal = policy.refusal_at_arrival(self.method, now - started[0] if started else 0.0)
+            refusal = policy.refusal_at_arrival(self.method, self.active, now - started[0] if started else 0.0)
             if refusal is not None:
                 _refuse(call, refusal, self.loop)
                 self._top_up()
                 return
         started.append(now)
-        task = self.loop.create_task(self._serve(call), name="rpc_task")
+        slot = _Slot(self)
+        task = self.loop.create_task(self._serve(call, slot), name="rpc_task")
         tasks = self.server.rpc_tasks
         tasks.add(task)  # the loop holds only a weak reference to a task
         task.add_done_callback(tasks.discard)
+        task.add_done_callback(slot.ended)
         self._top_up()
 
-    async def _serve(self, call: Any) -> None:
+    async def _serve(self, call: Any, slot: _Slot) -> None:
         """What grpc.aio's main loop starts for a call, after asking the policy about its wait. The loop runs
         tasks in the order they were made: this call's acceptance is the oldest in ``started``."""
         accepted_at = self.started.popleft()
+        _CALL.set(slot)  # this task's context: the handler's task copies it (release_call)
         server = self.server
         policy = server.policy
         if policy is not None:
@@ -206,6 +212,36 @@ class _Lane:
                 call, error = self.handover.popleft()
                 if error is None:
                     _refuse(call, SHUTTING_DOWN, self.loop)
+
+
+class _Slot:
+    """A call's place among its method's calls in progress (``_Lane.active``), given back once."""
+
+    __slots__ = ("lane",)
+
+    def __init__(self, lane: _Lane) -> None:
+        lane.active += 1
+        self.lane: _Lane | None = lane
+
+    def release(self) -> None:
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.active -= 1
+
+    def ended(self, task: asyncio.Task[None]) -> None:
+        self.release()
+
+
+_CALL: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("genserve_accept_call", default=None)
+
+
+def release_call() -> None:
+    """The running call stops counting among its method's calls in progress (the count the arrival
+    policy is given): a call that lasts long for its own reasons, not for the server's load (a text
+    stream), must not hold back the short ones. Nothing happens outside a call started here."""
+    slot = _CALL.get()
+    if slot is not None:
+        slot.release()
 
 
 def _settle(out: asyncio.Future[Any], call: Any, error: BaseException | None) -> None:

@@ -53,12 +53,13 @@ class Pipeline:
         self.accepting = True
         self.on_admit: Callable[[Job], None] | None = None  # an observer of admissions (tests/chaos notes when); None in the product
         # one child per reason, looked up once: under overload every refusal counts (labels() ~2 us each)
-        overload_refusals = {reason: metrics.overload_refusals.labels(reason) for reason in ("delay", "arrival", "count")}
+        overload_refusals = {reason: metrics.overload_refusals.labels(reason) for reason in ("delay", "arrival", "count", "limit")}
         self.admission = Admission(
             config.max_inflight,
             target_s=config.admission_target_ms / 1000,
             interval_s=config.admission_interval_ms / 1000,
             on_refusal=lambda reason: overload_refusals[reason].inc(),
+            call_floor=max(16, config.batch_size * 3 // 4),  # room to nearly fill a batch while another computes
         )
         metrics.queue_delay.set_function(lambda: self.admission.codel.delay)
         self._service_s: dict[str, float] = {}  # model -> its latest batch's compute time
@@ -223,6 +224,8 @@ class Pipeline:
                 waiting[0].discard(job)
                 if not waiting[0]:
                     waiting[1].set()
+        if job.rpc == "Generate" and job.image is not None:  # the rate the call limit follows
+            self.admission.calls.finished(self.admission.clock())
         outcome = job.outcome
         code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name

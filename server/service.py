@@ -22,7 +22,7 @@ import grpc
 from engine.logs import get_logger
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.accept import Refusal
+from server.accept import Refusal, release_call
 from server.config import ServerConfig
 from server.jobs import Outcome
 from server.metrics import Metrics
@@ -109,19 +109,23 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     # -- the accept path's policy (server/accept.py) -------------------------------------------
 
-    def refusal_at_arrival(self, method: bytes | None, queued_s: float) -> Refusal | None:
+    def refusal_at_arrival(self, method: bytes | None, in_progress: int, queued_s: float) -> Refusal | None:
         """A Generate call is refused as it arrives, before its message is read or a handler runs, while
-        the pipeline's queue stands, or while the loop's queue is overloaded and the oldest call in it
-        has already waited over twice the target (this one would wait as long). Measured (h2load, 4 x 64
-        in flight, a server held shedding): 20-27k refusals/s at 54-72 us of server CPU each, against
+        the pipeline's queue stands; when the calls in progress (text calls leave the count once their
+        handler knows them: ``release_call``) reach admission's CallLimit; or while the loop's queue is over target and calls
+        still wait to start (``queued_s``: the oldest one's wait so far). Measured (h2load, 4 x 64 in
+        flight, a server held shedding): 20-27k refusals/s at 54-72 us of server CPU each, against
         8-10k/s at 138-159 us from the handler (a served call: 190-237 us). Anything else goes on."""
         if method != GENERATE_PATH:
             return None
-        admission = self.pipeline.admission
+        pipeline = self.pipeline
+        admission = pipeline.admission
         if admission.codel.shedding:
-            return self._refusal_now(by_arrival=False)
+            return self._refusal_now(None)
+        if in_progress >= admission.calls.limit:
+            return self._refusal_now("limit")
         if admission.arrival.sheds(queued_s):
-            return self._refusal_now(by_arrival=True)
+            return self._refusal_now("arrival")
         return None
 
     def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
@@ -133,17 +137,18 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         arrival = admission.arrival
         if method != GENERATE_PATH or waited_s <= 2 * arrival.target or not arrival.shedding(admission.clock()):
             return None
-        return self._refusal_now(by_arrival=True)
+        return self._refusal_now("arrival")
 
-    def _refusal_now(self, *, by_arrival: bool) -> Refusal | None:
-        """The refusal admission gives now (counted as the handler's are), or None if it would admit."""
+    def _refusal_now(self, fallback: str | None) -> Refusal | None:
+        """The refusal admission gives now (counted as the handler's are), else the one for ``fallback``
+        ("arrival" or "limit", counted), else None."""
         pipeline = self.pipeline
         reason = pipeline.refusal_reason()
         if reason is None:
-            if not by_arrival:
+            if fallback is None:
                 return None
-            pipeline.admission.on_refusal("arrival")
-            reason = "arrival"
+            pipeline.admission.on_refusal(fallback)
+            reason = fallback
         known = self._refusals.get(reason)
         if known is None:  # a few distinct refusals: each built and its counter looked up once
             e = pipeline.refused(reason)
@@ -167,6 +172,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         queue = CallQueue(self.config.stream_interval)
         try:  # a bad request hears what is wrong with it even from an overloaded server: validate, then admit
             job = self.jobs.build(request, "Generate", job_id, queue)
+            if job.text is not None:
+                release_call()  # a text call lasts as long as its tokens: not counted by the call limit
             self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
             self._refused("Generate", e.code)
@@ -177,6 +184,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             while True:
                 item = await queue.get()
                 if isinstance(item, Outcome):
+                    release_call()  # its work is done: what is left is sending, not the server's load
                     if item.ok:
                         yield finish_message(job_id, job, item)
                         return

@@ -38,6 +38,8 @@ class Calls:
 
     async def slow(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.handled.append("Slow")
+        if request.startswith(b"release"):
+            accept.release_call()  # a long call for its own reasons: out of the count of calls in progress
         self.held += 1
         if self.held == self.expect_held:
             self.all_held.set()
@@ -51,8 +53,10 @@ class Policy:
     def __init__(self) -> None:
         self.refuse: set[bytes | None] = set()
         self.waits: list[float] = []
+        self.in_progress: list[tuple[bytes | None, int]] = []
 
-    def refusal_at_arrival(self, method: bytes | None, queued_s: float) -> Refusal | None:
+    def refusal_at_arrival(self, method: bytes | None, in_progress: int, queued_s: float) -> Refusal | None:
+        self.in_progress.append((method, in_progress))
         if method in self.refuse:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later", ((RETRY_PUSHBACK_KEY, "250"),)
         return None
@@ -167,3 +171,37 @@ async def test_a_stopped_server_answers_every_call_it_had_accepted(ahead: tuple[
     await stopping
     assert len(outcomes) == 50
     assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes)  # each one answered, none left hanging
+
+
+async def test_each_arrival_hears_how_many_calls_of_its_method_are_in_progress_less_the_released(
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls],
+) -> None:
+    """What the policy's call limit counts: calls started and not finished, per method; a call whose
+    handler released itself (a text stream) is not among them."""
+    server, channel, calls = ahead
+    policy = Policy()
+    assert set_policy(server, policy)
+    slow, echo = channel.unary_unary(SLOW.decode()), channel.unary_unary(ECHO.decode())
+    calls.expect_held = 10
+    held = [asyncio.ensure_future(slow(b"%d" % i)) for i in range(10)]
+    await calls.all_held.wait()
+    assert await echo(b"e") == b"e"
+    assert policy.in_progress[-1] == (ECHO, 0)  # Echo's own count: none of the Slow calls
+    calls.expect_held = 15
+    calls.all_held.clear()
+    released = [asyncio.ensure_future(slow(b"release%d" % i)) for i in range(5)]
+    await calls.all_held.wait()
+    calls.expect_held = 16
+    calls.all_held.clear()
+    one_more = asyncio.ensure_future(slow(b"x"))
+    await calls.all_held.wait()
+    assert policy.in_progress[-1] == (SLOW, 10)  # the 10 held, not the 5 released
+    calls.release.set()
+    await asyncio.gather(*held, *released, one_more)
+    assert await echo(b"f") == b"f"
+    lanes = server._server.__dict__["_lanes"]
+    for _ in range(500):  # a call's task ends a moment after its answer (grpc closes the call)
+        if lanes[SLOW].active == 0 and lanes[ECHO].active == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert lanes[SLOW].active == 0 and lanes[ECHO].active == 0  # every place given back once, not twice

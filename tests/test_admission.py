@@ -165,3 +165,34 @@ def test_an_idle_loop_never_sheds_whatever_it_last_saw() -> None:
     clock.now += 2 * INTERVAL  # no call started since (a GenerateStream's requests give no sample)
     assert admission.stream_grant(64, 0) == 64  # the average is stale: streams get their whole credit back
     assert not admission.arrival.shedding(clock.now)
+
+
+def test_the_call_limit_follows_the_rate_calls_finish_at_and_keeps_its_floor() -> None:
+    """Little's law: at most rate x budget calls in progress, never under the floor."""
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock(), call_floor=32)
+    calls = admission.calls
+    assert calls.budget == 2 * TARGET and calls.limit == 32  # no rate yet: the floor
+    now = 10.0
+    for _ in range(40):  # 10,000 calls finished a second for 0.4 s
+        for _ in range(100):
+            now += 0.0001
+            calls.finished(now)
+    assert 95 <= calls.limit <= 101  # about 100 calls: 10 ms of work in progress
+    for _ in range(40):  # then 1,000 a second: the limit falls back to the floor
+        for _ in range(10):
+            now += 0.001
+            calls.finished(now)
+    assert calls.limit == 32
+    refusal = admission.refused("limit")
+    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 32 calls in progress" in refusal.message
+
+
+def test_a_long_pause_says_nothing_of_the_rate() -> None:
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock(), call_floor=8)
+    calls, now = admission.calls, 10.0
+    for _ in range(2000):
+        now += 0.0001
+        calls.finished(now)
+    before = calls.limit
+    calls.finished(now + 60.0)  # one call a minute later
+    assert calls.limit == before

@@ -174,11 +174,11 @@ async def test_calls_behind_a_long_loop_queue_are_refused_by_the_accept_path_and
     for _ in range(10):  # calls that waited 1 s each to start
         admission.observe_arrival(1.0)
     assert admission.arrival.shedding(admission.clock())
-    code, message, trailers = service.refusal_at_arrival(GENERATE_PATH, queued_s=0.003) or (None, "", ())
+    code, message, trailers = service.refusal_at_arrival(GENERATE_PATH, in_progress=1, queued_s=0.003) or (None, "", ())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "to start" in message
     assert dict(trailers)[RETRY_PUSHBACK_KEY] == str(HINT_MS)
-    assert service.refusal_at_arrival(GENERATE_PATH, queued_s=0.0) is None  # nobody waits in front of it
-    assert service.refusal_at_arrival(list_models, queued_s=0.003) is None
+    assert service.refusal_at_arrival(GENERATE_PATH, in_progress=0, queued_s=0.0) is None  # nobody waits in front of it
+    assert service.refusal_at_arrival(list_models, in_progress=1, queued_s=0.003) is None
     assert service.refusal_at_handover(GENERATE_PATH, waited_s=1.0) is not None  # shedding, and it waited 1 s
     assert service.refusal_at_handover(GENERATE_PATH, waited_s=0.002) is None  # shedding, but it waited under 2x target
     assert counter(held, "genserve_rejections_total", rpc="Generate", code="RESOURCE_EXHAUSTED") == 2
@@ -188,3 +188,30 @@ async def test_calls_behind_a_long_loop_queue_are_refused_by_the_accept_path_and
     assert not admission.shedding
     async with grpc.aio.insecure_channel(held.address) as channel:
         assert (await outcome(pb_grpc.GeneratorStub(channel), image(1)))[0] == grpc.StatusCode.OK
+
+
+async def test_calls_in_progress_past_the_limit_are_refused_at_arrival_and_text_calls_do_not_count() -> None:
+    """admission's CallLimit (no rate yet: its floor, 16 for batches of 16): the 17th image call in
+    progress is refused at arrival with the hint, while text streams in progress leave the count
+    (server/accept.py release_call) and never hold image calls back."""
+    async with running_server(models_dir=MODELS, batch_size=16, admission_interval_ms=HINT_MS, log_level="warning") as srv:
+        assert srv.pipeline.admission.calls.limit == 16
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            text = pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=1000, seed=1))
+            streams = []
+            for _ in range(20):  # one after another (at arrival a call is not known to be text: it counts until its handler runs)
+                streams.append(stub.Generate(text))
+                await streams[-1].read()  # decoding: its first token came
+            assert (await outcome(stub, image(1)))[0] == grpc.StatusCode.OK  # 20 text calls in progress, not counted
+            for call in streams:
+                call.cancel()
+        srv.engine.install_faults(HoldBatches(2.0))
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            held = [asyncio.create_task(outcome(stub, image(i))) for i in range(16)]
+            await until(lambda: len(srv.pipeline.inflight) == 16)
+            code, trailers = await outcome(stub, image(99))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailers.get(RETRY_PUSHBACK_KEY) == str(HINT_MS)
+            assert [c for c, _ in await asyncio.gather(*held)] == [grpc.StatusCode.OK] * 16
+        assert counter(srv, "genserve_overload_refusals_total", reason="limit") == 1
