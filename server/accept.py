@@ -102,7 +102,7 @@ class _Lane:
         self.depth = min(INITIAL_DEPTH, server.max_depth)
         self.outstanding = 0  # requests made and not yet matched (or failed) by grpc core
         self.newest: asyncio.Future[Any] | None = None  # what the request made last waits on
-        self.started: deque[float] = deque()  # when each call started here and not run yet was accepted, oldest first
+        self.started: deque[_Slot] = deque()  # the calls started here whose task has not run yet, oldest first
         self.active = 0  # calls started here and not finished, less those released (release_call)
         self.handover: deque[tuple[Any, BaseException | None]] = deque()  # for grpc.aio's main loop: failed requests (generic calls)
         self.waiting: asyncio.Future[Any] | None = None  # the main loop's future
@@ -174,13 +174,13 @@ class _Lane:
         now = time.perf_counter()
         started = self.started
         if policy is not None:
-            refusal = policy.refusal_at_arrival(self.method, self.active, now - started[0] if started else 0.0)
+            refusal = policy.refusal_at_arrival(self.method, self.active, now - started[0].accepted_at if started else 0.0)
             if refusal is not None:
                 _refuse(call, refusal, self.loop)
                 self._top_up()
                 return
-        started.append(now)
-        slot = _Slot(self)
+        slot = _Slot(self, now)
+        started.append(slot)
         task = self.loop.create_task(self._serve(call, slot), name="rpc_task")
         tasks = self.server.rpc_tasks
         tasks.add(task)  # the loop holds only a weak reference to a task
@@ -190,13 +190,13 @@ class _Lane:
 
     async def _serve(self, call: Any, slot: _Slot) -> None:
         """What grpc.aio's main loop starts for a call, after asking the policy about its wait. The loop runs
-        tasks in the order they were made: this call's acceptance is the oldest in ``started``."""
-        accepted_at = self.started.popleft()
+        tasks in the order they were made: this call is the oldest in ``started``."""
+        slot.leave()
         _CALL.set(slot)  # this task's context: the handler's task copies it (release_call)
         server = self.server
         policy = server.policy
         if policy is not None:
-            refusal = policy.refusal_at_handover(self.method, time.perf_counter() - accepted_at)
+            refusal = policy.refusal_at_handover(self.method, time.perf_counter() - slot.accepted_at)
             if refusal is not None:
                 _refuse(call, refusal, self.loop)
                 return
@@ -215,20 +215,35 @@ class _Lane:
 
 
 class _Slot:
-    """A call's place among its method's calls in progress (``_Lane.active``), given back once."""
+    """A call started by a lane: its place in the lane's queue of calls not yet run (``started``) and
+    among its calls in progress (``active``), each given back once."""
 
-    __slots__ = ("lane",)
+    __slots__ = ("accepted_at", "lane", "owner", "waiting")
 
-    def __init__(self, lane: _Lane) -> None:
+    def __init__(self, lane: _Lane, accepted_at: float) -> None:
         lane.active += 1
-        self.lane: _Lane | None = lane
+        self.owner = lane
+        self.lane: _Lane | None = lane  # None once released
+        self.accepted_at = accepted_at
+        self.waiting = True  # in ``owner.started``
+
+    def leave(self) -> None:
+        """The call's task runs (or ended without running): it leaves the queue, usually as its oldest."""
+        if self.waiting:
+            self.waiting = False
+            started = self.owner.started
+            if started[0] is self:
+                started.popleft()
+            else:
+                started.remove(self)
 
     def release(self) -> None:
         lane, self.lane = self.lane, None
         if lane is not None:
             lane.active -= 1
 
-    def ended(self, task: asyncio.Task[None]) -> None:
+    def ended(self, task: asyncio.Future[Any]) -> None:
+        self.leave()  # a task cancelled before it ran (the loop closing) must not stay queued
         self.release()
 
 

@@ -240,7 +240,8 @@ class Admission:
         return None
 
     def refused(self, reason: str) -> Refused:
-        """The refusal for ``reason`` ("delay", "count", "arrival" or "limit"; see ``overloaded`` and ``arrival_refusal``)."""
+        """The refusal for ``reason`` ("delay", "count", "arrival" or "limit"; see ``overloaded``; the accept path's
+        policy counts its own, server/service.py)."""
         if reason == "delay":
             message = f"server is overloaded: requests wait over {self.codel.target * 1000:g} ms; retry after {self.retry_after_ms} ms"
         elif reason == "count":
@@ -260,14 +261,9 @@ class Admission:
 
     @property
     def shedding(self) -> bool:
-        """Either queue has stood over target for an interval: jobs in the pipeline, or calls waiting for a handler
-        (``arrival``, fed and acted on by the accept path: server/accept.py and the service's policy)."""
+        """Either queue is over target: jobs in the pipeline (for an interval), or calls waiting to start, on
+        average (``arrival``, fed and acted on by the accept path: server/accept.py and the service's policy)."""
         return self.codel.shedding or self.arrival.shedding(self.clock())
-
-    def arrival_refusal(self) -> Refused:
-        """The refusal of a call while the arrival queue stands (counted; the accept path sends it)."""
-        self.on_refusal("arrival")
-        return self.refused("arrival")
 
     def observe_arrival(self, waited_s: float) -> None:
         """A call waited ``waited_s`` between its acceptance and its task's first step (server/accept.py)."""

@@ -200,8 +200,22 @@ async def test_each_arrival_hears_how_many_calls_of_its_method_are_in_progress_l
     await asyncio.gather(*held, *released, one_more)
     assert await echo(b"f") == b"f"
     lanes = server._server.__dict__["_lanes"]
-    for _ in range(500):  # a call's task ends a moment after its answer (grpc closes the call)
-        if lanes[SLOW].active == 0 and lanes[ECHO].active == 0:
-            break
-        await asyncio.sleep(0.01)
+    await asyncio.gather(*server._server.rpc_tasks)  # a call's task ends a moment after its answer (grpc closes the call)
     assert lanes[SLOW].active == 0 and lanes[ECHO].active == 0  # every place given back once, not twice
+
+
+async def test_a_call_whose_task_never_ran_leaves_the_queue_and_gives_its_place_back() -> None:
+    """A task cancelled before its first step (the loop closing) must not stay at the head of the
+    queue, where every later arrival would see it waiting longer and longer."""
+    server, _, _ = await serve(depth=4)
+    try:
+        lane = accept._Lane(server._server, b"/x/Y")
+        first, second = accept._Slot(lane, 1.0), accept._Slot(lane, 2.0)
+        lane.started.extend([first, second])
+        first.ended(asyncio.get_running_loop().create_future())  # ended without running
+        assert list(lane.started) == [second] and lane.active == 1
+        second.leave()
+        second.ended(asyncio.get_running_loop().create_future())  # ran, then ended: given back once
+        assert not lane.started and lane.active == 0
+    finally:
+        await server.stop(None)
