@@ -12,18 +12,30 @@ unless ``--stream-window 0``, GenerateStream by the Python client (bench/loadgen
 each round's calls/s and the ratios to the echo of the same round, and the median of the ratios.
 Calls/s here are finished calls as h2load counts them (any status): run ``bench.serve`` for the
 accounting by status.
+
+``--flood R`` adds an overload row: each side in turn is offered R Generate calls/s in an open loop
+(h2load ``--rps`` on 4 connections) for ``--duration`` seconds. Every call is accounted for by the
+side's own counters (bench/accounting.py), and the side's event loop thread (its main thread) is
+timed from /proc: loop CPU per answered call, OK or refused, is what one refusal costs when nearly
+all are refused, and what bounds the goodput a process keeps under a flood (docs/benchmarks.md,
+"Overload: what a refusal costs"). Goodput is the round's OK calls/s over the side's Generate
+rate of the same round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench import accounting
 from bench.figures import Calls, closed_figures
 from bench.h2load import H2Load
 from bench.loadgen import Clients, Job
@@ -40,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", default=str(ROOT / "models"))
     parser.add_argument("--server-args", default="", help="more flags for both servers")
     parser.add_argument("--baseline-args", default="", help="more flags for side A only (with no --baseline: A is this tree too)")
+    parser.add_argument("--flood", type=float, default=0.0, help="also offer this many Generate calls/s, open loop, to each side (0: no)")
     args = parser.parse_args(argv)
+    if args.flood < 0:
+        parser.error("--flood must be >= 0 calls/s")
 
     logs = tempfile.TemporaryDirectory(prefix="bench-ab-")
     ports = iter(free_ports(6))
@@ -61,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     h2 = H2Load()
     clients: Clients | None = None
     rows: dict[str, dict[str, list[float]]] = {"Generate": {}, "GenerateStream": {}}
+    floods: dict[str, list[Flood]] = {}
     try:
         for s in sides:
             s.cmd = ["env", "-C", str(cwd[s.name]), *s.cmd]  # `python -m server` from that tree runs its code
@@ -81,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                     calls = Calls.merge(clients.run([job], sides))
                     rows["GenerateStream"].setdefault(s.name, []).append(closed_figures(calls, job)["req_s"])
             report(rows, r)
+            if args.flood:
+                for s in order:
+                    flood = run_flood(h2, s, args.flood, args.duration, rows["Generate"][s.name][-1])
+                    floods.setdefault(s.name, []).append(flood)
+                report_floods(floods, args.flood, r)
     finally:
         if clients is not None:
             clients.close()
@@ -102,6 +123,74 @@ def report(rows: dict[str, dict[str, list[float]]], r: int) -> None:
             ratios = [x / e for x, e in zip(by_side[name], echo, strict=True) if e]
             parts.append(f"{name} {by_side[name][r]:9.0f}/s {ratios[-1]:.3f} (median {statistics.median(ratios):.3f})")
         print(f"round {r + 1} {call:15s} " + "  ".join(parts), flush=True)
+
+
+@dataclass(frozen=True)
+class Flood:
+    """One side's overload row: what its counters saw of the calls h2load offered, and its loop's CPU."""
+
+    tally: accounting.Tally
+    seconds: float
+    loop_cpu_s: float  # the side's event loops (main threads: its own, its workers'), over the run
+    closed_calls_s: float  # the side's Generate rate (closed loop) in the same round
+
+    @property
+    def ok_s(self) -> float:
+        return self.tally.count("OK") / self.seconds
+
+    @property
+    def refused_s(self) -> float:
+        return self.tally.count("RESOURCE_EXHAUSTED") / self.seconds
+
+    @property
+    def goodput(self) -> float:
+        return self.ok_s / self.closed_calls_s if self.closed_calls_s else 0.0
+
+    @property
+    def loop_us_per_call(self) -> float:
+        """Loop CPU per call the side answered itself (OK, refused or another status of its own)."""
+        seen = self.tally.seen
+        return self.loop_cpu_s / seen * 1e6 if seen else float("nan")
+
+
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU time (user + system) of process ``pid``'s main thread: an asyncio server's event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def loops_cpu_s(pid: int) -> float:
+    """The event loops' CPU of a server: its main thread's, plus its child processes' main threads
+    (``--workers N``: the supervisor's loop idles, each worker's serves)."""
+    total = main_thread_cpu_s(pid)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a child that has just exited
+            total += main_thread_cpu_s(int(child))
+    return total
+
+
+def run_flood(h2: H2Load, side: Server, rate: float, seconds: float, closed_calls_s: float) -> Flood:
+    before = accounting.settled(side.metrics_port)
+    cpu = loops_cpu_s(side.pid)
+    run = h2.run(side.port, duration_s=seconds, connections=4, streams=64, rps=rate)
+    cpu = loops_cpu_s(side.pid) - cpu
+    tally = accounting.tally(before, accounting.settled(side.metrics_port), run.started, run.done)
+    return Flood(tally, run.wall_s or seconds, cpu, closed_calls_s)
+
+
+def report_floods(floods: dict[str, list[Flood]], rate: float, r: int) -> None:
+    parts = []
+    for name in sorted(floods, key=lambda n: (n != "echo", n)):
+        f = floods[name][r]
+        other = ", ".join(f"{code} {n}" for code, n in sorted(f.tally.other.items()))
+        if f.tally.unseen:
+            other = ", ".join(x for x in (other, f"BY GRPC CORE {f.tally.unseen}") if x)
+        median = statistics.median(x.goodput for x in floods[name])
+        parts.append(
+            f"{name} OK {f.ok_s:6.0f}/s refused {f.refused_s:6.0f}/s goodput {f.goodput:.2f} (median {median:.2f})"
+            f" loop {f.loop_us_per_call:5.1f} us/call{' ' + other if other else ''}"
+        )
+    print(f"round {r + 1} flood {rate:.0f}/s  " + "  ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""bench.ab's overload row: its figures from the side's counters and its loops' CPU, read from /proc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import ab
+from bench.accounting import Tally
+
+
+def test_flood_figures_come_from_the_sides_counts() -> None:
+    """OK and refused per second, goodput against the side's closed-loop rate, loop CPU per call the side answered."""
+    tally = Tally(sent=1_000, done=990, by_status={"OK": 200, "RESOURCE_EXHAUSTED": 780, "CANCELLED": 10})
+    flood = ab.Flood(tally, seconds=2.0, loop_cpu_s=0.099, closed_calls_s=400.0)
+    assert flood.ok_s == 100.0
+    assert flood.refused_s == 390.0
+    assert flood.goodput == 0.25
+    assert flood.loop_us_per_call == pytest.approx(100.0)  # 0.099 s over the 990 calls it counted
+
+
+def test_the_report_names_calls_the_side_never_answered(capsys: pytest.CaptureFixture[str]) -> None:
+    """Calls answered by grpc core (done, but in no counter of the side) are printed, never folded into OK or refused."""
+    echo = ab.Flood(Tally(sent=500, done=500, by_status={"OK": 300}), seconds=1.0, loop_cpu_s=0.03, closed_calls_s=300.0)
+    server = ab.Flood(Tally(sent=500, done=500, by_status={"OK": 150, "RESOURCE_EXHAUSTED": 350}), 1.0, 0.05, 300.0)
+    ab.report_floods({"echo": [echo], "B": [server]}, 500.0, 0)
+    line = capsys.readouterr().out
+    assert "echo OK    300/s" in line and "BY GRPC CORE 200" in line
+    assert "B OK    150/s refused    350/s goodput 0.50" in line and line.count("BY GRPC CORE") == 1
+
+
+def test_loops_cpu_counts_the_main_threads_of_a_server_and_its_workers() -> None:
+    """A process's main thread, and each child's (the workers of ``--workers N``)."""
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        deadline = time.monotonic() + 20
+        while ab.main_thread_cpu_s(child.pid) < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own = ab.main_thread_cpu_s(os.getpid())
+        assert ab.main_thread_cpu_s(child.pid) >= 0.25
+        assert ab.loops_cpu_s(os.getpid()) >= own + 0.25  # this process and its spinning child
+    finally:
+        child.kill()
+        child.wait()
