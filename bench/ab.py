@@ -25,8 +25,6 @@ rate of the same round.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shlex
 import statistics
 import sys
@@ -39,7 +37,7 @@ from bench import accounting
 from bench.figures import Calls, closed_figures
 from bench.h2load import H2Load
 from bench.loadgen import Clients, Job
-from bench.serve import ROOT, Server, free_ports
+from bench.serve import ROOT, Server, free_ports, loops_cpu_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,22 +149,6 @@ class Flood:
         """Loop CPU per call the side answered itself (OK, refused or another status of its own)."""
         seen = self.tally.seen
         return self.loop_cpu_s / seen * 1e6 if seen else float("nan")
-
-
-def main_thread_cpu_s(pid: int) -> float:
-    """CPU time (user + system) of process ``pid``'s main thread: an asyncio server's event loop."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def loops_cpu_s(pid: int) -> float:
-    """The event loops' CPU of a server: its main thread's, plus its child processes' main threads
-    (``--workers N``: the supervisor's loop idles, each worker's serves)."""
-    total = main_thread_cpu_s(pid)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a child that has just exited
-            total += main_thread_cpu_s(int(child))
-    return total
 
 
 def run_flood(h2: H2Load, side: Server, rate: float, seconds: float, closed_calls_s: float) -> Flood:

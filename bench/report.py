@@ -106,18 +106,22 @@ def print_text(rows: list[dict[str, Any]], ttft_tokens: int, text_tokens: int) -
 
 def print_overload(out: dict[str, Any]) -> None:
     print("overload: Generate offered at 2x each side's best closed-loop rate; latency ms")
-    head = OPEN_HEAD + f"{'RSS MB':>8}{'peak':>6}{'growth':>7}  other statuses"
+    head = OPEN_HEAD + f"{'RSS MB':>8}{'peak':>6}{'growth':>7}{'loop us':>8}  other statuses"
     print(head)
     print("-" * len(head))
     for o in out["overload"]:
-        print(open_row(o) + f"{o['rss_before_mb']:>8.0f}{o['rss_peak_mb']:>6.0f}{o['rss_growth_mb']:>7.1f}  {not_ok_text(o['not_ok'])}")
+        loop_us = o.get("loop_us_per_call")
+        loop_us = fmt(math.nan if loop_us is None else loop_us)
+        growth = f"{o['rss_before_mb']:>8.0f}{o['rss_peak_mb']:>6.0f}{o['rss_growth_mb']:>7.1f}{loop_us:>8}"
+        print(open_row(o) + f"{growth}  {not_ok_text(o['not_ok'])}")
     for o in out["overload"]:
         print(f"  {o['side']:<7} {o['statuses']}")
     s = out["setup"]
     print(OPEN_NOTE)
     print(
         f"({out['overload'][0]['duration_s']} s each; RSS: VmRSS of the server and its children, before the overload and its peak; "
-        f"server idle {s['server_rss_idle_mb']:.0f} MB, after {out['server_rss_after_mb']:.0f} MB)\n",
+        f"server idle {s['server_rss_idle_mb']:.0f} MB, after {out['server_rss_after_mb']:.0f} MB;\n"
+        " loop us: the event loops' CPU per call the side answered itself, OK or refused)\n",
         flush=True,
     )
 

@@ -85,6 +85,22 @@ def free_ports(n: int) -> list[int]:
         return [int(s.getsockname()[1]) for s in socks]
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU time (user + system) of process ``pid``'s main thread: an asyncio server's event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def loops_cpu_s(pid: int) -> float:
+    """The event loops' CPU of a server: its main thread's, plus its child processes' main threads
+    (``--workers N``: the supervisor's loop idles, each worker's serves)."""
+    total = main_thread_cpu_s(pid)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a child that has just exited
+            total += main_thread_cpu_s(int(child))
+    return total
+
+
 def tree_rss_bytes(pid: int) -> int:
     """VmRSS of ``pid`` and its descendants (a server may run workers in child processes)."""
     children: dict[int, list[int]] = {}
@@ -190,12 +206,18 @@ def overload(bench: Bench, h2: H2Load, side: Server, rate: float, dur_s: float) 
     def sample_rss() -> None:
         rss.append((time.monotonic(), tree_rss_bytes(side.pid)))
 
+    loop_cpu = loops_cpu_s(side.pid)
     figures, job = plain_open(bench, h2, side, rate, dur_s, tick=sample_rss)
+    loop_cpu = loops_cpu_s(side.pid) - loop_cpu
+    answered = sum(figures["accounting"]["by_status"].values())  # every call the side itself answered, warm-up included as the CPU is
     during = [b for t, b in rss if job.window_start <= t <= job.window_end + 1.0] or [rss_before]
     return (
         {"side": side.name, "duration_s": dur_s}
         | figures
         | {
+            # what one answered call (nearly all refusals, for the server) costs the event loop: the figure
+            # that bounds what a process can still serve under a flood (docs/benchmarks.md)
+            "loop_us_per_call": loop_cpu / answered * 1e6 if answered else None,
             "rss_before_mb": rss_before / MB,
             "rss_peak_mb": max(during) / MB,
             "rss_end_mb": during[-1] / MB,

@@ -1,4 +1,4 @@
-"""bench.ab's overload row: its figures from the side's counters and its loops' CPU, read from /proc."""
+"""bench.ab's overload row (its figures from the side's counters) and the event loops' CPU read from /proc (bench.serve, bench.ab)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench import ab
+from bench import ab, serve
 from bench.accounting import Tally
 
 
@@ -39,11 +39,33 @@ def test_loops_cpu_counts_the_main_threads_of_a_server_and_its_workers() -> None
     child = subprocess.Popen([sys.executable, "-c", spin])
     try:
         deadline = time.monotonic() + 20
-        while ab.main_thread_cpu_s(child.pid) < 0.25 and time.monotonic() < deadline:
+        while serve.main_thread_cpu_s(child.pid) < 0.25 and time.monotonic() < deadline:
             time.sleep(0.05)
-        own = ab.main_thread_cpu_s(os.getpid())
-        assert ab.main_thread_cpu_s(child.pid) >= 0.25
-        assert ab.loops_cpu_s(os.getpid()) >= own + 0.25  # this process and its spinning child
+        own = serve.main_thread_cpu_s(os.getpid())
+        assert serve.main_thread_cpu_s(child.pid) >= 0.25
+        assert serve.loops_cpu_s(os.getpid()) >= own + 0.25  # this process and its spinning child
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_overload_table_prints_the_loops_cost_per_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.serve's overload row carries the loop CPU per answered call; a row without it (an older JSON) prints '-'."""
+    from bench import report
+
+    row = {
+        "side": "server", "offered_req_s": 8000.0, "sent_req_s": 7990.0, "goodput_req_s": 500.0, "p50_ms": 5.0, "p99_ms": 50.0,
+        "admitted_p99_ms": 60.0, "refused": 70_000, "refusal_p99_ms": 30.0, "client_lag_p99_ms": 1.0, "rss_before_mb": 500.0,
+        "rss_peak_mb": 520.0, "rss_growth_mb": 20.0, "not_ok": {}, "statuses": "adds up", "duration_s": 10.0,
+    }  # fmt: skip
+    out = {
+        "overload": [row | {"side": "echo"}, row | {"loop_us_per_call": 123.4}],
+        "setup": {"server_rss_idle_mb": 480.0},
+        "server_rss_after_mb": 515.0,
+    }
+    report.print_overload(out)
+    lines = capsys.readouterr().out.splitlines()
+    assert "loop us" in lines[1]
+    echo_line, server_line = lines[3], lines[4]
+    assert echo_line.startswith("echo") and echo_line.split()[-2:] == ["-", "-"]  # no loop figure; no other status
+    assert server_line.startswith("server") and server_line.split()[-2:] == ["123", "-"]
