@@ -15,8 +15,8 @@ accounting by status.
 
 ``--flood R`` adds an overload row: each side in turn is offered R Generate calls/s in an open loop
 (h2load ``--rps`` on 4 connections) for ``--duration`` seconds. Every call is accounted for by the
-side's own counters (bench/accounting.py), and the side's event loop thread (its main thread) is
-timed from /proc: loop CPU per answered call, OK or refused, is what one refusal costs when nearly
+side's own counters (bench/accounting.py), and the side's event loops (its main thread, and each
+worker's with ``--workers``) are timed from /proc: loop CPU per answered call, OK or refused, is what one refusal costs when nearly
 all are refused, and what bounds the goodput a process keeps under a flood (docs/benchmarks.md,
 "Overload: what a refusal costs"). Goodput is the round's OK calls/s over the side's Generate
 rate of the same round.

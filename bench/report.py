@@ -110,8 +110,8 @@ def print_overload(out: dict[str, Any]) -> None:
     print(head)
     print("-" * len(head))
     for o in out["overload"]:
-        loop_us = o.get("loop_us_per_call")
-        loop_us = fmt(math.nan if loop_us is None else loop_us)
+        per_call = o.get("loop_us_per_call")  # absent from runs saved before the column existed
+        loop_us = fmt(math.nan if per_call is None else per_call)
         growth = f"{o['rss_before_mb']:>8.0f}{o['rss_peak_mb']:>6.0f}{o['rss_growth_mb']:>7.1f}{loop_us:>8}"
         print(open_row(o) + f"{growth}  {not_ok_text(o['not_ok'])}")
     for o in out["overload"]:

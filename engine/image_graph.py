@@ -90,7 +90,8 @@ class _Tiles(nn.Module):
                 # A whole request (the usual one-image case) is drawn straight into its rows: randn is
                 # ``empty(...).normal_(0, 1, gen)``, and the rows are contiguous as randn's own tensor
                 # is, so the draw is the same (build_graph checks it bit for bit) with 3 ops instead
-                # of 5 (no block to allocate and copy): -12% of a VAE batch of 128 (2.41 -> 2.12 ms).
+                # of 5 (no block to allocate and copy): a VAE batch of 128 took 2.11-2.24 ms against
+                # 2.36-2.50 (-10%, five alternations; docs/benchmarks.md).
                 z[a : a + n].normal_(0.0, 1.0, generator=gen)
             else:
                 block = torch.randn([total, self.latent_dim], generator=gen)

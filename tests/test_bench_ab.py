@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench import ab, serve
+from bench import ab, report, serve
 from bench.accounting import Tally
 
 
@@ -51,8 +51,6 @@ def test_loops_cpu_counts_the_main_threads_of_a_server_and_its_workers() -> None
 
 def test_the_overload_table_prints_the_loops_cost_per_call(capsys: pytest.CaptureFixture[str]) -> None:
     """bench.serve's overload row carries the loop CPU per answered call; a row without it (an older JSON) prints '-'."""
-    from bench import report
-
     row = {
         "side": "server", "offered_req_s": 8000.0, "sent_req_s": 7990.0, "goodput_req_s": 500.0, "p50_ms": 5.0, "p99_ms": 50.0,
         "admitted_p99_ms": 60.0, "refused": 70_000, "refusal_p99_ms": 30.0, "client_lag_p99_ms": 1.0, "rss_before_mb": 500.0,
