@@ -152,9 +152,11 @@ class Flood:
 
 
 def run_flood(h2: H2Load, side: Server, rate: float, seconds: float, closed_calls_s: float) -> Flood:
+    side.check_alive()  # a side that died says so with its log's tail, not as a missing /proc file
     before = accounting.settled(side.metrics_port)
     cpu = loops_cpu_s(side.pid)
     run = h2.run(side.port, duration_s=seconds, connections=4, streams=64, rps=rate)
+    side.check_alive()
     cpu = loops_cpu_s(side.pid) - cpu
     tally = accounting.tally(before, accounting.settled(side.metrics_port), run.started, run.done)
     return Flood(tally, run.wall_s or seconds, cpu, closed_calls_s)

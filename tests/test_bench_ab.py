@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,17 @@ def test_the_overload_table_prints_the_loops_cost_per_call(capsys: pytest.Captur
     echo_line, server_line = lines[3], lines[4]
     assert echo_line.startswith("echo") and echo_line.split()[-2:] == ["-", "-"]  # no loop figure; no other status
     assert server_line.startswith("server") and server_line.split()[-2:] == ["123", "-"]
+
+
+def test_a_flood_on_a_side_that_died_names_it(tmp_path: Path) -> None:
+    """A server that exited before its flood row is reported by name with its exit code, not as a /proc error."""
+    log = open(tmp_path / "dead.log", "wb")  # noqa: SIM115 (closed below)
+    side = serve.Server("A", [sys.executable, "-c", "print('bye')"], 1, log, 1)
+    try:
+        side.start()
+        assert side.proc is not None
+        side.proc.wait(timeout=30)
+        with pytest.raises(RuntimeError, match=r"^A exited with code 0"):
+            ab.run_flood(None, side, 100.0, 1.0, 100.0)  # type: ignore[arg-type]  # never reaches h2load
+    finally:
+        log.close()
