@@ -163,3 +163,34 @@ async def test_h2load_calls_add_up_to_the_echos_count() -> None:
     assert (run.started, run.done, run.errored) == (200, 200, 0)
     assert t.by_status == {"OK": 200} and t.adds_up
     assert run.durations.size == 200 and figures.h2load_closed_figures(run, t)["req_s"] > 0
+
+
+def test_waiting_for_the_load_generators_does_not_spin() -> None:
+    """The bench's own process shares the cores with the server under test: while it waits for the load
+    generators (no tick), it must sleep, not poll. A busy wait here once took ~90% of a core from the
+    server in every Python-client row (stream, open loop, text)."""
+    import multiprocessing as mp
+    import threading
+
+    class Alive:
+        checks = 0
+
+        def check_alive(self) -> None:
+            Alive.checks += 1
+
+    parent, child = mp.Pipe()
+    clients = loadgen.Clients.__new__(loadgen.Clients)  # no processes: one pipe stands for a load generator
+    clients.conns, clients.procs = [parent], [None]
+
+    def generator() -> None:
+        child.recv()  # the job
+        time.sleep(0.6)
+        child.send({"done": True})
+
+    threading.Thread(target=generator, daemon=True).start()
+    cpu = time.process_time()
+    [result] = clients.run([loadgen.Job("ready", 1)], [Alive()], every_s=0.2)
+    cpu = time.process_time() - cpu
+    assert result == {"done": True}
+    assert cpu < 0.2, f"waited 0.6 s using {cpu:.2f} s of CPU"
+    assert Alive.checks <= 10  # the servers are still checked, about every every_s
