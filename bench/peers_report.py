@@ -165,7 +165,8 @@ def render(out: dict[str, Any], plots: Sequence[str]) -> str:
             f"{out['plan']['text_tokens']} new tokens per stream after a 16-character prompt, temperature 1. genserve: the server over "
             "gRPC (bench.loadgen's text client, TTFT p50 from the call's start); HF: `GPT2LMHeadModel.generate` on the same weights "
             "(TTFT: generate of 1 token for the batch); nanoGPT-style: the whole context through the model for every token. "
-            "(bench/text.py on the `text` branch measures server vs HF in more depth; this section is the hook for it.)",
+            "The server's rows include its Python client's cost on the same cores (it decodes every chunk); `python -m bench.text` "
+            "drives the server with h2load too, and times the decode loop alone, beside HF on the same weights and threads.",
             "",
         ]
         if len(plots) > 2:
