@@ -30,7 +30,7 @@ from engine.engine import Engine
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
-from server.accept import aio_server, set_policy
+from server.accept import aio_server, calls_in_progress, set_policy
 from server.admission import grpc_server_options
 from server.allocator import tune_allocator
 from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
@@ -40,7 +40,7 @@ from server.metrics import Metrics
 from server.model_watch import FileStamp, ModelWatcher, stamp_folder
 from server.pipeline import Pipeline
 from server.reflection import enable_reflection
-from server.service import GeneratorService, register
+from server.service import GENERATE_PATH, GeneratorService, register
 from server.stages import Stage
 from server.supervisor import Supervisor
 from server.wakeups import unblock_completion_writes
@@ -211,6 +211,9 @@ class GenServer:
         register(self.service, self.grpc)
         if not interceptors:  # with tokens, a caller hears UNAUTHENTICATED before anything about load
             set_policy(self.grpc, self.service)
+        # A batch that holds every Generate call in progress closes at once; one still being read or
+        # admitted is waited for (server/stages/batcher.py, Batcher._alone)
+        self.pipeline.calls_in_progress = calls_in_progress(self.grpc, GENERATE_PATH)
         self._busy_probe = LoopBusyProbe(self.metrics.loop_busy.set)  # genserve_loop_busy_ratio
         self._busy_probe.start()
         undo.callback(self._busy_probe.stop)

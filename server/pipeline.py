@@ -66,9 +66,13 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retiring: dict[ServedModel, tuple[set[Job], asyncio.Event]] = {}  # drain_version's waits
+        # Plain calls accepted and not yet admitted (server/accept.py's count, set by the app): with the
+        # jobs in flight, what a batcher may still wait for before its window ends (Batcher._alone).
+        self.calls_in_progress: Callable[[], int] = lambda: 0
         topology = self.topology = Topology(
-            config, registry, engine, observe_batch=self._observe_batch, in_flight=lambda: len(self.inflight)
-        )
+            config, registry, engine, observe_batch=self._observe_batch,
+            in_flight=lambda: max(len(self.inflight), self.calls_in_progress()),
+        )  # fmt: skip
         self.ingress = topology.ingress
         self.work = topology.work
         self.results = topology.results

@@ -204,6 +204,25 @@ async def test_each_arrival_hears_how_many_calls_of_its_method_are_in_progress_l
     assert lanes[SLOW].active == 0 and lanes[ECHO].active == 0  # every place given back once, not twice
 
 
+async def test_calls_in_progress_reads_that_count_for_the_batcher(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
+    """The pipeline's batchers wait for calls accepted and not yet admitted: they read the same count
+    (``calls_in_progress``), live, and 0 from a server that does not accept ahead."""
+    server, channel, calls = ahead
+    count = accept.calls_in_progress(server, SLOW)
+    assert count() == 0  # no call of the method yet: no lane either
+    slow = channel.unary_unary(SLOW.decode())
+    calls.expect_held = 3
+    held = [asyncio.ensure_future(slow(b"%d" % i)) for i in range(3)]
+    await calls.all_held.wait()
+    assert count() == 3
+    calls.release.set()
+    await asyncio.gather(*held)
+    await asyncio.gather(*server._server.rpc_tasks)
+    assert count() == 0
+    stock = aio_server(options=[], accept_ahead=1)  # grpc.aio's own server
+    assert accept.calls_in_progress(stock, SLOW)() == 0
+
+
 async def test_a_call_whose_task_never_ran_leaves_the_queue_and_gives_its_place_back() -> None:
     """A task cancelled before its first step (the loop closing) must not stay at the head of the
     queue, where every later arrival would see it waiting longer and longer."""

@@ -220,6 +220,19 @@ async def test_bad_requests_get_a_precise_status(
     await wait_until(lambda: not server.pipeline.inflight)
 
 
+async def test_the_batchers_see_a_generate_call_from_its_acceptance(stub: pb_grpc.GeneratorStub, server: GenServer) -> None:
+    """Batches close early once every Generate call in progress is in them; calls accepted and not yet
+    admitted count too (the accept path's count), or a closed loop's next call would miss the batch."""
+    seen: list[int] = []
+    server.pipeline.on_admit = lambda job: seen.append(server.pipeline.calls_in_progress())
+    try:
+        assert (await collect(stub, image(n=1)))[-1].finish.code == 0
+    finally:
+        server.pipeline.on_admit = None
+    assert seen == [1]  # the call being admitted, already counted since it was accepted
+    await wait_until(lambda: server.pipeline.calls_in_progress() == 0)
+
+
 @pytest.mark.parametrize(
     ("params", "words"),
     [

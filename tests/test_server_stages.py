@@ -389,14 +389,21 @@ async def test_a_batch_with_nobody_else_to_wait_for_closes_at_once(digits: Serve
         (first, second) = await take_n(out, 2)  # well before the 10 s window
         assert engine.sizes == [[2, 1]] and first.job is second.job is alone
 
-        unfinished[0] = 2  # another request is on its way: the batch waits for it as before
+        unfinished[0] = 2  # another request is on its way: the batch waits for it ...
         a, b = image_job(digits, sink, "a", 1), image_job(digits, sink, "b", 1)
         await inbox.put(pieces(a)[0])
         await settle()
         assert len(engine.sizes) == 1
-        await inbox.put(pieces(b)[0])
+        await inbox.put(pieces(b)[0])  # ... and closes as it joins: nothing else can come (a closed loop's round)
+        done = await take_n(out, 2)
+        assert engine.sizes[1] == [1, 1] and {d.job for d in done} == {a, b}
+
+        unfinished[0] = 3  # a third is on its way (accepted, not yet admitted: Pipeline.calls_in_progress)
+        c, d = image_job(digits, sink, "c", 1), image_job(digits, sink, "d", 1)
+        await inbox.put(pieces(c)[0])
+        await inbox.put(pieces(d)[0])
         await settle()
-        assert len(engine.sizes) == 1  # a batch of 2 out of 8: still within its window
+        assert len(engine.sizes) == 2  # a batch of 2 out of 8: still within its window
 
 
 async def test_the_batch_timeout_counts_from_its_first_piece(digits: ServedModel) -> None:

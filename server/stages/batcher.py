@@ -153,13 +153,14 @@ class Batcher(Stage):
         size = await self._fill_until(start + self.batch_timeout, self.batch_size, size)
         images = self.pending[0].job.served.images
         tile = images.tile if images is not None else 0
-        if size < min(tile, self.batch_size) and not self.carry and stretched > loop.time():
+        if size < min(tile, self.batch_size) and not self.carry and stretched > loop.time() and not self._alone():
             await self._fill_until(stretched, min(tile, self.batch_size), size)
 
     def _alone(self) -> bool:
         """Every unfinished request of the server is in this batch or in one that runs: no other can
         join it but one not yet sent, so waiting out the window is only latency (2 ms of a one-image
-        call's ~4 at one call in flight)."""
+        call's ~4 at one call in flight). Asked as a batch opens and as each piece joins it: cheap
+        while requests are elsewhere (two lengths and a sum), the set only when they may all be here."""
         if self.in_flight is None:
             return False
         unfinished = self.in_flight()
@@ -180,6 +181,12 @@ class Batcher(Stage):
                 while size < goal and not self.carry:
                     more = self.inbox.take_nowait(goal - size) or await self.inbox.take(goal - size)
                     size = self._add(more, size)
+                    if self._alone():
+                        # The last of the server's unfinished requests has joined: no other can come but one
+                        # not sent yet, so the rest of the window would only be latency. A closed loop of k
+                        # clients otherwise waited out the whole window every round: h2load, one-image VAE
+                        # calls, 2 / 4 / 16 in flight: 740 / 894 / 2,141 calls/s at p50 2.4 / 4.4 / 7.2 ms.
+                        break
         except TimeoutError:
             pass
         return size
