@@ -1,8 +1,9 @@
 """Every plain call of a benchmark point accounted for by its gRPC status, from the servers' metrics.
 
 h2load cannot see grpc-status (a trailer), so the benchmark reads what each side counted: the
-server's ``genserve_requests_total`` (admitted calls, by outcome) and ``genserve_rejections_total``
-(refused before admission), the echo's ``genserve_requests_total``; the difference between two
+server's ``genserve_requests_total`` (admitted calls, by outcome), ``genserve_rejections_total``
+(refused before admission) and ``genserve_front_refusals_total`` (refused by its nginx front, with
+``--front-limit``), the echo's ``genserve_requests_total``; the difference between two
 scrapes, around a point, is what that point's calls came to.
 
 A call that got its answer (h2load's "done") and that no counter saw as OK, RESOURCE_EXHAUSTED or
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (metric, sorted labels) -> value
-STATUS_COUNTERS = ("genserve_requests_total", "genserve_rejections_total")
+STATUS_COUNTERS = ("genserve_requests_total", "genserve_rejections_total", "genserve_front_refusals_total")  # the last: --front-limit
 
 
 def parse(text: str) -> Sample:
@@ -46,6 +47,11 @@ def statuses(sample: Sample, rpc: str = "Generate") -> Counter[str]:
         if name in STATUS_COUNTERS and d.get("rpc") == rpc:
             out[d["code"]] += int(value)
     return out
+
+
+def front_refusals(sample: Sample) -> int:
+    """Calls the server's nginx front refused itself (``--front-limit``): no event loop of the server saw them."""
+    return int(sum(v for (name, _), v in sample.items() if name == "genserve_front_refusals_total"))
 
 
 def settled(port: int, timeout_s: float = 5.0, pause_s: float = 0.2) -> Sample:

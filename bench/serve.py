@@ -64,7 +64,7 @@ from typing import IO, Any
 import grpc
 import numpy as np
 
-from bench.accounting import settled, tally
+from bench.accounting import front_refusals, scrape, settled, tally
 from bench.figures import Calls, closed_figures, h2load_closed_figures, h2load_open_figures, text_figures
 from bench.h2load import H2Load
 from bench.loadgen import DROPPED, MB, UNFINISHED, Clients, Job, die_with_parent
@@ -207,9 +207,11 @@ def overload(bench: Bench, h2: H2Load, side: Server, rate: float, dur_s: float) 
         rss.append((time.monotonic(), tree_rss_bytes(side.pid)))
 
     loop_cpu = loops_cpu_s(side.pid)
+    front_before = front_refusals(scrape(side.metrics_port))
     figures, job = plain_open(bench, h2, side, rate, dur_s, tick=sample_rss)
     loop_cpu = loops_cpu_s(side.pid) - loop_cpu
-    answered = sum(figures["accounting"]["by_status"].values())  # every call the side itself answered, warm-up included as the CPU is
+    # every call the side's own processes answered, warm-up included as the CPU is (not those its nginx front refused)
+    answered = sum(figures["accounting"]["by_status"].values()) - (front_refusals(scrape(side.metrics_port)) - front_before)
     during = [b for t, b in rss if job.window_start <= t <= job.window_end + 1.0] or [rss_before]
     return (
         {"side": side.name, "duration_s": dur_s}

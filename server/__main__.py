@@ -27,6 +27,8 @@ from engine.logs import configure_logging, get_logger  # noqa: E402  (after the 
 from server.config import ServerConfig, parse_args  # noqa: E402
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from server.app import GenServer
 
 log = get_logger("server")
@@ -68,11 +70,40 @@ async def _main(config: ServerConfig, setup: Callable[[GenServer], None] | None 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)  # --help and bad flags exit here, before anything heavy is imported
     configure_logging(config.log_format, config.log_level)  # type: ignore[arg-type]
+    if config.front_limit:
+        return serve_behind_front(config)
+    return serve(config)
+
+
+def serve(config: ServerConfig, collectors: Sequence[Collector] = ()) -> int:
+    """One server, or a group of workers; ``collectors`` join the /metrics they serve."""
     if config.workers != 1:
         from server.workers import serve_workers  # the parent of a group: no torch, no gRPC object
 
-        return serve_workers(config)
-    return run_loop(_main(config))
+        return serve_workers(config, collectors)
+
+    def setup(server: GenServer) -> None:
+        for collector in collectors:
+            server.metrics.registry.register(collector)
+
+    return run_loop(_main(config, setup if collectors else None))
+
+
+def serve_behind_front(config: ServerConfig) -> int:
+    """--front-limit: nginx on the port (server/front.py), the server behind it on 127.0.0.1."""
+    from server.front import Front, FrontError
+
+    try:
+        front = Front(config)
+        front.start()
+    except FrontError as e:
+        log.error("start_failed", error=str(e))
+        return 1
+    try:
+        code = serve(front.server_config(), [front.refusals])
+    finally:
+        front.stop()
+    return code or (1 if front.died else 0)
 
 
 def run_loop(main: Coroutine[Any, Any, int]) -> int:

@@ -163,11 +163,11 @@ class GenServer:
         self.port = self._listen(credentials)
         if c.metrics_port:
             try:
-                self._stop_metrics = self.metrics.serve(c.host, c.metrics_port)
+                self._stop_metrics = self.metrics.serve(c.metrics_bind_host, c.metrics_port)
             except OSError as e:
                 raise OSError(
-                    f"cannot serve metrics on {c.host}:{c.metrics_port}: {e.strerror or e}; each server on a machine needs its "
-                    "own metrics port: give another with --metrics-port N, or --metrics-port 0 to turn metrics off"
+                    f"cannot serve metrics on {c.metrics_bind_host}:{c.metrics_port}: {e.strerror or e}; each server on a machine "
+                    "needs its own metrics port: give another with --metrics-port N, or --metrics-port 0 to turn metrics off"
                 ) from None
             undo.callback(self._stop_metrics)
 
@@ -239,7 +239,7 @@ class GenServer:
             address=self.address,
             models=[f"{m.name}@{m.version}" for m in self.registry.list_models()],
             refused=[str(f.path) for f in self.registry.failures],
-            metrics=f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
+            metrics=f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
             batch_size=c.batch_size,
             batch_timeout_ms=c.batch_timeout_ms,
             processors=c.processors,

@@ -61,6 +61,14 @@ class ServerConfig:
     max_streams_per_connection: int = field(
         default=0, metadata={"help": "HTTP/2 streams (calls) one connection may have open; clients wait for one beyond it (0: no limit)"}
     )
+    front_limit: int = field(
+        default=0,
+        metadata={
+            "help": "put an nginx front on --port that lets at most this many Generate calls in progress through and refuses the "
+            "rest itself (RESOURCE_EXHAUSTED, refused in C: goodput holds under a flood; 0: no front)"
+        },
+    )
+    front_nginx: str = field(default="nginx", metadata={"help": "the nginx program of --front-limit (a name on PATH or a path)"})
     queue_size: int = field(default=1024, metadata={"help": "capacity of each link between stages"})
     stream_credits: int = field(default=512, metadata={"help": "requests one GenerateStream may have in flight (its credit)"})
     stream_interval: int = field(
@@ -79,6 +87,7 @@ class ServerConfig:
         default="info", metadata={"help": "debug, info, warning or error", "choices": ("debug", "info", "warning", "error")}
     )
     metrics_port: int = field(default=9464, metadata={"help": "Prometheus /metrics port (0: off)"})
+    metrics_host: str = field(default="", metadata={"help": "address of /metrics (empty: --host)"})
     max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message accepted or sent, in MiB"})
     # Security (server/auth.py). Paths only: no secret is ever a field, so none shows in --help or in a log.
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve TLS (with --tls-key; empty: plaintext)"})
@@ -120,7 +129,7 @@ class ServerConfig:
         for name in positive_times:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        never_negative = ["port", "metrics_port", "threads", "inline_batch_ms", "workers", "max_streams_per_connection"]
+        never_negative = ["port", "metrics_port", "threads", "inline_batch_ms", "workers", "max_streams_per_connection", "front_limit"]
         never_negative += ["models_poll_s", "models_settle_s"]
         for name in never_negative:
             if getattr(self, name) < 0:
@@ -130,6 +139,8 @@ class ServerConfig:
             raise ValueError(f"{given}={getattr(self, given)} needs {missing} too: TLS takes a certificate chain and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"tls_client_ca={self.tls_client_ca} needs tls_cert and tls_key: mutual TLS is TLS first")
+        if self.front_limit and self.tls_cert:
+            raise ValueError(f"front_limit={self.front_limit} with tls_cert: the front speaks plaintext HTTP/2 only (drop one of them)")
         if self.amqp_url and not self.amqp_url.startswith(("amqp://", "amqps://")):
             raise ValueError("amqp_url must start with amqp:// or amqps://")  # not echoed: it may hold a password
         if self.amqp_url and not self.amqp_queue:
@@ -153,6 +164,10 @@ class ServerConfig:
         from engine.images import ImageLimits
 
         return ImageLimits(max_batch=self.batch_size)
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.host
 
     @property
     def address(self) -> str:

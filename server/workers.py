@@ -40,7 +40,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from multiprocessing.sharedctypes import RawArray
 from typing import TYPE_CHECKING, Any
@@ -53,6 +53,8 @@ from engine.logs import get_logger
 from server.config import ServerConfig
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from server.app import GenServer
 
 log = get_logger("server.workers")
@@ -207,7 +209,7 @@ class WorkerGroup:
         selector.register(wake_r, selectors.EVENT_READ)
         httpd: http.server.HTTPServer | None = None
         if c.metrics_port:
-            httpd = _MetricsServer((c.host.strip("[]"), c.metrics_port), self.registry)
+            httpd = _MetricsServer((c.metrics_bind_host.strip("[]"), c.metrics_port), self.registry)
             self._inherited.append(httpd.socket)
             selector.register(httpd.fileno(), selectors.EVENT_READ, data="metrics")
         threads = worker_threads(c, self.size)
@@ -216,7 +218,7 @@ class WorkerGroup:
             workers=self.size,
             address=replace(c, port=port).address,
             threads_per_worker=threads,
-            metrics=f"http://{c.host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
+            metrics=f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
         )
         for index in range(self.size):
             self._spawn(index)
@@ -393,6 +395,10 @@ def run_worker(config: ServerConfig, index: int, board: Board, parent: int) -> i
     return run_loop(_main(config, setup))
 
 
-def serve_workers(config: ServerConfig) -> int:
-    """``python -m server --workers N``: run the group until a signal; the parent's exit code."""
-    return WorkerGroup(config).run()
+def serve_workers(config: ServerConfig, collectors: Sequence[Collector] = ()) -> int:
+    """``python -m server --workers N``: run the group until a signal; the parent's exit code.
+    ``collectors`` join the group's /metrics (the front's refusals: server/front.py)."""
+    group = WorkerGroup(config)
+    for collector in collectors:
+        group.registry.register(collector)
+    return group.run()
