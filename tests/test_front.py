@@ -25,7 +25,7 @@ from bench.accounting import front_refusals, parse, statuses
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, parse_args
-from server.front import GENERATE_PATH, FrontPlan, FrontRefusals, find_nginx, nginx_conf
+from server.front import GENERATE_PATH, FrontPlan, FrontRefusals, find_nginx, free_port, nginx_conf
 from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,12 +41,6 @@ def nginx_or_skip() -> str:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{reason}; CI=true requires the front's tests")
         pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def plan(tmp_path: Path, limit: int = 7, host: str = "127.0.0.1") -> FrontPlan:
