@@ -2,7 +2,7 @@
 
 h2load cannot see grpc-status (a trailer), so the benchmark reads what each side counted: the
 server's ``genserve_requests_total`` (admitted calls, by outcome), ``genserve_rejections_total``
-(refused before admission) and ``genserve_front_refusals_total`` (refused by its nginx front, with
+(refused before admission) and ``genserve_front_refusals_total`` (refused by its HAProxy front, with
 ``--front-limit``), the echo's ``genserve_requests_total``; the difference between two
 scrapes, around a point, is what that point's calls came to.
 
@@ -50,7 +50,7 @@ def statuses(sample: Sample, rpc: str = "Generate") -> Counter[str]:
 
 
 def front_refusals(sample: Sample) -> int:
-    """Calls the server's nginx front refused itself (``--front-limit``): no event loop of the server saw them."""
+    """Calls the server's HAProxy front refused itself (``--front-limit``): no event loop of the server saw them."""
     return int(sum(v for (name, _), v in sample.items() if name == "genserve_front_refusals_total"))
 
 

@@ -6,7 +6,7 @@
     --quick               1-2 s points, 5 s of overload, open loop at 0.5 and 0.8 (a couple of minutes)
     --duration S          measured seconds per point (default 10; --quick 2)
     --overload-duration S seconds of the 2x overload (default 30; --quick 5)
-    --server-args "..."   more flags for python -m server (e.g. "--front-limit 64": the nginx front, server/front.py)
+    --server-args "..."   more flags for python -m server (e.g. "--front-limit 64": the HAProxy front, server/front.py)
     --json FILE           every figure, and the per-status accounting, as JSON
 
 Two servers run as subprocesses on free 127.0.0.1 ports: the server under test (``python -m
@@ -210,7 +210,7 @@ def overload(bench: Bench, h2: H2Load, side: Server, rate: float, dur_s: float) 
     front_before = front_refusals(scrape(side.metrics_port))
     figures, job = plain_open(bench, h2, side, rate, dur_s, tick=sample_rss)
     loop_cpu = loops_cpu_s(side.pid) - loop_cpu
-    # every call the side's own processes answered, warm-up included as the CPU is (not those its nginx front refused)
+    # every call the side's own processes answered, warm-up included as the CPU is (not those its HAProxy front refused)
     answered = sum(figures["accounting"]["by_status"].values()) - (front_refusals(scrape(side.metrics_port)) - front_before)
     during = [b for t, b in rss if job.window_start <= t <= job.window_end + 1.0] or [rss_before]
     return (

@@ -90,7 +90,7 @@ def serve(config: ServerConfig, collectors: Sequence[Collector] = ()) -> int:
 
 
 def serve_behind_front(config: ServerConfig) -> int:
-    """--front-limit: nginx on the port (server/front.py), the server behind it on 127.0.0.1."""
+    """--front-limit: HAProxy on the port (server/front.py), the server behind it on 127.0.0.1."""
     from server.front import Front, FrontError
 
     try:
@@ -100,7 +100,7 @@ def serve_behind_front(config: ServerConfig) -> int:
         log.error("start_failed", error=str(e))
         return 1
     try:
-        code = serve(front.server_config(), [front.refusals])
+        code = serve(front.server_config(), [front.stats])
     finally:
         front.stop()
     return code or (1 if front.died else 0)

@@ -64,11 +64,19 @@ class ServerConfig:
     front_limit: int = field(
         default=0,
         metadata={
-            "help": "put an nginx front on --port that lets at most this many Generate calls in progress through and refuses the "
-            "rest itself (RESOURCE_EXHAUSTED, refused in C: goodput holds under a flood; 0: no front)"
+            "help": "put a HAProxy front on --port that lets at most this many Generate calls in progress into the server, "
+            "queues a few more and refuses the rest itself (RESOURCE_EXHAUSTED, refused in C: goodput holds under a flood; "
+            "0: no front)"
         },
     )
-    front_nginx: str = field(default="nginx", metadata={"help": "the nginx program of --front-limit (a name on PATH or a path)"})
+    front_queue: int = field(
+        default=-1,
+        metadata={
+            "help": "Generate calls that may wait in the front for a slot (they go in together as calls end, and batch); "
+            "a call that finds this many waiting is refused (-1: half of --front-limit; 0: no queue)"
+        },
+    )
+    front_haproxy: str = field(default="haproxy", metadata={"help": "the haproxy program of --front-limit (a name on PATH or a path)"})
     queue_size: int = field(default=1024, metadata={"help": "capacity of each link between stages"})
     stream_credits: int = field(default=512, metadata={"help": "requests one GenerateStream may have in flight (its credit)"})
     stream_interval: int = field(
@@ -139,6 +147,8 @@ class ServerConfig:
             raise ValueError(f"{given}={getattr(self, given)} needs {missing} too: TLS takes a certificate chain and its key")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"tls_client_ca={self.tls_client_ca} needs tls_cert and tls_key: mutual TLS is TLS first")
+        if self.front_queue < -1:
+            raise ValueError(f"front_queue must be >= 0 (or -1: half of front_limit), got {self.front_queue}")
         if self.front_limit and self.tls_cert:
             raise ValueError(f"front_limit={self.front_limit} with tls_cert: the front speaks plaintext HTTP/2 only (drop one of them)")
         if self.amqp_url and not self.amqp_url.startswith(("amqp://", "amqps://")):
@@ -164,6 +174,11 @@ class ServerConfig:
         from engine.images import ImageLimits
 
         return ImageLimits(max_batch=self.batch_size)
+
+    @property
+    def front_queue_calls(self) -> int:
+        """--front-queue, with -1 resolved: half the limit (measured best on 2 cores: docs/benchmarks.md)."""
+        return self.front_limit // 2 if self.front_queue < 0 else self.front_queue
 
     @property
     def metrics_bind_host(self) -> str:

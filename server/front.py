@@ -1,27 +1,32 @@
-"""An nginx front on the server's port that refuses, in C, the plain calls past a limit (``--front-limit``).
+"""A HAProxy front on the server's port that holds plain calls past a limit in a short queue and
+refuses the rest in C (``--front-limit N``, ``--front-queue Q``).
 
-Why: under a flood, what one Python process serves is bounded by what its refusals cost, not by
-the policy. A refusal in grpc.aio costs ~45-90 us of the event loop (~90% of it grpc.aio's own
-per-call work: py-spy, docs/benchmarks.md), a served call ~130-190 us at the closed loop's best,
+Why a front: under a flood, what one Python process serves is bounded by what its refusals cost,
+not by the policy. A refusal in grpc.aio costs ~45-90 us of the event loop (~90% of it grpc.aio's
+own per-call work: py-spy, docs/benchmarks.md), a served call ~130-190 us at the closed loop's best,
 so at twice the maximum the loop spends nearly all its time refusing. With r = (a refusal's loop
 time) / (a served call's), goodput at 2x is at most (1 - 2r) / (1 - r) of the maximum: ~0.04-0.18
 measured here, and >= 0.8 needs r <= 1/6. grpc core itself cannot refuse with a status of ours (its
 backlog drops calls as CANCELLED), and grpcio's wheel exports none of grpc core's symbols (only
 ``PyInit_cygrpc``; stripped), so no extension of ours can refuse in C inside the process.
 
-nginx can (its ``grpc_pass`` proxies HTTP/2 gRPC; the DESIGN's "servers behind a gRPC-aware load
-balancer"): ``limit_conn`` counts the Generate calls in progress through the front (each HTTP/2
-stream counts), and a call past ``limit`` gets a trailers-only ``RESOURCE_EXHAUSTED`` with
-``grpc-retry-pushback-ms`` (the hint the SDK's retry policy honours) without reaching Python.
-Everything else (GenerateStream, whose credits already bound it, health, reflection) passes with
-no limit. The server behind keeps its own admission (delay, count): the front's limit is a cheap
-outer bound. Measured (h2load, one-image VAE calls, 2-core VM, one run each): a closed loop of 64
-calls through the front 6,454-6,840 calls/s against 8,412-8,678 direct; 2x of the front's maximum
-(13,000/s, 10 s, limit 128) served 5,296/s OK (0.80 of its maximum), 66,849 refused by the front,
-10,068 by the server, none ended otherwise; the server alone at 2x its maximum (17,000/s) 2,750/s.
+Why HAProxy (it replaced an nginx front; h2load, one-image VAE calls, 2-core VM, same minutes):
+- It multiplexes the calls it lets through onto one HTTP/2 connection to the server, as a gRPC
+  client does. nginx's ``grpc_pass`` opens a connection per call in flight, and 64 connections of
+  one call cost the server ~20% against one connection of 64 (4,866-5,024 against 5,974-6,200
+  calls/s). A closed loop of 64 through HAProxy ran at 1.08-1.14x direct; through nginx ~0.78x.
+- It queues: ``maxconn`` on the server line keeps N calls in the server and holds the next ones in
+  a FIFO; a call that finds Q already waiting is refused at once. When k calls end, k queued ones
+  go in together, as a closed loop's do, so the server batches them. Refusing the moment N are in
+  the server (nginx's ``limit_conn``) lets calls in one at a time as slots free, in the flood's
+  rhythm: at 12,500 calls/s offered, 64 in the server, the server served 3,000-3,300 OK/s behind
+  nginx, 3,500-3,760 behind HAProxy without a queue, 4,972-5,977 with a queue of 16-64, and 5,865
+  with N = 48 and Q = 32 (admitted calls p99 18 ms in HAProxy's log).
 
-The front counts its refusals in a log of one fixed 2-byte line each (nginx's open-source build has
-no counters by status); ``FrontRefusals`` turns its size into ``genserve_front_refusals_total``.
+Only Generate is limited; GenerateStream (its credits already bound it), health and reflection go
+through a second backend with no limit. The server behind keeps its own admission (delay, count).
+Refusals are read from HAProxy's stats socket (the frontend's ``intercepted`` requests: only the
+refusal is answered by HAProxy itself) into ``genserve_front_refusals_total``.
 """
 
 from __future__ import annotations
@@ -36,11 +41,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from engine.logs import get_logger
 from server.config import ServerConfig
@@ -48,34 +52,37 @@ from server.config import ServerConfig
 log = get_logger("server.front")
 
 GENERATE_PATH = "/genserve.v1.Generator/Generate"
-REFUSAL_LINE = b"R\n"  # what the front's refusal log gets per refusal: its size / 2 is the count
-ROTATE_BYTES = 64 << 20  # the refusal log is rotated past this (32M refusals), nothing lost
-INSTALL_HINT = "install nginx (Debian/Ubuntu: apt-get install nginx; macOS: brew install nginx) or name it with --front-nginx"
+INSTALL_HINT = "install haproxy (Debian/Ubuntu: apt-get install haproxy; macOS: brew install haproxy) or name it with --front-haproxy"
 START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+CONNECTIONS_PER_WORKER = 4  # with --workers N: the kernel spreads connections over the workers (SO_REUSEPORT), not calls
 
 
 class FrontError(RuntimeError):
-    """The front cannot start: the message names what (the nginx binary, the port, its error log)."""
+    """The front cannot start: the message names what (the haproxy binary, the port, its error)."""
 
 
 @dataclass(frozen=True)
 class FrontPlan:
-    """Where the front listens, where the server behind it listens, and what the front refuses."""
+    """Where the front listens, where the server behind it listens, and what the front holds and refuses."""
 
     listen_host: str
     listen_port: int
     upstream_port: int  # the server's gRPC port on 127.0.0.1
-    limit: int  # Generate calls in progress let through; past it RESOURCE_EXHAUSTED from the front
+    limit: int  # Generate calls in progress in the server
+    queue: int  # Generate calls waiting in the front for one of them; a call that finds this many is refused
     retry_after_ms: int
     workdir: Path
+    queue_timeout_s: float = 30.0  # a queued call the server has not taken by then gets UNAVAILABLE (a stuck server)
+    upstreams: int = 1  # server lines in the Generate backend (connections to spread over --workers)
 
     @property
-    def refusal_log(self) -> Path:
-        return self.workdir / "refusals.log"
+    def stats_socket(self) -> Path:
+        return self.workdir / "stats.sock"
 
     @property
-    def error_log(self) -> Path:
-        return self.workdir / "error.log"
+    def config_file(self) -> Path:
+        return self.workdir / "haproxy.cfg"
 
 
 def _listen_address(host: str, port: int) -> str:
@@ -83,81 +90,83 @@ def _listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def nginx_conf(plan: FrontPlan) -> str:
-    """The front's whole nginx configuration.
+def _bind_address(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"ipv6@{host}:{port}" if ":" in host else f"{host}:{port}"
 
-    Timeouts are a day where nginx's defaults (60 s) would cut a long text stream or a quiet
-    GenerateStream; the body size is unlimited because the server enforces its own message limit.
+
+def haproxy_cfg(plan: FrontPlan) -> str:
+    """The front's whole HAProxy configuration.
+
+    Timeouts are a day where a text stream or a quiet GenerateStream may last long; HAProxy streams
+    bodies (no size limit of its own), so the server's message limit applies. Errors HAProxy makes
+    itself (the server gone: 502/503/504) become UNAVAILABLE, which the SDK retries.
     """
-    w = plan.workdir
-    message = f"the front is at its limit of {plan.limit} Generate calls in progress; retry after {plan.retry_after_ms} ms"
-    temp = "\n".join(f"  {name}_temp_path {w / name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    message = (
+        f"the front is at its limit of {plan.limit} Generate calls in progress and {plan.queue} waiting; "
+        f"retry after {plan.retry_after_ms} ms"
+    )
+    refuse = (
+        f'http-request return status 200 hdr grpc-status 8 hdr grpc-message "{message}" '
+        f"hdr grpc-retry-pushback-ms {plan.retry_after_ms} "
+        f"if generate {{ queue(generate) ge {plan.queue} }} {{ be_conn(generate) ge {plan.limit} }}"
+    )
+    unavailable = "the server behind the front did not answer; retry"
+    errors = "\n".join(f'  http-error status {code} hdr grpc-status 14 hdr grpc-message "{unavailable}"' for code in (502, 503, 504))
+    per_line = -(-plan.limit // plan.upstreams)  # ceil: the lines' slots add up to at least the limit
+    generate_servers = "\n".join(
+        f"  server genserve{i} 127.0.0.1:{plan.upstream_port} proto h2 maxconn {per_line}" for i in range(plan.upstreams)
+    )
+    other_servers = "\n".join(f"  server genserve{i} 127.0.0.1:{plan.upstream_port} proto h2" for i in range(plan.upstreams))
     return f"""# written by genserve (server/front.py); regenerated at every start
-worker_processes 1;
-daemon off;
-pid {w / "nginx.pid"};
-error_log {plan.error_log} warn;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-  server_tokens off;
-  log_format genserve_refusal "R";
-{temp}
-  limit_conn_zone $server_port zone=genserve_generate:1m;
-  upstream genserve {{
-    server 127.0.0.1:{plan.upstream_port};
-    keepalive {max(64, 2 * plan.limit)};
-    keepalive_requests 1000000000;
-    keepalive_timeout 1h;
-  }}
-  server {{
-    listen {_listen_address(plan.listen_host, plan.listen_port)} http2;
-    http2_max_concurrent_streams 1024;
-    keepalive_requests 1000000000;
-    keepalive_timeout 1h;
-    client_max_body_size 0;
-    client_body_timeout 1d;
-    grpc_read_timeout 1d;
-    grpc_send_timeout 1d;
-    error_page 502 503 504 = @unavailable;
-    location = {GENERATE_PATH} {{
-      limit_conn genserve_generate {plan.limit};
-      limit_conn_status 429;
-      error_page 429 = @refused;
-      grpc_pass grpc://genserve;
-    }}
-    location / {{
-      grpc_pass grpc://genserve;
-    }}
-    location @refused {{
-      access_log {plan.refusal_log} genserve_refusal;
-      default_type application/grpc;
-      add_header grpc-status 8 always;
-      add_header grpc-message "{message}" always;
-      add_header grpc-retry-pushback-ms {plan.retry_after_ms} always;
-      return 200 "";
-    }}
-    location @unavailable {{
-      default_type application/grpc;
-      add_header grpc-status 14 always;
-      add_header grpc-message "the server behind the front did not answer; retry" always;
-      return 200 "";
-    }}
-  }}
-}}
+global
+  nbthread 1
+  hard-stop-after {STOP_TIMEOUT_S:g}s
+  stats socket {plan.stats_socket} mode 600 level user
+  # calls in flight on one client connection (HAProxy's default is 100; gRPC clients multiplex more)
+  tune.h2.max-concurrent-streams 1024
+
+defaults
+  mode http
+  timeout connect 1s
+  retries 1
+  timeout client 1d
+  timeout server 1d
+  timeout queue {plan.queue_timeout_s:g}s
+{errors}
+
+frontend genserve
+  bind {_bind_address(plan.listen_host, plan.listen_port)} proto h2
+  acl generate path {GENERATE_PATH}
+  # Refused here, in C, at arrival: every slot in the server taken and {plan.queue} calls already waiting.
+  {refuse}
+  use_backend generate if generate
+  default_backend other
+
+# {plan.limit} Generate calls in the server, the next ones wait here (FIFO) and go in as calls end
+backend generate
+  http-reuse always
+  balance leastconn
+{generate_servers}
+
+# GenerateStream, health, reflection, ListModels: no limit here (the server's own admission applies)
+backend other
+  http-reuse always
+  balance leastconn
+{other_servers}
 """
 
 
-def find_nginx(name: str) -> str:
-    """The nginx binary: ``name`` as a path or on PATH (and /usr/sbin, where Debian puts it)."""
+def find_haproxy(name: str) -> str:
+    """The haproxy binary: ``name`` as a path or on PATH (and /usr/sbin, where Debian puts it)."""
     found = shutil.which(name) or shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]))
     if found is None:
-        raise FrontError(f"front_nginx={name}: no such program; {INSTALL_HINT}")
+        raise FrontError(f"front_haproxy={name}: no such program; {INSTALL_HINT}")
     return found
 
 
 def _die_with_parent() -> None:
-    """In the forked child, before nginx runs: SIGTERM (nginx's fast shutdown) when the server dies."""
+    """In the forked child, before haproxy runs: SIGTERM (its hard stop) when the server dies."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -171,50 +180,65 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class FrontRefusals:
-    """``genserve_front_refusals_total``: the refusal log's size, rotated past ``ROTATE_BYTES``
-    (renamed, nginx told to reopen: SIGUSR1; the old file is counted until the next rotation)."""
+def read_stats(path: Path, timeout_s: float = 2.0) -> list[dict[str, str]]:
+    """HAProxy's ``show stat`` over its stats socket: one dict per proxy and server line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        s.connect(str(path))
+        s.sendall(b"show stat\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise OSError(f"{path}: not HAProxy's stats ({lines[:1]})")
+    header = lines[0][2:].split(",")
+    return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
 
-    def __init__(self, plan: FrontPlan, master_pid: Callable[[], int | None]) -> None:
+
+class FrontStats:
+    """The front's figures in the server's /metrics, read from HAProxy's stats socket at each scrape:
+    ``genserve_front_refusals_total`` (its frontend's intercepted requests: HAProxy answers nothing
+    else itself) and ``genserve_front_queued_calls``. A scrape while HAProxy is gone keeps the last figures."""
+
+    def __init__(self, plan: FrontPlan) -> None:
         self.plan = plan
-        self.master_pid = master_pid
-        self.rotated_bytes = 0  # of files already counted and removed
         self.lock = threading.Lock()
+        self.refused = 0
+        self.queued = 0
 
-    def _size(self, path: Path) -> int:
-        try:
-            return path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def count(self) -> int:
+    def read(self) -> tuple[int, int]:
         with self.lock:
-            log_path = self.plan.refusal_log
-            old = log_path.with_suffix(".log.1")
-            current = self._size(log_path)
-            if current > ROTATE_BYTES and (pid := self.master_pid()) is not None:
-                self.rotated_bytes += self._size(old)  # written to long ago: nginx reopened after the last rotation
-                with contextlib.suppress(FileNotFoundError):
-                    old.unlink()
-                os.rename(log_path, old)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGUSR1)
-            return (self.rotated_bytes + self._size(old) + self._size(log_path)) // len(REFUSAL_LINE)
+            try:
+                rows = read_stats(self.plan.stats_socket)
+            except OSError:
+                return self.refused, self.queued
+            for row in rows:
+                if row.get("pxname") == "genserve" and row.get("svname") == "FRONTEND":
+                    self.refused = max(self.refused, int(row.get("intercepted") or 0))
+                if row.get("pxname") == "generate" and row.get("svname") == "BACKEND":
+                    self.queued = int(row.get("qcur") or 0)
+            return self.refused, self.queued
 
     def collect(self) -> list[Metric]:
-        family = CounterMetricFamily(
-            "genserve_front_refusals_total", "Plain calls the nginx front refused past --front-limit", labels=["rpc", "code"]
+        refused, queued = self.read()
+        refusals = CounterMetricFamily(
+            "genserve_front_refusals_total",
+            "Plain calls the HAProxy front refused past --front-limit and --front-queue",
+            labels=["rpc", "code"],
         )
-        family.add_metric(["Generate", "RESOURCE_EXHAUSTED"], self.count())
-        return [family]
+        refusals.add_metric(["Generate", "RESOURCE_EXHAUSTED"], refused)
+        waiting = GaugeMetricFamily("genserve_front_queued_calls", "Generate calls waiting in the front for a slot in the server")
+        waiting.add_metric([], queued)
+        return [refusals, waiting]
 
 
 class Front:
-    """The nginx process in front of the server: started before it, stopped after it, watched in between."""
+    """The haproxy process in front of the server: started before it, stopped after it, watched in between."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.nginx = find_nginx(config.front_nginx)
+        self.haproxy = find_haproxy(config.front_haproxy)
         self.workdir = Path(tempfile.mkdtemp(prefix="genserve-front-"))
         listen_port = config.port or free_port(config.host.strip("[]") if ":" not in config.host else "127.0.0.1")
         self.plan = FrontPlan(
@@ -222,13 +246,16 @@ class Front:
             listen_port=listen_port,
             upstream_port=free_port(),
             limit=config.front_limit,
+            queue=config.front_queue_calls,
             retry_after_ms=max(1, round(config.admission_interval_ms)),
             workdir=self.workdir,
+            queue_timeout_s=config.request_timeout_s,
+            upstreams=1 if config.workers <= 1 else CONNECTIONS_PER_WORKER * config.workers,
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.died = False
-        self.refusals = FrontRefusals(self.plan, lambda: None if self.process is None else self.process.pid)
+        self.stats = FrontStats(self.plan)
 
     def server_config(self) -> ServerConfig:
         """The server's own settings behind the front: 127.0.0.1 on the upstream port, the rest unchanged."""
@@ -236,12 +263,11 @@ class Front:
         return replace(c, host="127.0.0.1", port=self.plan.upstream_port, front_limit=0, metrics_host=c.metrics_bind_host)
 
     def _check_port(self, address: str) -> None:
-        """Refuse a taken port before nginx tries it (nginx retries a failed bind for ~2.5 s, and the
-        readiness check would take the other listener for nginx)."""
+        """Refuse a taken port by name before haproxy tries it (its own message is less plain)."""
         host = self.plan.listen_host.strip("[]")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx binds: a TIME_WAIT port is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as haproxy binds: a TIME_WAIT port is free
             try:
                 probe.bind((host, self.plan.listen_port))
             except OSError as e:
@@ -251,18 +277,13 @@ class Front:
     def start(self) -> None:
         address = _listen_address(self.plan.listen_host, self.plan.listen_port)
         self._check_port(address)
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(nginx_conf(self.plan))
-        # nginx started as root runs its worker as nobody: it must reach the temp folders (big bodies)
-        self.workdir.chmod(0o711)
-        for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.workdir / name).mkdir(exist_ok=True)
-            (self.workdir / name).chmod(0o777)
-        cmd = [self.nginx, "-p", str(self.workdir), "-e", str(self.plan.error_log), "-c", str(conf)]
+        self.plan.config_file.write_text(haproxy_cfg(self.plan))
+        # -db: in the foreground, one process (no master, no daemon): its pid is the one to watch
+        cmd = [self.haproxy, "-db", "-f", str(self.plan.config_file)]
         try:
-            # A session of its own: Ctrl-C in a terminal reaches the whole foreground group, and nginx
+            # A session of its own: Ctrl-C in a terminal reaches the whole foreground group, and haproxy
             # would stop at once while the server drains; the server stops it after draining instead.
-            # With the server killed outright, the kernel ends nginx too (Linux: PR_SET_PDEATHSIG).
+            # With the server killed outright, the kernel ends haproxy too (Linux: PR_SET_PDEATHSIG).
             self.process = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -272,28 +293,30 @@ class Front:
                 preexec_fn=_die_with_parent,
             )
         except OSError as e:
-            raise FrontError(f"front_nginx={self.nginx}: {e}") from e
+            raise FrontError(f"front_haproxy={self.haproxy}: {e}") from e
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
-                if not err and self.plan.error_log.exists():
-                    err = self.plan.error_log.read_text(errors="replace").strip()
+                alerts = [line for line in err.splitlines() if "ALERT" in line] or err.splitlines()
                 shutil.rmtree(self.workdir, ignore_errors=True)
-                raise FrontError(f"the front (nginx) on {address} exited at start: {err.splitlines()[-1] if err else 'no message'}")
-            if (self.workdir / "nginx.pid").exists() and self._listening():  # nginx writes its pid once it has bound the port
+                raise FrontError(f"the front (haproxy) on {address} exited at start: {alerts[0] if alerts else 'no message'}")
+            if self.plan.stats_socket.exists() and self._listening():  # bound, and its stats socket is up
                 break
             time.sleep(0.05)
         else:
             self.stop()
-            raise FrontError(f"the front (nginx) did not listen on {address} within {START_TIMEOUT_S:g} s; see {self.plan.error_log}")
+            raise FrontError(f"the front (haproxy) did not listen on {address} within {START_TIMEOUT_S:g} s")
+        if self.process.stderr is not None:
+            threading.Thread(target=self._relay_stderr, name="front-stderr", daemon=True).start()
         threading.Thread(target=self._watch, name="front-watch", daemon=True).start()
         log.info(
             "front_ready",
             address=address,
             server=f"127.0.0.1:{self.plan.upstream_port}",
             limit=self.plan.limit,
-            nginx=self.nginx,
+            queue=self.plan.queue,
+            haproxy=self.haproxy,
             workdir=str(self.workdir),
         )
 
@@ -306,30 +329,37 @@ class Front:
         except OSError:
             return False
 
+    def _relay_stderr(self) -> None:
+        """haproxy's own warnings and alerts into the server's log (and its pipe never fills)."""
+        assert self.process is not None and self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode(errors="replace").strip()
+            if line and "NOTICE" not in line and not self.stopping:  # its soft stop lists every proxy it stops
+                log.warning("front_says", line=line)
+
     def _watch(self) -> None:
-        """nginx gone while serving: the server drains and exits non-zero (a process manager takes over)."""
+        """haproxy gone while serving: the server drains and exits non-zero (a process manager takes over)."""
         assert self.process is not None
         code = self.process.wait()
         if self.stopping:
             return
         self.died = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # its worker, if the master alone died
-        log.error("front_exited", code=code, action="draining the server", error_log=str(self.plan.error_log))
+            os.killpg(self.process.pid, signal.SIGKILL)  # anything it left in its group
+        log.error("front_exited", code=code, action="draining the server")
         os.kill(os.getpid(), signal.SIGTERM)
 
     def stop(self) -> None:
-        """Stop nginx (SIGQUIT: it finishes what it proxies; SIGKILL after 5 s) and remove its folder."""
+        """Stop haproxy (SIGUSR1: a soft stop, it finishes what it proxies; SIGKILL after 5 s) and remove its folder."""
         self.stopping = True
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
+            self.process.send_signal(signal.SIGUSR1)
             try:
-                self.process.wait(5.0)
+                self.process.wait(STOP_TIMEOUT_S + 1.0)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         if self.process is not None:
-            # a worker outlives a master that was killed (it keeps the port): end the whole group
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
         shutil.rmtree(self.workdir, ignore_errors=True)

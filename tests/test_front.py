@@ -1,8 +1,9 @@
-"""The nginx front (``--front-limit``, server/front.py): past its limit a Generate call is refused by
-nginx with RESOURCE_EXHAUSTED and the retry hint, counted in the server's /metrics; everything else
-passes; a front that dies takes the server down non-zero; what it needs and lacks is named.
+"""The HAProxy front (``--front-limit N``, ``--front-queue Q``, server/front.py): N Generate calls in
+the server, Q more waiting in the front, and past them a call is refused by HAProxy with
+RESOURCE_EXHAUSTED and the retry hint, counted in the server's /metrics; everything else passes;
+a front that dies takes the server down non-zero; what it needs and lacks is named.
 
-Without nginx the tests that run it skip, naming scripts/front_setup.sh; with CI=true they fail.
+Without haproxy the tests that run it skip, naming scripts/front_setup.sh; with CI=true they fail.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from bench.accounting import front_refusals, parse, statuses
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, parse_args
-from server.front import GENERATE_PATH, FrontPlan, FrontRefusals, find_nginx, free_port, nginx_conf
+from server.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg
 from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,9 +35,9 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def nginx_or_skip() -> str:
+def haproxy_or_skip() -> str:
     try:
-        return find_nginx("nginx")
+        return find_haproxy("haproxy")
     except RuntimeError as e:
         reason = f"{e} (scripts/front_setup.sh)"
         if os.environ.get("CI", "").lower() == "true":
@@ -43,52 +45,98 @@ def nginx_or_skip() -> str:
         pytest.skip(reason)
 
 
-def plan(tmp_path: Path, limit: int = 7, host: str = "127.0.0.1") -> FrontPlan:
+def plan(tmp_path: Path, limit: int = 7, queue: int = 3, host: str = "127.0.0.1", upstreams: int = 1) -> FrontPlan:
     return FrontPlan(
-        listen_host=host, listen_port=free_port(), upstream_port=free_port(), limit=limit, retry_after_ms=250, workdir=tmp_path
+        listen_host=host,
+        listen_port=free_port(),
+        upstream_port=free_port(),
+        limit=limit,
+        queue=queue,
+        retry_after_ms=250,
+        workdir=tmp_path,
+        upstreams=upstreams,
     )
 
 
-def test_the_config_limits_generate_only_and_refuses_with_the_hint(tmp_path: Path) -> None:
-    conf = nginx_conf(plan(tmp_path))
-    generate = conf[conf.index(f"location = {GENERATE_PATH}") :]
-    generate = generate[: generate.index("}")]
-    assert "limit_conn genserve_generate 7;" in generate and "error_page 429 = @refused;" in generate
-    refused = conf[conf.index("location @refused") :]
-    assert "grpc-status 8 always" in refused and "grpc-retry-pushback-ms 250 always" in refused
-    assert "limit of 7 Generate calls in progress; retry after 250 ms" in refused
-    assert conf.count("limit_conn ") == 1  # GenerateStream, health and reflection pass without a limit
-    assert "listen [::]:" in nginx_conf(plan(tmp_path, host="::"))
+def section(conf: str, start: str) -> str:
+    """One section of a HAProxy config: from its first line to the next blank line."""
+    text = conf[conf.index(start) :]
+    return text[: text.index("\n\n")] if "\n\n" in text else text
 
 
-def test_nginx_accepts_the_config(tmp_path: Path) -> None:
-    nginx = nginx_or_skip()
+def test_the_config_limits_generate_only_queues_a_few_and_refuses_with_the_hint(tmp_path: Path) -> None:
+    conf = haproxy_cfg(plan(tmp_path, upstreams=1))
+    front = section(conf, "frontend genserve")
+    [refusal] = [line for line in front.splitlines() if "http-request return" in line]
+    assert "grpc-status 8" in refusal and "grpc-retry-pushback-ms 250" in refusal
+    assert "limit of 7 Generate calls in progress and 3 waiting; retry after 250 ms" in refusal
+    assert refusal.endswith("if generate { queue(generate) ge 3 } { be_conn(generate) ge 7 }")
+    assert f"acl generate path {GENERATE_PATH}" in front and "use_backend generate if generate" in front
+    assert "default_backend other" in front
+    generate = section(conf, "\nbackend generate")
+    assert generate.count("maxconn 7") == 1 and "proto h2" in generate  # 7 in the server, the next ones wait in its queue
+    assert "maxconn" not in section(conf, "\nbackend other")  # GenerateStream, health and reflection pass without a limit
+    # with --workers: several lines (connections for the kernel to spread), their slots adding up to the limit
+    spread = section(haproxy_cfg(plan(tmp_path, limit=10, upstreams=4)), "\nbackend generate")
+    assert spread.count(" maxconn 3") == 4
+    assert "bind ipv6@:::" in haproxy_cfg(plan(tmp_path, host="::"))
+
+
+def test_haproxy_accepts_the_config(tmp_path: Path) -> None:
+    haproxy = haproxy_or_skip()
     p = plan(tmp_path)
-    (tmp_path / "nginx.conf").write_text(nginx_conf(p))
-    for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp_path / name).mkdir()
-    result = subprocess.run(
-        [nginx, "-t", "-p", str(tmp_path), "-e", str(p.error_log), "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True
-    )
+    p.config_file.write_text(haproxy_cfg(p))
+    result = subprocess.run([haproxy, "-c", "-f", str(p.config_file)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr, result.stderr
 
 
-def test_refusals_are_counted_from_the_log_across_a_rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class FakeStatsSocket:
+    """A unix socket answering ``show stat`` as HAProxy does, with the frontend's figures given."""
+
+    def __init__(self, path: Path, intercepted: int, queued: int) -> None:
+        self.path = path
+        self.intercepted, self.queued = intercepted, queued
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                assert conn.recv(100) == b"show stat\n"
+                conn.sendall(
+                    b"# pxname,svname,qcur,scur,intercepted,\n"
+                    + f"genserve,FRONTEND,,0,{self.intercepted},\n".encode()
+                    + f"generate,genserve0,{self.queued},7,,\n".encode()
+                    + f"generate,BACKEND,{self.queued},7,,\n".encode()
+                    + b"other,BACKEND,0,0,,\n\n"
+                )
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink()
+
+
+def test_refusals_and_queued_calls_are_read_from_the_stats_socket(tmp_path: Path) -> None:
     p = plan(tmp_path)
-    counter = FrontRefusals(p, master_pid=lambda: os.getpid())
-    assert counter.count() == 0  # no log yet: nothing refused
-    p.refusal_log.write_bytes(b"R\n" * 5)
-    assert counter.count() == 5
-    monkeypatch.setattr("server.front.ROTATE_BYTES", 4)
-    reopened: list[int] = []
-    monkeypatch.setattr("server.front.os.kill", lambda pid, sig: reopened.append(sig))
-    assert counter.count() == 5 and reopened == [signal.SIGUSR1]  # rotated: nginx told to reopen, nothing lost
-    with p.refusal_log.open("ab") as log:  # nginx writes the new file
-        log.write(b"R\n" * 3)
-    assert counter.count() == 8
-    [sample] = [s for family in counter.collect() for s in family.samples]
-    assert sample.name == "genserve_front_refusals_total" and sample.value == 8
-    assert sample.labels == {"rpc": "Generate", "code": "RESOURCE_EXHAUSTED"}
+    stats = FrontStats(p)
+    assert stats.read() == (0, 0)  # no socket yet: nothing refused, nothing waiting
+    fake = FakeStatsSocket(p.stats_socket, intercepted=5, queued=2)
+    assert stats.read() == (5, 2)
+    fake.intercepted, fake.queued = 8, 0
+    families = {f.name: f for f in stats.collect()}
+    [refused] = families["genserve_front_refusals"].samples
+    assert refused.name == "genserve_front_refusals_total" and refused.value == 8
+    assert refused.labels == {"rpc": "Generate", "code": "RESOURCE_EXHAUSTED"}
+    assert families["genserve_front_queued_calls"].samples[0].value == 0
+    fake.close()
+    assert stats.read() == (8, 0)  # haproxy gone: the last figures stay (a counter never goes back)
 
 
 def test_the_benchmarks_accounting_counts_the_fronts_refusals() -> None:
@@ -101,27 +149,31 @@ def test_the_benchmarks_accounting_counts_the_fronts_refusals() -> None:
     assert front_refusals(sample) == 4
 
 
-def test_a_front_with_tls_is_refused_by_name() -> None:
+def test_the_fronts_settings_are_checked_by_name() -> None:
     with pytest.raises(ValueError, match="front_limit=4 with tls_cert"):
         ServerConfig(front_limit=4, tls_cert="c.pem", tls_key="k.pem")
-    assert parse_args(["--front-limit", "8"]).front_limit == 8
+    with pytest.raises(ValueError, match="front_queue must be >= 0"):
+        ServerConfig(front_limit=4, front_queue=-2)
+    config = parse_args(["--front-limit", "8"])
+    assert config.front_limit == 8 and config.front_queue_calls == 4  # the queue defaults to half the limit
+    assert parse_args(["--front-limit", "8", "--front-queue", "0"]).front_queue_calls == 0
 
 
-def test_a_missing_nginx_is_named_before_anything_loads() -> None:
+def test_a_missing_haproxy_is_named_before_anything_loads() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--front-limit", "4", "--front-nginx", "/no/such/nginx"],
+        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--front-limit", "4", "--front-haproxy", "/no/such/haproxy"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
-    assert "front_nginx=/no/such/nginx: no such program" in result.stderr and "install nginx" in result.stderr
+    assert "front_haproxy=/no/such/haproxy: no such program" in result.stderr and "install haproxy" in result.stderr
     assert "model_loaded" not in result.stderr
 
 
 def test_a_taken_port_is_named() -> None:
-    nginx_or_skip()
+    haproxy_or_skip()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -140,9 +192,9 @@ def test_a_taken_port_is_named() -> None:
 
 @pytest.fixture
 def front_server() -> Iterator[tuple[ServerProcess, str, int]]:
-    nginx_or_skip()
+    haproxy_or_skip()
     metrics_port = free_port()
-    proc = ServerProcess("--front-limit", "1", "--metrics-port", str(metrics_port))
+    proc = ServerProcess("--front-limit", "1", "--front-queue", "1", "--metrics-port", str(metrics_port))
     try:
         front = proc.wait_for("front_ready", 30)
         proc.wait_for("server_ready", 60)
@@ -163,11 +215,20 @@ def metric(port: int, name: str) -> float:
         return sum(v for (n, _), v in parse(response.read().decode()).items() if n == name)
 
 
-def one_image(stub: pb_grpc.GeneratorStub) -> list[pb.GenerateResponse]:
-    return list(stub.Generate(pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=3)), timeout=10))
+def one_image(stub: pb_grpc.GeneratorStub, seed: int = 3, timeout: float = 10) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=seed)), timeout=timeout))
 
 
-def test_past_its_limit_the_front_refuses_with_resource_exhausted_and_dies_loudly(front_server: tuple[ServerProcess, str, int]) -> None:
+def wait_until(check: object, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
+def test_past_its_limit_and_queue_the_front_refuses_with_resource_exhausted_and_dies_loudly(
+    front_server: tuple[ServerProcess, str, int],
+) -> None:
     proc, address, metrics_port = front_server
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
@@ -175,35 +236,37 @@ def test_past_its_limit_the_front_refuses_with_resource_exhausted_and_dies_loudl
         # One text call in progress holds the front's only Generate slot (1024 tokens take ~1 s or more).
         holder = stub.Generate(pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=1024, seed=1)))
         next(holder)
+        # The next call waits in the front's queue (its one place) and is served once the slot is free.
+        queued: list[object] = []
+        waiter = threading.Thread(target=lambda: queued.append(one_image(stub, seed=4, timeout=60)))
+        waiter.start()
+        wait_until(lambda: metric(metrics_port, "genserve_front_queued_calls") == 1, "the second call waits in the front")
+        # The one after finds the slot taken and the queue full: refused by HAProxy, at once, with the hint.
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as refused:
             one_image(stub)
+        assert time.monotonic() - started < 2.0
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "limit of 1 Generate calls in progress" in str(refused.value.details())
+        assert "limit of 1 Generate calls in progress and 1 waiting" in str(refused.value.details())
         assert ("grpc-retry-pushback-ms", "100") in [(m.key, m.value) for m in refused.value.trailing_metadata() or ()]
         # Not limited: health, and the other RPCs.
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert not queued  # still waiting behind the text call
         holder.cancel()
-        deadline = time.monotonic() + 10
-        while True:  # the slot comes back once nginx has seen the held call end
-            try:
-                assert one_image(stub)
-                break
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
-                time.sleep(0.05)
-    assert metric(metrics_port, "genserve_front_refusals_total") >= 1
+        waiter.join(30)
+        assert len(queued) == 1 and queued[0]  # the queued call went in and was served
+        assert one_image(stub)  # and the slot is free again
+    assert metric(metrics_port, "genserve_front_refusals_total") == 1
+    assert metric(metrics_port, "genserve_front_queued_calls") == 0
     assert metric(metrics_port, "genserve_rejections_total") == 0  # the server itself refused nothing
 
     workdir = Path(str(proc.find("front_ready")[0]["workdir"]))
-    master = int((workdir / "nginx.pid").read_text())
-    worker = int(Path(f"/proc/{master}/task/{master}/children").read_text().split()[0])
-    os.kill(master, signal.SIGKILL)  # the front dies under the server
+    [haproxy] = [int(pid) for pid in Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()]
+    assert "haproxy" in Path(f"/proc/{haproxy}/cmdline").read_text()
+    os.kill(haproxy, signal.SIGKILL)  # the front dies under the server
     assert proc.wait_exit(30) == 1
-    deadline = time.monotonic() + 5
-    while alive(worker):
-        assert time.monotonic() < deadline, "the front's worker outlived it (and would keep the port)"
-        time.sleep(0.05)
     assert "front_exited" in proc.names()
+    assert not alive(haproxy)
     assert not workdir.exists()
