@@ -243,12 +243,13 @@ class GenServer:
             batch_size=c.batch_size,
             batch_timeout_ms=c.batch_timeout_ms,
             processors=c.processors,
-            tls="on" if credentials is not None else "off",
+            tls="on" if credentials is not None else "at the front" if c.front_tls else "off",
             mtls="on" if c.tls_client_ca else "off",
             auth=f"on, {len(tokens)} tokens" if tokens else "off",
             public_health=c.public_health or not tokens,  # without tokens every service is open
+            **({"front": c.front_address} if c.front_address else {}),  # clients use this one, not ``address``
         )
-        if tokens and credentials is None:
+        if tokens and credentials is None and not c.front_tls:
             log.warning("tokens_in_cleartext", hint="bearer tokens travel unencrypted without TLS: set --tls-cert and --tls-key")
         self.watcher = ModelWatcher(
             c.models_dir,

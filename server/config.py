@@ -124,6 +124,10 @@ class ServerConfig:
         default="genserve.requests", metadata={"help": "queue of requests with --amqp-url (dead letters go to <queue>.dead)"}
     )
 
+    # Set by the front for the server behind it (server/front.py), never by a flag or the environment.
+    front_address: str = field(default="", metadata={"help": "the front's public address", "internal": True})
+    front_tls: bool = field(default=False, metadata={"help": "the front terminates TLS", "internal": True})
+
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
         positive += ["max_pending_calls", "accept_ahead"]
@@ -149,8 +153,6 @@ class ServerConfig:
             raise ValueError(f"tls_client_ca={self.tls_client_ca} needs tls_cert and tls_key: mutual TLS is TLS first")
         if self.front_queue < -1:
             raise ValueError(f"front_queue must be >= 0 (or -1: half of front_limit), got {self.front_queue}")
-        if self.front_limit and self.tls_cert:
-            raise ValueError(f"front_limit={self.front_limit} with tls_cert: the front speaks plaintext HTTP/2 only (drop one of them)")
         if self.amqp_url and not self.amqp_url.startswith(("amqp://", "amqps://")):
             raise ValueError("amqp_url must start with amqp:// or amqps://")  # not echoed: it may hold a password
         if self.amqp_url and not self.amqp_queue:
@@ -214,6 +216,8 @@ def from_env(environ: Mapping[str, str] | None = None, base: ServerConfig | None
     base = base or ServerConfig()
     updates = {}
     for f in fields(ServerConfig):
+        if f.metadata.get("internal"):
+            continue
         raw = environ.get(env_name(f.name))
         if raw is not None and raw != "":
             updates[f.name] = _convert(type(getattr(base, f.name)), raw, f.name)
@@ -230,6 +234,8 @@ def build_parser(base: ServerConfig) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in fields(ServerConfig):
+        if f.metadata.get("internal"):
+            continue
         assert f.default is not MISSING
         value = getattr(base, f.name)
         kwargs: dict[str, Any] = {"default": value, "type": type(value), "help": f"{f.metadata['help']} [{env_name(f.name)}]"}

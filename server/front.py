@@ -75,6 +75,8 @@ class FrontPlan:
     workdir: Path
     queue_timeout_s: float = 30.0  # a queued call the server has not taken by then gets UNAVAILABLE (a stuck server)
     upstreams: int = 1  # server lines in the Generate backend (connections to spread over --workers)
+    tls_pem: Path | None = None  # the certificate chain and its key in one file (HAProxy's crt): TLS at the front
+    client_ca: str = ""  # with tls_pem: client certificates must chain to this CA (mutual TLS)
 
     @property
     def stats_socket(self) -> Path:
@@ -93,6 +95,14 @@ def _listen_address(host: str, port: int) -> str:
 def _bind_address(host: str, port: int) -> str:
     host = host.strip("[]")
     return f"ipv6@{host}:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_options(plan: FrontPlan) -> str:
+    """Plaintext HTTP/2, or TLS offering h2 by ALPN (gRPC's), mutual with a client CA."""
+    if plan.tls_pem is None:
+        return "proto h2"
+    verify = f" ca-file {plan.client_ca} verify required" if plan.client_ca else ""
+    return f"ssl crt {plan.tls_pem} alpn h2{verify}"
 
 
 def haproxy_cfg(plan: FrontPlan) -> str:
@@ -136,7 +146,7 @@ defaults
 {errors}
 
 frontend genserve
-  bind {_bind_address(plan.listen_host, plan.listen_port)} proto h2
+  bind {_bind_address(plan.listen_host, plan.listen_port)} {_bind_options(plan)}
   acl generate path {GENERATE_PATH}
   # Refused here, in C, at arrival: every slot in the server taken and {plan.queue} calls already waiting.
   {refuse}
@@ -251,16 +261,48 @@ class Front:
             workdir=self.workdir,
             queue_timeout_s=config.request_timeout_s,
             upstreams=1 if config.workers <= 1 else CONNECTIONS_PER_WORKER * config.workers,
+            tls_pem=self._tls_pem(config),
+            client_ca=str(Path(config.tls_client_ca).resolve()) if config.tls_client_ca else "",
         )
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.died = False
         self.stats = FrontStats(self.plan)
 
+    def _tls_pem(self, config: ServerConfig) -> Path | None:
+        """--tls-cert and --tls-key checked as the server checks them (each bad file named), then
+        written into one file for HAProxy, readable by this user only."""
+        if not config.tls_cert:
+            return None
+        from server.auth import SecurityError, server_credentials
+
+        try:
+            server_credentials(config)
+        except SecurityError as e:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise FrontError(str(e)) from None
+        pem = self.workdir / "tls.pem"
+        pem.touch(mode=0o600)
+        chain = Path(config.tls_cert).read_bytes().rstrip(b"\n") + b"\n"
+        pem.write_bytes(chain + Path(config.tls_key).read_bytes())
+        return pem
+
     def server_config(self) -> ServerConfig:
-        """The server's own settings behind the front: 127.0.0.1 on the upstream port, the rest unchanged."""
+        """The server's own settings behind the front: plaintext on 127.0.0.1 (TLS, if any, ends at the
+        front), the rest unchanged; it logs the front's address as the one clients use."""
         c = self.config
-        return replace(c, host="127.0.0.1", port=self.plan.upstream_port, front_limit=0, metrics_host=c.metrics_bind_host)
+        return replace(
+            c,
+            host="127.0.0.1",
+            port=self.plan.upstream_port,
+            front_limit=0,
+            metrics_host=c.metrics_bind_host,
+            tls_cert="",
+            tls_key="",
+            tls_client_ca="",
+            front_address=_listen_address(self.plan.listen_host, self.plan.listen_port),
+            front_tls=self.plan.tls_pem is not None,
+        )
 
     def _check_port(self, address: str) -> None:
         """Refuse a taken port by name before haproxy tries it (its own message is less plain)."""
@@ -316,6 +358,7 @@ class Front:
             server=f"127.0.0.1:{self.plan.upstream_port}",
             limit=self.plan.limit,
             queue=self.plan.queue,
+            tls="off" if self.plan.tls_pem is None else "mutual" if self.plan.client_ca else "on",
             haproxy=self.haproxy,
             workdir=str(self.workdir),
         )

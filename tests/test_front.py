@@ -9,6 +9,7 @@ Without haproxy the tests that run it skip, naming scripts/front_setup.sh; with 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -80,6 +82,13 @@ def test_the_config_limits_generate_only_queues_a_few_and_refuses_with_the_hint(
     spread = section(haproxy_cfg(plan(tmp_path, limit=10, upstreams=4)), "\nbackend generate")
     assert spread.count(" maxconn 3") == 4
     assert "bind ipv6@:::" in haproxy_cfg(plan(tmp_path, host="::"))
+
+
+def test_with_tls_the_front_terminates_it_offering_h2(tmp_path: Path) -> None:
+    p = replace(plan(tmp_path), tls_pem=tmp_path / "tls.pem", client_ca="/ca.pem")
+    [bind] = [line for line in haproxy_cfg(p).splitlines() if line.startswith("  bind ")]
+    assert bind.endswith(f"ssl crt {tmp_path / 'tls.pem'} alpn h2 ca-file /ca.pem verify required")
+    assert "proto h2" in next(line for line in haproxy_cfg(plan(tmp_path)).splitlines() if line.startswith("  bind "))
 
 
 def test_haproxy_accepts_the_config(tmp_path: Path) -> None:
@@ -150,8 +159,6 @@ def test_the_benchmarks_accounting_counts_the_fronts_refusals() -> None:
 
 
 def test_the_fronts_settings_are_checked_by_name() -> None:
-    with pytest.raises(ValueError, match="front_limit=4 with tls_cert"):
-        ServerConfig(front_limit=4, tls_cert="c.pem", tls_key="k.pem")
     with pytest.raises(ValueError, match="front_queue must be >= 0"):
         ServerConfig(front_limit=4, front_queue=-2)
     config = parse_args(["--front-limit", "8"])
@@ -270,3 +277,66 @@ def test_past_its_limit_and_queue_the_front_refuses_with_resource_exhausted_and_
     assert "front_exited" in proc.names()
     assert not alive(haproxy)
     assert not workdir.exists()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_front_terminates_mutual_tls_and_the_server_behind_it_speaks_plaintext(tmp_path: Path) -> None:
+    haproxy_or_skip()
+    from tests.test_security import make_ca, make_leaf
+
+    ca = make_ca(tmp_path, "ca")
+    server, client = make_leaf(tmp_path, "server", ca, server=True), make_leaf(tmp_path, "client", ca, server=False)
+    args = ["--front-limit", "4", "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-client-ca", str(ca.cert)]
+    proc = ServerProcess(*args)
+    try:
+        front = proc.wait_for("front_ready", 30)
+        ready = proc.wait_for("server_ready", 60)
+        assert front["tls"] == "mutual" and ready["tls"] == "at the front" and ready["front"] == front["address"]
+        address = str(front["address"])
+        request = pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=3))
+        trusted = grpc.ssl_channel_credentials(ca.pem, client.key.read_bytes(), client.pem)
+        with grpc.secure_channel(address, trusted) as channel:
+            assert list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=10))  # mutual TLS through the front
+        without_cert = grpc.ssl_channel_credentials(ca.pem)
+        for denied in (grpc.secure_channel(address, without_cert), grpc.insecure_channel(address)):
+            with denied, pytest.raises(grpc.RpcError) as refused:
+                list(pb_grpc.GeneratorStub(denied).Generate(request, timeout=10))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the server behind the front speaks plaintext on 127.0.0.1 only
+        with grpc.insecure_channel(str(ready["address"])) as channel:
+            assert list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=10))
+        assert str(ready["address"]).startswith("127.0.0.1:")
+    finally:
+        proc.stop()
+
+
+def test_a_bad_certificate_for_the_front_is_named(tmp_path: Path) -> None:
+    haproxy_or_skip()
+    bogus = tmp_path / "cert.pem"
+    bogus.write_text("not a certificate")
+    key = tmp_path / "key.pem"
+    key.write_text("not a key")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--front-limit",
+            "4",
+            "--tls-cert",
+            str(bogus),
+            "--tls-key",
+            str(key),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"tls_cert: {bogus} holds no PEM certificate" in result.stderr
+    assert "model_loaded" not in result.stderr

@@ -89,7 +89,17 @@ def other_value(f: dataclasses.Field[Any]) -> tuple[str, object]:
     return value, value
 
 
-@pytest.mark.parametrize("f", dataclasses.fields(ServerConfig), ids=lambda f: f.name)
+OPTIONS = [f for f in dataclasses.fields(ServerConfig) if not f.metadata.get("internal")]  # internal: set by the front only
+
+
+def test_internal_settings_are_neither_flags_nor_environment_variables() -> None:
+    internal = [f.name for f in dataclasses.fields(ServerConfig) if f.metadata.get("internal")]
+    assert internal == ["front_address", "front_tls"]
+    assert parse_args([], environ={"GENSERVE_FRONT_ADDRESS": "evil:1", "GENSERVE_FRONT_TLS": "true"}).front_tls is False
+    assert "--front-address" not in build_parser(ServerConfig()).format_help()
+
+
+@pytest.mark.parametrize("f", OPTIONS, ids=lambda f: f.name)
 def test_every_option_is_also_an_environment_variable(f: dataclasses.Field[Any]) -> None:
     """README: every option is also GENSERVE_<OPTION>; the flag wins over the environment."""
     raw, value = other_value(f)
