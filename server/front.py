@@ -243,13 +243,42 @@ class FrontStats:
         return [refusals, waiting]
 
 
+WORKDIR_PREFIX = "genserve-front-"
+STALE_AFTER_S = 60.0
+
+
+def sweep_stale_workdirs(parent: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove the folders of fronts whose server was killed outright (nothing ran to remove them):
+    older than a minute, and their stats socket answers no one. Returns what it removed."""
+    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    now = time.time() if now is None else now
+    removed = []
+    for folder in parent.glob(WORKDIR_PREFIX + "*"):
+        try:
+            if not folder.is_dir() or now - folder.stat().st_mtime < STALE_AFTER_S:
+                continue
+        except OSError:
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(folder / "stats.sock"))
+                continue  # a live front
+            except OSError:
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class Front:
     """The haproxy process in front of the server: started before it, stopped after it, watched in between."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.haproxy = find_haproxy(config.front_haproxy)
-        self.workdir = Path(tempfile.mkdtemp(prefix="genserve-front-"))
+        sweep_stale_workdirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         listen_port = config.port or free_port(config.host.strip("[]") if ":" not in config.host else "127.0.0.1")
         self.plan = FrontPlan(
             listen_host=config.host,
@@ -349,6 +378,11 @@ class Front:
         else:
             self.stop()
             raise FrontError(f"the front (haproxy) did not listen on {address} within {START_TIMEOUT_S:g} s")
+        # HAProxy has read its configuration and certificate: the copy of the key goes now, not at stop
+        # (a server killed outright never gets there)
+        self.plan.config_file.unlink(missing_ok=True)
+        if self.plan.tls_pem is not None:
+            self.plan.tls_pem.unlink(missing_ok=True)
         if self.process.stderr is not None:
             threading.Thread(target=self._relay_stderr, name="front-stderr", daemon=True).start()
         threading.Thread(target=self._watch, name="front-watch", daemon=True).start()

@@ -29,7 +29,7 @@ from bench.accounting import front_refusals, parse, statuses
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, parse_args
-from server.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg
+from server.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg, sweep_stale_workdirs
 from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,7 +118,8 @@ class FakeStatsSocket:
             except OSError:
                 return
             with conn:
-                assert conn.recv(100) == b"show stat\n"
+                if conn.recv(100) != b"show stat\n":  # a probe that only connects (the sweep's)
+                    continue
                 conn.sendall(
                     b"# pxname,svname,qcur,scur,intercepted,\n"
                     + f"genserve,FRONTEND,,0,{self.intercepted},\n".encode()
@@ -146,6 +147,19 @@ def test_refusals_and_queued_calls_are_read_from_the_stats_socket(tmp_path: Path
     assert families["genserve_front_queued_calls"].samples[0].value == 0
     fake.close()
     assert stats.read() == (8, 0)  # haproxy gone: the last figures stay (a counter never goes back)
+
+
+def test_folders_of_fronts_killed_outright_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    stale, live, young = (tmp_path / f"genserve-front-{name}" for name in ("stale", "live", "young"))
+    for folder in (stale, live, young):
+        folder.mkdir()
+    (stale / "stats.sock").touch()  # its haproxy is gone: nobody listens
+    FakeStatsSocket(live / "stats.sock", intercepted=0, queued=0)
+    now = time.time()
+    for folder in (stale, live):
+        os.utime(folder, (now - 120, now - 120))
+    assert sweep_stale_workdirs(tmp_path, now=now) == [stale]
+    assert not stale.exists() and live.exists() and young.exists()  # young: maybe a front still starting
 
 
 def test_the_benchmarks_accounting_counts_the_fronts_refusals() -> None:
@@ -292,6 +306,7 @@ def test_the_front_terminates_mutual_tls_and_the_server_behind_it_speaks_plainte
         front = proc.wait_for("front_ready", 30)
         ready = proc.wait_for("server_ready", 60)
         assert front["tls"] == "mutual" and ready["tls"] == "at the front" and ready["front"] == front["address"]
+        assert sorted(p.name for p in Path(str(front["workdir"])).iterdir()) == ["stats.sock"]  # no copy of the key left
         address = str(front["address"])
         request = pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=3))
         trusted = grpc.ssl_channel_credentials(ca.pem, client.key.read_bytes(), client.pem)
