@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -31,6 +30,7 @@ from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, parse_args
 from server.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg, sweep_stale_workdirs
 from tests.serving import ServerProcess
+from tests.test_server_process import run_server_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,13 +181,7 @@ def test_the_fronts_settings_are_checked_by_name() -> None:
 
 
 def test_a_missing_haproxy_is_named_before_anything_loads() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--front-limit", "4", "--front-haproxy", "/no/such/haproxy"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_server_cli("--port", "0", "--metrics-port", "0", "--front-limit", "4", "--front-haproxy", "/no/such/haproxy")
     assert result.returncode == 1
     assert "front_haproxy=/no/such/haproxy: no such program" in result.stderr and "install haproxy" in result.stderr
     assert "model_loaded" not in result.stderr
@@ -199,13 +193,7 @@ def test_a_taken_port_is_named() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", "0", "--front-limit", "4"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_server_cli("--port", str(port), "--metrics-port", "0", "--front-limit", "4")
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr and "another with --port N" in result.stderr
     assert "model_loaded" not in result.stderr
@@ -331,27 +319,7 @@ def test_a_bad_certificate_for_the_front_is_named(tmp_path: Path) -> None:
     bogus.write_text("not a certificate")
     key = tmp_path / "key.pem"
     key.write_text("not a key")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--front-limit",
-            "4",
-            "--tls-cert",
-            str(bogus),
-            "--tls-key",
-            str(key),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_server_cli("--port", "0", "--metrics-port", "0", "--front-limit", "4", "--tls-cert", str(bogus), "--tls-key", str(key))
     assert result.returncode == 1
     assert f"tls_cert: {bogus} holds no PEM certificate" in result.stderr
     assert "model_loaded" not in result.stderr
