@@ -47,13 +47,16 @@ async def _main(config: ServerConfig, setup: Callable[[GenServer], None] | None 
     def on_signal(signum: int, frame: object = None) -> None:
         # a plain signal handler (not loop.add_signal_handler): asyncio.Runner's own SIGINT handling
         # would otherwise turn a second Ctrl-C into a KeyboardInterrupt
+        # the action comes before its log line, so nothing a log sink does can keep it from happening
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:  # a second signal: stop waiting for the drain
-            log.warning("forced_exit", signal=signal.Signals(signum).name)
-            os._exit(1)
-        log.info("signal_received", signal=signal.Signals(signum).name, action=f"draining for up to {config.grace_s:g} s")
+            try:
+                log.warning("forced_exit", signal=signal.Signals(signum).name)
+            finally:
+                os._exit(1)
         loop.call_soon_threadsafe(server.request_shutdown)
+        log.info("signal_received", signal=signal.Signals(signum).name, action=f"draining for up to {config.grace_s:g} s")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)

@@ -234,12 +234,15 @@ class GenServer:
         await self._refresh_health()
         if self.amqp is not None or self.group_gate is not None:
             self._health_task = asyncio.create_task(self._watch_health(), name="readiness")
+        metrics = f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off"
+        if self.group_gate is not None:  # a worker of a group: its metrics are in the parent's /metrics
+            metrics = "the group's"
         log.info(
-            "server_ready",
+            "server_ready" if self.group_gate is None else "worker_ready",  # a group's parent logs its own server_ready
             address=self.address,
             models=[f"{m.name}@{m.version}" for m in self.registry.list_models()],
             refused=[str(f.path) for f in self.registry.failures],
-            metrics=f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
+            metrics=metrics,
             batch_size=c.batch_size,
             batch_timeout_ms=c.batch_timeout_ms,
             processors=c.processors,

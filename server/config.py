@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "GENSERVE_"
 SECRET_FIELDS = ("amqp_url",)  # may hold a password: --help never shows its value
+MAX_PORT = 65535
+PORT_FIELDS = ("port", "metrics_port")
 TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/auth.py, never a config field
 
 
@@ -141,11 +143,14 @@ class ServerConfig:
         for name in positive_times:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        never_negative = ["port", "metrics_port", "threads", "inline_batch_ms", "workers", "max_streams_per_connection", "front_limit"]
+        never_negative = ["threads", "inline_batch_ms", "workers", "max_streams_per_connection", "front_limit"]
         never_negative += ["models_poll_s", "models_settle_s"]
         for name in never_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in PORT_FIELDS:
+            if not 0 <= getattr(self, name) <= MAX_PORT:  # a bigger number wrapped: --port 70000 served on 4464
+                raise ValueError(f"{name} must be a port number in 0-{MAX_PORT}, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise ValueError(f"{given}={getattr(self, given)} needs {missing} too: TLS takes a certificate chain and its key")
@@ -255,10 +260,21 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     try:
         base = from_env(environ)
     except ValueError as e:
-        raise SystemExit(f"python -m server: error: {e}") from None
+        raise SystemExit(f"python -m server: error: {name_the_flag(str(e))}") from None
     parser = build_parser(base)
     args = parser.parse_args(argv)
     try:
         return ServerConfig(**vars(args))
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(name_the_flag(str(e)))
+
+
+def name_the_flag(message: str) -> str:
+    """A setting's error as the command line says it: "port must be ..." -> "--port (GENSERVE_PORT) must be ..."."""
+    name, space, rest = message.partition(" ")
+    if space and name in {f.name for f in fields(ServerConfig)}:
+        return f"--{name.replace('_', '-')} ({env_name(name)}) {rest}"
+    name, equals, rest = message.partition("=")  # "tls_cert=x needs tls_key too"
+    if equals and name in {f.name for f in fields(ServerConfig)}:
+        return f"--{name.replace('_', '-')} {rest}"
+    return message

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from engine.logs import dropped_lines
+
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -55,6 +57,13 @@ class RequestTally:
         return [requests, latency]
 
 
+class LogDrops:
+    """``genserve_log_lines_dropped_total``: log lines this process could not write (engine/logs.py SafeSink)."""
+
+    def collect(self) -> list[Metric]:
+        return [CounterMetricFamily("genserve_log_lines_dropped_total", "Log lines lost to a failing log sink", value=dropped_lines())]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -90,6 +99,7 @@ class Metrics:
             "genserve_model_loads_total", "Model files loaded at run time, by result (loaded, refused)", ["result"], registry=r
         )
         self.model_versions = Gauge("genserve_model_versions", "Versions served per model", ["model"], registry=r)
+        r.register(LogDrops())
 
     def track_depth(self, stage: str, depth: Callable[[], float]) -> None:
         """Read a link's depth at scrape time (no cost on the hot path)."""

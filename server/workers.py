@@ -51,6 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.logs import get_logger
 from server.config import ServerConfig
+from server.metrics import LogDrops
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -132,7 +133,7 @@ def reserve_port(config: ServerConfig) -> tuple[socket.socket, int]:
     return held, port
 
 
-def merge_metrics(scrapes: Iterable[tuple[int, str]]) -> list[Metric]:
+def merge_metrics(scrapes: Iterable[tuple[int | str, str]]) -> list[Metric]:
     """The families of every worker's exposition, each sample labelled with its worker."""
     families: dict[str, Metric] = {}
     for index, text in scrapes:
@@ -149,9 +150,11 @@ class _WorkerMetrics:
 
     def __init__(self, board: Board) -> None:
         self.board = board
+        self.own = CollectorRegistry()
+        self.own.register(LogDrops())
 
     def collect(self) -> list[Metric]:
-        scrapes = []
+        scrapes: list[tuple[int | str, str]] = [("parent", generate_latest(self.own).decode())]  # the parent's own log drops
         for index, port in enumerate(self.board.metrics_ports):
             if not port:
                 continue
@@ -213,13 +216,14 @@ class WorkerGroup:
             self._inherited.append(httpd.socket)
             selector.register(httpd.fileno(), selectors.EVENT_READ, data="metrics")
         threads = worker_threads(c, self.size)
-        log.info(
-            "workers_starting",
-            workers=self.size,
-            address=replace(c, port=port).address,
-            threads_per_worker=threads,
-            metrics=f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
-        )
+        facts = {
+            "workers": self.size,
+            "address": replace(c, port=port).address,
+            "threads_per_worker": threads,
+            "metrics": f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
+        }
+        log.info("workers_starting", **facts)
+        ready_logged = False
         for index in range(self.size):
             self._spawn(index)
         try:
@@ -231,6 +235,9 @@ class WorkerGroup:
                         with contextlib.suppress(BlockingIOError):
                             os.read(wake_r, 512)
                 self._reap()
+                if not ready_logged and all(self.board.started) and self.drain_deadline is None:
+                    log.info("server_ready", **facts)  # once, when every worker first serves (each logged worker_ready)
+                    ready_logged = True
                 if self.drain_deadline is not None and time.monotonic() > self.drain_deadline:
                     self._kill_all("drain_timeout")
         finally:
@@ -246,8 +253,7 @@ class WorkerGroup:
         self.board.clear(index)
         config = self.worker_config(self.port)
         parent = os.getpid()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_std_streams()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the parent's code
             code = 1
@@ -257,8 +263,7 @@ class WorkerGroup:
             except BaseException as e:
                 log.exception("worker_crashed", worker=index, error=repr(e))
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                _flush_std_streams()
                 os._exit(code)
         self.pids[pid] = index
         log.info("worker_started", worker=index, pid=pid)
@@ -329,8 +334,8 @@ class WorkerGroup:
         if self.signals > 1:  # a second signal: stop waiting for the drain
             self._kill_all(f"second signal ({name})")
             return
+        self._drain()  # before its log line, so nothing a log sink does can keep it from happening
         log.info("signal_received", signal=name, action=f"draining {len(self.pids)} workers for up to {self.config.grace_s:g} s")
-        self._drain()
 
 
 class _MetricsServer(http.server.HTTPServer):
@@ -357,6 +362,13 @@ class _MetricsHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the server's own log
+
+
+def _flush_std_streams() -> None:
+    """Flush what a fork would copy; a closed pipe or a full disk must not stop a fork or an exit."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
 
 
 def _close(thing: Any) -> None:

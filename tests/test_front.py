@@ -323,3 +323,25 @@ def test_a_bad_certificate_for_the_front_is_named(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"tls_cert: {bogus} holds no PEM certificate" in result.stderr
     assert "model_loaded" not in result.stderr
+
+
+def test_front_setup_never_prompts_and_names_what_it_skipped_without_root(tmp_path: Path) -> None:
+    """scripts/test.sh ran `sudo apt-get install haproxy`, which asked for a password. Not root and
+    no password-less sudo: one line naming what was skipped, exit 0, and no prompt."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    for name, body in {
+        "id": "echo 1000",
+        "sudo": f'echo "sudo $*" >> {calls}; [ "$1" = "-n" ] && exit 1; read -r password; exit 0',  # without -n: a prompt
+        "apt-get": f'echo "apt-get $*" >> {calls}; exit 100',
+    }.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "GENSERVE_FRONT_HAPROXY": str(tmp_path / "no-haproxy")}
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "front_setup.sh")], env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.PIPE
+    )
+    assert result.returncode == 0
+    assert "front_setup: skipped installing haproxy (not root, and sudo would ask for a password" in result.stderr
+    assert "apt-get" not in calls.read_text()  # never ran it without permission

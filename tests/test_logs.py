@@ -65,3 +65,55 @@ def test_processes_sharing_one_pipe_never_glue_their_lines_together(tmp_path: Pa
     assert [p.wait(timeout=60) for p in writers] == [0, 0]
     events = [json.loads(line) for line in out.splitlines()]  # a glued or split line does not parse
     assert sorted((e["worker"], e["i"]) for e in events) == [(w, i) for w in range(2) for i in range(lines)]
+
+
+class FlakyStream:
+    """A text stream whose writes fail with ``error`` while it is set (a closed pipe, a full disk)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.error is not None:
+            raise self.error
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), BlockingIOError(11, "again"), OSError(28, "No space left")])
+def test_a_failing_log_sink_drops_and_counts_lines_and_says_so_once_when_it_is_back(
+    monkeypatch: pytest.MonkeyPatch, error: OSError, process_fields: None
+) -> None:
+    stream = FlakyStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    before = logs.dropped_lines()
+    configure_logging("json", "info")
+    log = get_logger("test")
+    log.info("before")
+    stream.error = error
+    for i in range(3):
+        log.info("lost", i=i)  # no exception reaches the caller
+    assert logs.dropped_lines() - before == 3
+    stream.error = None
+    log.info("after")
+    log.info("later")
+    events = [json.loads(line) for line in stream.lines]
+    assert [e["event"] for e in events] == ["before", "log_lines_dropped", "after", "later"]
+    assert events[1]["dropped"] == 3 and events[1]["level"] == "warning" and type(error).__name__ in events[1]["error"]
+
+
+def test_a_log_sink_that_was_closed_is_counted_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = open(os.devnull, "w")  # noqa: SIM115  (closed below, on purpose, while still configured)
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("console", "info")
+    stream.close()
+    before = logs.dropped_lines()
+    get_logger("test").warning("into_a_closed_file")
+    assert logs.dropped_lines() == before + 1

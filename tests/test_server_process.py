@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -125,9 +126,22 @@ def test_bad_settings_are_refused_with_a_clear_message() -> None:
     result = run_server_cli(env={"GENSERVE_BATCH_SIZE": "lots"})
     assert result.returncode != 0 and "GENSERVE_BATCH_SIZE='lots' is not a valid int" in result.stderr
     result = run_server_cli("--batch-size", "0")
-    assert result.returncode == 2 and "batch_size must be >= 1" in result.stderr
+    assert result.returncode == 2 and "--batch-size (GENSERVE_BATCH_SIZE) must be >= 1" in result.stderr
     result = run_server_cli("--models-dir", "no/such/folder", "--port", "0", "--metrics-port", "0")
     assert result.returncode == 1 and "no/such/folder" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+@pytest.mark.parametrize("value", ["70000", "65536", "-1"])
+def test_a_port_outside_0_to_65535_is_refused_naming_its_flag(flag: str, value: str) -> None:
+    """--port 70000 used to serve on 4464 (the number wrapped)."""
+    with pytest.raises(SystemExit):
+        parse_args([flag, value], environ={})
+    result = run_server_cli(f"{flag}={value}")
+    env = "GENSERVE_" + flag[2:].replace("-", "_").upper()
+    assert result.returncode == 2 and f"{flag} ({env}) must be a port number in 0-65535, got {value}" in result.stderr
+    result = run_server_cli(env={env: value})
+    assert result.returncode != 0 and f"{flag} ({env}) must be a port number in 0-65535, got {value}" in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
@@ -219,3 +233,58 @@ def test_a_second_signal_forces_the_exit(server_process: ReadyServer) -> None:
         with pytest.raises(grpc.RpcError):
             results.extend(call)
     assert "forced_exit" in server_process.names()
+
+
+def _metric(port: int, name: str) -> float:
+    """The sum of every sample of ``name`` on the /metrics at ``port`` (0 when there is none)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and not line.startswith("#"))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_closed_log_pipe_neither_stops_serving_nor_deafens_the_server_to_sigterm(tmp_path: Path, workers: str) -> None:
+    """Issue 31: a log call that raised on a pipe with no reader kept SIGTERM from scheduling the
+    drain (the server stayed up until kill -9). Lines that cannot be written are dropped and counted."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "vae.safetensors").symlink_to(ROOT / "models" / "vae.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", str(metrics_port), "--log-format", "json"]
+    cmd += ["--models-dir", str(models), "--workers", workers, "--models-poll-s", "0.2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        ready: dict[str, Any] = {}
+        for line in proc.stdout:  # up to the one readiness line (a group's: once every worker serves)
+            if '"server_ready"' in line:
+                ready = json.loads(line)
+                break
+        assert ready, "the server never logged server_ready"
+        assert ready["metrics"] == f"http://127.0.0.1:{metrics_port}/metrics"
+        if workers == "2":
+            assert ready["workers"] == 2
+        address = str(ready["address"])
+        proc.stdout.close()  # the log pipe now has no reader: every write gets EPIPE
+        (models / "broken.safetensors").write_bytes(b"not a model")  # the watcher logs its refusal: dropped
+
+        deadline = time.monotonic() + 30
+        while _metric(metrics_port, "genserve_log_lines_dropped_total") < 1:
+            assert time.monotonic() < deadline, "no log line was counted as dropped"
+            time.sleep(0.2)
+        port = address.rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # still serving
+            call = pb_grpc.GeneratorStub(channel).Generate(pb.GenerateRequest(model="vae", image=pb.ImageParams(n=2, seed=1)), timeout=30)
+            assert sum(r.images.count for r in call) == 2
+        assert _metric(metrics_port, "genserve_stage_restarts_total") == 0
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
