@@ -274,7 +274,4 @@ def name_the_flag(message: str) -> str:
     name, space, rest = message.partition(" ")
     if space and name in {f.name for f in fields(ServerConfig)}:
         return f"--{name.replace('_', '-')} ({env_name(name)}) {rest}"
-    name, equals, rest = message.partition("=")  # "tls_cert=x needs tls_key too"
-    if equals and name in {f.name for f in fields(ServerConfig)}:
-        return f"--{name.replace('_', '-')} {rest}"
     return message
