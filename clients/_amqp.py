@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from clients._channel import DEFAULT_TIMEOUT
 from clients._exceptions import DeadlineExceeded, ServerError, from_status
-from clients._protocol import ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
+from clients._protocol import UINT32_MAX, ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._sync import _Portal
 from clients._types import ImageResult, TextResult
 from genserve.v1 import generator_pb2 as pb
@@ -206,7 +206,7 @@ class AsyncAmqpClient:
 
 
 def _with_timeout(request: pb.GenerateRequest, timeout: float) -> pb.GenerateRequest:
-    ms = max(1, int(timeout * 1000))
+    ms = min(UINT32_MAX, max(1, int(timeout * 1000)))  # timeout_ms is a uint32 (49 days)
     if request.timeout_ms and request.timeout_ms <= ms:
         return request
     copy = pb.GenerateRequest()

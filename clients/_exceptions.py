@@ -11,10 +11,10 @@ Exception tree::
     ├── Unauthenticated            UNAUTHENTICATED, PERMISSION_DENIED
     └── ServerError                any other status (INTERNAL, UNKNOWN, UNIMPLEMENTED, CANCELLED by the server, ...)
 
-Each carries the gRPC ``code`` and the server's ``details``; a request of a session also
-carries its ``request_id``. A call or request the *caller* cancels raises
-``asyncio.CancelledError`` (``concurrent.futures.CancelledError`` from the sync client), never
-one of these.
+Each carries the gRPC ``code`` and the server's ``details`` (the SDK's own, for an InvalidRequest
+raised before sending); a request of a session also carries its ``request_id``. A call or request
+the *caller* cancels raises ``asyncio.CancelledError`` (``concurrent.futures.CancelledError`` from
+the sync client), never one of these.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class GenserveError(Exception):
 
 
 class InvalidRequest(GenserveError):
-    """Raised when the server refuses a request as malformed (a bad n, label, prompt character, ...)."""
+    """Raised when the server refuses a request as malformed (a bad n, label, prompt character, ...),
+    or before anything is sent for a value no request can carry (a seed of -1, a NaN temperature,
+    more labels than samples): the message names the field and the range it takes."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 

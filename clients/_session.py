@@ -31,7 +31,7 @@ import grpc
 
 from clients._channel import DEFAULT_TIMEOUT, RetryPolicy
 from clients._exceptions import DeadlineExceeded, GenserveError, Unavailable, from_rpc_error, from_status
-from clients._protocol import ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
+from clients._protocol import UINT32_MAX, ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._types import ImageResult, TextResult
 from genserve.v1 import generator_pb2 as pb
 
@@ -313,7 +313,7 @@ class Session:
                 if request.future.done():  # cancelled or expired while queued
                     continue
                 if request.deadline is not None:  # tell the server the time left
-                    request.message.timeout_ms = max(1, math.ceil((request.deadline - now) * 1000))
+                    request.message.timeout_ms = min(UINT32_MAX, max(1, math.ceil((request.deadline - now) * 1000)))  # a uint32
                 request.state = "sent"
                 self._in_flight += 1
                 request.attempts += 1

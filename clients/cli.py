@@ -1,7 +1,9 @@
 """``python -m clients``: list models, write a grid of generated digits, stream generated text.
 
 Exit status: 0 on success, 1 when the server is down or refuses a request (one line on stderr),
-2 for a usage error, 130 when interrupted.
+2 for a usage error (also a value no request can carry, such as ``--seed -1``: refused before any
+call), 130 when interrupted. A reader that closes the output early (``| head -1``) ends the command
+quietly, with status 0: it had all it wanted.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT
-from clients._exceptions import GenserveError, Unavailable
-from clients._protocol import parse_labels
+from clients._exceptions import GenserveError, InvalidRequest, Unavailable
+from clients._protocol import ImageOptions, TextOptions, image_request, parse_labels, text_request
 from clients._sync import Client
 from clients._types import ModelInfo
 
@@ -172,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     text.add_argument("model", help="a served text model (see `models`)")
     text.add_argument("--prompt", "-p", required=True, help='the text to continue, e.g. "ROMEO:"')
-    text.add_argument("--max-tokens", type=_positive, metavar="N", help="tokens to generate (default: the server's, 256)")
+    text.add_argument(
+        "--max-tokens", type=_positive, metavar="N", help="tokens to generate (default: the server's default for a request that sets none)"
+    )
     text.add_argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default 1.0)")
     text.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (default: off)")
     text.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1] (default: off)")
@@ -232,6 +236,31 @@ def _models(client: Client, args: argparse.Namespace, out: TextIO, received: Rec
         print("(no models)", file=out)
 
 
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(seed=args.seed, labels=args.labels, version=args.version)
+
+
+def _text_options(args: argparse.Namespace) -> TextOptions:
+    return TextOptions(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+        version=args.version,
+    )
+
+
+def _check_request(args: argparse.Namespace) -> None:
+    """Build the command's request as the SDK will: a value no request can carry (``--seed -1``) raises
+    InvalidRequest here, a usage error, before any call (the server's refusals come later, status 1)."""
+    if args.command == "images":
+        image_request(args.model, args.n, **_image_options(args))
+    elif args.command == "text":
+        text_request(args.model, args.prompt, **_text_options(args))
+
+
 def _images(client: Client, args: argparse.Namespace, out: TextIO, received: Received) -> None:
     received.unit = "samples"
     with tqdm(total=args.n, unit="img", desc=args.model, disable=True if args.n < PROGRESS_MIN else None, file=sys.stderr) as bar:
@@ -240,7 +269,7 @@ def _images(client: Client, args: argparse.Namespace, out: TextIO, received: Rec
             received.count += count
             bar.update(count)
 
-        images = client.generate_images(args.model, args.n, seed=args.seed, labels=args.labels, version=args.version, progress=progress)
+        images = client.generate_images(args.model, args.n, progress=progress, **_image_options(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/, which git ignores
     write_grid(images, args.out, cols=args.cols, scale=args.scale)
     print(f"wrote {args.out} ({len(images)} samples)", file=out)
@@ -252,17 +281,7 @@ def _images(client: Client, args: argparse.Namespace, out: TextIO, received: Rec
 
 def _text(client: Client, args: argparse.Namespace, out: TextIO, received: Received) -> None:
     received.unit = "characters"
-    pieces = client.stream_text(
-        args.model,
-        args.prompt,
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop or (),
-        version=args.version,
-    )
+    pieces = client.stream_text(args.model, args.prompt, **_text_options(args))
     wrote = False  # the prompt goes out with the first piece: a refused request prints nothing
     try:
         for piece in pieces:
@@ -305,6 +324,24 @@ def _error_line(error: GenserveError, targets: Sequence[str], received: Received
     return f"{type(error).__name__}: {error}"
 
 
+def _reader_gone(out: TextIO) -> None:
+    """The reader closed our output (``| head -1``): send what is left of it to /dev/null, so that
+    neither a later write nor the flush at exit fails again (the way the Python docs give, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a test's capture): nothing is flushed to it at exit
+        pass
+
+
+def _flush(out: TextIO) -> None:
+    try:
+        out.flush()
+    except BrokenPipeError:
+        _reader_gone(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -314,13 +351,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_format(args.out)  # before the request, not after the samples came
         except ValueError as e:
             parser.error(f"--out {e}")
+    try:
+        _check_request(args)
+    except InvalidRequest as e:
+        parser.error(str(e))
     client = make_client(args, parser)
     received = Received()
     try:
         with client:
             {"models": _models, "images": _images, "text": _text}[args.command](client, args, out, received)
+            out.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # the reader stopped reading (`| head -1`): its choice, not our error, so no message and status 0
+        _reader_gone(out)
+        return 0
     except GenserveError as e:
-        out.flush()
+        _flush(out)
         print(f"{PROG}: error: {_error_line(e, client.targets, received)}", file=sys.stderr)
         return 1
     except OSError as e:  # writing the output

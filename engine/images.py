@@ -240,10 +240,10 @@ class ImageGenerator:
             return None
         if not self.conditional:
             raise InvalidImageRequest("labels", f"model {self.model.name!r} is unconditional: labels are not accepted")
-        if len(labels) not in (1, n):
-            raise InvalidImageRequest(
-                "labels", f"labels has {len(labels)} entries; expected n={n} (one per sample) or 1 (used for every sample)"
-            )
+        if len(labels) not in (1, n):  # a request carries every sample's label: the SDK cycles fewer before sending
+            k = len(labels)
+            than = f"more than the {n} samples" if k > n else f"fewer than the {n} samples (repeat them to cycle them)"
+            raise InvalidImageRequest("labels", f"labels has {k} entries, {than}; send {n} (one per sample) or 1 (used for every sample)")
         arr = np.asarray(labels)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":  # bools, floats, strings, huge ints (object) land here
             raise InvalidImageRequest("labels", f"labels must be integers, got {brief_repr(labels)}")

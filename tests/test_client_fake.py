@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
+import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -333,6 +336,75 @@ async def test_sync_client_and_session() -> None:
         await asyncio.to_thread(use)
         assert fake.max_in_flight <= 2 and fake.overdrawn == 0
         assert fake.metadata[0]["authorization"] == "Bearer t"
+
+
+async def test_a_value_no_request_can_carry_is_refused_before_anything_is_sent() -> None:
+    """Not protobuf's ``ValueError: Value out of range`` from inside the SDK: InvalidRequest, naming the field."""
+    async with fake_server() as (address, fake), AsyncClient(address) as client:
+        with pytest.raises(InvalidRequest, match=r"^seed must be an integer from 0 to 2\*\*63-1, got -1$"):
+            await client.generate_images("vae", 4, seed=-1)
+        with pytest.raises(InvalidRequest, match=r"^top_k must be an integer from 0 to 2\*\*32-1 \(0 turns it off\), got -1$"):
+            async for _ in client.stream_text("transformer", "ab", top_k=-1):
+                pass
+        with pytest.raises(InvalidRequest, match=r"^temperature must be a finite number >= 0 \(0 means greedy\), got nan$"):
+            await client.generate_text("transformer", "ab", temperature=math.nan)
+        assert fake.calls["Generate"] == 0
+        async with client.session() as s:
+            with pytest.raises(InvalidRequest, match=r"^labels has 10 entries, more than the 4 samples; give at most 4 labels"):
+                s.submit_images("vae", 4, labels=range(10), id="a")
+            with pytest.raises(InvalidRequest, match=r"^seed must be an integer from 0 to 2\*\*64-1, got 18446744073709551616$"):
+                s.submit_text("transformer", "ab", seed=2**64, id="a")
+            assert (s.in_flight, s.queued) == (0, 0)
+            assert (await s.submit_images("vae", 1, id="a")).id == "a"  # the id was never taken: the session goes on
+        assert [r.id for m in fake.messages for r in m.requests] == ["a"]
+
+        def use() -> None:
+            with Client(address) as sync, sync.session() as s:
+                with pytest.raises(InvalidRequest, match=r"^version must be an integer from 0 to 2\*\*32-1 \(0: the latest\), got -1$"):
+                    s.submit_images("vae", 1, version=-1)
+                assert s.submit_images("vae", 1).result(timeout=5).images.shape == (1, 28, 28)
+
+        await asyncio.to_thread(use)
+
+
+async def test_a_session_deadline_beyond_what_timeout_ms_holds_is_sent_capped() -> None:
+    async with fake_server() as (address, fake), AsyncClient(address) as client:
+        async with client.session(timeout=1e8) as s:  # 3 years: more milliseconds than a uint32 holds
+            assert (await asyncio.wait_for(s.submit_images("vae", 1), 5)).images.shape == (1, 28, 28)
+        assert fake.messages[0].requests[0].timeout_ms == 2**32 - 1
+
+
+async def run_cli(argv: list[str], stdout: int) -> tuple[int, str]:
+    """``python -m clients ARGV`` in a child process writing to ``stdout`` (a file descriptor); its status and stderr."""
+    root = Path(__file__).resolve().parent.parent
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients", *argv, stdout=stdout, stderr=asyncio.subprocess.PIPE, cwd=root
+    )
+    os.close(stdout)  # the child has its copy
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_the_cli_ends_quietly_when_the_reader_has_closed_the_pipe() -> None:
+    """``python -m clients models --json | head -1``: a reader that stops reading has what it wanted; no error."""
+    async with fake_server() as (address, fake):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line: every write meets EPIPE
+        assert await run_cli(["models", "--json", "--target", address], write) == (0, "")  # no "error: Broken pipe", no traceback
+        assert fake.calls["ListModels"] == 1
+
+
+async def test_the_cli_ends_quietly_when_the_reader_closes_the_pipe_mid_stream() -> None:
+    """``python -m clients text ... | head -c 1``: the stream meets a pipe its reader closed after the first piece."""
+    async with fake_server() as (address, fake):
+        fake.text_delay = 0.05
+        read, write = os.pipe()
+        cli = asyncio.create_task(run_cli(["text", "transformer", "-p", "abcdefgh", "--no-echo", "--target", address], write))
+        assert await asyncio.to_thread(os.read, read, 1) == b"a"
+        os.close(read)
+        assert await cli == (0, "")
+        assert fake.calls["Generate"] == 1
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -313,3 +313,25 @@ async def test_cli_errors_are_one_line_with_exit_status_1(server: GenServer, cap
     assert await asyncio.to_thread(main, ["models", "--target", down, "--timeout", "2"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"python -m clients: error: cannot reach the server at {down}: ") and err.count("\n") == 1
+
+
+async def test_cli_refusals_by_the_server_keep_status_1_and_values_no_request_carries_are_usage_errors(
+    server: GenServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--target", server.address]
+    assert (
+        await asyncio.to_thread(main, ["images", "gan", "-n", "2", "--labels", "10", *target]) == 1
+    )  # the model's range: the server's word
+    assert capsys.readouterr().err == "python -m clients: error: InvalidRequest: label 10 at index 0 is outside 0..9\n"
+    for argv, message in [
+        (
+            ["images", "gan", "-n", "4", "--labels", "0-9"],
+            "labels has 10 entries, more than the 4 samples; give at most 4 labels (fewer are cycled)",
+        ),
+        (["images", "vae", "-n", "4", "--seed", "-1"], "seed must be an integer from 0 to 2**63-1, got -1"),
+        (["text", "transformer", "-p", "ROMEO:", "--top-k", "-1"], "top_k must be an integer from 0 to 2**32-1 (0 turns it off), got -1"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            await asyncio.to_thread(main, [*argv, *target])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.endswith(f"\npython -m clients: error: {message}\n")

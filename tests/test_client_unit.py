@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -23,9 +25,10 @@ from clients import (
     Unauthenticated,
     Unavailable,
 )
+from clients._amqp import _with_timeout
 from clients._channel import resolve_targets, service_config, split_host_port, with_default_port
 from clients._exceptions import from_status
-from clients._protocol import ImageAssembler, TextAssembler, image_request, parse_labels, text_request
+from clients._protocol import ImageAssembler, TextAssembler, TextOptions, image_request, parse_labels, text_request
 from clients.cli import PAD, PAD_VALUE, Received, _error_line, build_parser, image_format, image_grid, main, make_client, write_grid
 from genserve.v1 import generator_pb2 as pb
 
@@ -80,7 +83,73 @@ def test_fewer_labels_than_samples_are_cycled() -> None:
     assert list(image_request("gan", 40, labels=range(10)).image.labels) == list(range(10)) * 4  # 0-9 four times
     assert list(image_request("gan", 5, labels=[1, 2]).image.labels) == [1, 2, 1, 2, 1]
     assert list(image_request("gan", 40, labels="0-9").image.labels) == list(range(10)) * 4
-    assert list(image_request("gan", 2, labels=[1, 2, 3]).image.labels) == [1, 2, 3]  # more than n: the server refuses
+    assert list(image_request("gan", 3, labels=np.arange(3)).image.labels) == [0, 1, 2]  # type: ignore[arg-type]  # numpy labels too
+    assert list(image_request("gan", 3, labels=np.int64(7)).image.labels) == [7]  # type: ignore[arg-type]
+
+
+def test_more_labels_than_samples_are_refused_before_sending() -> None:
+    message = "labels has 10 entries, more than the 4 samples; give at most 4 labels (fewer are cycled)"
+    with pytest.raises(InvalidRequest, match=re.escape(message)):
+        image_request("gan", 4, labels="0-9")
+    with pytest.raises(InvalidRequest, match=r"^labels has 3 entries, more than the 2 samples"):
+        image_request("gan", 2, labels=[1, 2, 3])
+
+
+LABELS = "labels must be integers in the model's range (see its label_min and label_max), got"
+TEMPERATURE = "temperature must be a finite number >= 0 (0 means greedy), got"
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: image_request("vae", 4, seed=-1), "seed must be an integer from 0 to 2**63-1, got -1"),  # the server's range
+        (lambda: image_request("vae", 4, seed=2**63), "seed must be an integer from 0 to 2**63-1, got 9223372036854775808"),
+        (lambda: image_request("vae", 4, seed=1.5), "seed must be an integer from 0 to 2**63-1, got 1.5"),  # type: ignore[arg-type]
+        (lambda: image_request("vae", -1), "n must be an integer from 1 to the model's max_n, got -1"),
+        (lambda: image_request("vae", 2**32), "n must be an integer from 1 to the model's max_n, got 4294967296"),
+        (lambda: image_request("vae", True), "n must be an integer from 1 to the model's max_n, got True"),
+        (lambda: image_request("gan", 2, version=-1), "version must be an integer from 0 to 2**32-1 (0: the latest), got -1"),
+        (lambda: image_request("gan", 2, labels=2**31), f"{LABELS} 2147483648"),
+        (lambda: image_request("gan", 2, labels=[1, -(2**31) - 1]), f"{LABELS} -2147483649 at index 1"),
+        (lambda: image_request("gan", 2, labels=[1, True]), f"{LABELS} True at index 1"),
+        (lambda: image_request("gan", 2, labels="x"), "labels 'x': 'x' is not a label or a range like 0-9"),
+        (lambda: text_request("t", "a", seed=-1), "seed must be an integer from 0 to 2**64-1, got -1"),
+        (lambda: text_request("t", "a", seed=2**64), "seed must be an integer from 0 to 2**64-1, got 18446744073709551616"),
+        (lambda: text_request("t", "a", top_k=-1), "top_k must be an integer from 0 to 2**32-1 (0 turns it off), got -1"),
+        (lambda: text_request("t", "a", top_k=2**32), "top_k must be an integer from 0 to 2**32-1 (0 turns it off), got 4294967296"),
+        (
+            lambda: text_request("t", "a", max_new_tokens=-1),
+            "max_new_tokens must be an integer from 1 to the server's max_new_tokens, got -1",
+        ),
+        (lambda: text_request("t", "a", version=2**32), "version must be an integer from 0 to 2**32-1 (0: the latest), got 4294967296"),
+        (lambda: text_request("t", "a", temperature=math.nan), f"{TEMPERATURE} nan"),  # the server's words
+        (lambda: text_request("t", "a", temperature=math.inf), f"{TEMPERATURE} inf"),
+        (lambda: text_request("t", "a", temperature=-0.5), f"{TEMPERATURE} -0.5"),
+        (lambda: text_request("t", "a", temperature=1e39), f"{TEMPERATURE} 1e+39 (infinite as the float32 a request carries)"),
+        (lambda: text_request("t", "a", temperature="1"), f"{TEMPERATURE} '1'"),  # type: ignore[arg-type]
+        (lambda: text_request("t", "a", top_p=math.nan), "top_p must be in (0, 1] (1 turns it off), got nan"),
+        (lambda: text_request("t", "a", top_p=-math.inf), "top_p must be in (0, 1] (1 turns it off), got -inf"),
+        (lambda: text_request("t", "a", top_p=0), "top_p must be in (0, 1] (1 turns it off), got 0"),
+    ],
+)
+def test_a_value_no_request_can_carry_is_refused_naming_its_field_and_range(build: Callable[[], object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=f"^{re.escape(message)}$"):  # not protobuf's "ValueError: Value out of range"
+        build()
+
+
+def test_values_at_the_ends_of_their_ranges_are_sent() -> None:
+    r = image_request("gan", 2, seed=2**63 - 1, labels=[-(2**31), 2**31 - 1], version=2**32 - 1)
+    assert (r.image.seed, list(r.image.labels), r.version) == (2**63 - 1, [-(2**31), 2**31 - 1], 2**32 - 1)  # the server judges labels
+    assert image_request("vae", np.int64(3), seed=np.uint64(0)).image.n == 3  # type: ignore[arg-type]
+    assert image_request("vae", 0, labels=[1, 2]).image.n == 0  # the server's to refuse, with its max_n
+    t = text_request("t", "a", seed=2**64 - 1, top_k=2**32 - 1, max_new_tokens=0, temperature=0, top_p=1).text
+    assert (t.seed, t.top_k, t.max_new_tokens, t.temperature, t.top_p) == (2**64 - 1, 2**32 - 1, 0, 0.0, 1.0)
+    assert t.HasField("max_new_tokens") and t.HasField("temperature")
+
+
+def test_an_amqp_deadline_beyond_what_timeout_ms_holds_is_sent_capped() -> None:
+    assert _with_timeout(pb.GenerateRequest(), 1e8).timeout_ms == 2**32 - 1  # 3 years: more milliseconds than a uint32 holds
+    assert _with_timeout(pb.GenerateRequest(), 2.5).timeout_ms == 2500
 
 
 def test_label_specs() -> None:
@@ -289,6 +358,49 @@ def test_connection_options_go_before_or_after_the_command(monkeypatch: pytest.M
     args = parser.parse_args(["text", "transformer", "--prompt", "ROMEO:", "--stop", "\n", "--token", "t", "--timeout", "2"])
     assert (args.timeout, args.token, args.stop, args.max_tokens) == (2.0, "t", ["\n"], None)
     assert make_client(args, parser).targets == ("127.0.0.1:50051",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["images", "vae", "-n", "4", "--seed", "-1"], "seed must be an integer from 0 to 2**63-1, got -1"),
+        (
+            ["images", "vae", "-n", "4", "--seed", "18446744073709551616"],
+            "seed must be an integer from 0 to 2**63-1, got 18446744073709551616",
+        ),
+        (["images", "gan", "-n", "2", "--version", "-1"], "version must be an integer from 0 to 2**32-1 (0: the latest), got -1"),
+        (
+            ["images", "gan", "-n", "4", "--labels", "0-9"],
+            "labels has 10 entries, more than the 4 samples; give at most 4 labels (fewer are cycled)",
+        ),
+        (["images", "gan", "--labels", "3000000000"], f"{LABELS} 3000000000"),
+        (["images", "vae", "-n", "4294967296"], "n must be an integer from 1 to the model's max_n, got 4294967296"),
+        (["text", "transformer", "-p", "ROMEO:", "--top-k", "-1"], "top_k must be an integer from 0 to 2**32-1 (0 turns it off), got -1"),
+        (["text", "transformer", "-p", "ROMEO:", "--seed", "-1"], "seed must be an integer from 0 to 2**64-1, got -1"),
+        (["text", "transformer", "-p", "ROMEO:", "--temperature", "nan"], f"{TEMPERATURE} nan"),
+        (["text", "transformer", "-p", "ROMEO:", "--top-p", "inf"], "top_p must be in (0, 1] (1 turns it off), got inf"),
+        (
+            ["text", "transformer", "-p", "ROMEO:", "--max-tokens", "4294967296"],
+            "max_new_tokens must be an integer from 1 to the server's max_new_tokens, got 4294967296",
+        ),
+    ],
+)
+def test_a_value_no_request_can_carry_is_a_usage_error_before_any_call(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:  # the target is down: a request would fail otherwise, with status 1
+        main([*argv, "--target", "127.0.0.1:1", "--timeout", "2"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"\npython -m clients: error: {message}\n") and "Traceback" not in err
+
+
+def test_text_help_gives_no_number_for_the_servers_default_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["text", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "tokens to generate (default: the server's default for a request that sets none)" in usage and "256" not in usage
+    assert TextOptions.__doc__ is not None and "256" not in TextOptions.__doc__  # no number that can drift from the server's
 
 
 @pytest.mark.parametrize("argv", [[], ["images"], ["images", "vae", "-n", "0"], ["text", "t"], ["models", "--timeout", "-1"]])

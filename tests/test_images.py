@@ -421,7 +421,13 @@ INVALID: list[tuple[str, ImageRequest, str, str]] = [
         "cvae",
         ImageRequest(n=3, seed=1, labels=[1, 2]),
         "labels",
-        "labels has 2 entries; expected n=3 (one per sample) or 1 (used for every sample)",
+        "labels has 2 entries, fewer than the 3 samples (repeat them to cycle them); send 3 (one per sample) or 1 (used for every sample)",
+    ),
+    (
+        "cvae",
+        ImageRequest(n=4, seed=1, labels=list(range(10))),
+        "labels",
+        "labels has 10 entries, more than the 4 samples; send 4 (one per sample) or 1 (used for every sample)",
     ),
     ("cvae", ImageRequest(n=2, seed=1, labels=[1.0, 2.0]), "labels", "labels must be integers, got [1.0, 2.0]"),  # type: ignore[list-item]
     ("cvae", ImageRequest(n=2, seed=1, labels=[True, False]), "labels", "labels must be integers, got [True, False]"),

@@ -236,7 +236,8 @@ async def test_the_batchers_see_a_generate_call_from_its_acceptance(stub: pb_grp
 @pytest.mark.parametrize(
     ("params", "words"),
     [
-        (pb.ImageParams(n=4, labels=[1, 2]), r"^labels has 2 entries; expected n=4 \(one per sample\) or 1"),  # passed admission once
+        (pb.ImageParams(n=4, labels=[1, 2]), r"^labels has 2 entries, fewer than the 4 samples .*; send 4 "),  # passed admission once
+        (pb.ImageParams(n=4, labels=range(10)), r"^labels has 10 entries, more than the 4 samples; send 4 \(one per sample\) or 1"),
         (pb.ImageParams(n=2, labels=[10]), r"^label 10 at index 0 is outside 0\.\.9$"),
         (pb.ImageParams(n=1, seed=2**63), r"^seed must be an integer from 0 to 2\*\*63-1"),
     ],
