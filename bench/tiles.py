@@ -28,12 +28,12 @@ def ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", type=ints, default=[8, 16, 32, 64])
-    parser.add_argument("--batches", type=ints, default=[1, 8, 32, 128, 256])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server's default on 2 cores)")
-    parser.add_argument("--models", default="vae,gan")
+    parser = argparse.ArgumentParser(prog="python -m bench.tiles", description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=ints, default=[8, 16, 32, 64], help="tile sizes in rows, one column each (default: 8,16,32,64)")
+    parser.add_argument("--batches", type=ints, default=[1, 8, 32, 128, 256], help="batch sizes, one row each (default: 1,8,32,128,256)")
+    parser.add_argument("--rounds", type=int, default=15, help="shuffled timing rounds per batch size (default: 15)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server's default on 2 cores; default: 1)")
+    parser.add_argument("--models", default="vae,gan", help="image models of models/, comma-separated (default: vae,gan)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")

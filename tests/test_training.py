@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine.modelfile import export_model, load_model
 from engine.models.vae import VAE, VAEConfig
+from training import plots
 from training.__main__ import build_parser, main
 from training.checkpoint import load_checkpoint, module_state
 from training.data import DataError, load_mnist, load_shakespeare, read_idx
@@ -194,6 +195,26 @@ def test_cli_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str], comm
     if command == "gan":  # the exported generator is the weight average, not the raw generator
         raw = module_state(best, "generator")
         assert any(not torch.equal(raw[n], a[n]) for n in a)
+
+
+@pytest.mark.parametrize("error", [ModuleNotFoundError("No module named 'matplotlib'"), RuntimeError("no font\nat all")])
+def test_a_plot_that_cannot_be_drawn_keeps_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    def loss_curve(*args: Any, **kwargs: Any) -> Path:
+        raise error
+
+    monkeypatch.setattr(plots, "loss_curve", loss_curve)
+    run = tmp_path / "run"
+    assert train("vae", run, "--epochs", "1") == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 1
+    with Image.open(run / "samples.png") as im:
+        im.verify()
+    assert load_model(run / "model.safetensors").kind == "vae"
+    assert (run / "checkpoints" / "best.safetensors").is_file() and (run / "checkpoints" / "last.safetensors").is_file()
+    assert not (run / "loss_curve.png").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "plot not drawn" in line]
+    assert len(warnings) == 1 and str(run / "loss_curve.png") in warnings[0] and type(error).__name__ in warnings[0]
 
 
 def test_early_stopping_exports_the_best_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# The [train] extra (pyproject.toml). matplotlib draws only the loss curve, so `export` runs without it.
+TRAIN_MODULES = ("torch", "safetensors", "structlog", "matplotlib")
 
-from engine.errors import ModelFileError
-from engine.logs import configure_logging, get_logger
-from engine.modelfile import export_model
-from training.checkpoint import load_checkpoint, module_state
-from training.data import DataError
-from training.loop import LoopConfig, TrainingRun, seed_everything
-from training.task import Task
+
+def missing_train_modules() -> list[str]:
+    """The modules of the [train] extra that this environment lacks."""
+    return [name for name in TRAIN_MODULES if importlib.util.find_spec(name) is None]
+
+
+def train_extra_error(missing: list[str]) -> str:
+    return f"python -m training needs the [train] extra ({', '.join(missing)} not installed): pip install 'genserve[train]'"
+
+
+# before the imports below need them (as server/__main__.py does for [server]); main() checks
+# matplotlib once it knows the command, so that a missing plot library stops a run before its first epoch
+if __name__ == "__main__" and set(_missing := missing_train_modules()) - {"matplotlib"}:
+    sys.exit(train_extra_error(_missing))
+
+import torch  # noqa: E402  (after the check above)
+
+from engine.errors import ModelFileError  # noqa: E402
+from engine.logs import configure_logging, get_logger  # noqa: E402
+from engine.modelfile import export_model  # noqa: E402
+from training.checkpoint import load_checkpoint, module_state  # noqa: E402
+from training.data import DataError  # noqa: E402
+from training.loop import LoopConfig, TrainingRun, seed_everything  # noqa: E402
+from training.task import Task  # noqa: E402
 
 log = get_logger("training")
 
@@ -67,7 +86,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-dir", type=Path, help="output folder (default runs/<model>-<time>)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (auto: cuda if there is one)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    g.add_argument("--log-format", choices=["console", "json"], default="console")
+    add_log_format(g)
+
+
+LOG_FORMAT_HELP = "log lines as readable text or as one JSON object each"
+
+
+def add_log_format(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--log-format", choices=["console", "json"], default="console", help=LOG_FORMAT_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train genserve's generative models, resume a run, or export a checkpoint.",
         epilog="Each run folder gets loss_curve.png, samples.png (or samples.txt), metrics.json, model.safetensors and checkpoints/.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do; COMMAND --help lists its options")
     helps = {
         "vae": "train the VAE on MNIST",
         "gan": "train the WGAN-GP on MNIST",
@@ -91,20 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
         "resume",
         help="continue a run from one of its checkpoints",
         description="Continue a run from a checkpoint, as if it had never stopped.",
+        formatter_class=DefaultsFormatter,
     )
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--epochs", type=int, help="raise the run's epoch limit (changes the cosine schedule's length)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--log-format", choices=["console", "json"], default="console")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint of the run (RUN/checkpoints/*.safetensors)")
+    p.add_argument(
+        "--epochs", type=int, help="raise the run's epoch limit (changes the cosine schedule's length; default: the run's own limit)"
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train (auto: cuda if there is one)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    add_log_format(p)
     p = sub.add_parser(
         "export",
         help="write a model file from a checkpoint",
         description="Export the served model of a checkpoint as a .safetensors model file.",
+        formatter_class=DefaultsFormatter,
     )
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="model file to write")
-    p.add_argument("--log-format", choices=["console", "json"], default="console")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint of a run (RUN/checkpoints/*.safetensors)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="model file to write; to publish into a served models folder, write elsewhere on its file system, then mv it in",
+    )
+    add_log_format(p)
     return parser
 
 
@@ -180,6 +215,8 @@ def cmd_export(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "export" and (missing := missing_train_modules()):
+        raise SystemExit(train_extra_error(missing))  # before any epoch: a run must not die at its end
     configure_logging(args.log_format)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ class ClassifierTask(Task):
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--channels", type=int, default=32)
+        parser.add_argument("--channels", type=int, default=32, help="channels of the first convolution (the second has twice as many)")
         parser.add_argument("--feature-dim", type=int, default=128, help="width of the feature layer used by the Frechet distance")
         parser.add_argument("--shift", type=int, default=2, help="augment: translate training images by up to this many pixels")
         parser.set_defaults(epochs=15, batch_size=128, lr=2e-3, warmup_epochs=0.5, patience=5)

@@ -202,7 +202,7 @@ class TrainingRun:
         return self.finish(stop_reason)
 
     def finish(self, stop_reason: str) -> dict[str, Any]:
-        """Load the best epoch's weights, write the run folder's artefacts and the model file."""
+        """Load the best epoch's weights, write the model file, metrics.json, the samples, then the loss curve."""
         best = self.run_dir / "checkpoints" / "best.safetensors"
         if best.exists():
             ckpt = load_checkpoint(best)
@@ -226,9 +226,18 @@ class TrainingRun:
             vocab=self.task.export_vocab(),
             training=figures,
         )
-        plots.loss_curve(self.history, self.run_dir / "loss_curve.png", title=self.task.kind)
-        samples = self.task.write_samples(self.run_dir, seed=self.config.seed)
         metrics = dict(figures, task_args=self.task_args, loop=self.config.__dict__, history=self.history)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        samples = self.task.write_samples(self.run_dir, seed=self.config.seed)
+        self._plot_loss_curve()
         log.info("run written", run_dir=str(self.run_dir), model=str(model_path), samples=str(samples))
         return metrics
+
+    def _plot_loss_curve(self) -> None:
+        """Last, and never fatal: a plot that cannot be drawn (no matplotlib, no font, a full disk)
+        must not throw away a finished run, whose files are all written by now."""
+        path = self.run_dir / "loss_curve.png"
+        try:
+            plots.loss_curve(self.history, path, title=self.task.kind)
+        except Exception as e:
+            log.warning("plot not drawn", path=str(path), error=" ".join(f"{type(e).__name__}: {e}".split()))  # one line

@@ -47,9 +47,9 @@ class TransformerTask(Task):
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--n-layer", type=int, default=4)
-        parser.add_argument("--n-head", type=int, default=4)
-        parser.add_argument("--d-model", type=int, default=192)
+        parser.add_argument("--n-layer", type=int, default=4, help="Transformer blocks")
+        parser.add_argument("--n-head", type=int, default=4, help="attention heads per block; must divide --d-model")
+        parser.add_argument("--d-model", type=int, default=192, help="embedding width (the feed-forward layer is 4 times wider)")
         parser.add_argument("--block-size", type=int, default=128, help="context window in characters")
         # 0 by default: on a 2-core CPU dropout costs about a third of each step, and a 10-minute
         # run sees the text about 5 times, too few to overfit. The seed used 0.1.
