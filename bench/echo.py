@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.accept import aio_server
+from server.grpc_edge.accept import aio_server
 
 IMAGE_SIZE = 28
 MAX_N = 64
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--credits", type=int, default=512, help="credit granted to each GenerateStream (the server's --stream-credits)")
     parser.add_argument(
-        "--accept-ahead", type=int, default=1, help="calls asked of grpc core ahead of need (server/accept.py; 1: grpc.aio's own)"
+        "--accept-ahead", type=int, default=1, help="calls asked of grpc core ahead of need (server/grpc_edge/accept.py; 1: grpc.aio's own)"
     )
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics on 127.0.0.1 (0: off)")
     args = parser.parse_args(argv)

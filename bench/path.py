@@ -42,9 +42,9 @@ class _Context:
 async def measure(models_dir: str, requests: int, window: int, rounds: int, model: str) -> list[tuple[float, float]]:
     """(requests/s, loop CPU us per request) for each round."""
     from genserve.v1 import generator_pb2 as pb
-    from server.app import GenServer
     from server.config import ServerConfig
-    from server.outbox import MAX_RESULTS_PER_MESSAGE, StreamOutbox
+    from server.grpc_edge.outbox import MAX_RESULTS_PER_MESSAGE, StreamOutbox
+    from server.runtime.app import GenServer
 
     config = ServerConfig(models_dir=models_dir, port=0, metrics_port=0, log_level="warning")
     server = GenServer(config)
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests, --rounds, --runs and --window must be >= 1")
     if args.one_tree:
         return _one_tree(args)
-    if args.baseline is not None and not (args.baseline / "server" / "app.py").is_file():
-        parser.error(f"--baseline {args.baseline}: not a genserve source tree (no server/app.py)")
+    if args.baseline is not None and not (args.baseline / "server" / "config.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not a genserve source tree (no server/config.py)")
     trees = ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("this tree", ROOT)]
     child = [
         *("--requests", str(args.requests), "--rounds", str(args.rounds), "--window", str(args.window)),

@@ -181,7 +181,7 @@ def node_available() -> bool:
 def node_load(url: str, queue: str, metrics_ports: list[int], args: argparse.Namespace) -> dict[str, Any]:
     """One bench/amqp/load.mjs process keeps ``inflight x amqp_clients`` requests in flight; the
     servers' counters (rpc "Amqp") say what became of the requests of the measured window."""
-    from server.amqp import RPC  # the rpc label of AMQP requests in the servers' counters
+    from server.amqp_ingress import RPC  # the rpc label of AMQP requests in the servers' counters
 
     body = pb.GenerateRequest(model="vae", image=pb.ImageParams(n=1, seed=0)).SerializeToString().hex()
     inflight = args.inflight * args.amqp_clients

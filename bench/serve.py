@@ -6,7 +6,7 @@
     --quick               1-2 s points, 5 s of overload, open loop at 0.5 and 0.8 (a couple of minutes)
     --duration S          measured seconds per point (default 10; --quick 2)
     --overload-duration S seconds of the 2x overload (default 30; --quick 5)
-    --server-args "..."   more flags for python -m server (e.g. "--front-limit 64": the HAProxy front, server/front.py)
+    --server-args "..."   more flags for python -m server (e.g. "--front-limit 64": the HAProxy front, server/runtime/front.py)
     --json FILE           every figure, and the per-status accounting, as JSON
 
 Two servers run as subprocesses on free 127.0.0.1 ports: the server under test (``python -m

@@ -14,7 +14,7 @@
         +-- EngineError          model code failed; the request may be retried
         +-- DeviceUnavailableError
 
-The server maps them to gRPC statuses in one place (``server/statuses.py``). This module imports
+The server maps them to gRPC statuses in one place (``server/pipeline/statuses.py``). This module imports
 nothing heavy, so the server's mapping costs no torch import.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# HAProxy, for the server's optional front (`python -m server --front-limit N`, server/front.py), which
+# HAProxy, for the server's optional front (`python -m server --front-limit N`, server/runtime/front.py), which
 # queues a few plain calls past its limit and refuses the rest in C. scripts/test.sh runs this too, so
 # tests/test_front.py runs. Idempotent, and it never prompts: as root it runs `apt-get install haproxy`
 # (Debian/Ubuntu; `brew install haproxy` on macOS); otherwise it tries `sudo -n` (no password prompt).

@@ -46,7 +46,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- jobs: exactly one terminal outcome ------------------------------------------------------
     Mutant(
         "jobs-finish-twice",
-        "server/jobs.py",
+        "server/pipeline/jobs.py",
         "        if self.done:\n            return False\n        self.done = True",
         "        self.done = True",
         ("tests/test_server_stages.py", "tests/test_supervisor.py"),
@@ -54,7 +54,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "jobs-emit-after-done",
-        "server/jobs.py",
+        "server/pipeline/jobs.py",
         "        if not self.done:\n            self.recipient.emit(self, item)",
         "        self.recipient.emit(self, item)",
         ("tests/test_server_stages.py",),
@@ -62,7 +62,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "jobs-failure-keeps-decoding",
-        "server/jobs.py",
+        "server/pipeline/jobs.py",
         "            self.worker.cancel(self.handle)",
         "            pass",
         ("tests/test_server_stages.py", "-k", "cancelled"),
@@ -104,7 +104,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- supervisor -----------------------------------------------------------------------------
     Mutant(
         "supervisor-loses-held-jobs",
-        "server/supervisor.py",
+        "server/pipeline/supervisor.py",
         '            job.fail(*retryable(f"stage {stage.name} failed while holding this request"))',
         "            pass",
         ("tests/test_supervisor.py",),
@@ -112,7 +112,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "supervisor-window-never-expires",
-        "server/supervisor.py",
+        "server/pipeline/supervisor.py",
         "while self.restarts and now - self.restarts[0] > self.period:",
         "while False:",
         ("tests/test_supervisor.py",),
@@ -120,7 +120,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "supervisor-one-restart-too-many",
-        "server/supervisor.py",
+        "server/pipeline/supervisor.py",
         "        if len(self.restarts) >= self.intensity:",
         "        if len(self.restarts) > self.intensity:",
         ("tests/test_supervisor.py",),
@@ -129,7 +129,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- links: bounded, and nothing lost between stages ------------------------------------------
     Mutant(
         "link-group-ignores-capacity",
-        "server/links.py",
+        "server/pipeline/links.py",
         "            n = min(self.capacity - len(items), len(pending))",
         "            n = len(pending)",
         ("tests/test_server_stages.py",),
@@ -137,7 +137,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "link-wake-up-lost",
-        "server/links.py",
+        "server/pipeline/links.py",
         "            if woken and ready():",
         "            if False:",
         ("tests/test_server_stages.py",),
@@ -146,7 +146,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- admission ------------------------------------------------------------------------------
     Mutant(
         "admission-no-inflight-limit",
-        "server/admission.py",
+        "server/pipeline/admission.py",
         "        if inflight >= self.max_inflight:",
         "        if False:",
         ("tests/test_server_stages.py", "-k", "admit"),
@@ -154,7 +154,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "admission-open-while-draining",
-        "server/pipeline.py",
+        "server/pipeline/core.py",
         "        if not self.accepting:",
         "        if False:",
         ("tests/test_server_stages.py", "-k", "admit"),
@@ -162,7 +162,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "admission-deadlines-not-enforced",
-        "server/pipeline.py",
+        "server/pipeline/core.py",
         '                job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")',
         "                pass",
         ("tests/test_server_stages.py", "-k", "deadline or timeout"),
@@ -170,7 +170,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "admission-timeout-not-capped",
-        "server/pipeline.py",
+        "server/pipeline/core.py",
         "min(timeout, self.config.request_timeout_s)",
         "timeout",
         ("tests/test_server_stages.py", "-k", "timeout"),
@@ -178,7 +178,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "completion-writes-block",
-        "server/wakeups.py",
+        "server/grpc_edge/wakeups.py",
         "        writer.setblocking(False)",
         "        pass",
         ("tests/test_wakeups.py",),
@@ -194,7 +194,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "latents-drawn-on-the-loop",
-        "server/stages/processor.py",
+        "server/pipeline/stages/processor.py",
         "            whole = images.prepare(job.image, draw=False)",
         "            whole = images.prepare(job.image)",
         ("tests/test_server_stages.py",),
@@ -203,7 +203,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- drain ----------------------------------------------------------------------------------
     Mutant(
         "drain-grace-zero",
-        "server/app.py",
+        "server/runtime/app.py",
         "        await self._shutdown.wait()\n        await self.stop()",
         "        await self._shutdown.wait()\n        await self.stop(grace=0)",
         ("tests/test_server_process.py", "-k", "drains"),
@@ -211,7 +211,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "drain-does-not-wait",
-        "server/app.py",
+        "server/runtime/app.py",
         "                await self.pipeline.wait_idle()",
         "                pass",
         ("tests/test_server.py", "-k", "drain"),
@@ -219,7 +219,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "drain-stays-ready",
-        "server/app.py",
+        "server/runtime/app.py",
         "        self.pipeline.accepting = False\n        self._serving = False\n",
         "        self.pipeline.accepting = False\n",
         ("tests/test_server.py", "-k", "drain"),
@@ -227,7 +227,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "drain-leaves-requests-hanging",
-        "server/app.py",
+        "server/runtime/app.py",
         "        failed = self.pipeline.fail_all(",
         "        failed = 0 and self.pipeline.fail_all(",
         ("tests/test_server.py", "-k", "outlives"),
@@ -236,7 +236,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- credits --------------------------------------------------------------------------------
     Mutant(
         "credits-not-given-back",
-        "server/outbox.py",
+        "server/grpc_edge/outbox.py",
         "        if credit:\n            self.credit_back += 1",
         "        if credit:\n            pass",
         ("tests/test_server.py", "-k", "credit"),
@@ -244,7 +244,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "credits-never-refuse",
-        "server/service.py",
+        "server/grpc_edge/service.py",
         "        if stream.credit <= 0:",
         "        if False:",
         ("tests/test_server.py", "-k", "credit"),
@@ -261,7 +261,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "auth-stops-at-a-match",
-        "server/auth.py",
+        "server/grpc_edge/auth.py",
         "            valid |= hmac.compare_digest(given, digest)",
         "            valid |= hmac.compare_digest(given, digest)\n            if valid:\n                break",
         ("tests/test_security.py", "-k", "constant_time"),

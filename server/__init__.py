@@ -1,1 +1,1 @@
-"""genserve server: the gRPC front, the GenStage-style pipeline and its supervisor (python -m server)."""
+"""genserve server (python -m server): the pipeline core, its ingresses (gRPC, AMQP) and the process runtime (docs/architecture.md)."""

@@ -43,14 +43,14 @@ from engine.logs import get_logger
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, DEADLINE_HEADER, dead_letter_queue, queue_arguments
 from server.config import ServerConfig
-from server.jobs import Job, Outcome
+from server.grpc_edge.service import GeneratorService
+from server.grpc_edge.wire import fill_chunk, fill_finish
 from server.metrics import Metrics
-from server.pipeline import Pipeline
-from server.service import GeneratorService
-from server.statuses import Refused
-from server.wire import fill_chunk, fill_finish
+from server.pipeline.core import Pipeline
+from server.pipeline.jobs import Job, Outcome
+from server.pipeline.statuses import Refused
 
-log = get_logger("server.amqp")
+log = get_logger("server.amqp_ingress")
 
 RPC = "Amqp"  # the rpc label of AMQP requests in metrics and logs
 RECONNECT_S = 1.0  # between reconnection attempts; aio-pika's default is 5 s

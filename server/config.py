@@ -20,7 +20,7 @@ ENV_PREFIX = "GENSERVE_"
 SECRET_FIELDS = ("amqp_url",)  # may hold a password: --help never shows its value
 MAX_PORT = 65535
 PORT_FIELDS = ("port", "metrics_port")
-TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/auth.py, never a config field
+TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/grpc_edge/auth.py, never a config field
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class ServerConfig:
     metrics_port: int = field(default=9464, metadata={"help": "Prometheus /metrics port (0: off)"})
     metrics_host: str = field(default="", metadata={"help": "address of /metrics (empty: --host)"})
     max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message accepted or sent, in MiB"})
-    # Security (server/auth.py). Paths only: no secret is ever a field, so none shows in --help or in a log.
+    # Security (server/grpc_edge/auth.py). Paths only: no secret is ever a field, so none shows in --help or in a log.
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: serve TLS (with --tls-key; empty: plaintext)"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
     tls_client_ca: str = field(
@@ -113,7 +113,7 @@ class ServerConfig:
         },
     )
     public_health: bool = field(default=True, metadata={"help": "health checks and reflection need no token (--no-public-health: they do)"})
-    # Scale-out (server/workers.py, server/amqp.py).
+    # Scale-out (server/runtime/workers.py, server/amqp_ingress.py).
     workers: int = field(default=1, metadata={"help": "server processes sharing the port (SO_REUSEPORT); 0: one per usable core"})
     amqp_url: str = field(
         default="",
@@ -126,7 +126,7 @@ class ServerConfig:
         default="genserve.requests", metadata={"help": "queue of requests with --amqp-url (dead letters go to <queue>.dead)"}
     )
 
-    # Set by the front for the server behind it (server/front.py), never by a flag or the environment.
+    # Set by the front for the server behind it (server/runtime/front.py), never by a flag or the environment.
     front_address: str = field(default="", metadata={"help": "the front's public address", "internal": True})
     front_tls: bool = field(default=False, metadata={"help": "the front terminates TLS", "internal": True})
 

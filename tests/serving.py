@@ -28,8 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from server.app import GenServer
 from server.config import ServerConfig
+from server.runtime.app import GenServer
 
 TEST_DEFAULTS: dict[str, Any] = {"port": 0, "metrics_port": 0, "grace_s": 5.0}
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Accepting calls ahead of need (server/accept.py): every call still gets one answer, the policy's
+"""Accepting calls ahead of need (server/grpc_edge/accept.py): every call still gets one answer, the policy's
 refusals reach the client with their code, details and hint before any handler runs, and the
 seam into grpc.aio's internals is there in the pinned grpcio (a grpcio that moves it fails here,
 not silently in production)."""
@@ -12,9 +12,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from server import accept
-from server.accept import EagerAcceptServer, Refusal, aio_server, set_policy
-from server.statuses import RETRY_PUSHBACK_KEY
+from server.grpc_edge import accept
+from server.grpc_edge.accept import EagerAcceptServer, Refusal, aio_server, set_policy
+from server.pipeline.statuses import RETRY_PUSHBACK_KEY
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -89,7 +89,7 @@ async def ahead() -> AsyncIterator[tuple[grpc.aio.Server, grpc.aio.Channel, Call
 
 
 async def test_the_seam_into_grpc_aio_is_there() -> None:
-    assert accept.supported(), f"grpcio {grpc.__version__} moved grpc.aio's accept internals: see server/accept.py"
+    assert accept.supported(), f"grpcio {grpc.__version__} moved grpc.aio's accept internals: see server/grpc_edge/accept.py"
 
 
 async def test_one_at_a_time_is_grpc_aios_own_server() -> None:

@@ -1,12 +1,12 @@
-"""Admission by queueing delay (server/admission.py), on a fake clock: no server, no timing."""
+"""Admission by queueing delay (server/pipeline/admission.py), on a fake clock: no server, no timing."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 
-from server.admission import Admission, CoDel, grpc_server_options
-from server.statuses import RETRY_PUSHBACK_KEY, Refused
+from server.pipeline.admission import Admission, CoDel, grpc_server_options
+from server.pipeline.statuses import RETRY_PUSHBACK_KEY, Refused
 
 TARGET, INTERVAL = 0.005, 0.100
 
@@ -126,7 +126,7 @@ def test_grpc_cores_backlog_is_bounded_by_configuration() -> None:
 
 
 def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average() -> None:
-    """The second signal (server/accept.py): how long calls wait between acceptance and their task's
+    """The second signal (server/grpc_edge/accept.py): how long calls wait between acceptance and their task's
     first step. The job queue may be short meanwhile (a saturated event loop is the bottleneck)."""
     clock = Clock()
     reasons: list[str] = []
@@ -137,7 +137,7 @@ def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average()
     assert admission.arrival.sheds(0.001)  # a call arriving behind one still waiting is refused
     assert not admission.arrival.sheds(0.0)  # one that finds nobody waiting goes in: its sample updates the average
     admission.check(5)  # the handler's check is the job queue's: the accept path refuses for arrivals
-    assert reasons == []  # the accept path's policy refuses (and counts) for the loop's queue: server/service.py
+    assert reasons == []  # the accept path's policy refuses (and counts) for the loop's queue: server/grpc_edge/service.py
     refusal = admission.refused("arrival")
     assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refusal.retry_after_ms == 100
     assert "wait over 10 ms to start" in refusal.message

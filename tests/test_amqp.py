@@ -27,8 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import AmqpClient, AsyncAmqpClient, AsyncClient, DeadlineExceeded, ModelNotFound
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
-from server.amqp import declare_queues
-from server.app import AMQP_NAME, SERVICE_NAME
+from server.amqp_ingress import declare_queues
+from server.runtime.app import AMQP_NAME, SERVICE_NAME
 from tests.serving import ServerProcess, running_server
 
 pytestmark = pytest.mark.timeout(180)

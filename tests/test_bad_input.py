@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.requests import MAX_ID_LENGTH
+from server.pipeline.requests import MAX_ID_LENGTH
 from tests.serving import ServerThread
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -661,7 +661,7 @@ class StreamRun:
                 if f.code == 0:
                     check_result(s.request, catalog, f, chunks[key])
         # every Finish gives its credit back, but a refusal for want of credit (which used none); while the
-        # server sheds (server/admission.py) it gives back fewer, so never more than that
+        # server sheds (server/pipeline/admission.py) it gives back fewer, so never more than that
         assert self.granted - CREDITS <= self.finishes - self.no_credit
 
 

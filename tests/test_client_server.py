@@ -29,7 +29,7 @@ from clients import (
     Unavailable,
 )
 from clients.cli import main
-from server.app import GenServer
+from server.runtime.app import GenServer
 from tests.conftest_client import until
 from tests.decode_spy import StepSpy
 from tests.serving import running_server
@@ -111,7 +111,7 @@ async def test_a_big_request_arrives_in_chunks(client: AsyncClient) -> None:
 
 async def test_stream_and_generate_text(client: AsyncClient) -> None:
     pieces = [p async for p in client.stream_text("transformer", "ROMEO:", max_new_tokens=20, seed=5)]
-    # pieces as they arrive: a token each, or the tokens that were ready together (server/outbox.py)
+    # pieces as they arrive: a token each, or the tokens that were ready together (server/grpc_edge/outbox.py)
     assert 1 <= len(pieces) <= 20 and all(isinstance(p, str) and p for p in pieces)
     assert len("".join(pieces)) == 20  # a character model: one character a token
     assert await client.generate_text("transformer", "ROMEO:", max_new_tokens=20, seed=5) == "".join(pieces)

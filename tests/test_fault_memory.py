@@ -29,8 +29,8 @@ from engine.logs import configure_logging
 from engine.registry import ServedModel
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.app import GenServer
-from server.jobs import Job
+from server.pipeline.jobs import Job
+from server.runtime.app import GenServer
 from tests.serving import running_server
 
 

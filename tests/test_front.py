@@ -1,4 +1,4 @@
-"""The HAProxy front (``--front-limit N``, ``--front-queue Q``, server/front.py): N Generate calls in
+"""The HAProxy front (``--front-limit N``, ``--front-queue Q``, server/runtime/front.py): N Generate calls in
 the server, Q more waiting in the front, and past them a call is refused by HAProxy with
 RESOURCE_EXHAUSTED and the retry hint, counted in the server's /metrics; everything else passes;
 a front that dies takes the server down non-zero; what it needs and lacks is named.
@@ -28,7 +28,7 @@ from bench.accounting import front_refusals, parse, statuses
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, parse_args
-from server.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg, sweep_stale_workdirs
+from server.runtime.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg, sweep_stale_workdirs
 from tests.serving import ServerProcess
 from tests.test_server_process import run_server_cli
 

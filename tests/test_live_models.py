@@ -1,4 +1,4 @@
-"""Live models (server/model_watch.py): files dropped into, rewritten in and removed from the models
+"""Live models (server/runtime/model_watch.py): files dropped into, rewritten in and removed from the models
 folder of a running server, under a steady load of plain and stream calls, with no failed request."""
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from engine.models.vae import VAE, VAEConfig
 from engine.registry import DEFAULT_MODELS_DIR, ModelRegistry, ServedModel
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.app import GenServer
-from server.model_watch import ModelWatcher
+from server.runtime.app import GenServer
+from server.runtime.model_watch import ModelWatcher
 from tests.serving import running_server
 
 pytestmark = pytest.mark.timeout(60)

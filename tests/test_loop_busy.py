@@ -1,4 +1,4 @@
-"""The event loop's busy share (server/loop_busy.py): a loop held busy reads near 1, an idle one near 0."""
+"""The event loop's busy share (server/runtime/loop_busy.py): a loop held busy reads near 1, an idle one near 0."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.loop_busy import LoopBusyProbe
+from server.runtime.loop_busy import LoopBusyProbe
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 

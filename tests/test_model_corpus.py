@@ -255,7 +255,7 @@ def file_system_calls() -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
 
     def recording(label: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not threading.current_thread().name.startswith("model-loader"):  # server/model_watch.py's scans
+            if not threading.current_thread().name.startswith("model-loader"):  # server/runtime/model_watch.py's scans
                 calls.append((label, args))
             return original(*args, **kwargs)
 

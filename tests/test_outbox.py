@@ -13,8 +13,8 @@ import pytest
 from engine.decode import SequenceHandle, TokenEvent
 from engine.images import ImageRequest, ImageResult
 from genserve.v1 import generator_pb2 as pb
-from server.jobs import COMPLETE, Job, Outcome
-from server.outbox import CallQueue
+from server.grpc_edge.outbox import CallQueue
+from server.pipeline.jobs import COMPLETE, Job, Outcome
 
 pytestmark = pytest.mark.asyncio
 

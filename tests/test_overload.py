@@ -22,8 +22,8 @@ from engine.images import ImageChunk
 from engine.registry import ServedModel
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.app import GenServer
-from server.statuses import RETRY_PUSHBACK_KEY
+from server.pipeline.statuses import RETRY_PUSHBACK_KEY
+from server.runtime.app import GenServer
 from tests.serving import running_server
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -163,11 +163,11 @@ async def test_the_sdk_session_waits_for_the_hint_before_sending_a_refused_reque
 
 
 async def test_calls_behind_a_long_loop_queue_are_refused_by_the_accept_path_and_nothing_else_is(held: GenServer) -> None:
-    """The service's policy for server/accept.py: while calls wait over target to start, on average, a
+    """The service's policy for server/grpc_edge/accept.py: while calls wait over target to start, on average, a
     Generate call that arrives behind others still waiting, or that waited over twice the target, is
     refused with the hint; other methods, and a call that finds nobody waiting, go on to their
     handlers; calls that start at once again end it."""
-    from server.service import GENERATE_PATH
+    from server.grpc_edge.service import GENERATE_PATH
 
     service, admission = held.service, held.pipeline.admission
     list_models = b"/genserve.v1.Generator/ListModels"
@@ -193,7 +193,7 @@ async def test_calls_behind_a_long_loop_queue_are_refused_by_the_accept_path_and
 async def test_calls_in_progress_past_the_limit_are_refused_at_arrival_and_text_calls_do_not_count() -> None:
     """admission's CallLimit (no rate yet: its floor, 16 for batches of 16): the 17th image call in
     progress is refused at arrival with the hint, while text streams in progress leave the count
-    (server/accept.py release_call) and never hold image calls back."""
+    (server/grpc_edge/accept.py release_call) and never hold image calls back."""
     async with running_server(models_dir=MODELS, batch_size=16, admission_interval_ms=HINT_MS, log_level="warning") as srv:
         assert srv.pipeline.admission.calls.limit == 16
         async with grpc.aio.insecure_channel(srv.address) as channel:

@@ -23,9 +23,9 @@ import clients
 from engine.logs import configure_logging
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.app import GenServer
-from server.auth import BearerTokenAuth, SecurityError, load_tokens
 from server.config import TOKENS_ENV, ServerConfig, from_env, parse_args
+from server.grpc_edge.auth import BearerTokenAuth, SecurityError, load_tokens
+from server.runtime.app import GenServer
 from tests.serving import make_config, running_server
 
 pytestmark = [
@@ -475,7 +475,7 @@ async def test_every_configured_token_is_compared_in_constant_time(monkeypatch: 
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("server.auth.hmac.compare_digest", counting)
+    monkeypatch.setattr("server.grpc_edge.auth.hmac.compare_digest", counting)
     tokens = [ENV_TOKEN, *FILE_TOKENS]
     auth = BearerTokenAuth(tokens)
     for given, ok in [(ENV_TOKEN, True), (FILE_TOKENS[-1], True), (WRONG, False), (ENV_TOKEN[:-1], False)]:

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.app import GenServer
-from server.outbox import CallQueue
-from server.requests import JobBuilder
-from server.statuses import Refused
+from server.grpc_edge.outbox import CallQueue
+from server.pipeline.requests import JobBuilder
+from server.pipeline.statuses import Refused
+from server.runtime.app import GenServer
 from tests.decode_spy import StepSpy
 from tests.serving import make_config, running_server
 
@@ -519,7 +519,7 @@ async def test_a_failed_start_stops_its_stages_without_restarting_them(monkeypat
     def fail(*args: object) -> None:
         raise RuntimeError("injected: registering the service failed")
 
-    monkeypatch.setattr("server.app.register", fail)  # fails after the supervisor has started every stage
+    monkeypatch.setattr("server.runtime.app.register", fail)  # fails after the supervisor has started every stage
     srv = GenServer(make_config(models_dir=MODELS))
     with pytest.raises(RuntimeError, match="injected"):
         await srv.start()
@@ -582,7 +582,7 @@ async def test_metrics_are_served_over_http_on_their_own_port(tmp_path: Path) ->
     for family in ("genserve_queue_depth", "genserve_inflight_requests", "genserve_batch_size", "genserve_stage_restarts_total"):
         assert family in body
     busy = float(next(line.split()[1] for line in body.splitlines() if line.startswith("genserve_loop_busy_ratio ")))
-    assert 0.0 <= busy <= 1.0  # the event loop's busy share (server/loop_busy.py), sampled while it serves
+    assert 0.0 <= busy <= 1.0  # the event loop's busy share (server/runtime/loop_busy.py), sampled while it serves
     with pytest.raises(OSError):  # and the port is closed with the server
         await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)
 

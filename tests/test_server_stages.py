@@ -1,4 +1,4 @@
-"""server.links, server.stages and server.pipeline: bounded links with demand, the stages on tiny real models, admission."""
+"""The pipeline core: bounded links with demand, the stages on tiny real models, admission."""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from engine.models.vae import VAE, VAEConfig
 from engine.registry import ModelRegistry, ServedModel
 from engine.sampling import SamplingParams
 from server.config import ServerConfig
-from server.jobs import Job, Outcome
-from server.links import Link
 from server.metrics import Metrics
-from server.pipeline import Pipeline
-from server.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
-from server.stages.batcher import BatchWindow
-from server.statuses import Refused
-from server.supervisor import Supervisor
+from server.pipeline.core import Pipeline
+from server.pipeline.jobs import Job, Outcome
+from server.pipeline.links import Link
+from server.pipeline.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
+from server.pipeline.stages.batcher import BatchWindow
+from server.pipeline.statuses import Refused
+from server.pipeline.supervisor import Supervisor
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 

@@ -1,4 +1,4 @@
-"""server.supervisor: one_for_one restarts of pipeline stages on an anyio task group, with a restart intensity."""
+"""server.pipeline.supervisor: one_for_one restarts of pipeline stages on an anyio task group, with a restart intensity."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import grpc
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 
-from server.jobs import Job, Outcome
-from server.stages import Stage
-from server.supervisor import Supervisor
+from server.pipeline.jobs import Job, Outcome
+from server.pipeline.stages import Stage
+from server.pipeline.supervisor import Supervisor
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 

@@ -1,4 +1,4 @@
-"""grpc's completion wake-ups never block its poller thread (server/wakeups.py): the seam is there
+"""grpc's completion wake-ups never block its poller thread (server/grpc_edge/wakeups.py): the seam is there
 in the pinned grpcio, a full wake-up socket refuses a write at once instead of blocking it, and a
 server whose loop falls far behind still answers every call."""
 
@@ -11,9 +11,9 @@ import time
 import grpc
 import pytest
 
-from server import wakeups
-from server.accept import aio_server
-from server.admission import grpc_server_options
+from server.grpc_edge import wakeups
+from server.grpc_edge.accept import aio_server
+from server.pipeline.admission import grpc_server_options
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -36,7 +36,9 @@ async def serving() -> tuple[grpc.aio.Server, int]:
 async def test_the_completion_queues_write_socket_is_found_and_made_non_blocking() -> None:
     server, _ = await serving()
     try:
-        assert wakeups.unblock_completion_writes(), f"grpcio {grpc.__version__} moved grpc.aio's completion queue: see server/wakeups.py"
+        assert wakeups.unblock_completion_writes(), (
+            f"grpcio {grpc.__version__} moved grpc.aio's completion queue: see server/grpc_edge/wakeups.py"
+        )
         writers = [s for s in wakeups._unblocked if s.fileno() != -1]
         assert writers and all(not s.getblocking() for s in writers)
     finally:

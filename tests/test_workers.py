@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import AsyncClient, GenserveError, Unavailable
 from server.config import ServerConfig
-from server.workers import Board, merge_metrics, reserve_port, worker_threads
+from server.runtime.workers import Board, merge_metrics, reserve_port, worker_threads
 from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -179,7 +179,7 @@ def test_a_second_signal_kills_the_workers(small_models: Path) -> None:
         # each worker logs its device once its signal handlers are in and its models start loading
         wait_for(lambda: len(g.find("device_chosen")) == 2, "two workers loading their models", 60)
         g.proc.send_signal(signal.SIGTERM)  # their drain would wait for the loading to end
-        wait_for(lambda: any(e["component"] == "server.workers" for e in g.find("signal_received")), "the first signal", 30)
+        wait_for(lambda: any(e["component"] == "server.runtime.workers" for e in g.find("signal_received")), "the first signal", 30)
         g.proc.send_signal(signal.SIGTERM)
         assert g.wait_exit(30) == 1
         assert str(g.find("workers_killed")[0]["why"]) == "second signal (SIGTERM)"

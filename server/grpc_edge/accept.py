@@ -22,7 +22,7 @@ waited for the main loop.
 An ``ArrivalPolicy`` (the service) is asked about each call as it arrives (refuse now?) and as its
 task starts (it waited this long in the loop's queue: refuse instead?). A refusal here ends the
 call without reading its message or running a handler: 54-72 us of server CPU against 138-159 us
-for the same refusal from the handler (h2load, a server held shedding; server/service.py).
+for the same refusal from the handler (h2load, a server held shedding; server/grpc_edge/service.py).
 
 This relies on grpcio internals (``grpc.aio._server.cygrpc.AioServer``, its
 ``_make_request_call_future``, ``_request_registered_call`` and handler registration,
@@ -48,7 +48,7 @@ from grpc.aio import _server as aio_server_module
 
 from engine.logs import get_logger
 
-log = get_logger("server.accept")
+log = get_logger("server.grpc_edge.accept")
 
 DEFAULT_DEPTH = 256  # at most this many calls asked for ahead, per method
 INITIAL_DEPTH = 4  # ... starting from this many (a method seldom called keeps a few requests out)
@@ -59,7 +59,7 @@ Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, deta
 
 
 class ArrivalPolicy(Protocol):
-    """What the accept path asks the application (server/service.py implements it)."""
+    """What the accept path asks the application (server/grpc_edge/service.py implements it)."""
 
     def refusal_at_arrival(self, method: bytes | None, in_progress: int, queued_s: float) -> Refusal | None:
         """A call of ``method`` has come in; ``in_progress`` calls of it were started and have not
@@ -275,7 +275,7 @@ def _refuse(rpc_state: Any, refusal: Refusal, loop: asyncio.AbstractEventLoop) -
     batch's completion) and is resumed from that future's callback. Under overload refusals are most
     of the loop's work, and the goodput left is what they do not use. Measured (h2load 4 x 64 in
     flight, a server held shedding, loop thread CPU per refusal): 44-46 us against 46-51 us with a
-    Task and the counters' labels looked up per refusal (server/service.py caches those).
+    Task and the counters' labels looked up per refusal (server/grpc_edge/service.py caches those).
     """
     code, details, trailing_metadata = refusal
     _step(

@@ -22,17 +22,17 @@ import grpc
 from engine.logs import get_logger
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.accept import Refusal, release_call
 from server.config import ServerConfig
-from server.jobs import Outcome
+from server.grpc_edge.accept import Refusal, release_call
+from server.grpc_edge.outbox import MAX_BYTES_PER_MESSAGE, MAX_RESULTS_PER_MESSAGE, CallQueue, StreamOutbox
+from server.grpc_edge.wire import SERVICE, Malformed, finish_message, tolerant
 from server.metrics import Metrics
-from server.outbox import MAX_BYTES_PER_MESSAGE, MAX_RESULTS_PER_MESSAGE, CallQueue, StreamOutbox
-from server.pipeline import Pipeline
-from server.requests import MAX_ID_LENGTH, JobBuilder, call_id, check_stream_id, timeout_of
-from server.statuses import Refused
-from server.wire import SERVICE, Malformed, finish_message, tolerant
+from server.pipeline.core import Pipeline
+from server.pipeline.jobs import Outcome
+from server.pipeline.requests import MAX_ID_LENGTH, JobBuilder, call_id, check_stream_id, timeout_of
+from server.pipeline.statuses import Refused
 
-log = get_logger("server.service")
+log = get_logger("server.grpc_edge.service")
 
 GENERATE_PATH = f"/{SERVICE}/Generate".encode()
 
@@ -57,7 +57,7 @@ def register(service: GeneratorService, server: grpc.aio.Server) -> None:
         ),
     }
     # Registered, not generic: grpc core matches each method's calls to its own requests, so the
-    # accept path knows a call's method before any handler runs (server/accept.py's ArrivalPolicy).
+    # accept path knows a call's method before any handler runs (server/grpc_edge/accept.py's ArrivalPolicy).
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
@@ -107,7 +107,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             response.models.append(entry)
         return response
 
-    # -- the accept path's policy (server/accept.py) -------------------------------------------
+    # -- the accept path's policy (server/grpc_edge/accept.py) -------------------------------------------
 
     def refusal_at_arrival(self, method: bytes | None, in_progress: int, queued_s: float) -> Refusal | None:
         """A Generate call is refused as it arrives, before its message is read or a handler runs, while

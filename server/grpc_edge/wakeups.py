@@ -40,7 +40,7 @@ from grpc._cython import cygrpc
 
 from engine.logs import get_logger
 
-log = get_logger("server.wakeups")
+log = get_logger("server.grpc_edge.wakeups")
 
 _unblocked: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # write sockets already changed (they may be frozen by now)
 

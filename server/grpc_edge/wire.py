@@ -10,7 +10,7 @@ from typing import Any
 from engine.decode import TokenEvent
 from engine.images import ImageResult
 from genserve.v1 import generator_pb2 as pb
-from server.jobs import Job, Outcome
+from server.pipeline.jobs import Job, Outcome
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name
 

@@ -31,15 +31,15 @@ unspent), so a streaming client slows down instead of being refused request by r
 within its credit meets only the count backstop.
 
 The second signal, ``arrival``: the event loop's own queue. Every call is started as a task where
-it is accepted (server/accept.py), and its wait from acceptance to the task's first step is a
+it is accepted (server/grpc_edge/accept.py), and its wait from acceptance to the task's first step is a
 sample of how much work the loop has queued (``LoopDelay``: their moving average, about half a
 turn of the loop). While that average is over the target, a new Generate call is refused at
 arrival if calls are still waiting to start (one that finds none goes in, and its sample updates
 the average), and a call that waited over twice the target is refused as it starts (Facebook's
 rule: under overload, the oldest are the ones to drop). What neither signal sees: calls grpc core
 has not handed over. Those used to be most of a flood: grpc's poller thread blocked on its wake-up
-socket (server/wakeups.py fixes it), then grpc.aio's main loop took one call per two turns of the
-loop (server/accept.py starts them itself now).
+socket (server/grpc_edge/wakeups.py fixes it), then grpc.aio's main loop took one call per two turns of the
+loop (server/grpc_edge/accept.py starts them itself now).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from server.statuses import Refused
+from server.pipeline.statuses import Refused
 
 SHEDDING_CREDIT_FRACTION = 4  # a stream holds 1/4 of its credit while the server sheds
 
@@ -63,7 +63,7 @@ def grpc_server_options(max_streams_per_connection: int, max_pending_calls: int)
     1000, then random early drop up to the hard limit, 3000) it ends them itself, as CANCELLED:
     measured under 2x overload (h2load, 4 connections), ~37.7k of ~45k calls ended so, unseen by
     admission and by the metrics. Most of that backlog was grpc's own poller thread held on its
-    wake-up socket (server/wakeups.py fixes it); the backlog is still bounded by configuration
+    wake-up socket (server/grpc_edge/wakeups.py fixes it); the backlog is still bounded by configuration
     (``max_pending_calls``, the hard limit twice it; ~14 KB a waiting call), for floods that come
     faster than the loop can even refuse them.
     The HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS) bounds it per client
@@ -149,7 +149,7 @@ class CallLimit:
     """Little's law over plain calls in progress: at most ``rate x budget`` of them (``rate``: image
     calls finished a second), so that under overload a call spends about ``budget`` in the server,
     and never fewer than ``floor`` (a server just started has no rate; the floor lets a batch nearly
-    fill). The count is the accept path's (server/accept.py): Generate calls started and not
+    fill). The count is the accept path's (server/grpc_edge/accept.py): Generate calls started and not
     finished, waiting to start included; a call leaves it when its outcome comes (only sending is
     left: a closed loop of 64 calls otherwise counted up to 128, the old calls' tasks still closing
     when the new ones came), and a text call once its handler knows it is one (``release_call``): it
@@ -210,7 +210,7 @@ class Admission:
     ) -> None:
         self.max_inflight = max_inflight
         self.codel = CoDel(target_s, interval_s)  # jobs: admission to their last batch
-        self.arrival = LoopDelay(target_s, interval_s)  # calls: accepted to started (server/accept.py)
+        self.arrival = LoopDelay(target_s, interval_s)  # calls: accepted to started (server/grpc_edge/accept.py)
         self.calls = CallLimit(budget=2 * target_s, floor=call_floor)  # calls in progress (the accept path refuses beyond it)
         self.clock = clock
         self.on_refusal = on_refusal  # metrics: "delay", "arrival" or "count"
@@ -231,7 +231,7 @@ class Admission:
         the loop's work, and an exception raised and caught a refusal was ~7% of it (py-spy)."""
         if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
             self.codel.reset()
-        if by_delay and self.codel.shedding:  # the arrival queue's own refusals are the accept path's (server/accept.py)
+        if by_delay and self.codel.shedding:  # the arrival queue's own refusals are the accept path's (server/grpc_edge/accept.py)
             self.on_refusal("delay")
             return "delay"
         if inflight >= self.max_inflight:
@@ -241,7 +241,7 @@ class Admission:
 
     def refused(self, reason: str) -> Refused:
         """The refusal for ``reason`` ("delay", "count", "arrival" or "limit"; see ``overloaded``; the accept path's
-        policy counts its own, server/service.py)."""
+        policy counts its own, server/grpc_edge/service.py)."""
         if reason == "delay":
             message = f"server is overloaded: requests wait over {self.codel.target * 1000:g} ms; retry after {self.retry_after_ms} ms"
         elif reason == "count":
@@ -262,11 +262,11 @@ class Admission:
     @property
     def shedding(self) -> bool:
         """Either queue is over target: jobs in the pipeline (for an interval), or calls waiting to start, on
-        average (``arrival``, fed and acted on by the accept path: server/accept.py and the service's policy)."""
+        average (``arrival``, fed and acted on by the accept path: server/grpc_edge/accept.py and the service's policy)."""
         return self.codel.shedding or self.arrival.shedding(self.clock())
 
     def observe_arrival(self, waited_s: float) -> None:
-        """A call waited ``waited_s`` between its acceptance and its task's first step (server/accept.py)."""
+        """A call waited ``waited_s`` between its acceptance and its task's first step (server/grpc_edge/accept.py)."""
         self.arrival.observe(waited_s, self.clock())
 
     def observe_job(self, created: float, allowance_s: float) -> None:

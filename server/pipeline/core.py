@@ -1,13 +1,13 @@
 r"""The pipeline: admission (the producer's front door), deadlines and metrics, around the topology
-that ``server/stages/topology.py`` builds from the config.
+that ``server/pipeline/stages/topology.py`` builds from the config.
 
-Admission (``admit``) runs in the RPC handler, synchronously, on a job ``server/requests.py`` has
-already checked: the policy in server/admission.py (queueing delay over target, or ``max_inflight``
+Admission (``admit``) runs in the RPC handler, synchronously, on a job ``server/pipeline/requests.py`` has
+already checked: the policy in server/pipeline/admission.py (queueing delay over target, or ``max_inflight``
 unfinished jobs) or a full ingress refuses at once (RESOURCE_EXHAUSTED, with a retry hint);
 otherwise the job's deadline is filed and it enters the ingress. Nothing is parked without bound.
 Every link holds at most ``queue_size`` items.
 
-Models come and go at run time (server/model_watch.py): ``add_model`` gives a new model name its
+Models come and go at run time (server/runtime/model_watch.py): ``add_model`` gives a new model name its
 link and stage and starts the stage under the supervisor before the model is published;
 ``drain_version`` waits for the requests on a retired version; ``remove_model`` stops the stages
 that no served version needs any more.
@@ -25,16 +25,16 @@ import grpc
 
 from engine.engine import Engine
 from engine.registry import ModelRegistry, ServedModel
-from server.admission import Admission
 from server.config import ServerConfig
-from server.jobs import Job
 from server.metrics import Metrics
-from server.stages.base import ImageWork
-from server.stages.topology import Topology
-from server.statuses import Refused
+from server.pipeline.admission import Admission
+from server.pipeline.jobs import Job
+from server.pipeline.stages.base import ImageWork
+from server.pipeline.stages.topology import Topology
+from server.pipeline.statuses import Refused
 
 if TYPE_CHECKING:
-    from server.supervisor import Supervisor
+    from server.pipeline.supervisor import Supervisor
 
 DEADLINE_TICK = 0.01  # seconds: deadlines are enforced to within one tick
 
@@ -66,7 +66,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retiring: dict[ServedModel, tuple[set[Job], asyncio.Event]] = {}  # drain_version's waits
-        # Plain calls accepted and not yet admitted (server/accept.py's count, set by the app): with the
+        # Plain calls accepted and not yet admitted (server/grpc_edge/accept.py's count, set by the app): with the
         # jobs in flight, what a batcher may still wait for before its window ends (Batcher._alone).
         self.calls_in_progress: Callable[[], int] = lambda: 0
         topology = self.topology = Topology(
@@ -83,7 +83,7 @@ class Pipeline:
             metrics.track_depth(name, depth)
         metrics.inflight.set_function(lambda: len(self.inflight))
 
-    # -- models at run time (server/model_watch.py) -------------------------------------------------
+    # -- models at run time (server/runtime/model_watch.py) -------------------------------------------------
 
     async def add_model(self, served: ServedModel, supervisor: Supervisor) -> bool:
         """Make the pipeline ready for ``served`` before it is published: its name's link and stage,
@@ -233,10 +233,10 @@ class Pipeline:
         outcome = job.outcome
         code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
         name = job.served.name
-        if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/admission.py)
+        if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/pipeline/admission.py)
             # What batching itself costs is not queueing: the batch timeout, the job's own batches,
             # and one batch ahead of it (one computes while the next fills).
-            # The window is the one in force (a saturated loop stretches it: server/stages/batcher.py).
+            # The window is the one in force (a saturated loop stretches it: server/pipeline/stages/batcher.py).
             batches = -(-job.image.n // self.config.batch_size) + 1
             batcher = self.topology.batchers.get(name)
             window = batcher.window.current_s if batcher is not None else self.config.batch_timeout_ms / 1000

@@ -19,8 +19,8 @@ from engine.registry import ModelRegistry, ServedModel
 from engine.sampling import SamplingParams, check_max_new_tokens
 from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
-from server.jobs import Job, Recipient
-from server.statuses import Refused, status_of
+from server.pipeline.jobs import Job, Recipient
+from server.pipeline.statuses import Refused, status_of
 
 MAX_ID_LENGTH = 128  # characters of a client's request id
 DEFAULT_MAX_NEW_TOKENS = 256  # a text request that sets none (capped by the server's max_new_tokens)

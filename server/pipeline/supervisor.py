@@ -25,10 +25,10 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from engine.logs import get_logger
-from server.stages import Stage
-from server.statuses import retryable
+from server.pipeline.stages import Stage
+from server.pipeline.statuses import retryable
 
-log = get_logger("server.supervisor")
+log = get_logger("server.pipeline.supervisor")
 
 
 class Supervisor:

@@ -20,7 +20,7 @@ import ctypes.util
 
 from engine.logs import get_logger
 
-log = get_logger("server.allocator")
+log = get_logger("server.runtime.allocator")
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1

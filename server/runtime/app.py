@@ -7,7 +7,7 @@ process can answer. A full queue changes neither: it refuses work (RESOURCE_EXHA
 With --amqp-url, "genserve.amqp" says whether the RabbitMQ ingress is consuming, and "" (the whole
 server) needs it too; "genserve.v1.Generator" stays gRPC's alone, so a load balancer keeps sending
 gRPC calls while the broker is away. With --workers, each name is SERVING only when it is so in
-every worker (server/workers.py), whichever worker answers the check.
+every worker (server/runtime/workers.py), whichever worker answers the check.
 """
 
 from __future__ import annotations
@@ -30,23 +30,23 @@ from engine.engine import Engine
 from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
-from server.accept import aio_server, calls_in_progress, set_policy
-from server.admission import grpc_server_options
-from server.allocator import tune_allocator
-from server.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.config import ServerConfig
-from server.loop_busy import LoopBusyProbe
+from server.grpc_edge.accept import aio_server, calls_in_progress, set_policy
+from server.grpc_edge.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
+from server.grpc_edge.reflection import enable_reflection
+from server.grpc_edge.service import GENERATE_PATH, GeneratorService, register
+from server.grpc_edge.wakeups import unblock_completion_writes
 from server.metrics import Metrics
-from server.model_watch import FileStamp, ModelWatcher, stamp_folder
-from server.pipeline import Pipeline
-from server.reflection import enable_reflection
-from server.service import GENERATE_PATH, GeneratorService, register
-from server.stages import Stage
-from server.supervisor import Supervisor
-from server.wakeups import unblock_completion_writes
+from server.pipeline.admission import grpc_server_options
+from server.pipeline.core import Pipeline
+from server.pipeline.stages import Stage
+from server.pipeline.supervisor import Supervisor
+from server.runtime.allocator import tune_allocator
+from server.runtime.loop_busy import LoopBusyProbe
+from server.runtime.model_watch import FileStamp, ModelWatcher, stamp_folder
 
 if TYPE_CHECKING:
-    from server.amqp import AmqpIngress
+    from server.amqp_ingress import AmqpIngress
 
 log = get_logger("server")
 
@@ -147,7 +147,7 @@ class GenServer:
             public = PUBLIC_SERVICES if c.public_health else ()
             interceptors.append(BearerTokenAuth(tokens, public=public, on_refusal=self._on_unauthenticated))
         self.grpc = aio_server(
-            accept_ahead=c.accept_ahead,  # calls taken from grpc core as they come (server/accept.py)
+            accept_ahead=c.accept_ahead,  # calls taken from grpc core as they come (server/grpc_edge/accept.py)
             backlog=c.max_pending_calls,
             interceptors=interceptors or None,  # none at all without tokens: an interceptor costs every call
             options=[
@@ -159,7 +159,7 @@ class GenServer:
             ],
         )
         undo.push_async_callback(self.grpc.stop, None)
-        unblock_completion_writes()  # grpc core hands calls over as fast as they come (server/wakeups.py)
+        unblock_completion_writes()  # grpc core hands calls over as fast as they come (server/grpc_edge/wakeups.py)
         self.port = self._listen(credentials)
         if c.metrics_port:
             try:
@@ -171,7 +171,7 @@ class GenServer:
                 ) from None
             undo.callback(self._stop_metrics)
 
-        tune_allocator()  # before the model loader and the engine start their threads (server/allocator.py)
+        tune_allocator()  # before the model loader and the engine start their threads (server/runtime/allocator.py)
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = c.image_limits()
         loop = asyncio.get_running_loop()
@@ -212,7 +212,7 @@ class GenServer:
         if not interceptors:  # with tokens, a caller hears UNAUTHENTICATED before anything about load
             set_policy(self.grpc, self.service)
         # A batch that holds every Generate call in progress closes at once; one still being read or
-        # admitted is waited for (server/stages/batcher.py, Batcher._alone)
+        # admitted is waited for (server/pipeline/stages/batcher.py, Batcher._alone)
         self.pipeline.calls_in_progress = calls_in_progress(self.grpc, GENERATE_PATH)
         self._busy_probe = LoopBusyProbe(self.metrics.loop_busy.set)  # genserve_loop_busy_ratio
         self._busy_probe.start()
@@ -226,7 +226,7 @@ class GenServer:
         enable_reflection((SERVICE_NAME, "grpc.health.v1.Health"), self.grpc)
         await self.grpc.start()
         if c.amqp_url:
-            from server.amqp import AmqpIngress  # aio-pika only when asked for
+            from server.amqp_ingress import AmqpIngress  # aio-pika only when asked for
 
             self.amqp = AmqpIngress(c, self.service, self.pipeline, self.metrics)
             await self.amqp.start()

@@ -49,7 +49,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from engine.logs import get_logger
 from server.config import ServerConfig
 
-log = get_logger("server.front")
+log = get_logger("server.runtime.front")
 
 GENERATE_PATH = "/genserve.v1.Generator/Generate"
 INSTALL_HINT = "install haproxy (Debian/Ubuntu: apt-get install haproxy; macOS: brew install haproxy) or name it with --front-haproxy"
@@ -128,7 +128,7 @@ def haproxy_cfg(plan: FrontPlan) -> str:
         f"  server genserve{i} 127.0.0.1:{plan.upstream_port} proto h2 maxconn {per_line}" for i in range(plan.upstreams)
     )
     other_servers = "\n".join(f"  server genserve{i} 127.0.0.1:{plan.upstream_port} proto h2" for i in range(plan.upstreams))
-    return f"""# written by genserve (server/front.py); regenerated at every start
+    return f"""# written by genserve (server/runtime/front.py); regenerated at every start
 global
   nbthread 1
   hard-stop-after {STOP_TIMEOUT_S:g}s
@@ -303,7 +303,7 @@ class Front:
         written into one file for HAProxy, readable by this user only."""
         if not config.tls_cert:
             return None
-        from server.auth import SecurityError, server_credentials
+        from server.grpc_edge.auth import SecurityError, server_credentials
 
         try:
             server_credentials(config)

@@ -46,12 +46,12 @@ from engine.errors import ModelFileError
 from engine.logs import get_logger
 from engine.registry import SUFFIX, ModelRegistry, ServedModel, failure_reason, parse_file_name
 from server.metrics import Metrics
-from server.pipeline import Pipeline
+from server.pipeline.core import Pipeline
 
 if TYPE_CHECKING:
-    from server.supervisor import Supervisor
+    from server.pipeline.supervisor import Supervisor
 
-log = get_logger("server.model_watch")
+log = get_logger("server.runtime.model_watch")
 
 LOADER_NICE = 10  # added to the loader thread's nice value
 

@@ -23,7 +23,7 @@ them (SIGKILL) and exits 1. Workers sit in their own process group, so a Ctrl-C 
 reaches the parent alone, and they get SIGTERM if the parent dies (PR_SET_PDEATHSIG).
 
 Readiness: each worker writes its readiness flags to a shared board, and reports the AND of every
-worker's (server/app.py ``group_gate``): SERVING only when every worker is, whichever one the
+worker's (server/runtime/app.py ``group_gate``): SERVING only when every worker is, whichever one the
 health check reaches. A dead worker's flags are cleared by the parent until its successor is up.
 """
 
@@ -56,9 +56,9 @@ from server.metrics import LogDrops
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-    from server.app import GenServer
+    from server.runtime.app import GenServer
 
-log = get_logger("server.workers")
+log = get_logger("server.runtime.workers")
 
 DRAIN_MARGIN_S = 5.0  # beyond grace_s: a worker also stops its listener (1 s) and its engine threads
 SCRAPE_TIMEOUT_S = 2.0  # a worker's /metrics that takes longer is left out of that scrape
@@ -88,7 +88,7 @@ class Board:
     One writer per slot (its worker, or the parent once the worker is dead), so no lock."""
 
     def __init__(self, workers: int) -> None:
-        self.flags = RawArray(ctypes.c_int, workers)  # each worker's readiness flags (server/app.py READY_*)
+        self.flags = RawArray(ctypes.c_int, workers)  # each worker's readiness flags (server/runtime/app.py READY_*)
         self.started = RawArray(ctypes.c_int, workers)  # pid of the worker once it has started serving
         self.metrics_ports = RawArray(ctypes.c_int, workers)  # its private /metrics on 127.0.0.1 (0: none yet)
 
@@ -390,7 +390,7 @@ def _die_with_parent(parent: int) -> None:
 def run_worker(config: ServerConfig, index: int, board: Board, parent: int) -> int:
     """A worker's whole life, in the forked child: one server, as ``python -m server`` runs it."""
     from engine.logs import bind_process
-    from server.__main__ import _main, run_loop
+    from server.runtime.process import run_loop, run_server
 
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent alone, which drains each worker once
     _die_with_parent(parent)
@@ -404,12 +404,12 @@ def run_worker(config: ServerConfig, index: int, board: Board, parent: int) -> i
         httpd, _ = start_http_server(0, addr="127.0.0.1", registry=server.metrics.registry)
         board.metrics_ports[index] = httpd.server_port
 
-    return run_loop(_main(config, setup))
+    return run_loop(run_server(config, setup))
 
 
 def serve_workers(config: ServerConfig, collectors: Sequence[Collector] = ()) -> int:
     """``python -m server --workers N``: run the group until a signal; the parent's exit code.
-    ``collectors`` join the group's /metrics (the front's refusals: server/front.py)."""
+    ``collectors`` join the group's /metrics (the front's refusals: server/runtime/front.py)."""
     group = WorkerGroup(config)
     for collector in collectors:
         group.registry.register(collector)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from engine.faults import Faults
 from engine.images import ImageChunk
 from engine.registry import ServedModel
-from server.app import GenServer
-from server.jobs import Job
+from server.pipeline.jobs import Job
+from server.runtime.app import GenServer
 from tests.chaos.config import DECODE_LOOP, ChaosConfig
 from tests.chaos.ledger import Ledger
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.app import READINESS_NAMES, GenServer
+from server.runtime.app import READINESS_NAMES, GenServer
 from tests.chaos.config import OK, ChaosConfig
 from tests.chaos.faults import Injector
 from tests.chaos.ledger import code_name

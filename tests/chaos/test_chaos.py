@@ -33,7 +33,7 @@ MODELS = "models"  # the bundled vae, gan and transformer
 @pytest.mark.timeout(120)
 async def test_a_short_chaos_run_keeps_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("console", "critical")  # every injected failure logs a traceback
-    # Shedding by queueing delay (server/admission.py) would refuse for the harness's own load on these
+    # Shedding by queueing delay (server/pipeline/admission.py) would refuse for the harness's own load on these
     # 2 shared cores, which its books count as unexplained failures; overload has its own tests
     # (tests/test_overload.py). The count limit still applies.
     # The end-of-run bound is looser here than the 60 s target (+50 MB): on a shared 2-core machine an

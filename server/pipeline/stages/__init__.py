@@ -11,11 +11,11 @@ which first fails the jobs in ``holding()`` with UNAVAILABLE: nothing a stage he
 One stage per module; ``topology.py`` builds the links and stages from the config (and nothing else).
 """
 
-from server.stages.base import ImageDone, ImageWork, Stage
-from server.stages.batcher import Batcher
-from server.stages.processor import Processor
-from server.stages.producer import Producer
-from server.stages.router import Router
-from server.stages.text import TextFeeder
+from server.pipeline.stages.base import ImageDone, ImageWork, Stage
+from server.pipeline.stages.batcher import Batcher
+from server.pipeline.stages.processor import Processor
+from server.pipeline.stages.producer import Producer
+from server.pipeline.stages.router import Router
+from server.pipeline.stages.text import TextFeeder
 
 __all__ = ["Batcher", "ImageDone", "ImageWork", "Processor", "Producer", "Router", "Stage", "TextFeeder"]

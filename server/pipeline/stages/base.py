@@ -9,7 +9,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from engine.images import ImageChunk, ImageResult
-from server.jobs import Job
+from server.pipeline.jobs import Job
 
 PROCESSOR_DEMAND = 64  # jobs a processor asks for at once: amortises the hand-off, keeps latency low
 

@@ -13,10 +13,10 @@ from anyio.abc import TaskStatus
 
 from engine.engine import Engine
 from engine.errors import EngineError
-from server.jobs import Job
-from server.links import Link
-from server.stages.base import ImageDone, ImageWork, Stage
-from server.statuses import status_of
+from server.pipeline.jobs import Job
+from server.pipeline.links import Link
+from server.pipeline.stages.base import ImageDone, ImageWork, Stage
+from server.pipeline.statuses import status_of
 
 # How far the batch window stretches while the event loop is saturated, and where stretching
 # starts and ends (the loop thread's busy fraction). Measured (python -m bench.ab, 64 one-image

@@ -10,10 +10,10 @@ import grpc
 from anyio.abc import TaskStatus
 
 from engine.errors import InvalidImageRequest
-from server.jobs import Job
-from server.links import Link
-from server.stages.base import PROCESSOR_DEMAND, ImageWork, Stage
-from server.statuses import status_of
+from server.pipeline.jobs import Job
+from server.pipeline.links import Link
+from server.pipeline.stages.base import PROCESSOR_DEMAND, ImageWork, Stage
+from server.pipeline.statuses import status_of
 
 
 class Processor(Stage):

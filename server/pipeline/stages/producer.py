@@ -9,9 +9,9 @@ import anyio
 import grpc
 from anyio.abc import TaskStatus
 
-from server.jobs import Job
-from server.links import Link
-from server.stages.base import PROCESSOR_DEMAND, Stage
+from server.pipeline.jobs import Job
+from server.pipeline.links import Link
+from server.pipeline.stages.base import PROCESSOR_DEMAND, Stage
 
 
 class Producer(Stage):

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import anyio
 from anyio.abc import TaskStatus
 
-from server.jobs import COMPLETE, Job
-from server.links import Link
-from server.stages.base import ImageDone, Stage
+from server.pipeline.jobs import COMPLETE, Job
+from server.pipeline.links import Link
+from server.pipeline.stages.base import ImageDone, Stage
 
 
 class Router(Stage):

@@ -15,10 +15,10 @@ from engine.decode import TokenEvent
 from engine.engine import Engine, generation_failed
 from engine.errors import EngineError, InvalidRequestError, ModelNotFound, QueueFullError
 from engine.registry import ModelRegistry
-from server.jobs import Job, Outcome
-from server.links import Link
-from server.stages.base import Stage
-from server.statuses import status_of
+from server.pipeline.jobs import Job, Outcome
+from server.pipeline.links import Link
+from server.pipeline.stages.base import Stage
+from server.pipeline.statuses import status_of
 
 _REASONS = {"length": "length", "stop": "stop"}
 

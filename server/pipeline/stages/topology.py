@@ -4,7 +4,7 @@ r"""The topology, built from the config (as Broadway builds its own from a confi
                         \-> text/<model> -> TextFeeder -> decode loop (engine thread)
 
 Only wiring: which links exist, how big each is, which stage reads and writes which. Admission,
-deadlines and metrics live in ``server/pipeline.py``.
+deadlines and metrics live in ``server/pipeline/core.py``.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from collections.abc import Callable
 from engine.engine import Engine
 from engine.registry import ModelRegistry, ServedModel
 from server.config import ServerConfig
-from server.jobs import Job
-from server.links import Link
-from server.stages.base import ImageDone, ImageWork, Stage
-from server.stages.batcher import Batcher
-from server.stages.processor import Processor
-from server.stages.producer import Producer
-from server.stages.router import Router
-from server.stages.text import TextFeeder
+from server.pipeline.jobs import Job
+from server.pipeline.links import Link
+from server.pipeline.stages.base import ImageDone, ImageWork, Stage
+from server.pipeline.stages.batcher import Batcher
+from server.pipeline.stages.processor import Processor
+from server.pipeline.stages.producer import Producer
+from server.pipeline.stages.router import Router
+from server.pipeline.stages.text import TextFeeder
 
 
 class Topology:
     """The links and stages; ``model_stage`` adds a model name's link and stage at run time
-    (server/model_watch.py), with the same wiring as at start."""
+    (server/runtime/model_watch.py), with the same wiring as at start."""
 
     def __init__(
         self,
