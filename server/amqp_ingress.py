@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 import aio_pika
-import grpc
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel, AbstractRobustConnection
 from prometheus_client import Gauge
 from yarl import URL
@@ -43,12 +42,11 @@ from engine.logs import get_logger
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, DEADLINE_HEADER, dead_letter_queue, queue_arguments
 from server.config import ServerConfig
-from server.grpc_edge.service import GeneratorService
-from server.grpc_edge.wire import fill_chunk, fill_finish
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
 from server.pipeline.jobs import Job, Outcome
-from server.pipeline.statuses import Refused
+from server.pipeline.statuses import RETRYABLE, Code, Refused
+from server.wire import fill_chunk, fill_finish
 
 log = get_logger("server.amqp_ingress")
 
@@ -57,7 +55,6 @@ RECONNECT_S = 1.0  # between reconnection attempts; aio-pika's default is 5 s
 REQUEUE_DELAY_S = 0.05  # a full server holds a refused request this long before putting it back (no hot loop)
 MAX_PREFETCH = 65535  # AMQP's prefetch-count is a short
 MAX_CORRELATION_ID = 255  # an AMQP short string
-RETRY_ELSEWHERE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 CLOSE_S = 5.0  # on close, how long the last replies may take to publish
 
 
@@ -101,11 +98,10 @@ class AmqpReply:
 
 
 class AmqpIngress:
-    def __init__(self, config: ServerConfig, service: GeneratorService, pipeline: Pipeline, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, pipeline: Pipeline, metrics: Metrics) -> None:
         self.url = config.amqp_url
         self.queue_name = config.amqp_queue
         self.prefetch = min(config.max_inflight, config.queue_size, MAX_PREFETCH)
-        self.service = service
         self.pipeline = pipeline
         self.metrics = metrics
         self.connection: AbstractRobustConnection | None = None
@@ -185,12 +181,12 @@ class AmqpIngress:
             budget = left if budget is None else min(budget, left)
         try:
             if budget is not None and budget <= 0:
-                raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request was taken from the queue")
-            job = self.service.jobs.build(request, RPC, correlation_id, reply)
+                raise Refused(Code.DEADLINE_EXCEEDED, "deadline passed before the request was taken from the queue")
+            job = self.pipeline.jobs.build(request, RPC, correlation_id, reply)
             self.pipeline.admit(job, budget)
         except Refused as e:
             self.metrics.rejections.labels(RPC, e.code.name).inc()
-            if e.code in RETRY_ELSEWHERE and not message.redelivered:
+            if e.code in RETRYABLE and not message.redelivered:
                 await asyncio.sleep(REQUEUE_DELAY_S)
                 await message.nack(requeue=True)
                 return
@@ -215,7 +211,7 @@ class AmqpIngress:
 
     def settle(self, reply: AmqpReply, job: Job | None, outcome: Outcome) -> None:
         """A request's end: its reply published, then the request acknowledged (or put back)."""
-        if outcome.code in RETRY_ELSEWHERE and not reply.message.redelivered:
+        if outcome.code in RETRYABLE and not reply.message.redelivered:
             work = reply.message.nack(requeue=True)
         else:
             fill_finish(reply.response.results.add(id=reply.id).finish, job, outcome)

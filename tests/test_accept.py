@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from server.grpc_edge import accept
 from server.grpc_edge.accept import EagerAcceptServer, Refusal, aio_server, set_policy
-from server.pipeline.statuses import RETRY_PUSHBACK_KEY
+from server.grpc_edge.codes import RETRY_PUSHBACK_KEY
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 

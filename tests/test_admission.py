@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
-from server.pipeline.admission import Admission, CoDel, grpc_server_options
-from server.pipeline.statuses import RETRY_PUSHBACK_KEY, Refused
+from server.grpc_edge.accept import grpc_server_options
+from server.grpc_edge.codes import RETRY_PUSHBACK_KEY, retry_metadata
+from server.pipeline.admission import Admission, CoDel
+from server.pipeline.statuses import Code, Refused
 
 TARGET, INTERVAL = 0.005, 0.100
 
@@ -69,9 +70,9 @@ def test_admission_refuses_with_resource_exhausted_and_a_retry_hint_while_sheddi
     admission = overloaded_admission(clock)
     with pytest.raises(Refused) as info:
         admission.check(1)
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.code == Code.RESOURCE_EXHAUSTED
     assert info.value.retry_after_ms == 100
-    assert info.value.trailing_metadata == ((RETRY_PUSHBACK_KEY, "100"),)
+    assert retry_metadata(info.value.retry_after_ms) == ((RETRY_PUSHBACK_KEY, "100"),)
     assert "overloaded" in info.value.message
     assert admission.refusals == ["delay"]  # type: ignore[attr-defined]
     admission.observe_job(clock.now - 0.002, 0.001)  # 1 ms of queueing: under target
@@ -100,7 +101,7 @@ def test_the_count_limit_is_a_backstop_whatever_the_delay() -> None:
     admission.check(2)
     with pytest.raises(Refused, match="limit of 3 requests in flight") as info:
         admission.check(3)
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_ms == 100
+    assert info.value.code == Code.RESOURCE_EXHAUSTED and info.value.retry_after_ms == 100
 
 
 def test_stream_credit_shrinks_while_shedding_and_comes_back_after() -> None:
@@ -139,7 +140,7 @@ def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average()
     admission.check(5)  # the handler's check is the job queue's: the accept path refuses for arrivals
     assert reasons == []  # the accept path's policy refuses (and counts) for the loop's queue: server/grpc_edge/service.py
     refusal = admission.refused("arrival")
-    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refusal.retry_after_ms == 100
+    assert refusal.code == Code.RESOURCE_EXHAUSTED and refusal.retry_after_ms == 100
     assert "wait over 10 ms to start" in refusal.message
     assert admission.stream_grant(64, 63) == 0  # streams slow down on either signal
     for _ in range(200):  # calls start at once again: the queue has drained
@@ -185,7 +186,7 @@ def test_the_call_limit_follows_the_rate_calls_finish_at_and_keeps_its_floor() -
             calls.finished(now)
     assert calls.limit == 32
     refusal = admission.refused("limit")
-    assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 32 calls in progress" in refusal.message
+    assert refusal.code == Code.RESOURCE_EXHAUSTED and "limit of 32 calls in progress" in refusal.message
 
 
 def test_a_long_pause_says_nothing_of_the_rate() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-import grpc
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from engine.images import ImageRequest, ImageResult
 from genserve.v1 import generator_pb2 as pb
 from server.grpc_edge.outbox import CallQueue
 from server.pipeline.jobs import COMPLETE, Job, Outcome
+from server.pipeline.statuses import Code
 
 pytestmark = pytest.mark.asyncio
 
@@ -68,9 +68,9 @@ async def test_the_outcome_and_image_chunks_are_never_merged() -> None:
 async def test_an_error_after_tokens_still_ends_the_call() -> None:
     queue = CallQueue()
     queue.emit(JOB, token("a", 1))
-    queue.finish(JOB, Outcome.error(grpc.StatusCode.DEADLINE_EXCEEDED, "late"))
+    queue.finish(JOB, Outcome.error(Code.DEADLINE_EXCEEDED, "late"))
     assert cast(pb.GenerateResponse, await queue.get()).text.text == "a"
-    assert cast(Outcome, await queue.get()).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert cast(Outcome, await queue.get()).code == Code.DEADLINE_EXCEEDED
 
 
 async def test_a_stream_interval_holds_tokens_back_until_it_is_reached() -> None:

@@ -22,7 +22,7 @@ from engine.images import ImageChunk
 from engine.registry import ServedModel
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from server.pipeline.statuses import RETRY_PUSHBACK_KEY
+from server.grpc_edge.codes import RETRY_PUSHBACK_KEY
 from server.runtime.app import GenServer
 from tests.serving import running_server
 

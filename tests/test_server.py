@@ -25,7 +25,7 @@ from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.grpc_edge.outbox import CallQueue
 from server.pipeline.requests import JobBuilder
-from server.pipeline.statuses import Refused
+from server.pipeline.statuses import Code, Refused
 from server.runtime.app import GenServer
 from tests.decode_spy import StepSpy
 from tests.serving import make_config, running_server
@@ -246,7 +246,7 @@ async def test_image_requests_are_checked_at_admission_by_the_engine_rules(serve
     builder = JobBuilder(server.config, server.registry)
     with pytest.raises(Refused, match=words) as refused:
         builder.build(pb.GenerateRequest(model="gan", image=params), "Generate", "r1", CallQueue())
-    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.code == Code.INVALID_ARGUMENT
 
 
 async def assert_cancelled(spy: StepSpy, seed: int) -> None:

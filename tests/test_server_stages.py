@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import anyio
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -31,7 +30,7 @@ from server.pipeline.jobs import Job, Outcome
 from server.pipeline.links import Link
 from server.pipeline.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
 from server.pipeline.stages.batcher import BatchWindow
-from server.pipeline.statuses import Refused
+from server.pipeline.statuses import Code, Refused
 from server.pipeline.supervisor import Supervisor
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -471,16 +470,16 @@ async def test_finished_jobs_are_not_sent_to_the_engine(digits: ServedModel) -> 
     last = image_job(digits, sink, "last", 3)
     for job in [cancelled, live, expired, *all_done, last]:
         inbox.offer(pieces(job)[0])
-    cancelled.fail(grpc.StatusCode.CANCELLED, "client went away")
-    expired.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+    cancelled.fail(Code.CANCELLED, "client went away")
+    expired.fail(Code.DEADLINE_EXCEEDED, "deadline passed")
     for job in all_done:
-        job.fail(grpc.StatusCode.CANCELLED, "client went away")
+        job.fail(Code.CANCELLED, "client went away")
     async with running(make_batcher(engine, inbox, out, batch_size=3)):
         done = await take_n(out, 2)  # batches: [cancelled, live, expired], [gone0..2], [last]
     assert [d.job for d in done] == [live, last]
     assert engine.calls == [[live.chunks[0]], [last.chunks[0]]]  # a batch of finished jobs costs no call at all
-    assert sink.outcomes["cancelled"][0].code == grpc.StatusCode.CANCELLED  # untouched
-    assert sink.outcomes["expired"][0].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert sink.outcomes["cancelled"][0].code == Code.CANCELLED  # untouched
+    assert sink.outcomes["expired"][0].code == Code.DEADLINE_EXCEEDED
 
 
 async def test_an_engine_error_fails_its_batch_unavailable_and_the_batcher_goes_on(digits: ServedModel) -> None:
@@ -496,10 +495,10 @@ async def test_an_engine_error_fails_its_batch_unavailable_and_the_batcher_goes_
         # batches: [a1, a2] -> EngineError, [b, c] -> ValueError; then a good one
         for job in (a1, a2):
             outcome = await sink.outcome(job)
-            assert outcome.code == grpc.StatusCode.UNAVAILABLE
+            assert outcome.code == Code.UNAVAILABLE
             assert "generation failed" in outcome.message and "retried" in outcome.message
         for job in (b, c):
-            assert (await sink.outcome(job)).code == grpc.StatusCode.INVALID_ARGUMENT
+            assert (await sink.outcome(job)).code == Code.INVALID_ARGUMENT
         d = image_job(digits, sink, "d", 2)
         await inbox.put(pieces(d)[0])
         (done,) = await take_n(out, 1)
@@ -535,7 +534,7 @@ async def test_jobs_of_a_running_batch_fail_unavailable_when_the_batcher_dies(di
         await settle()
         try:
             assert job.done, "the job of the batch that was running is left unfinished"
-            assert sink.outcomes["a"][0].code == grpc.StatusCode.UNAVAILABLE
+            assert sink.outcomes["a"][0].code == Code.UNAVAILABLE
         finally:
             sup.stop()
             tg.cancel_scope.cancel()
@@ -634,7 +633,7 @@ async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, tex
     async with running(Processor(0, inbox, {}, max_chunk=4)), running(Producer(ingress, Link("work", 8), {})):
         for job in (lost_image, lost_text):
             outcome = await sink.outcome(job)
-            assert outcome.code == grpc.StatusCode.UNAVAILABLE and "not being served" in outcome.message
+            assert outcome.code == Code.UNAVAILABLE and "not being served" in outcome.message
     assert len(images) == 0
 
 
@@ -651,7 +650,7 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
         (work,) = await take_n(images, 1)
         for job, field in ((labelled, "labels"), (empty, "n")):
             outcome = await sink.outcome(job)
-            assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and field in outcome.message
+            assert outcome.code == Code.INVALID_ARGUMENT and field in outcome.message
     assert work.job is good  # the bad ones put nothing on the link
     assert len(images) == 0
 
@@ -661,7 +660,7 @@ async def test_the_processor_skips_finished_jobs(digits: ServedModel) -> None:
     inbox: Link[Job] = Link("work", 8)
     images: Link[ImageWork] = Link("images", 8)
     gone = image_job(digits, sink, "gone", 2)
-    gone.fail(grpc.StatusCode.CANCELLED, "client went away")
+    gone.fail(Code.CANCELLED, "client went away")
     img = image_job(digits, sink, "img", 2)
     for job in (gone, img):
         await inbox.put(job)
@@ -677,7 +676,7 @@ async def test_the_producer_sends_text_straight_to_its_feeder_and_skips_finished
     work: Link[Job] = Link("work", 8)
     texts: Link[Job] = Link("texts", 8)
     gone = text_job(text_model, sink, "gone", "A", SamplingParams(max_new_tokens=3))
-    gone.fail(grpc.StatusCode.CANCELLED, "client went away")
+    gone.fail(Code.CANCELLED, "client went away")
     t = text_job(text_model, sink, "t", "A", SamplingParams(max_new_tokens=3))
     img = image_job(digits, sink, "img", 2)
     for job in (gone, t, img):
@@ -728,14 +727,14 @@ async def test_the_router_drops_pieces_of_finished_jobs(digits: ServedModel) -> 
     inbox: Link[ImageDone] = Link("router", 16)
     gone = image_job(digits, sink, "gone", 2)
     parts = results_of(gone, 2)
-    gone.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+    gone.fail(Code.DEADLINE_EXCEEDED, "deadline passed")
     after = image_job(digits, sink, "after", 1)
     async with running(Router(inbox)):
         await inbox.put(parts[0])
         await inbox.put(results_of(after, 1)[0])
         await sink.outcome(after)
     assert "gone" not in sink.items
-    assert [o.code for o in sink.outcomes["gone"]] == [grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert [o.code for o in sink.outcomes["gone"]] == [Code.DEADLINE_EXCEEDED]
 
 
 # -- Producer ---------------------------------------------------------------------------------------
@@ -746,8 +745,8 @@ async def test_the_producer_forwards_live_jobs_in_order_and_skips_finished_ones(
     ingress: Link[Job] = Link("ingress", 16)
     work: Link[Job] = Link("work", 16)
     jobs = [image_job(digits, sink, f"j{i}", 1) for i in range(6)]
-    jobs[1].fail(grpc.StatusCode.CANCELLED, "client went away")
-    jobs[4].fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+    jobs[1].fail(Code.CANCELLED, "client went away")
+    jobs[4].fail(Code.DEADLINE_EXCEEDED, "deadline passed")
     for job in jobs:
         ingress.offer(job)
     async with running(Producer(ingress, work)):
@@ -790,7 +789,7 @@ async def test_a_killed_producer_fails_what_it_held_and_forwards_the_rest_after_
         with anyio.fail_after(WAIT):
             await restarted.wait()
         for job in held:
-            assert [o.code for o in sink.outcomes[job.id]] == [grpc.StatusCode.UNAVAILABLE]
+            assert [o.code for o in sink.outcomes[job.id]] == [Code.UNAVAILABLE]
         later = image_job(digits, sink, "later", 1)
         ingress.offer(later)
         assert await take_n(work, 2) == [first, later]  # the failed ones are not passed on
@@ -849,7 +848,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
     await inbox.put(job)
     async with running(feeder):
         await sink.until(lambda: bool(sink.items.get("long")))
-        assert job.fail(grpc.StatusCode.CANCELLED, "client went away")
+        assert job.fail(Code.CANCELLED, "client went away")
         seen = len(sink.items["long"])
         with anyio.fail_after(WAIT):
             await ended.wait()
@@ -860,7 +859,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
         worker = engine.text_worker(text_model)
         assert not worker.loop.has_work and worker.loop.active_count == 0
         assert len(sink.items["long"]) == seen  # nothing reached the caller after the cancel
-    assert [o.code for o in sink.outcomes["long"]] == [grpc.StatusCode.CANCELLED]
+    assert [o.code for o in sink.outcomes["long"]] == [Code.CANCELLED]
 
 
 async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
@@ -874,7 +873,7 @@ async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
     await inbox.put(good)
     async with running(TextFeeder("text", inbox, engine, registry, max_pending=4)):
         outcome = await sink.outcome(bad)
-        assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in outcome.message
+        assert outcome.code == Code.INVALID_ARGUMENT and "vocabulary" in outcome.message
         assert await sink.outcome(good) == Outcome(reason="length")
     assert "bad" not in sink.items
 
@@ -937,13 +936,13 @@ async def test_admit_refuses_beyond_max_inflight(registry: ModelRegistry, engine
     pipeline.admit(jobs[1], None)
     with pytest.raises(Refused) as refused:
         pipeline.admit(jobs[2], None)
-    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in refused.value.message
+    assert refused.value.code == Code.RESOURCE_EXHAUSTED and "in flight" in refused.value.message
     assert pipeline.inflight == {jobs[0], jobs[1]} and len(pipeline.ingress) == 2
     assert jobs[2].tick == 0 and jobs[2].on_finish is None
     jobs[0].finish(Outcome())  # room again
     pipeline.admit(jobs[2], None)
     assert pipeline.inflight == {jobs[1], jobs[2]}
-    assert pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "test over") == 2
+    assert pipeline.fail_all(Code.UNAVAILABLE, "test over") == 2
 
 
 async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
@@ -956,10 +955,10 @@ async def test_admit_takes_a_burst_up_to_max_inflight_whatever_the_queue_size(
         pipeline.admit(job, None)  # the ingress holds max_inflight; the links behind it hold queue_size
     with pytest.raises(Refused) as refused:
         pipeline.admit(jobs[5], None)
-    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in refused.value.message
+    assert refused.value.code == Code.RESOURCE_EXHAUSTED and "in flight" in refused.value.message
     assert jobs[5] not in pipeline.inflight and jobs[5].tick == 0
     assert pipeline.ingress.take_nowait(10) == jobs[:5] and pipeline.work.capacity == 2 and pipeline.ingress.capacity == 7
-    pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "test over")
+    pipeline.fail_all(Code.UNAVAILABLE, "test over")
 
 
 async def test_admit_refuses_unavailable_when_not_accepting(registry: ModelRegistry, engine: Engine, digits: ServedModel) -> None:
@@ -968,7 +967,7 @@ async def test_admit_refuses_unavailable_when_not_accepting(registry: ModelRegis
     job = image_job(digits, RecordingRecipient(), "j", 1)
     with pytest.raises(Refused) as refused:
         pipeline.admit(job, None)
-    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.code == Code.UNAVAILABLE
     assert not pipeline.inflight and len(pipeline.ingress) == 0
 
 
@@ -981,7 +980,7 @@ async def test_a_job_past_its_deadline_fails_and_leaves_inflight(registry: Model
     pipeline.admit(other, None)
     assert pipeline.inflight == {job, other}
     outcome = await sink.outcome(job)  # nothing runs the stages: only the timer can end it
-    assert outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert outcome.code == Code.DEADLINE_EXCEEDED
     assert pipeline.inflight == {other}
     labels = {"model": "digits", "rpc": "Generate", "code": "DEADLINE_EXCEEDED"}
     assert metrics.registry.get_sample_value("genserve_requests_total", labels) == 1
@@ -1001,7 +1000,7 @@ async def test_the_server_timeout_caps_the_requested_one(registry: ModelRegistry
     pipeline.admit(job, 3600.0)
     after = loop.time()
     assert before + 0.05 <= job.deadline <= after + 0.05  # the server's 0.05 s, not the hour asked for
-    assert (await sink.outcome(job)).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await sink.outcome(job)).code == Code.DEADLINE_EXCEEDED
     assert not pipeline.inflight
 
 

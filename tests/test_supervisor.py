@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import anyio
-import grpc
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 
 from server.pipeline.jobs import Job, Outcome
 from server.pipeline.stages import Stage
+from server.pipeline.statuses import Code
 from server.pipeline.supervisor import Supervisor
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -142,7 +142,7 @@ async def test_a_crashed_stage_is_restarted_and_its_jobs_fail_unavailable_once()
         assert other.runs == 1  # one_for_one: the others are left alone
         for job in held:
             assert job.done
-            assert [o.code for o in sink.outcomes[job.id]] == [grpc.StatusCode.UNAVAILABLE]
+            assert [o.code for o in sink.outcomes[job.id]] == [Code.UNAVAILABLE]
             assert "flaky" in sink.outcomes[job.id][0].message
         assert sink.outcomes["done"] == [Outcome(reason="complete")]  # a finished job keeps its outcome
         # the restarted stage holds the same jobs again: a second crash must not finish them twice
@@ -191,7 +191,7 @@ async def test_kill_cancels_the_stage_and_it_is_restarted() -> None:
         assert stage.cancelled_runs == 1
         assert sup.restart_count["victim"] == 1
         assert rec.restarted == ["victim"]
-        assert [o.code for o in sink.outcomes["j"]] == [grpc.StatusCode.UNAVAILABLE]
+        assert [o.code for o in sink.outcomes["j"]] == [Code.UNAVAILABLE]
         sup.kill("victim")  # the restarted stage can be killed again: the supervisor tracks its new run
         with anyio.fail_after(5):
             await stage.wait_started(3)
@@ -399,7 +399,7 @@ async def test_a_removed_stage_ends_without_a_restart_and_its_held_jobs_fail_una
         assert gone.runs == 1 and gone.cancelled_runs == 1  # ended, and not started again
         assert rec.restarted == [] and not sup.gave_up
         assert list(sup.stages) == ["keep"] and "gone" not in sup.restart_count
-        assert [o.code for o in sink.outcomes["j"]] == [grpc.StatusCode.UNAVAILABLE]
+        assert [o.code for o in sink.outcomes["j"]] == [Code.UNAVAILABLE]
         with pytest.raises(KeyError):
             await sup.remove("gone")
         with pytest.raises(KeyError):

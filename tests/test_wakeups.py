@@ -12,8 +12,7 @@ import grpc
 import pytest
 
 from server.grpc_edge import wakeups
-from server.grpc_edge.accept import aio_server
-from server.pipeline.admission import grpc_server_options
+from server.grpc_edge.accept import aio_server, grpc_server_options
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 

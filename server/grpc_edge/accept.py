@@ -58,6 +58,28 @@ DEFAULT_BACKLOG = 4096  # calls accepted and not yet handed to grpc.aio's main l
 Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, details, trailing metadata
 
 
+def grpc_server_options(max_streams_per_connection: int, max_pending_calls: int) -> list[tuple[str, int]]:
+    """grpc core settings for the calls the application has not picked up yet.
+
+    grpc core holds them in a backlog; past ``grpc.server.max_pending_requests`` (grpc's default
+    1000, then random early drop up to the hard limit, 3000) it ends them itself, as CANCELLED:
+    measured under 2x overload (h2load, 4 connections), ~37.7k of ~45k calls ended so, unseen by
+    admission and by the metrics. Most of that backlog was grpc's own poller thread held on its
+    wake-up socket (server/grpc_edge/wakeups.py fixes it); the backlog is still bounded by configuration
+    (``max_pending_calls``, the hard limit twice it; ~14 KB a waiting call), for floods that come
+    faster than the loop can even refuse them.
+    The HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS) bounds it per client
+    instead: a gRPC client waits for a free stream rather than sending (0: grpc's default, no limit).
+    """
+    options = [
+        ("grpc.server.max_pending_requests", max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
+    ]
+    if max_streams_per_connection:
+        options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
+    return options
+
+
 class ArrivalPolicy(Protocol):
     """What the accept path asks the application (server/grpc_edge/service.py implements it)."""
 

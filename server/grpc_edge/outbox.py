@@ -10,8 +10,8 @@ from collections.abc import Callable
 from engine.decode import TokenEvent
 from engine.images import ImageResult
 from genserve.v1 import generator_pb2 as pb
-from server.grpc_edge.wire import append_token, chunk_message, fill_chunk, fill_finish, payload_size
 from server.pipeline.jobs import Job, Outcome
+from server.wire import append_token, chunk_message, fill_chunk, fill_finish, payload_size
 
 MAX_RESULTS_PER_MESSAGE = 1024  # results coalesced into one StreamResponse
 MAX_BYTES_PER_MESSAGE = 1 << 20  # ... and at most this many payload bytes (a quarter of grpc's default receive limit)

@@ -24,13 +24,14 @@ from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig
 from server.grpc_edge.accept import Refusal, release_call
+from server.grpc_edge.codes import GRPC_CODES, retry_metadata
 from server.grpc_edge.outbox import MAX_BYTES_PER_MESSAGE, MAX_RESULTS_PER_MESSAGE, CallQueue, StreamOutbox
-from server.grpc_edge.wire import SERVICE, Malformed, finish_message, tolerant
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
 from server.pipeline.jobs import Outcome
-from server.pipeline.requests import MAX_ID_LENGTH, JobBuilder, call_id, check_stream_id, timeout_of
-from server.pipeline.statuses import Refused
+from server.pipeline.requests import MAX_ID_LENGTH, call_id, check_stream_id, timeout_of
+from server.pipeline.statuses import Code, Refused
+from server.wire import SERVICE, Malformed, finish_message, tolerant
 
 log = get_logger("server.grpc_edge.service")
 
@@ -64,7 +65,7 @@ def register(service: GeneratorService, server: grpc.aio.Server) -> None:
 class GeneratorService(pb_grpc.GeneratorServicer):
     def __init__(self, config: ServerConfig, pipeline: Pipeline, metrics: Metrics) -> None:
         self.config = config
-        self.jobs = JobBuilder(config, pipeline.registry)
+        self.jobs = pipeline.jobs  # the core's request -> job builder, shared with every ingress
         self.pipeline = pipeline
         self.registry = pipeline.registry
         self.metrics = metrics
@@ -153,14 +154,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         if known is None:  # a few distinct refusals: each built and its counter looked up once
             e = pipeline.refused(reason)
             known = self._refusals[reason] = (
-                (e.code, e.message, e.trailing_metadata or ()),
+                (GRPC_CODES[e.code], e.message, retry_metadata(e.retry_after_ms)),
                 self.metrics.rejections.labels("Generate", e.code.name),
             )
         refusal, counter = known
         counter.inc()
         return refusal
 
-    def _refused(self, rpc: str, code: grpc.StatusCode) -> None:
+    def _refused(self, rpc: str, code: Code) -> None:
         self.metrics.rejections.labels(rpc, code.name).inc()
 
     # -- Generate -----------------------------------------------------------------------------
@@ -178,7 +179,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         except Refused as e:
             self._refused("Generate", e.code)
             # No log line: under overload refusals are most calls, and each is counted in the metrics.
-            _end_call(context, e.code, e.message, e.trailing_metadata)
+            _end_call(context, e.code, e.message, retry_metadata(e.retry_after_ms))
             return
         try:
             while True:
@@ -194,7 +195,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 yield item
         finally:
             if not job.done:  # the client went away or its deadline passed: its queued work is dropped
-                job.fail(grpc.StatusCode.CANCELLED, "the call ended before the request finished")
+                job.fail(Code.CANCELLED, "the call ended before the request finished")
 
     # -- GenerateStream -------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         finally:
             reader.cancel()
             for job in list(stream.jobs.values()):
-                job.fail(grpc.StatusCode.CANCELLED, "the stream ended before the request finished")
+                job.fail(Code.CANCELLED, "the stream ended before the request finished")
 
     async def _read_stream(
         self, request_iterator: AsyncIterator[pb.StreamRequest], stream: StreamOutbox, context: grpc.aio.ServicerContext
@@ -238,7 +239,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 for job_id in message.cancel:
                     job = stream.jobs.get(job_id)
                     if job is not None:
-                        job.fail(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                        job.fail(Code.CANCELLED, "cancelled by the client")
                 for i, request in enumerate(message.requests):
                     if i % 64 == 0 and not stream.drained.is_set():  # the client is not reading: stop taking requests
                         await stream.drained.wait()
@@ -250,8 +251,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def _stream_request(self, request: pb.GenerateRequest, stream: StreamOutbox, context: grpc.aio.ServicerContext) -> None:
         job_id = request.id
         if stream.credit <= 0:
-            self._refused("GenerateStream", grpc.StatusCode.RESOURCE_EXHAUSTED)
-            outcome = Outcome.error(grpc.StatusCode.RESOURCE_EXHAUSTED, "no credit left: wait for the server's credits before sending more")
+            self._refused("GenerateStream", Code.RESOURCE_EXHAUSTED)
+            outcome = Outcome.error(Code.RESOURCE_EXHAUSTED, "no credit left: wait for the server's credits before sending more")
             stream.answer(job_id[:MAX_ID_LENGTH], None, outcome, credit=False)
             return
         stream.credit -= 1
@@ -266,14 +267,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         stream.jobs[job_id] = job
 
 
-def _end_call(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] | None = None
-) -> None:
+def _end_call(context: grpc.aio.ServicerContext, code: Code, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """End the call with this status once the handler returns. Not ``context.abort``: it raises an
     AbortError that grpc keeps in a reference cycle (the exception, its traceback, grpc's frame that
     holds it) with the handler's frame, so every failed or refused call left its job, queue and request
     for the cyclic collector (59 such cycles after a 6 s chaos run; none with this)."""
-    context.set_code(code)
+    context.set_code(GRPC_CODES[code])
     context.set_details(message)
     if trailing_metadata:  # the retry hint of a refusal (grpc-retry-pushback-ms)
         context.set_trailing_metadata(trailing_metadata)

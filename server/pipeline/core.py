@@ -21,17 +21,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from engine.engine import Engine
 from engine.registry import ModelRegistry, ServedModel
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline.admission import Admission
 from server.pipeline.jobs import Job
+from server.pipeline.requests import JobBuilder
 from server.pipeline.stages.base import ImageWork
 from server.pipeline.stages.topology import Topology
-from server.pipeline.statuses import Refused
+from server.pipeline.statuses import Code, Refused
 
 if TYPE_CHECKING:
     from server.pipeline.supervisor import Supervisor
@@ -45,6 +44,7 @@ class Pipeline:
         self.registry = registry
         self.engine = engine
         self.metrics = metrics
+        self.jobs = JobBuilder(config, registry)  # requests -> checked jobs, for every ingress
         self.inflight: set[Job] = set()
         self._wheel: dict[int, set[Job]] = {}  # deadline tick -> jobs due then
         self._swept = 0
@@ -124,7 +124,7 @@ class Pipeline:
             return
         for item in link.take_nowait(link.capacity):
             job = item.job if isinstance(item, ImageWork) else item
-            job.fail(grpc.StatusCode.UNAVAILABLE, f"model {job.served.name!r} stopped being served; retry")
+            job.fail(Code.UNAVAILABLE, f"model {job.served.name!r} stopped being served; retry")
         self.metrics.queue_depth.remove(link_name)
 
     async def drain_version(self, entry: ServedModel, grace: float) -> tuple[int, int]:
@@ -146,7 +146,7 @@ class Pipeline:
         late = [job for job in holders if not job.done]
         for job in late:
             job.fail(
-                grpc.StatusCode.UNAVAILABLE,
+                Code.UNAVAILABLE,
                 f"model {entry.name} version {entry.version} was retired (its file changed or went) before the request finished; retry",
             )
         return total - len(late), len(late)
@@ -173,14 +173,14 @@ class Pipeline:
     def refused(self, reason: str) -> Refused:
         """The refusal for a ``refusal_reason`` (or admission's "arrival")."""
         if reason == "shutting_down":
-            return Refused(grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server")
+            return Refused(Code.UNAVAILABLE, "server is shutting down; send the request to another server")
         return self.admission.refused(reason)
 
     def admit(self, job: Job, timeout: float | None) -> None:
         """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
         self.check_room(by_delay=job.rpc != "GenerateStream")  # a stream's requests are admitted by its credit
         if not self.ingress.offer(job):
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off", self.admission.retry_after_ms)
+            raise Refused(Code.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off", self.admission.retry_after_ms)
         loop = asyncio.get_running_loop()
         budget = self.config.request_timeout_s if timeout is None else min(timeout, self.config.request_timeout_s)
         job.deadline = loop.time() + budget
@@ -211,7 +211,7 @@ class Pipeline:
         for tick in range(self._swept + 1, now + 1):
             bucket = self._wheel.pop(tick, None)
             for job in list(bucket or ()):
-                job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")
+                job.fail(Code.DEADLINE_EXCEEDED, "deadline passed before the request finished")
         self._swept = max(self._swept, now)
         self._sweeper = loop.call_later(DEADLINE_TICK, self._sweep) if self.inflight else None
 
@@ -231,9 +231,9 @@ class Pipeline:
         if job.rpc == "Generate" and job.image is not None:  # the rate the call limit follows
             self.admission.calls.finished(self.admission.clock())
         outcome = job.outcome
-        code = outcome.code if outcome is not None else grpc.StatusCode.UNKNOWN
+        code = outcome.code if outcome is not None else Code.UNKNOWN
         name = job.served.name
-        if job.image is not None and code is grpc.StatusCode.OK:  # the delay signal (server/pipeline/admission.py)
+        if job.image is not None and code is Code.OK:  # the delay signal (server/pipeline/admission.py)
             # What batching itself costs is not queueing: the batch timeout, the job's own batches,
             # and one batch ahead of it (one computes while the next fills).
             # The window is the one in force (a saturated loop stretches it: server/pipeline/stages/batcher.py).
@@ -252,7 +252,7 @@ class Pipeline:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    def fail_all(self, code: grpc.StatusCode, message: str) -> int:
+    def fail_all(self, code: Code, message: str) -> int:
         """End every unfinished job (the end of a drain); returns how many there were."""
         jobs = list(self.inflight)
         for job in jobs:

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-import grpc
-
 from engine.decode import SequenceHandle, SequenceRequest, TokenEvent
 from engine.images import ImageChunk, ImageRequest, ImageResult
 from engine.registry import ServedModel
+from server.pipeline.statuses import Code
 
 if TYPE_CHECKING:
     from engine.engine import TextWorker
@@ -30,16 +29,16 @@ Reason = Literal["complete", "length", "stop", "error"]
 class Outcome:
     """How a job ended: OK with a finish reason, or a gRPC status code and a message."""
 
-    code: grpc.StatusCode = grpc.StatusCode.OK
+    code: Code = Code.OK
     message: str = ""
     reason: Reason = "complete"
 
     @property
     def ok(self) -> bool:
-        return self.code == grpc.StatusCode.OK
+        return self.code == Code.OK
 
     @classmethod
-    def error(cls, code: grpc.StatusCode, message: str) -> Outcome:
+    def error(cls, code: Code, message: str) -> Outcome:
         return cls(code, message, "error")
 
 
@@ -103,5 +102,5 @@ class Job:
         self.recipient.finish(self, outcome)
         return True
 
-    def fail(self, code: grpc.StatusCode, message: str) -> bool:
+    def fail(self, code: Code, message: str) -> bool:
         return self.finish(Outcome.error(code, message))

@@ -10,8 +10,6 @@ import itertools
 import os
 from collections.abc import Mapping
 
-import grpc
-
 from engine.decode import SequenceRequest
 from engine.errors import InvalidRequestError, ModelNotFound
 from engine.images import ImageRequest
@@ -20,7 +18,7 @@ from engine.sampling import SamplingParams, check_max_new_tokens
 from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
 from server.pipeline.jobs import Job, Recipient
-from server.pipeline.statuses import Refused, status_of
+from server.pipeline.statuses import Code, Refused, status_of
 
 MAX_ID_LENGTH = 128  # characters of a client's request id
 DEFAULT_MAX_NEW_TOKENS = 256  # a text request that sets none (capped by the server's max_new_tokens)
@@ -40,11 +38,11 @@ def call_id(request: pb.GenerateRequest) -> str:
 def check_stream_id(job_id: str, in_flight: Mapping[str, Job]) -> None:
     """A GenerateStream request's id: given, not too long, and not already in flight on the stream."""
     if not job_id:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "id is empty: tag each request with an id unique among your in-flight ones")
+        raise Refused(Code.INVALID_ARGUMENT, "id is empty: tag each request with an id unique among your in-flight ones")
     if len(job_id) > MAX_ID_LENGTH:
-        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"id has {len(job_id)} characters; the limit is {MAX_ID_LENGTH}")
+        raise Refused(Code.INVALID_ARGUMENT, f"id has {len(job_id)} characters; the limit is {MAX_ID_LENGTH}")
     if job_id in in_flight:
-        raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"id {_brief(job_id)} is already in flight on this stream")
+        raise Refused(Code.ALREADY_EXISTS, f"id {_brief(job_id)} is already in flight on this stream")
 
 
 def timeout_of(timeout_ms: int, remaining: float | None) -> float | None:
@@ -65,7 +63,7 @@ class JobBuilder:
     def build(self, request: pb.GenerateRequest, rpc: str, job_id: str, recipient: Recipient) -> Job:
         which = request.WhichOneof("params")
         if which is None:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "request has no params: set image (for image models) or text (for text models)")
+            raise Refused(Code.INVALID_ARGUMENT, "request has no params: set image (for image models) or text (for text models)")
         served = self._served(request)
         if which == "image":
             return Job(job_id, rpc, served, recipient, 0.0, image=self._image(served, request.image, job_id))
@@ -80,7 +78,7 @@ class JobBuilder:
     def _image(self, served: ServedModel, p: pb.ImageParams, job_id: str) -> ImageRequest:
         images = served.images
         if images is None:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send text params, not image")
+            raise Refused(Code.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send text params, not image")
         labels = p.labels
         image = ImageRequest(p.n, p.seed if p.HasField("seed") else None, list(labels) if labels else None, p.want_float, job_id)
         try:
@@ -91,7 +89,7 @@ class JobBuilder:
 
     def _text(self, served: ServedModel, t: pb.TextParams, job_id: str) -> SequenceRequest:
         if served.info.text is None:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send image params, not text")
+            raise Refused(Code.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send image params, not text")
         try:
             max_new = t.max_new_tokens if t.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
             check_max_new_tokens(max_new, self.max_new_tokens)
@@ -106,5 +104,5 @@ class JobBuilder:
         except InvalidRequestError as e:
             raise Refused(*status_of(e)) from None
         if not t.prompt:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, 'prompt is empty: send at least one character (e.g. "\\n")')
+            raise Refused(Code.INVALID_ARGUMENT, 'prompt is empty: send at least one character (e.g. "\\n")')
         return SequenceRequest(t.prompt, params, job_id)

@@ -31,15 +31,15 @@ from engine.logs import get_logger
 from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
-from server.grpc_edge.accept import aio_server, calls_in_progress, set_policy
+from server.grpc_edge.accept import aio_server, calls_in_progress, grpc_server_options, set_policy
 from server.grpc_edge.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
 from server.grpc_edge.reflection import enable_reflection
 from server.grpc_edge.service import GENERATE_PATH, GeneratorService, register
 from server.grpc_edge.wakeups import unblock_completion_writes
 from server.metrics import Metrics
-from server.pipeline.admission import grpc_server_options
 from server.pipeline.core import Pipeline
 from server.pipeline.stages import Stage
+from server.pipeline.statuses import Code
 from server.pipeline.supervisor import Supervisor
 from server.runtime.allocator import tune_allocator
 from server.runtime.loop_busy import LoopBusyProbe
@@ -228,7 +228,7 @@ class GenServer:
         if c.amqp_url:
             from server.amqp_ingress import AmqpIngress  # aio-pika only when asked for
 
-            self.amqp = AmqpIngress(c, self.service, self.pipeline, self.metrics)
+            self.amqp = AmqpIngress(c, self.pipeline, self.metrics)
             await self.amqp.start()
         self._serving = True
         await self._refresh_health()
@@ -377,7 +377,7 @@ class GenServer:
                 await self.pipeline.wait_idle()
         except TimeoutError:
             finished_in_time = False
-        failed = self.pipeline.fail_all(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
+        failed = self.pipeline.fail_all(Code.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
         if self._busy_probe is not None:
             self._busy_probe.stop()
         if self.amqp is not None:

@@ -6,14 +6,13 @@ import collections
 from collections.abc import Iterable
 
 import anyio
-import grpc
 from anyio.abc import TaskStatus
 
 from engine.errors import InvalidImageRequest
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import PROCESSOR_DEMAND, ImageWork, Stage
-from server.pipeline.statuses import status_of
+from server.pipeline.statuses import Code, status_of
 
 
 class Processor(Stage):
@@ -69,7 +68,7 @@ class Processor(Stage):
         link = self.image_links.get(name)
         images = job.served.images
         if link is None or images is None or job.image is None:
-            job.fail(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is not being served (as an image model)")
+            job.fail(Code.UNAVAILABLE, f"model {name!r} is not being served (as an image model)")
             return
         try:
             # checked at admission (requests.py); the latents are drawn by the engine, in its batch (engine/images.py)

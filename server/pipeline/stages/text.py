@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import Callable
 
 import anyio
-import grpc
 from anyio.abc import TaskStatus
 
 from engine.decode import TokenEvent
@@ -18,7 +17,7 @@ from engine.registry import ModelRegistry
 from server.pipeline.jobs import Job, Outcome
 from server.pipeline.links import Link
 from server.pipeline.stages.base import Stage
-from server.pipeline.statuses import status_of
+from server.pipeline.statuses import Code, status_of
 
 _REASONS = {"length": "length", "stop": "stop"}
 
@@ -119,4 +118,4 @@ class TextFeeder(Stage):
                 elif reason == "stop":
                     job.finish(Outcome(reason="stop"))
                 else:
-                    job.fail(grpc.StatusCode.CANCELLED, "cancelled")
+                    job.fail(Code.CANCELLED, "cancelled")

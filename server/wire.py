@@ -50,7 +50,7 @@ def append_token(text: pb.Text, item: TokenEvent) -> None:
 def fill_finish(finish: pb.Finish, job: Job | None, outcome: Outcome) -> None:
     finish.reason = _REASONS[outcome.reason]
     if not outcome.ok:
-        finish.code = outcome.code.value[0]
+        finish.code = outcome.code.value
         finish.message = outcome.message
     if job is not None:
         finish.seed = job.seed
