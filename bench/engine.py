@@ -14,7 +14,7 @@ of them alike; each figure is the median over rounds of the mean over a few call
 
 Transformer (bundled, block_size 128): prompts of 16 characters, 100 new tokens each (16 + 100 <= 128,
 so Hugging Face's learned positions suffice), temperature 1, top_k 0, distinct seeds.
-  ours     ``DecodeLoop``: every sequence added before the first step; tokens counted from events.
+  ours     ``DecodeBatch``: every sequence added before the first step; tokens counted from events.
   hf       transformers ``GPT2LMHeadModel.generate`` (KV cache, do_sample) on the same weights
            (``engine.interop.to_hf_gpt2``), equal-length prompts, batch 1, 8, 32 (64 with --full-hf).
 Per-token latency = wall time / new tokens for one stream (prefill included, both sides); time to
@@ -42,9 +42,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from engine.decode import DecodeLoop, SequenceRequest
-from engine.images import ImageChunk, ImageGenerator, ImageLimits, ImageRequest, ImageResult
+from engine.decode import DecodeBatch, SequenceRequest
+from engine.images import ImageChunk, ImageGenerator, ImageRequest, ImageResult
 from engine.interop import to_hf_gpt2
+from engine.limits import ImageLimits
 from engine.modelfile import LoadedModel, load_model
 from engine.sampling import SamplingParams
 
@@ -257,7 +258,7 @@ def prompts(vocab: str, count: int) -> list[str]:
     return [(text * 2)[(7 * i) % len(text) :][:PROMPT_CHARS] for i in range(count)]
 
 
-def ours_run(loop: DecodeLoop, texts: Sequence[str], new_tokens: int, seed0: int) -> tuple[int, float, list[float]]:
+def ours_run(loop: DecodeBatch, texts: Sequence[str], new_tokens: int, seed0: int) -> tuple[int, float, list[float]]:
     """(tokens generated, wall seconds, seconds per step) for ``texts`` decoded together."""
     for i, p in enumerate(texts):
         loop.add(SequenceRequest(p, SamplingParams(temperature=1.0, top_k=0, seed=seed0 + i, max_new_tokens=new_tokens)))
@@ -272,7 +273,7 @@ def ours_run(loop: DecodeLoop, texts: Sequence[str], new_tokens: int, seed0: int
     return tokens, time.perf_counter() - t0, steps
 
 
-def ours_ttft(loop: DecodeLoop, text: str, seed: int) -> float:
+def ours_ttft(loop: DecodeBatch, text: str, seed: int) -> float:
     t0 = time.perf_counter()
     handle = loop.add(SequenceRequest(text, SamplingParams(temperature=1.0, top_k=0, seed=seed, max_new_tokens=NEW_TOKENS)))
     while True:
@@ -318,7 +319,7 @@ def text_bench(
     hf = to_hf_gpt2(loaded.module).to(device)  # type: ignore[arg-type]
     hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
     ours_batches = (1, 8, 32, 64)
-    loop = DecodeLoop.from_loaded(loaded, max_batch=max(ours_batches), max_pending=0)
+    loop = DecodeBatch.from_loaded(loaded, max_batch=max(ours_batches), max_pending=0)
     texts = prompts(vocab, max(ours_batches))
     stoi = {c: i for i, c in enumerate(vocab)}
 

@@ -42,7 +42,8 @@ class Decoder:
     def __init__(self, models_dir: Path, threads: int, max_batch: int) -> None:
         import torch
 
-        from engine.images import ImageGenerator, ImageLimits
+        from engine.images import ImageGenerator
+        from engine.limits import ImageLimits
         from engine.modelfile import load_model
 
         if threads > 0:

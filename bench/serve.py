@@ -233,7 +233,8 @@ def measure_batch_ms(models_dir: str, batch: int, threads: int) -> float:
     """One VAE batch of ``batch`` one-sample requests through the engine (inputs prepared beforehand): median ms."""
     import torch
 
-    from engine.images import ImageGenerator, ImageLimits, ImageRequest
+    from engine.images import ImageGenerator, ImageRequest
+    from engine.limits import ImageLimits
     from engine.modelfile import load_model
 
     if threads > 0:

@@ -12,7 +12,7 @@ a shared machine hits all of them alike:
            (a Python client takes a large share of two cores). Seeds are drawn by the server (one
            request body for all calls); tokens = calls x tokens, each call's status counted from the
            server's metrics (every one must be OK: h2load cannot read grpc-status).
-  engine   ``DecodeLoop`` in this process, without the server: every sequence added, then ``step()``
+  engine   ``DecodeBatch`` in this process, without the server: every sequence added, then ``step()``
            until idle (the decode loop's own ceiling).
   inv      the same with ``batch_invariant=True`` (fixed-shape passes: what bit-for-bit batch
            invariance costs).
@@ -53,7 +53,7 @@ import torch
 from bench import accounting
 from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
 from bench.serve import free_ports
-from engine.decode import DecodeLoop
+from engine.decode import DecodeBatch
 from engine.interop import to_hf_gpt2
 from engine.modelfile import load_model
 from genserve.v1 import generator_pb2 as pb
@@ -167,8 +167,8 @@ async def bench(args: argparse.Namespace) -> list[str]:
     hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
     hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
     slots = args.max_batch or args.streams
-    loop = DecodeLoop.from_loaded(loaded, max_batch=slots, max_pending=0)
-    inv = DecodeLoop.from_loaded(loaded, max_batch=slots, max_pending=0, batch_invariant=True)
+    loop = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0)
+    inv = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0, batch_invariant=True)
     texts = prompts(vocab, args.streams)
     stoi = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([[stoi[c] for c in t] for t in texts])
@@ -268,7 +268,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def profile_step(loop: DecodeLoop, texts: list[str], tokens: int) -> list[str]:
+def profile_step(loop: DecodeBatch, texts: list[str], tokens: int) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from bench.engine import MODELS, Contender, calibrate, measure_rounds, served_forward
-from engine.images import DEFAULT_TILE, ImageGenerator, ImageLimits, ImageRequest
+from engine.images import DEFAULT_TILE, ImageGenerator, ImageRequest
+from engine.limits import ImageLimits
 from engine.modelfile import load_model
 
 

@@ -1,6 +1,6 @@
 """Text generation for ``CharTransformer``: a slotted KV cache and a continuous-batching decode loop.
 
-Synchronous by design: the server runs one ``DecodeLoop`` per model on an engine thread and calls
+Synchronous by design: the server runs one ``DecodeBatch`` per model on an engine thread and calls
 ``step()`` in a loop; ``add()`` and ``cancel()`` may be called from any thread.
 
 KV cache. One preallocated tensor per loop, (n_layer, 2, max_batch, n_head, block_size, head_dim),
@@ -160,7 +160,7 @@ class SlotCache:
 
         ``fixed_shape``: run every slot (idle ones on a dummy token at position 0, a cell their next
         prefill overwrites) over the whole window, so that the pass has the same shapes whatever the
-        batch, and each row the same kernel path (see ``DecodeLoop``'s batch_invariant).
+        batch, and each row the same kernel path (see ``DecodeBatch``'s batch_invariant).
         """
         n = len(ids)
         if fixed_shape:
@@ -259,10 +259,10 @@ class _Sequence:
     generated: int = 0
 
 
-class DecodeLoop:
+class DecodeBatch:
     """Continuous batching over one model: ``add`` sequences, call ``step`` until they finish.
 
-    >>> loop = DecodeLoop.from_loaded(load_model("models/transformer.safetensors"), max_batch=8)
+    >>> loop = DecodeBatch.from_loaded(load_model("models/transformer.safetensors"), max_batch=8)
     >>> h = loop.add(SequenceRequest("ROMEO:", SamplingParams(temperature=0.8, seed=1, max_new_tokens=50)))
     >>> while loop.has_work: events = loop.step()
     """
@@ -304,7 +304,7 @@ class DecodeLoop:
         self.tokens_sampled = 0
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, **kwargs: int | bool) -> DecodeLoop:
+    def from_loaded(cls, loaded: LoadedModel, **kwargs: int | bool) -> DecodeBatch:
         if not isinstance(loaded.module, CharTransformer) or loaded.vocab is None:
             raise ValueError(f"{loaded.path}: a {loaded.kind} is not a text model")
         return cls(loaded.module, loaded.vocab, **kwargs)  # type: ignore[arg-type]
@@ -368,7 +368,7 @@ class DecodeLoop:
     def step(self) -> list[TokenEvent]:
         """Apply cancellations, admit waiting sequences, and advance every active sequence by one token."""
         if not self._step_lock.acquire(blocking=False):
-            raise RuntimeError("DecodeLoop.step() called concurrently; one thread drives a loop")
+            raise RuntimeError("DecodeBatch.step() called concurrently; one thread drives a loop")
         try:
             with torch.inference_mode():
                 return self._step()

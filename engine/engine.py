@@ -1,13 +1,16 @@
-"""The asyncio face of the engine: model code runs on engine threads, never on the event loop.
+"""The engine's face: everything a server (or a library user) asks of the models goes through ``Engine``.
 
-- Image batches run on a thread pool owned by the engine (torch releases the GIL in its kernels).
-- Each text model version gets a ``TextWorker``: one thread that drives its ``DecodeLoop``
-  (continuous batching) and hands every token to the asyncio queue of the request it belongs to.
-  A request whose consumer goes away (client gone, deadline passed) is cancelled in the loop and
-  leaves it at the next step.
-- Hot swap: workers are keyed by the served entry (not its name and version: a file reloaded in
-  place is a new entry of the same version), so sequences started on an entry finish there;
-  ``retire`` stops an entry's worker once the server has let its last request finish.
+- ``check`` and ``prepare`` an image request (validate it, pick its seed, split it into pieces of
+  at most a batch), ``preferred_batch`` (the rows a forward pass costs anyway), and
+  ``generate_images`` (one forward pass for a batch of pieces, on the engine's pool or inline).
+- ``submit`` a text sequence to its model's decode thread (continuous batching) and get a
+  ``Ticket`` (its seed; ``cancel``), ``room`` (how many more may wait), ``stream_text`` (the same as
+  an async iterator, for library use).
+- ``calibrate``, ``retire`` and ``close`` manage where batches run and what is kept.
+
+Model code runs on engine threads, never on the event loop. Decode threads are keyed by the served
+entry (a file reloaded in place is a new entry of the same version), so sequences started on an
+entry finish there; ``retire`` stops an entry's thread once the server has let its last request finish.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, TokenEvent
-from engine.errors import EngineError
+from engine.decode import DecodeBatch, SequenceHandle, SequenceRequest, TokenEvent
+from engine.errors import EngineError, InvalidRequestError
 from engine.faults import Faults
-from engine.images import ImageChunk, ImageRequest, ImageResult
+from engine.images import ImageChunk, ImageGenerator, ImageRequest, ImageResult
+from engine.limits import EngineLimits
 from engine.logs import get_logger
 from engine.registry import ServedModel
 
@@ -32,32 +36,20 @@ log = get_logger("engine")
 OnEvent = Callable[[TokenEvent | BaseException], None]  # a sequence's listener, called on the decode thread
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """How much the engine runs at once. No defaults here: the server builds them from its
-    ``ServerConfig`` (``ServerConfig.engine_limits()``), whose defaults are the only ones."""
-
-    image_threads: int  # pool threads running image batches
-    decode_batch: int  # sequences one text model decodes together
-    decode_pending: int  # sequences waiting for a decode slot, per text model
-    inline_image_ms: float  # image models whose full batch takes less run on the calling thread (0: never)
-    max_new_tokens: int  # the most tokens one text request may ask for
-
-
-class TextWorker:
-    """Drives one DecodeLoop on its own thread and hands each event to its sequence's listener."""
+class DecodeThread:
+    """Drives one DecodeBatch on its own thread and hands each event to its sequence's listener."""
 
     def __init__(
         self,
         served: ServedModel,
         limits: EngineLimits,
         faults: Faults | None = None,
-        on_failed: Callable[[TextWorker], None] | None = None,
+        on_failed: Callable[[DecodeThread], None] | None = None,
     ) -> None:
         self.served = served
         self.faults = faults
         self.on_failed = on_failed  # called on this worker's thread once it has failed (the engine replaces it there)
-        self._loop: DecodeLoop | None = DecodeLoop.from_loaded(
+        self._loop: DecodeBatch | None = DecodeBatch.from_loaded(
             served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
         )
         self._listeners: dict[int, OnEvent] = {}
@@ -85,7 +77,7 @@ class TextWorker:
         return self._thread.is_alive()
 
     @property
-    def loop(self) -> DecodeLoop:
+    def loop(self) -> DecodeBatch:
         """Its decode loop; a failed worker has released it (and its KV cache): EngineError."""
         loop = self._loop
         if loop is None:
@@ -143,8 +135,9 @@ class TextWorker:
                     # keep the dead worker and its KV cache alive until the cyclic collector ran
                     self.failed = e.with_traceback(None)
                     listeners, self._listeners = list(self._listeners.values()), {}
+                heard = generation_failed(self.served, e)
                 for on_event in listeners:
-                    on_event(e)
+                    on_event(heard)
                 return True
             self._deliver(events)
         return False
@@ -174,10 +167,24 @@ def _into_queue(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent
     return on_event
 
 
-class Engine:
-    """Runs model code for the server: image batches on a thread pool, text on decode-loop threads."""
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """A sequence submitted to its model's decode thread: its seed, and how to cancel it."""
 
-    def __init__(self, limits: EngineLimits, *, faults: Faults | None = None) -> None:
+    seed: int
+    _runner: DecodeThread
+    _handle: SequenceHandle
+
+    def cancel(self) -> None:
+        """Leave the decode batch at its next step (frees its slot and cache); a no-op once finished."""
+        self._runner.cancel(self._handle)
+
+
+class Engine:
+    """Runs model code: image batches on a thread pool, text on one decode thread per model version."""
+
+    def __init__(self, limits: EngineLimits | None = None, *, faults: Faults | None = None) -> None:
+        limits = limits or EngineLimits()
         self.limits = limits
         self.faults = faults  # the fault-injection seam (engine/faults.py): None in the product; see install_faults
         self._pool = ThreadPoolExecutor(max_workers=limits.image_threads, thread_name_prefix="engine-images")
@@ -186,9 +193,33 @@ class Engine:
         # must win the GIL back from a busy event loop between torch ops, which turned a 0.2 ms
         # VAE batch into 3-6 ms inside the server. 0: every batch goes to the pool.
         self._inline: dict[ServedModel, bool] = {}
-        self._workers: dict[ServedModel, TextWorker] = {}
+        self._workers: dict[ServedModel, DecodeThread] = {}
         self._workers_lock = threading.Lock()
         self._closed = False
+
+    # -- one-shot image models ----------------------------------------------------------------
+
+    def check(self, served: ServedModel, request: ImageRequest) -> None:
+        """Raise InvalidImageRequest (naming the field) if ``served`` cannot take ``request``."""
+        self._images(served).check(request)
+
+    def prepare(self, served: ServedModel, request: ImageRequest, max_piece: int | None = None) -> list[ImageChunk]:
+        """``request`` checked, its seed picked (``chunks[0].seed``), in pieces of at most a batch
+        (and ``max_piece``), in order. Latents are drawn when a piece runs, in its batch."""
+        images = self._images(served)
+        whole = images.prepare(request, draw=False)
+        size = images.limits.max_batch if max_piece is None else min(images.limits.max_batch, max_piece)
+        return whole.split(size) if whole.n > size else [whole]
+
+    def preferred_batch(self, served: ServedModel) -> int:
+        """Samples a forward pass of ``served`` costs anyway (its tile): a smaller batch gains nothing by running early."""
+        return self._images(served).tile
+
+    @staticmethod
+    def _images(served: ServedModel) -> ImageGenerator:
+        if served.images is None:
+            raise InvalidRequestError(f"model {served.name!r} is a {served.kind} model, not an image model")
+        return served.images
 
     async def generate_images(self, served: ServedModel, chunks: Sequence[ImageChunk]) -> list[ImageResult]:
         """One forward pass for ``chunks`` (prepared by ``served.images.prepare``), on the pool."""
@@ -245,7 +276,7 @@ class Engine:
         log.info("image_batches_placed", model=served.name, version=served.version, batch=len(chunks), batch_ms=round(ms, 3), inline=inline)
         return ms
 
-    def text_worker(self, served: ServedModel) -> TextWorker:
+    def decode_thread(self, served: ServedModel) -> DecodeThread:
         """The decode loop of this model version (started on first use; replaced after a failure).
 
         A failed worker is replaced on its own thread as it dies (``_replace``), so the new KV cache
@@ -263,22 +294,22 @@ class Engine:
                 self._workers[served] = worker
             return worker
 
-    def _new_worker(self, served: ServedModel) -> TextWorker:
-        worker = TextWorker(served, self.limits, self.faults, on_failed=self._replace)
+    def _new_worker(self, served: ServedModel) -> DecodeThread:
+        worker = DecodeThread(served, self.limits, self.faults, on_failed=self._replace)
         log.info("decode_loop_started", model=served.name, version=served.version, max_batch=self.limits.decode_batch)
         return worker
 
-    def _replace(self, failed: TextWorker) -> None:
+    def _replace(self, failed: DecodeThread) -> None:
         """On the failed worker's thread: build its replacement here, then install it, unless the
         engine closed or someone else replaced it meanwhile."""
         served = failed.served
         with self._workers_lock:
             if self._closed or self._workers.get(served) is not failed:
                 return
-        worker: TextWorker | None = None
+        worker: DecodeThread | None = None
         try:
             worker = self._new_worker(served)
-        except Exception:  # e.g. out of memory: text_worker() will try again on the next request
+        except Exception:  # e.g. out of memory: decode_thread() will try again on the next request
             log.exception("decode_loop_replacement_failed", model=served.name, version=served.version)
         with self._workers_lock:
             if worker is not None and not self._closed and self._workers.get(served) is failed:
@@ -288,13 +319,23 @@ class Engine:
         if worker is not None:  # not wanted any more
             worker.stop()
 
-    def submit_text(self, served: ServedModel, request: SequenceRequest, on_event: OnEvent) -> tuple[TextWorker, SequenceHandle]:
-        """The one text path: queue a sequence in its model's decode loop; ``on_event`` gets each
-        token event, then the last one (with a finish reason), or the exception that ended the loop,
-        on the decode thread. Raises InvalidRequestError, QueueFullError or EngineError at once.
-        Cancel with ``worker.cancel(handle)``. The server's text stage calls this; so does ``stream_text``."""
-        worker = self.text_worker(served)
-        return worker, worker.submit(request, on_event)
+    # -- text models ----------------------------------------------------------------------------
+
+    def submit(self, served: ServedModel, request: SequenceRequest, on_event: OnEvent) -> Ticket:
+        """The one text path: queue a sequence in its model's decode batch; ``on_event`` gets each
+        token event, then the last one (with a finish reason), or the EngineError that ended the
+        batch, on the decode thread. Raises InvalidRequestError, QueueFullError or EngineError at once."""
+        worker = self.decode_thread(served)
+        handle = worker.submit(request, on_event)
+        return Ticket(handle.seed, worker, handle)
+
+    def cancel(self, ticket: Ticket) -> None:
+        ticket.cancel()
+
+    def room(self, served: ServedModel, max_pending: int | None = None) -> int:
+        """How many more sequences ``served`` may have waiting for a decode slot (of ``max_pending``,
+        default the limits'); 0 while a failed decode thread is being replaced."""
+        return self.decode_thread(served).room(self.limits.decode_pending if max_pending is None else max_pending)
 
     async def stream_text(self, served: ServedModel, request: SequenceRequest) -> AsyncGenerator[TokenEvent, None]:
         """Token events of one sequence, as they are decoded; the last one has a finish reason
@@ -304,10 +345,10 @@ class Engine:
         early (client gone, deadline) cancels the sequence, which frees its slot at the next step.
         """
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        waiting = self.text_worker(served)
+        waiting = self.decode_thread(served)
         if waiting.failed is not None and waiting.alive:  # its thread is building its replacement: wait for it there
             await asyncio.to_thread(waiting.join, 10.0)
-        worker, handle = self.submit_text(served, request, _into_queue(asyncio.get_running_loop(), queue))
+        ticket = self.submit(served, request, _into_queue(asyncio.get_running_loop(), queue))
         finished = False
         try:
             while True:
@@ -320,7 +361,7 @@ class Engine:
                     return
         finally:
             if not finished:
-                worker.cancel(handle)
+                ticket.cancel()
 
     def retire(self, served: ServedModel) -> None:
         """Forget a version the server no longer serves: stop its decode thread (blocks while it

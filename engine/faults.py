@@ -26,5 +26,5 @@ class Faults:
         inline), just before its forward pass: raising here fails the batch as model code would."""
 
     def before_decode_step(self, served: ServedModel) -> None:
-        """On a text model's decode thread, before each ``DecodeLoop.step``: raising here fails
+        """On a text model's decode thread, before each ``DecodeBatch.step``: raising here fails
         the loop and every sequence in it, as a failed step would."""

@@ -40,12 +40,11 @@ import torch
 
 from engine.errors import InvalidImageRequest, brief_repr
 from engine.image_graph import ImageGraph, build_graph, image_graph
+from engine.limits import ImageLimits
 from engine.modelfile import LoadedModel
 
 IMAGE_KINDS = ("vae", "wgan-gp")
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
-DEFAULT_MAX_N = 1024
-DEFAULT_MAX_BATCH = 256
 # Rows per model call, per kind (issue #17). Every call sees exactly this many rows (the last tile
 # is padded), so the matrix kernels take one blocking, one summation order, whatever the batch:
 # a sample's floats are bit for bit the same alone or beside any neighbours. Chosen with
@@ -61,19 +60,6 @@ Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _F255 = np.float32(255.0)  # float32 scalars keep numpy's in-place ops in float32
 _FHALF = np.float32(0.5)
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_n: int = DEFAULT_MAX_N  # samples one request may ask for
-    max_batch: int = DEFAULT_MAX_BATCH  # samples in one forward pass (bigger requests are split)
-    tile: int | None = None  # rows per model call; None: the kind's DEFAULT_TILE (see ImageGenerator.forward)
-
-    def __post_init__(self) -> None:
-        if self.max_n < 1 or self.max_batch < 1:
-            raise ValueError(f"max_n and max_batch must be >= 1, got {self.max_n} and {self.max_batch}")
-        if self.tile is not None and self.tile < 1:
-            raise ValueError(f"tile must be >= 1, got {self.tile}")
 
 
 # Not frozen: one is made a request on the event loop, and a frozen dataclass sets each field with

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelFileError, ModelNotFound, brief_repr
-from engine.images import IMAGE_KINDS, ImageGenerator, ImageLimits, ImageRequest
+from engine.images import IMAGE_KINDS, ImageGenerator, ImageRequest
+from engine.limits import ImageLimits
 from engine.logs import get_logger
 from engine.modelfile import LoadedModel, load_model, read_header
 from engine.models import KINDS
@@ -95,7 +96,7 @@ class ServedModel:
     version: int
     model: LoadedModel
     info: ModelInfo
-    images: ImageGenerator | None  # image models only; text models get a DecodeLoop from the server
+    images: ImageGenerator | None  # image models only; text models get a DecodeBatch from the server
     loaded_at: float = field(default_factory=time.time)
     load_ms: float = 0.0  # reading and checking the file
     warmup_ms: float = 0.0  # the first forward pass

@@ -22,7 +22,7 @@ import torch
 from engine.errors import InvalidSamplingError
 
 MIN_TEMPERATURE = 1e-6  # smaller temperatures decode greedily (their limit), so the division cannot overflow
-MAX_NEW_TOKENS = 4096  # hard cap per request; a DecodeLoop may set a lower one
+MAX_NEW_TOKENS = 4096  # hard cap per request; a DecodeBatch may set a lower one
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 64  # characters per stop string
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 <= seed < 2**64

@@ -91,7 +91,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "            self._cancelled.add(handle.id)",
         "            pass",
         ("tests/test_decode.py", "tests/test_engine.py", "-k", "cancel or closing"),
-        "DecodeLoop.cancel takes the sequence out at the next step",
+        "DecodeBatch.cancel takes the sequence out at the next step",
     ),
     Mutant(
         "cancel-sync-session-lost",

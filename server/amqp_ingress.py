@@ -36,8 +36,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from prometheus_client import Gauge
 from yarl import URL
 
-from engine.decode import TokenEvent
-from engine.images import ImageResult
+from engine import ImageResult, TokenEvent
 from engine.logs import get_logger
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, DEADLINE_HEADER, dead_letter_queue, queue_arguments

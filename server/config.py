@@ -10,11 +10,12 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from engine.engine import EngineLimits
-    from engine.images import ImageLimits
+from engine import EngineLimits, ImageLimits  # no torch: engine/limits.py
+
+ENGINE = EngineLimits()  # the engine's defaults are the server's
+IMAGES = ImageLimits()
 
 ENV_PREFIX = "GENSERVE_"
 SECRET_FIELDS = ("amqp_url",)  # may hold a password: --help never shows its value
@@ -36,17 +37,22 @@ class ServerConfig:
     )
     device: str = field(default="auto", metadata={"help": "auto (GPU when there is one), cpu, cuda or cuda:N"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: all usable cores but one, for the event loop)"})
-    image_threads: int = field(default=1, metadata={"help": "engine threads running image batches"})
+    image_threads: int = field(default=ENGINE.image_threads, metadata={"help": "engine threads running image batches"})
     inline_batch_ms: float = field(
-        default=3.0, metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"}
+        default=ENGINE.inline_image_ms,
+        metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"},
     )
     processors: int = field(default=2, metadata={"help": "processor stages preparing inputs (concurrency)"})
     batch_size: int = field(default=128, metadata={"help": "samples per image batch: a batch closes when full"})
     batch_timeout_ms: float = field(default=2.0, metadata={"help": "... or this long after its first request"})
     batch_concurrency: int = field(default=2, metadata={"help": "batches in flight per model (one runs while the next fills)"})
-    decode_batch: int = field(default=64, metadata={"help": "text sequences decoded together per model"})
-    decode_pending: int = field(default=256, metadata={"help": "text sequences waiting for a decode slot per model"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "cap on the tokens one text request may ask for"})
+    decode_batch: int = field(default=ENGINE.decode_batch, metadata={"help": "text sequences decoded together per model"})
+    decode_pending: int = field(default=ENGINE.decode_pending, metadata={"help": "text sequences waiting for a decode slot per model"})
+    max_new_tokens: int = field(default=ENGINE.max_new_tokens, metadata={"help": "cap on the tokens one text request may ask for"})
+    default_new_tokens: int = field(
+        default=ENGINE.default_new_tokens, metadata={"help": "tokens a text request that sets none gets (at most --max-new-tokens)"}
+    )
+    max_n: int = field(default=IMAGES.max_n, metadata={"help": "samples one image request may ask for"})
     max_inflight: int = field(default=8192, metadata={"help": "accepted requests not yet finished; beyond it RESOURCE_EXHAUSTED"})
     admission_target_ms: float = field(
         default=5.0, metadata={"help": "queueing delay a request may meet; held over it for an interval, new requests are refused"}
@@ -133,7 +139,16 @@ class ServerConfig:
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
         positive += ["max_pending_calls", "accept_ahead"]
-        positive += ["max_new_tokens", "max_inflight", "queue_size", "stream_credits", "stream_interval", "restart_intensity"]
+        positive += [
+            "max_new_tokens",
+            "default_new_tokens",
+            "max_n",
+            "max_inflight",
+            "queue_size",
+            "stream_credits",
+            "stream_interval",
+            "restart_intensity",
+        ]
         positive += ["max_message_mb"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -163,24 +178,19 @@ class ServerConfig:
         if self.amqp_url and not self.amqp_queue:
             raise ValueError("amqp_queue is empty: name the queue of requests")
 
-    # The engine's limits come from here and only here (the engine has no defaults of its own).
-    # Imported late: this module must not import torch, so that --help and bad flags answer at once.
     def engine_limits(self) -> EngineLimits:
-        from engine.engine import EngineLimits
-
         return EngineLimits(
             image_threads=self.image_threads,
             decode_batch=self.decode_batch,
             decode_pending=self.decode_pending,
             inline_image_ms=self.inline_batch_ms,
             max_new_tokens=self.max_new_tokens,
+            default_new_tokens=self.default_new_tokens,
         )
 
     def image_limits(self) -> ImageLimits:
-        """A request's limits for image models: batches of ``batch_size`` (bigger requests are split)."""
-        from engine.images import ImageLimits
-
-        return ImageLimits(max_batch=self.batch_size)
+        """A request's limits for image models: up to ``max_n`` samples, in batches of ``batch_size`` (bigger requests are split)."""
+        return ImageLimits(max_n=self.max_n, max_batch=self.batch_size)
 
     @property
     def front_queue_calls(self) -> int:

@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from engine.decode import TokenEvent
-from engine.images import ImageResult
+from engine import ImageResult, TokenEvent
 from genserve.v1 import generator_pb2 as pb
 from server.pipeline.jobs import Job, Outcome
 

@@ -14,13 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from engine.decode import DecodeLoop, TokenEvent
+from engine.decode import DecodeBatch, TokenEvent
 
 
 class StepSpy:
     """Wraps ``loop.step`` on the instance (the worker thread looks it up at every step)."""
 
-    def __init__(self, loop: DecodeLoop) -> None:
+    def __init__(self, loop: DecodeBatch) -> None:
         self.loop = loop
         self.steps = 0
         self.last: dict[int, TokenEvent] = {}  # by the sequence's seed: tests give each a distinct one

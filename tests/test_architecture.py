@@ -84,3 +84,23 @@ def test_no_module_imports_itself_back_through_others() -> None:
 def test_server_has_few_modules_of_its_own() -> None:
     direct = sorted(p.name for p in (ROOT / "server").glob("*.py"))
     assert len(direct) <= 8, direct
+
+
+@pytest.mark.parametrize("path", sources("server"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_server_reaches_the_engine_only_through_its_face(path: Path) -> None:
+    """engine/__init__.py (the facade), engine.errors and engine.logs: nothing of the engine's insides."""
+    allowed = {"engine", "engine.errors", "engine.logs"}
+    for name in imports_of(path):
+        if name == "engine" or name.startswith("engine."):
+            module = name if name in allowed else name.rsplit(".", 1)[0]
+            assert module in allowed, f"{path.relative_to(ROOT)} imports {name}: the server uses engine/__init__.py's names only"
+
+
+def test_importing_the_engine_face_costs_no_torch() -> None:
+    """server/config.py builds its defaults from the engine's before anything heavy is imported."""
+    import subprocess
+    import sys
+
+    code = "import sys, server.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

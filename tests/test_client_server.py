@@ -51,7 +51,7 @@ async def server() -> AsyncIterator[GenServer]:
 async def spy(server: GenServer) -> AsyncIterator[StepSpy]:
     """The server's transformer decode loop, watched (and pausable) for one test."""
     assert server.engine is not None
-    watch = StepSpy(server.engine.text_worker(server.registry.get("transformer")).loop)
+    watch = StepSpy(server.engine.decode_thread(server.registry.get("transformer")).loop)
     yield watch
     watch.restore()
 

@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 import torch
 
-from engine.decode import DecodeLoop, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
+from engine.decode import DecodeBatch, SequenceHandle, SequenceRequest, SlotCache, StopMatcher, TokenEvent
 from engine.errors import InvalidPromptError, InvalidRequestError, InvalidSamplingError, QueueFullError
 from engine.modelfile import load_model
 from engine.models import transformer
@@ -33,8 +33,8 @@ def tiny_model(block: Literal["gpt2", "seed"] = "gpt2", block_size: int = 16, se
 
 
 @pytest.fixture(scope="module")
-def bundled() -> DecodeLoop:
-    return DecodeLoop.from_loaded(load_model(BUNDLED), max_batch=8)
+def bundled() -> DecodeBatch:
+    return DecodeBatch.from_loaded(load_model(BUNDLED), max_batch=8)
 
 
 def texts(events: list[TokenEvent]) -> dict[SequenceHandle, tuple[str, str | None]]:
@@ -47,7 +47,7 @@ def texts(events: list[TokenEvent]) -> dict[SequenceHandle, tuple[str, str | Non
 
 
 def run_alone(model: CharTransformer, request: SequenceRequest, max_batch: int = 1, invariant: bool = False) -> tuple[str, str | None]:
-    loop = DecodeLoop(model, VOCAB, max_batch=max_batch, batch_invariant=invariant)
+    loop = DecodeBatch(model, VOCAB, max_batch=max_batch, batch_invariant=invariant)
     handle = loop.add(request)
     return texts(loop.run_until_idle())[handle]
 
@@ -109,7 +109,7 @@ def test_the_scripted_forward_is_the_eager_forward_bit_for_bit(block: Literal["g
             want = model.forward_cached(idx, pos, eager_kv[:, :, :, :, : step + 1], linear)
             assert torch.equal(scripted(idx, pos, script_kv[:, :, :, :, : step + 1]), want)
     assert torch.equal(script_kv, eager_kv)
-    assert isinstance(DecodeLoop(model, VOCAB, max_batch=2)._cache.forward, ScriptedForward)
+    assert isinstance(DecodeBatch(model, VOCAB, max_batch=2)._cache.forward, ScriptedForward)
 
 
 def test_without_torchscript_the_decode_loop_runs_the_eager_forward_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,18 +119,18 @@ def test_without_torchscript_the_decode_loop_runs_the_eager_forward_and_says_so(
     monkeypatch.setattr(transformer, "_scripted_graph", no_script)
     model = tiny_model()
     with pytest.warns(UserWarning, match=r"decoding eagerly: TorchScript could not compile the cached forward \(RuntimeError: TorchScript"):
-        loop = DecodeLoop(model, VOCAB, max_batch=2)
+        loop = DecodeBatch(model, VOCAB, max_batch=2)
     assert not isinstance(loop._cache.forward, ScriptedForward)
     request = SequenceRequest("abc", SamplingParams(temperature=0, max_new_tokens=8))
     loop.add(request)
     eager = texts(loop.run_until_idle())
     monkeypatch.undo()
-    scripted = DecodeLoop(model, VOCAB, max_batch=2)
+    scripted = DecodeBatch(model, VOCAB, max_batch=2)
     scripted.add(request)
     assert list(eager.values()) == list(texts(scripted.run_until_idle()).values())  # the same text either way
 
 
-def test_greedy_bundled_model_matches_naive_forward_loop(bundled: DecodeLoop) -> None:
+def test_greedy_bundled_model_matches_naive_forward_loop(bundled: DecodeBatch) -> None:
     model = bundled._cache.model
     prompt = "ROMEO:\nWhat light through yonder window breaks?\n"
     ids = bundled.vocab.encode(prompt)
@@ -153,7 +153,7 @@ def test_context_window_policy_matches_cropped_full_forward() -> None:
             if len(ids) - start > 8:
                 start = len(ids) - 4
             ids.append(int(model(torch.tensor([ids[start:]]))[0, -1].argmax()))
-    loop = DecodeLoop(model, VOCAB, max_batch=2)
+    loop = DecodeBatch(model, VOCAB, max_batch=2)
     handle = loop.add(SequenceRequest(prompt, SamplingParams(temperature=0, max_new_tokens=30)))
     assert handle.truncated_chars == 4 and handle.prompt_tokens == 8
     assert texts(loop.run_until_idle())[handle] == ("".join(VOCAB[i] for i in ids[8:]), "length")
@@ -175,7 +175,7 @@ def test_batched_decode_equals_one_at_a_time() -> None:
     """Exact text, so in the batch-invariant mode (by default, equal only up to float rounding: see engine.decode)."""
     model = tiny_model(block_size=16)
     alone = [run_alone(model, r, max_batch=3, invariant=True) for r in REQUESTS]
-    loop = DecodeLoop(model, VOCAB, max_batch=3, max_pending=8, batch_invariant=True)
+    loop = DecodeBatch(model, VOCAB, max_batch=3, max_pending=8, batch_invariant=True)
     events: list[TokenEvent] = []
     handles = [loop.add(REQUESTS[0]), loop.add(REQUESTS[1])]
     for _ in range(5):
@@ -193,11 +193,11 @@ def test_batched_decode_equals_one_at_a_time() -> None:
 
 
 @pytest.fixture(scope="module")
-def bundled_invariant() -> DecodeLoop:
-    return DecodeLoop.from_loaded(load_model(BUNDLED), max_batch=8, batch_invariant=True)
+def bundled_invariant() -> DecodeBatch:
+    return DecodeBatch.from_loaded(load_model(BUNDLED), max_batch=8, batch_invariant=True)
 
 
-def test_same_request_alone_and_in_mixed_batch(bundled_invariant: DecodeLoop) -> None:
+def test_same_request_alone_and_in_mixed_batch(bundled_invariant: DecodeBatch) -> None:
     bundled = bundled_invariant
     request = SequenceRequest("KING:\n", SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=7, max_new_tokens=60))
     h = bundled.add(request)
@@ -218,7 +218,7 @@ def test_same_request_alone_and_in_mixed_batch(bundled_invariant: DecodeLoop) ->
 
 def test_one_forward_pass_per_step_for_all_active_sequences() -> None:
     model = tiny_model()
-    loop = DecodeLoop(model, VOCAB, max_batch=4)
+    loop = DecodeBatch(model, VOCAB, max_batch=4)
     for r in REQUESTS[:4]:
         loop.add(r)
     loop.step()  # admission: four prefills
@@ -238,7 +238,7 @@ def test_one_forward_pass_per_step_for_all_active_sequences() -> None:
 
 
 def test_cancel_frees_the_slot_for_a_new_sequence() -> None:
-    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1, max_pending=0)
+    loop = DecodeBatch(tiny_model(), VOCAB, max_batch=1, max_pending=0)
     a = loop.add(SequenceRequest("abc", SamplingParams(temperature=0, max_new_tokens=100)))
     with pytest.raises(QueueFullError, match="decode loop is full: 1 sequences decoding and 0 waiting"):
         loop.add(SequenceRequest("b"))
@@ -253,7 +253,7 @@ def test_cancel_frees_the_slot_for_a_new_sequence() -> None:
 
 
 def test_cancel_a_waiting_sequence() -> None:
-    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1, max_pending=1)
+    loop = DecodeBatch(tiny_model(), VOCAB, max_batch=1, max_pending=1)
     a = loop.add(SequenceRequest("a", SamplingParams(temperature=0, max_new_tokens=3)))
     b = loop.add(SequenceRequest("b", SamplingParams(temperature=0, max_new_tokens=3)))
     assert loop.pending_count == 2  # admission happens at the next step
@@ -266,7 +266,7 @@ def test_cancel_a_waiting_sequence() -> None:
 
 
 def test_max_new_tokens_ends_with_length() -> None:
-    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=2)
+    loop = DecodeBatch(tiny_model(), VOCAB, max_batch=2)
     h = loop.add(SequenceRequest("abc", SamplingParams(temperature=1.0, seed=0, max_new_tokens=5)))
     events = loop.run_until_idle()
     assert [e.n_generated for e in events] == [1, 2, 3, 4, 5]
@@ -274,7 +274,7 @@ def test_max_new_tokens_ends_with_length() -> None:
     assert len(texts(events)[h][0]) == 5
 
 
-def test_stop_string_spanning_tokens_ends_with_stop_and_is_not_emitted(bundled: DecodeLoop) -> None:
+def test_stop_string_spanning_tokens_ends_with_stop_and_is_not_emitted(bundled: DecodeBatch) -> None:
     params = SamplingParams(temperature=0, max_new_tokens=60)
     h = bundled.add(SequenceRequest("ROMEO:\n", params))
     full, _ = texts(bundled.run_until_idle())[h]
@@ -363,7 +363,7 @@ def test_bad_settings_raise_precise_errors(kwargs: dict[str, object], message: s
     ],
 )
 def test_bad_prompts_raise_precise_errors(prompt: str, error: type[Exception], message: str) -> None:
-    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1)
+    loop = DecodeBatch(tiny_model(), VOCAB, max_batch=1)
     with pytest.raises(error) as info:
         loop.add(SequenceRequest(prompt + ("z!" if prompt else "")))
     assert str(info.value) == message
@@ -371,14 +371,14 @@ def test_bad_prompts_raise_precise_errors(prompt: str, error: type[Exception], m
 
 
 def test_loop_cap_on_max_new_tokens() -> None:
-    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=1, max_new_tokens_cap=100)
+    loop = DecodeBatch(tiny_model(), VOCAB, max_batch=1, max_new_tokens_cap=100)
     with pytest.raises(InvalidSamplingError, match=r"^max_new_tokens must be an integer between 1 and 100, got 101$"):
         loop.add(SequenceRequest("a", SamplingParams(max_new_tokens=101)))
 
 
 def test_seed_is_reported_and_reproduces() -> None:
     model = tiny_model()
-    loop = DecodeLoop(model, VOCAB, max_batch=2)
+    loop = DecodeBatch(model, VOCAB, max_batch=2)
     h = loop.add(SequenceRequest("ab", SamplingParams(temperature=1.0, max_new_tokens=20)))
     first = texts(loop.run_until_idle())[h]
     assert run_alone(model, SequenceRequest("ab", SamplingParams(temperature=1.0, seed=h.seed, max_new_tokens=20))) == first

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import engine.decode as decode
-from engine.decode import DecodeLoop, SequenceRequest, TokenEvent
+from engine.decode import DecodeBatch, SequenceRequest, TokenEvent
 from engine.modelfile import load_model
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.sampling import SamplingBatch, SamplingParams, sample
@@ -33,7 +33,7 @@ def tiny_model(block_size: int = 16) -> CharTransformer:
 
 
 @contextmanager
-def logits_by_sequence(loop: DecodeLoop, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, list[torch.Tensor]]]:
+def logits_by_sequence(loop: DecodeBatch, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[int, list[torch.Tensor]]]:
     """Each sequence's logits row at every step (by handle id), as the loop samples from them."""
     rows: dict[int, list[torch.Tensor]] = {}
     original = sample
@@ -49,7 +49,7 @@ def logits_by_sequence(loop: DecodeLoop, monkeypatch: pytest.MonkeyPatch) -> Ite
 
 
 def run(
-    loop: DecodeLoop,
+    loop: DecodeBatch,
     target: SequenceRequest,
     others: list[tuple[int, SequenceRequest]],
     monkeypatch: pytest.MonkeyPatch,
@@ -98,8 +98,8 @@ def test_batch_invariant_loop_gives_each_sequence_its_alone_logits_bit_for_bit(
     target: SequenceRequest, target_at: int, others: list[tuple[int, SequenceRequest]], max_batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny_model()
-    alone_text, alone = run(DecodeLoop(model, VOCAB, max_batch=max_batch, batch_invariant=True), target, [], monkeypatch)
-    loop = DecodeLoop(model, VOCAB, max_batch=max_batch, max_pending=len(others) + 1, batch_invariant=True)
+    alone_text, alone = run(DecodeBatch(model, VOCAB, max_batch=max_batch, batch_invariant=True), target, [], monkeypatch)
+    loop = DecodeBatch(model, VOCAB, max_batch=max_batch, max_pending=len(others) + 1, batch_invariant=True)
     text, batched = run(loop, target, others, monkeypatch, target_at)
     assert text == alone_text
     assert len(batched) == len(alone)
@@ -113,8 +113,8 @@ def test_batch_invariant_bundled_model_in_a_full_batch(monkeypatch: pytest.Monke
     target = SequenceRequest("ROMEO:\n", SamplingParams(temperature=0.9, top_k=20, seed=7, max_new_tokens=40))
     prompts = ["First Citizen:\n"[: 3 + k] for k in range(16)]
     others = [(k % 5, SequenceRequest(p, SamplingParams(seed=k, max_new_tokens=10 + 3 * k))) for k, p in enumerate(prompts)]
-    alone_text, alone = run(DecodeLoop.from_loaded(loaded, max_batch=8, batch_invariant=True), target, [], monkeypatch)
-    loop = DecodeLoop.from_loaded(loaded, max_batch=8, max_pending=32, batch_invariant=True)
+    alone_text, alone = run(DecodeBatch.from_loaded(loaded, max_batch=8, batch_invariant=True), target, [], monkeypatch)
+    loop = DecodeBatch.from_loaded(loaded, max_batch=8, max_pending=32, batch_invariant=True)
     text, batched = run(loop, target, others, monkeypatch, target_at=2)
     assert text == alone_text and len(alone_text) == 40
     assert all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
@@ -126,15 +126,15 @@ def test_default_loop_agrees_with_alone_to_float_rounding(monkeypatch: pytest.Mo
     loaded = load_model(BUNDLED)
     target = SequenceRequest("ROMEO:\n", SamplingParams(temperature=0, max_new_tokens=30))
     others = [(k % 3, SequenceRequest("KING:\n"[: 2 + k % 4], SamplingParams(temperature=0, max_new_tokens=20 + k))) for k in range(10)]
-    _, alone = run(DecodeLoop.from_loaded(loaded, max_batch=8), target, [], monkeypatch)
-    _, batched = run(DecodeLoop.from_loaded(loaded, max_batch=8, max_pending=16), target, others, monkeypatch, target_at=1)
+    _, alone = run(DecodeBatch.from_loaded(loaded, max_batch=8), target, [], monkeypatch)
+    _, batched = run(DecodeBatch.from_loaded(loaded, max_batch=8, max_pending=16), target, others, monkeypatch, target_at=1)
     for a, b in zip(alone, batched, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_work_counters_stop_for_a_cancelled_sequence() -> None:
     """A cancelled sequence leaves at the next step: no token is sampled for it after that (a run of minutes, cut short)."""
-    loop = DecodeLoop(tiny_model(), VOCAB, max_batch=2)
+    loop = DecodeBatch(tiny_model(), VOCAB, max_batch=2)
     long = loop.add(SequenceRequest("abc", SamplingParams(temperature=1.0, seed=1, max_new_tokens=4096)))
     for _ in range(3):
         loop.step()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.decode import DecodeLoop, SequenceRequest
+from engine.decode import DecodeBatch, SequenceRequest
 from engine.engine import Engine
 from engine.errors import EngineError, InvalidPromptError, QueueFullError
 from engine.images import ImageRequest
@@ -44,7 +44,7 @@ def engine() -> Iterator[Engine]:
 
 
 def sync_text(registry: ModelRegistry, prompt: str, params: SamplingParams) -> str:
-    loop = DecodeLoop.from_loaded(registry.get("text").model, max_batch=1)
+    loop = DecodeBatch.from_loaded(registry.get("text").model, max_batch=1)
     loop.add(SequenceRequest(prompt, params))
     return "".join(ev.text for ev in loop.run_until_idle())
 
@@ -71,7 +71,7 @@ async def test_concurrent_streams_each_get_their_own_answer(engine: Engine, regi
 
 async def test_closing_the_stream_early_cancels_the_sequence_and_frees_the_slot(engine: Engine, registry: ModelRegistry) -> None:
     served = registry.get("text")
-    spy = StepSpy(engine.text_worker(served).loop)
+    spy = StepSpy(engine.decode_thread(served).loop)
     stream = engine.stream_text(served, SequenceRequest("A", SamplingParams(max_new_tokens=MAX_NEW_TOKENS, seed=71)))
     first = await anext(stream)
     assert first.finish_reason is None
@@ -89,7 +89,7 @@ async def test_bad_prompt_is_refused_before_any_event(engine: Engine, registry: 
 
 async def test_a_full_decode_loop_refuses_at_once(engine: Engine, registry: ModelRegistry) -> None:
     served = registry.get("text")
-    worker = engine.text_worker(served)
+    worker = engine.decode_thread(served)
     spy = StepSpy(worker.loop)
     spy.pause()  # no sequence can finish and free its place, however fast the machine
     try:
@@ -117,7 +117,7 @@ async def test_a_failing_model_fails_its_requests_and_the_worker_restarts(
     engine: Engine, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served = registry.get("text")
-    worker = engine.text_worker(served)
+    worker = engine.decode_thread(served)
 
     def boom() -> list[object]:
         raise RuntimeError("injected fault")
@@ -127,4 +127,24 @@ async def test_a_failing_model_fails_its_requests_and_the_worker_restarts(
         await collect(engine, registry, "A", SamplingParams(max_new_tokens=5))
     assert worker.failed is not None
     _, reason = await collect(engine, registry, "A", SamplingParams(max_new_tokens=5, seed=2))  # a fresh worker
-    assert reason == "length" and engine.text_worker(served) is not worker
+    assert reason == "length" and engine.decode_thread(served) is not worker
+
+
+async def test_the_engine_serves_without_the_server(registry: ModelRegistry) -> None:
+    """The engine's face alone, with its own defaults (docs/engine.md): no settings from server/."""
+    import engine as face
+
+    engine = face.Engine()
+    try:
+        vae = registry.get("digits")
+        pieces = engine.prepare(vae, face.ImageRequest(n=300, seed=5))
+        assert [p.n for p in pieces] == [256, 44] and all(p.seed == 5 for p in pieces)
+        results = [r for p in pieces for r in await engine.generate_images(vae, [p])]
+        assert sum(len(r.pixels) for r in results) == 300
+        text = registry.get("text")
+        request = face.SequenceRequest("ROMEO:", face.SamplingParams(seed=1, max_new_tokens=5))
+        events = [e async for e in engine.stream_text(text, request)]
+        assert events[-1].finish_reason == "length" and events[-1].n_generated == 5
+        assert engine.room(text) == engine.limits.decode_pending
+    finally:
+        engine.close()

@@ -22,7 +22,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from engine.decode import DecodeLoop
+from engine.decode import DecodeBatch
 from engine.faults import Faults
 from engine.images import ImageChunk
 from engine.logs import configure_logging
@@ -113,17 +113,17 @@ async def test_after_a_burst_of_faults_the_big_buffers_are_freed_without_the_col
         jobs.extend([weakref.ref(job), weakref.ref(job.recipient)])  # its call queue holds the pending results
 
     loop_threads: list[str] = []
-    from_loaded = DecodeLoop.from_loaded
+    from_loaded = DecodeBatch.from_loaded
 
-    def recording_from_loaded(*args: Any, **kwargs: Any) -> DecodeLoop:  # where KV caches are allocated
+    def recording_from_loaded(*args: Any, **kwargs: Any) -> DecodeBatch:  # where KV caches are allocated
         loop_threads.append(threading.current_thread().name)
         return from_loaded(*args, **kwargs)
 
-    monkeypatch.setattr(DecodeLoop, "from_loaded", staticmethod(recording_from_loaded))
+    monkeypatch.setattr(DecodeBatch, "from_loaded", staticmethod(recording_from_loaded))
     server.engine.install_faults(faults)
     server.pipeline.on_admit = admitted
     transformer = server.registry.get("transformer")
-    failing = server.engine.text_worker(transformer)
+    failing = server.engine.decode_thread(transformer)
     failing_loop = weakref.ref(failing.loop)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
@@ -143,7 +143,7 @@ async def test_after_a_burst_of_faults_the_big_buffers_are_freed_without_the_col
             text = pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=50, seed=1))
             assert await _call(stub, text) == grpc.StatusCode.UNAVAILABLE
             assert failing.failed is not None
-            await _until(lambda: server.engine.text_worker(transformer) is not failing, "the failed decode loop is replaced")
+            await _until(lambda: server.engine.decode_thread(transformer) is not failing, "the failed decode loop is replaced")
             assert await _call(stub, text) == grpc.StatusCode.OK  # the replacement serves
     finally:
         server.engine.install_faults(None)

@@ -17,7 +17,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from engine.errors import InvalidImageRequest
-from engine.images import DEFAULT_TILE, SEED_LIMIT, ImageChunk, ImageGenerator, ImageLimits, ImageRequest
+from engine.images import DEFAULT_TILE, SEED_LIMIT, ImageChunk, ImageGenerator, ImageRequest
+from engine.limits import ImageLimits
 from engine.modelfile import LoadedModel, export_model, load_model
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig

@@ -19,7 +19,8 @@ from torch import nn
 
 from engine.device import choose_device, configure_threads, resolve_device
 from engine.errors import DeviceUnavailableError, ModelFileError, ModelNotFound
-from engine.images import DEFAULT_TILE, ImageGenerator, ImageLimits, ImageRequest
+from engine.images import DEFAULT_TILE, ImageGenerator, ImageRequest
+from engine.limits import ImageLimits
 from engine.modelfile import export_model, load_model
 from engine.models.classifier import ClassifierConfig, DigitClassifier
 from engine.models.gan import GANConfig, Generator

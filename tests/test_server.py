@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.grpc_edge.outbox import CallQueue
-from server.pipeline.requests import JobBuilder
 from server.pipeline.statuses import Code, Refused
 from server.runtime.app import GenServer
 from tests.decode_spy import StepSpy
@@ -45,7 +44,7 @@ async def server() -> AsyncIterator[GenServer]:
 async def spy(server: GenServer) -> AsyncIterator[StepSpy]:
     """The module server's transformer decode loop, watched (and pausable) for one test."""
     assert server.engine is not None
-    watch = StepSpy(server.engine.text_worker(server.registry.get("transformer")).loop)
+    watch = StepSpy(server.engine.decode_thread(server.registry.get("transformer")).loop)
     yield watch
     watch.restore()
 
@@ -243,7 +242,7 @@ async def test_the_batchers_see_a_generate_call_from_its_acceptance(stub: pb_grp
     ],
 )
 async def test_image_requests_are_checked_at_admission_by_the_engine_rules(server: GenServer, params: pb.ImageParams, words: str) -> None:
-    builder = JobBuilder(server.config, server.registry)
+    builder = server.pipeline.jobs
     with pytest.raises(Refused, match=words) as refused:
         builder.build(pb.GenerateRequest(model="gan", image=params), "Generate", "r1", CallQueue())
     assert refused.value.code == Code.INVALID_ARGUMENT
@@ -497,7 +496,7 @@ async def test_work_held_by_a_killed_stage_is_failed_with_unavailable_not_lost()
         stub = pb_grpc.GeneratorStub(ch)
         # A text call held in flight: with every unfinished request in the batch a batch closes at
         # once (Batcher._alone), so without another request the image calls could leave the open batch
-        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)
+        spy = StepSpy(srv.engine.decode_thread(srv.registry.get("transformer")).loop)
         held = stub.Generate(text(max_new_tokens=512, seed=99))
         await held.read()  # admitted and generating
         spy.pause()
@@ -534,7 +533,7 @@ async def test_a_failed_start_stops_its_stages_without_restarting_them(monkeypat
 async def test_full_server_refuses_at_once() -> None:
     async with running_server(models_dir=MODELS, max_inflight=2) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
-        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)
+        spy = StepSpy(srv.engine.decode_thread(srv.registry.get("transformer")).loop)
         calls = [stub.Generate(text(max_new_tokens=512, seed=i)) for i in range(2)]
         for call in calls:
             await call.read()  # both admitted and generating
@@ -638,7 +637,7 @@ async def test_drain_finishes_in_flight_work_and_refuses_new_work() -> None:
 async def test_drain_fails_what_outlives_the_grace_period() -> None:
     async with running_server(models_dir=MODELS) as srv, grpc.aio.insecure_channel(srv.address) as channel:
         stub = pb_grpc.GeneratorStub(channel)
-        spy = StepSpy(srv.engine.text_worker(srv.registry.get("transformer")).loop)
+        spy = StepSpy(srv.engine.decode_thread(srv.registry.get("transformer")).loop)
         call = stub.Generate(text(max_new_tokens=512, seed=3))
         await call.read()
         spy.pause()  # it cannot finish within the grace period, however fast the machine

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.decode import DecodeLoop, SequenceRequest, TokenEvent
+from engine.decode import DecodeBatch, SequenceRequest, TokenEvent
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.images import ImageChunk, ImageRequest, ImageResult
@@ -111,6 +111,10 @@ class FakeEngine:
     def sizes(self) -> list[list[int]]:
         return [[c.n for c in call] for call in self.calls]
 
+    def preferred_batch(self, served: ServedModel) -> int:
+        assert served.images is not None
+        return served.images.tile
+
     async def generate_images(self, served: ServedModel, chunks: Sequence[ImageChunk]) -> list[ImageResult]:
         self.calls.append(list(chunks))
         self.active += 1
@@ -180,7 +184,7 @@ async def running(*stages: Stage) -> AsyncIterator[None]:
 
 
 def sync_text(served: ServedModel, prompt: str, params: SamplingParams) -> str:
-    loop = DecodeLoop.from_loaded(served.model, max_batch=1)
+    loop = DecodeBatch.from_loaded(served.model, max_batch=1)
     loop.add(SequenceRequest(prompt, params))
     return "".join(ev.text for ev in loop.run_until_idle())
 
@@ -572,7 +576,7 @@ async def test_a_big_request_is_split_into_contiguous_pieces(digits: ServedModel
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "big", 10, seed=7)
     await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, Engine(), max_chunk=4)):
         works = await take_n(images, 3)
     assert all(w.job is job for w in works)
     chunks = [w.chunk for w in works]
@@ -597,7 +601,7 @@ async def test_the_same_seed_gives_the_same_latents_whatever_the_split(digits: S
         images: Link[ImageWork] = Link("images", 16)
         job = image_job(digits, sink, "j", 10, seed=123)
         await inbox.put(job)
-        async with running(Processor(0, inbox, {"digits": images}, max_chunk=max_chunk)):
+        async with running(Processor(0, inbox, {"digits": images}, Engine(), max_chunk=max_chunk)):
             works = await take_n(images, -(-10 // max_chunk))
         assert all(w.chunk.z is None for w in works)  # not drawn on the event loop
         results = digits.images.run([w.chunk for w in works])  # drawn inside the graph
@@ -612,7 +616,7 @@ async def test_a_drawn_seed_is_recorded_on_the_job(digits: ServedModel) -> None:
     images: Link[ImageWork] = Link("images", 8)
     job = image_job(digits, sink, "j", 6, seed=None)
     await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, Engine(), max_chunk=4)):
         works = await take_n(images, 2)
     assert {w.chunk.seed for w in works} == {job.seed}
     assert digits.images is not None
@@ -630,7 +634,7 @@ async def test_a_model_without_a_link_fails_unavailable(digits: ServedModel, tex
     lost_text = text_job(text_model, sink, "txt", "A", SamplingParams(max_new_tokens=3))
     await inbox.put(lost_image)
     ingress.offer(lost_text)
-    async with running(Processor(0, inbox, {}, max_chunk=4)), running(Producer(ingress, Link("work", 8), {})):
+    async with running(Processor(0, inbox, {}, Engine(), max_chunk=4)), running(Producer(ingress, Link("work", 8), {})):
         for job in (lost_image, lost_text):
             outcome = await sink.outcome(job)
             assert outcome.code == Code.UNAVAILABLE and "not being served" in outcome.message
@@ -646,7 +650,7 @@ async def test_invalid_image_requests_fail_invalid_argument(digits: ServedModel)
     good = image_job(digits, sink, "good", 1)
     for job in (labelled, empty, good):
         await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, Engine(), max_chunk=4)):
         (work,) = await take_n(images, 1)
         for job, field in ((labelled, "labels"), (empty, "n")):
             outcome = await sink.outcome(job)
@@ -664,7 +668,7 @@ async def test_the_processor_skips_finished_jobs(digits: ServedModel) -> None:
     img = image_job(digits, sink, "img", 2)
     for job in (gone, img):
         await inbox.put(job)
-    async with running(Processor(0, inbox, {"digits": images}, max_chunk=4)):
+    async with running(Processor(0, inbox, {"digits": images}, Engine(), max_chunk=4)):
         (work,) = await take_n(images, 1)
         await settle()
     assert work.job is img and gone.chunks == [] and len(images) == 0
@@ -814,7 +818,7 @@ async def test_tokens_reach_their_job_and_it_ends_with_length(engine: Engine, re
     for job in jobs:
         params = settings[job.id]
         events = sink.items[job.id]
-        assert all(ev.handle == job.handle for ev in events)
+        assert len({ev.handle.id for ev in events}) == 1  # one sequence each
         assert len(events) == params.max_new_tokens and job.sent == params.max_new_tokens
         assert "".join(ev.text for ev in events) == sync_text(text_model, "ROMEO:", params)
         assert job.seed == params.seed
@@ -856,7 +860,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
         last = raw[-1]
         assert isinstance(last, TokenEvent) and last.finish_reason == "cancelled"
         assert last.n_generated < 4096
-        worker = engine.text_worker(text_model)
+        worker = engine.decode_thread(text_model)
         assert not worker.loop.has_work and worker.loop.active_count == 0
         assert len(sink.items["long"]) == seen  # nothing reached the caller after the cancel
     assert [o.code for o in sink.outcomes["long"]] == [Code.CANCELLED]
@@ -888,7 +892,7 @@ async def test_sequences_keep_streaming_while_a_killed_feeder_restarts(
     sup = Supervisor([feeder], on_restart=lambda stage: restarted.set())
     params = SamplingParams(seed=9, max_new_tokens=300)
     job = text_job(text_model, sink, "long", "A", params)
-    worker = engine.text_worker(text_model)  # the feeder will use this one
+    worker = engine.decode_thread(text_model)  # the feeder will use this one
     resume = threading.Event()
     resume.set()
     step = worker.loop.step

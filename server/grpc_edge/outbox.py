@@ -7,8 +7,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 
-from engine.decode import TokenEvent
-from engine.images import ImageResult
+from engine import ImageResult, TokenEvent
 from genserve.v1 import generator_pb2 as pb
 from server.pipeline.jobs import Job, Outcome
 from server.wire import append_token, chunk_message, fill_chunk, fill_finish, payload_size

@@ -21,8 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine.engine import Engine
-from engine.registry import ModelRegistry, ServedModel
+from engine import Engine, ModelRegistry, ServedModel
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline.admission import Admission
@@ -44,7 +43,7 @@ class Pipeline:
         self.registry = registry
         self.engine = engine
         self.metrics = metrics
-        self.jobs = JobBuilder(config, registry)  # requests -> checked jobs, for every ingress
+        self.jobs = JobBuilder(config, registry, engine)  # requests -> checked jobs, for every ingress
         self.inflight: set[Job] = set()
         self._wheel: dict[int, set[Job]] = {}  # deadline tick -> jobs due then
         self._swept = 0

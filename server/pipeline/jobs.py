@@ -14,14 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from engine.decode import SequenceHandle, SequenceRequest, TokenEvent
-from engine.images import ImageChunk, ImageRequest, ImageResult
-from engine.registry import ServedModel
+from engine import ImageChunk, ImageRequest, ImageResult, SequenceRequest, ServedModel, TokenEvent
 from server.pipeline.statuses import Code
 
 if TYPE_CHECKING:
-    from engine.engine import TextWorker
-
+    from engine import Ticket
 Reason = Literal["complete", "length", "stop", "error"]
 
 
@@ -70,8 +67,7 @@ class Job:
     chunks: list[ImageChunk] = field(default_factory=list)  # prepared image work, at most a batch each
     seed: int = 0  # the seed used (drawn when the request gave none)
     sent: int = 0  # samples or tokens delivered
-    handle: SequenceHandle | None = None  # text: the sequence in its decode loop
-    worker: TextWorker | None = None
+    ticket: Ticket | None = None  # text: the sequence in its model's decode batch (cancel with it)
     tick: int = 0  # the deadline's slot in the pipeline's timing wheel (0: none)
     on_finish: Callable[[Job], None] | None = None  # the pipeline's bookkeeping (in-flight set, metrics)
 
@@ -90,12 +86,12 @@ class Job:
             return False
         self.done = True
         self.outcome = outcome
-        if self.handle is not None and self.worker is not None and not outcome.ok:
-            self.worker.cancel(self.handle)  # leaves the decode loop at its next step, freeing its cache
+        if self.ticket is not None and not outcome.ok:
+            self.ticket.cancel()  # leaves the decode batch at its next step, freeing its cache
         # Drop what the job no longer needs: a finished job can outlive its request inside a
         # reference cycle (an exception's traceback, say), and must not keep latents or a dead
         # decode worker's KV cache alive with it until the cyclic collector runs.
-        self.worker = None
+        self.ticket = None
         self.chunks = []
         if self.on_finish is not None:
             self.on_finish(self)

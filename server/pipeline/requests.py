@@ -10,18 +10,14 @@ import itertools
 import os
 from collections.abc import Mapping
 
-from engine.decode import SequenceRequest
+from engine import Engine, ImageRequest, ModelRegistry, SamplingParams, SequenceRequest, ServedModel, check_max_new_tokens
 from engine.errors import InvalidRequestError, ModelNotFound
-from engine.images import ImageRequest
-from engine.registry import ModelRegistry, ServedModel
-from engine.sampling import SamplingParams, check_max_new_tokens
 from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
 from server.pipeline.jobs import Job, Recipient
 from server.pipeline.statuses import Code, Refused, status_of
 
 MAX_ID_LENGTH = 128  # characters of a client's request id
-DEFAULT_MAX_NEW_TOKENS = 256  # a text request that sets none (capped by the server's max_new_tokens)
 _ID_PREFIX = os.urandom(4).hex()  # ids of Generate calls that bring none: unique per process, cheap
 _ids = itertools.count(1)
 
@@ -56,9 +52,11 @@ def timeout_of(timeout_ms: int, remaining: float | None) -> float | None:
 class JobBuilder:
     """Turns a ``GenerateRequest`` into a checked ``Job``, or raises Refused (INVALID_ARGUMENT, NOT_FOUND)."""
 
-    def __init__(self, config: ServerConfig, registry: ModelRegistry) -> None:
+    def __init__(self, config: ServerConfig, registry: ModelRegistry, engine: Engine) -> None:
         self.registry = registry
+        self.engine = engine
         self.max_new_tokens = config.max_new_tokens  # the one cap (the decode loops are built with it too)
+        self.default_new_tokens = min(config.default_new_tokens, config.max_new_tokens)
 
     def build(self, request: pb.GenerateRequest, rpc: str, job_id: str, recipient: Recipient) -> Job:
         which = request.WhichOneof("params")
@@ -76,13 +74,12 @@ class JobBuilder:
             raise Refused(*status_of(e)) from None
 
     def _image(self, served: ServedModel, p: pb.ImageParams, job_id: str) -> ImageRequest:
-        images = served.images
-        if images is None:
+        if served.images is None:
             raise Refused(Code.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send text params, not image")
         labels = p.labels
         image = ImageRequest(p.n, p.seed if p.HasField("seed") else None, list(labels) if labels else None, p.want_float, job_id)
         try:
-            images.check(image)  # the engine's rules: n, seed, labels (count, range, conditional model)
+            self.engine.check(served, image)  # the engine's rules: n, seed, labels (count, range, conditional model)
         except InvalidRequestError as e:
             raise Refused(*status_of(e)) from None
         return image
@@ -91,7 +88,7 @@ class JobBuilder:
         if served.info.text is None:
             raise Refused(Code.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send image params, not text")
         try:
-            max_new = t.max_new_tokens if t.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens)
+            max_new = t.max_new_tokens if t.HasField("max_new_tokens") else self.default_new_tokens
             check_max_new_tokens(max_new, self.max_new_tokens)
             params = SamplingParams(
                 temperature=t.temperature if t.HasField("temperature") else 1.0,

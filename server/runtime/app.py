@@ -25,10 +25,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from engine.device import choose_device
-from engine.engine import Engine
+from engine import Engine, ModelRegistry, choose_device
 from engine.logs import get_logger
-from engine.registry import ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
 from server.grpc_edge.accept import aio_server, calls_in_progress, grpc_server_options, set_policy

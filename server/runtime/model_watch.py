@@ -41,10 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.engine import Engine
+from engine import SUFFIX, Engine, ModelRegistry, ServedModel, failure_reason, parse_file_name
 from engine.errors import ModelFileError
 from engine.logs import get_logger
-from engine.registry import SUFFIX, ModelRegistry, ServedModel, failure_reason, parse_file_name
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
 

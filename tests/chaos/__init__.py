@@ -9,7 +9,7 @@ the server's), and injects, for ``duration_s`` seconds:
 
 - every 100-400 ms, a fault in the next component of a shuffled rotation of every stage task
   (producer, processor-N, batcher-<model>, text-<model>, router: ``Supervisor.kill``) and of every
-  text model's decode loop (a thread, not a task: its live ``DecodeLoop.step`` is wrapped to raise
+  text model's decode loop (a thread, not a task: its live ``DecodeBatch.step`` is wrapped to raise
   once, which fails every sequence of that loop; the engine starts a new loop on next use);
 - exceptions inside image models' forward passes (``ImageGenerator._forward`` raises, inside
   ``run``, for one armed batch: the engine maps it to UNAVAILABLE "may be retried");

@@ -172,7 +172,7 @@ class Injector(Faults):
         if model in self._decode_pending:  # the last one has not fired yet (no text work since)
             return
         engine = self.server.engine
-        worker = engine.text_worker(self.server.registry.get(model))
+        worker = engine.decode_thread(self.server.registry.get(model))
         fired = threading.Event()
         fault = Fault("decode-step", model, time.monotonic(), window=True)
         self.faults.append(fault)

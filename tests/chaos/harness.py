@@ -176,7 +176,7 @@ async def _leftovers(server: GenServer, timeout: float = 3.0) -> list[str]:
             if held:
                 left.append(f"stage {stage.name} holds {held} jobs")
         for served in text:
-            loop = engine.text_worker(served).loop
+            loop = engine.decode_thread(served).loop
             if loop.has_work:
                 left.append(f"decode loop {served.name}: {loop.active_count} active, {loop.pending_count} waiting")
         if not left or time.monotonic() > deadline:

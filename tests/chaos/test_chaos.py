@@ -17,7 +17,7 @@ from engine.decode import SequenceRequest
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.faults import Faults
-from engine.images import ImageLimits
+from engine.limits import ImageLimits
 from engine.logs import configure_logging
 from engine.registry import ModelRegistry, ServedModel
 from engine.sampling import SamplingParams
@@ -94,14 +94,14 @@ def test_a_failed_decode_loop_is_freed_when_it_is_replaced(engine: Engine, trans
     gc.disable()  # the point: is it freed by reference counting, as the engine drops it?
     try:
         engine.install_faults(_FailingSteps())
-        worker = engine.text_worker(transformer)
+        worker = engine.decode_thread(transformer)
         worker.submit(SequenceRequest("ROMEO:", SamplingParams(max_new_tokens=4, seed=0)), lambda event: kinds.append(type(event).__name__))
         worker._thread.join(timeout=10)
-        assert worker.failed is not None and kinds == ["RuntimeError"]
+        assert worker.failed is not None and kinds == ["EngineError"]  # what a request hears (engine.generation_failed)
         dead = weakref.ref(worker)
         del worker
         engine.install_faults(None)
-        assert engine.text_worker(transformer) is not dead()  # the engine replaced it, and holds it no more
+        assert engine.decode_thread(transformer) is not dead()  # the engine replaced it, and holds it no more
         assert dead() is None, "the failed worker (and its KV cache) is still alive: only the cyclic gc frees it"
     finally:
         if enabled:
@@ -109,7 +109,7 @@ def test_a_failed_decode_loop_is_freed_when_it_is_replaced(engine: Engine, trans
 
 
 class _AfterTheFailure:
-    """Stands in for a TextWorker's ``_listeners_lock`` to force one interleaving: the submitting thread
+    """Stands in for a DecodeThread's ``_listeners_lock`` to force one interleaving: the submitting thread
     takes the lock only after the decode thread's failure path has taken and released it."""
 
     def __init__(self, submitter: threading.Thread) -> None:
@@ -133,7 +133,7 @@ class _AfterTheFailure:
 
 @pytest.mark.timeout(30)
 def test_a_sequence_submitted_as_the_decode_loop_fails_hears_of_it(engine: Engine, transformer: ServedModel) -> None:
-    worker = engine.text_worker(transformer)
+    worker = engine.decode_thread(transformer)
     gate = _AfterTheFailure(threading.current_thread())
     worker._listeners_lock = gate  # type: ignore[assignment]
 
@@ -150,5 +150,5 @@ def test_a_sequence_submitted_as_the_decode_loop_fails_hears_of_it(engine: Engin
     deadline = time.monotonic() + 3
     while not (first and second) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert first == ["RuntimeError"]
+    assert first == ["EngineError"]  # what a request hears (engine.generation_failed)
     assert second, "the second sequence was added to a decode loop that had already failed, and will never hear of it"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskStatus
 
-from engine.images import ImageChunk, ImageResult
+from engine import ImageChunk, ImageResult
 from server.pipeline.jobs import Job
 
 PROCESSOR_DEMAND = 64  # jobs a processor asks for at once: amortises the hand-off, keeps latency low

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import anyio
 from anyio.abc import TaskStatus
 
-from engine.engine import Engine
+from engine import Engine
 from engine.errors import EngineError
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
@@ -151,8 +151,7 @@ class Batcher(Stage):
         start = loop.time()
         stretched = start + self.window.next()
         size = await self._fill_until(start + self.batch_timeout, self.batch_size, size)
-        images = self.pending[0].job.served.images
-        tile = images.tile if images is not None else 0
+        tile = self.engine.preferred_batch(self.pending[0].job.served)
         if size < min(tile, self.batch_size) and not self.carry and stretched > loop.time() and not self._alone():
             await self._fill_until(stretched, min(tile, self.batch_size), size)
 

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 import anyio
 from anyio.abc import TaskStatus
 
-from engine.errors import InvalidImageRequest
+from engine import Engine
+from engine.errors import InvalidRequestError
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import PROCESSOR_DEMAND, ImageWork, Stage
@@ -27,12 +28,14 @@ class Processor(Stage):
         index: int,
         inbox: Link[Job],
         image_links: dict[str, Link[ImageWork]],
+        engine: Engine,
         *,
         max_chunk: int,
     ) -> None:
         super().__init__(f"processor-{index}")
         self.max_chunk = max_chunk  # the batch size: a bigger request is split into pieces of at most this
         self.inbox = inbox
+        self.engine = engine
         self.image_links = image_links
         self.pending: dict[Link[ImageWork], collections.deque[ImageWork]] = {}  # prepared, not yet in the batcher's link
 
@@ -66,19 +69,15 @@ class Processor(Stage):
     def _prepare(self, job: Job) -> None:
         name = job.served.name
         link = self.image_links.get(name)
-        images = job.served.images
-        if link is None or images is None or job.image is None:
+        if link is None or job.image is None:
             job.fail(Code.UNAVAILABLE, f"model {name!r} is not being served (as an image model)")
             return
-        try:
-            # checked at admission (requests.py); the latents are drawn by the engine, in its batch (engine/images.py)
-            whole = images.prepare(job.image, draw=False)
-        except InvalidImageRequest as e:
+        try:  # checked at admission (requests.py); latents are drawn by the engine, in the piece's batch
+            pieces = self.engine.prepare(job.served, job.image, self.max_chunk)
+        except InvalidRequestError as e:
             job.fail(*status_of(e))
             return
-        job.seed = whole.seed
-        size = min(images.limits.max_batch, self.max_chunk)
-        pieces = whole.split(size) if whole.n > size else [whole]
+        job.seed = pieces[0].seed
         job.chunks = pieces
         works = self.pending.get(link)
         if works is None:

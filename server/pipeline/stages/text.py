@@ -10,10 +10,8 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from engine.decode import TokenEvent
-from engine.engine import Engine, generation_failed
+from engine import Engine, ModelRegistry, TokenEvent
 from engine.errors import EngineError, InvalidRequestError, ModelNotFound, QueueFullError
-from engine.registry import ModelRegistry
 from server.pipeline.jobs import Job, Outcome
 from server.pipeline.links import Link
 from server.pipeline.stages.base import Stage
@@ -64,7 +62,7 @@ class TextFeeder(Stage):
             served = self.registry.get(self.model)
         except ModelNotFound:
             return 1
-        return self.engine.text_worker(served).room(self.max_pending)  # 0 while a failed loop is replaced
+        return self.engine.room(served, self.max_pending)  # 0 while a failed decode thread is replaced
 
     async def _wait_for_room(self) -> None:
         while self._room_left() <= 0:
@@ -78,13 +76,13 @@ class TextFeeder(Stage):
     def _submit(self, job: Job) -> None:
         assert job.text is not None
         try:
-            job.worker, job.handle = self.engine.submit_text(job.served, job.text, self._on_event(job))
+            job.ticket = self.engine.submit(job.served, job.text, self._on_event(job))
         except (InvalidRequestError, QueueFullError, EngineError) as e:
             job.fail(*status_of(e))
             return
-        job.seed = job.handle.seed
+        job.seed = job.ticket.seed
         if job.done:  # it ended (deadline, client gone) between take and submit
-            job.worker.cancel(job.handle)
+            job.ticket.cancel()
 
     def _on_event(self, job: Job) -> Callable[[TokenEvent | BaseException], None]:
         def on_event(event: TokenEvent | BaseException) -> None:  # on the decode thread
@@ -104,7 +102,7 @@ class TextFeeder(Stage):
         while events:
             job, event = events.popleft()
             if isinstance(event, BaseException):
-                job.fail(*status_of(generation_failed(job.served, event)))
+                job.fail(*status_of(event))  # the engine's EngineError, or what it was given
                 self._room.set()
                 continue
             if event.text:  # empty while a stop string is undecided

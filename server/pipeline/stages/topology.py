@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.engine import Engine
-from engine.registry import ModelRegistry, ServedModel
+from engine import Engine, ModelRegistry, ServedModel
 from server.config import ServerConfig
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
@@ -55,7 +54,7 @@ class Topology:
         self.batchers: dict[str, Batcher] = {}  # model name -> its batcher (admission reads its window in force)
         models = [stage for served in registry.served() if (stage := self.model_stage(served)) is not None]
         self.stages: list[Stage] = [Producer(self.ingress, self.work, self.text_links)]
-        self.stages += [Processor(i, self.work, self.image_links, max_chunk=c.batch_size) for i in range(c.processors)]
+        self.stages += [Processor(i, self.work, self.image_links, engine, max_chunk=c.batch_size) for i in range(c.processors)]
         self.stages += models
         self.stages.append(Router(self.results))
 

@@ -1,0 +1,32 @@
+"""How much the engine does at once, and what one request may ask for: the engine's own defaults.
+
+No torch here: ``python -m server`` builds its settings (server/config.py) from these defaults
+before it imports anything heavy, so ``--help`` answers at once and each default is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_n: int = 1024  # samples one request may ask for
+    max_batch: int = 256  # samples in one forward pass (bigger requests are split)
+    tile: int | None = None  # rows per model call; None: the kind's default tile (engine/images.py)
+
+    def __post_init__(self) -> None:
+        if self.max_n < 1 or self.max_batch < 1:
+            raise ValueError(f"max_n and max_batch must be >= 1, got {self.max_n} and {self.max_batch}")
+        if self.tile is not None and self.tile < 1:
+            raise ValueError(f"tile must be >= 1, got {self.tile}")
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    image_threads: int = 1  # pool threads running image batches
+    decode_batch: int = 64  # sequences one text model decodes together
+    decode_pending: int = 256  # sequences waiting for a decode slot, per text model
+    inline_image_ms: float = 3.0  # image models whose full batch takes less run on the calling thread (0: never)
+    max_new_tokens: int = 1024  # the most tokens one text request may ask for
+    default_new_tokens: int = 256  # what a text request that sets none gets (at most max_new_tokens)
