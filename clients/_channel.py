@@ -28,10 +28,13 @@ from typing import Any
 
 import grpc
 
+from clients._exceptions import RETRYABLE_CODES
+from genserve.v1 import generator_pb2 as pb
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0  # seconds: each call's deadline, unless the caller gives one (the server's own default is the same)
 DEFAULT_PORT = 50051
-SERVICE = "genserve.v1.Generator"
+SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "genserve.v1.Generator", as generated
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's own limit (16 MiB by default) is the one that binds
 
 
@@ -68,7 +71,7 @@ def service_config(retry: RetryPolicy | None) -> str:
             "initialBackoff": f"{retry.initial_backoff:.3f}s",
             "maxBackoff": f"{retry.max_backoff:.3f}s",
             "backoffMultiplier": retry.backoff_multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            "retryableStatusCodes": [code.name for code in RETRYABLE_CODES],
         }
         config["methodConfig"] = [{"name": [{"service": SERVICE}], "retryPolicy": policy}]
     return json.dumps(config)

@@ -96,6 +96,9 @@ class ServerError(GenserveError):
     code = grpc.StatusCode.INTERNAL
 
 
+# The statuses the SDK retries (calls by grpc's retry policy, stream requests by the session): one list.
+RETRYABLE_CODES = (Unavailable.code, Overloaded.code)
+
 _BY_CODE: dict[grpc.StatusCode, type[GenserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,

@@ -30,7 +30,7 @@ from typing import Any, Literal, Self, Unpack, overload
 import grpc
 
 from clients._channel import DEFAULT_TIMEOUT, RetryPolicy
-from clients._exceptions import DeadlineExceeded, GenserveError, Unavailable, from_rpc_error, from_status
+from clients._exceptions import RETRYABLE_CODES, DeadlineExceeded, GenserveError, Unavailable, from_rpc_error, from_status
 from clients._protocol import UINT32_MAX, ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._types import ImageResult, TextResult
 from genserve.v1 import generator_pb2 as pb
@@ -39,7 +39,7 @@ MAX_PER_MESSAGE = 1024  # requests in one StreamRequest: keeps a message far bel
 CLOSE_GRACE_S = 5.0  # on close, how long the server may take to end the stream after we stop writing
 
 Result = ImageResult | TextResult
-_RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0])
+_RETRYABLE = tuple(code.value[0] for code in RETRYABLE_CODES)  # as a Finish carries them
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
 

@@ -43,13 +43,13 @@ from genserve.v1.amqp import CONTENT_TYPE, DEADLINE_HEADER, dead_letter_queue, q
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
-from server.pipeline.jobs import Job, Outcome
+from server.pipeline.jobs import Job, Outcome, Rpc
 from server.pipeline.statuses import RETRYABLE, Code, Refused
 from server.wire import fill_chunk, fill_finish
 
 log = get_logger("server.amqp_ingress")
 
-RPC = "Amqp"  # the rpc label of AMQP requests in metrics and logs
+RPC = Rpc.AMQP  # the rpc label of AMQP requests in metrics and logs
 RECONNECT_S = 1.0  # between reconnection attempts; aio-pika's default is 5 s
 REQUEUE_DELAY_S = 0.05  # a full server holds a refused request this long before putting it back (no hot loop)
 MAX_PREFETCH = 65535  # AMQP's prefetch-count is a short

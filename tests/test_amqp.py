@@ -28,7 +28,8 @@ from clients import AmqpClient, AsyncAmqpClient, AsyncClient, DeadlineExceeded, 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
 from server.amqp_ingress import declare_queues
-from server.runtime.app import AMQP_NAME, SERVICE_NAME
+from server.runtime.app import AMQP_NAME
+from server.wire import SERVICE as SERVICE_NAME
 from tests.serving import ServerProcess, running_server
 
 pytestmark = pytest.mark.timeout(180)

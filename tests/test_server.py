@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.grpc_edge.outbox import CallQueue
+from server.pipeline.jobs import Rpc
 from server.pipeline.statuses import Code, Refused
 from server.runtime.app import GenServer
 from tests.decode_spy import StepSpy
@@ -244,7 +245,7 @@ async def test_the_batchers_see_a_generate_call_from_its_acceptance(stub: pb_grp
 async def test_image_requests_are_checked_at_admission_by_the_engine_rules(server: GenServer, params: pb.ImageParams, words: str) -> None:
     builder = server.pipeline.jobs
     with pytest.raises(Refused, match=words) as refused:
-        builder.build(pb.GenerateRequest(model="gan", image=params), "Generate", "r1", CallQueue())
+        builder.build(pb.GenerateRequest(model="gan", image=params), Rpc.GENERATE, "r1", CallQueue())
     assert refused.value.code == Code.INVALID_ARGUMENT
 
 
@@ -646,7 +647,7 @@ async def test_drain_fails_what_outlives_the_grace_period() -> None:
             await read_rest(call)
         # failed by the drain with its reason (not merely cut off when the listener stops)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert info.value.details() == "server shut down before the request finished; retry elsewhere"
+        assert info.value.details() == "server shut down before the request finished; the request may be retried"
         spy.resume()
         await stopping
 

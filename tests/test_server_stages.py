@@ -26,7 +26,7 @@ from engine.sampling import SamplingParams
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
-from server.pipeline.jobs import Job, Outcome
+from server.pipeline.jobs import Job, Outcome, Rpc
 from server.pipeline.links import Link
 from server.pipeline.stages import Batcher, ImageDone, ImageWork, Processor, Producer, Router, Stage, TextFeeder
 from server.pipeline.stages.batcher import BatchWindow
@@ -139,11 +139,11 @@ class FakeEngine:
 
 
 def image_job(served: ServedModel, sink: RecordingRecipient, job_id: str, n: int, seed: int | None = 1, **kw: Any) -> Job:
-    return Job(job_id, "Generate", served, sink, 0.0, image=ImageRequest(n=n, seed=seed, request_id=job_id, **kw))
+    return Job(job_id, Rpc.GENERATE, served, sink, 0.0, image=ImageRequest(n=n, seed=seed, request_id=job_id, **kw))
 
 
 def text_job(served: ServedModel, sink: RecordingRecipient, job_id: str, prompt: str, params: SamplingParams) -> Job:
-    return Job(job_id, "Generate", served, sink, 0.0, text=SequenceRequest(prompt, params, job_id))
+    return Job(job_id, Rpc.GENERATE, served, sink, 0.0, text=SequenceRequest(prompt, params, job_id))
 
 
 def pieces(job: Job, size: int | None = None) -> list[ImageWork]:

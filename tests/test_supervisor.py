@@ -12,7 +12,7 @@ import anyio
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 
-from server.pipeline.jobs import Job, Outcome
+from server.pipeline.jobs import Job, Outcome, Rpc
 from server.pipeline.stages import Stage
 from server.pipeline.statuses import Code
 from server.pipeline.supervisor import Supervisor
@@ -34,7 +34,7 @@ class RecordingRecipient:
 
 
 def make_job(job_id: str, sink: RecordingRecipient) -> Job:
-    return Job(job_id, "Generate", cast(Any, None), sink, 0.0)  # the supervisor never looks at the model
+    return Job(job_id, Rpc.GENERATE, cast(Any, None), sink, 0.0)  # the supervisor never looks at the model
 
 
 class FakeStage(Stage):

@@ -47,6 +47,8 @@ from grpc._cython import cygrpc
 from grpc.aio import _server as aio_server_module
 
 from engine.logs import get_logger
+from server.grpc_edge.codes import GRPC_CODES
+from server.pipeline import statuses
 
 log = get_logger("server.grpc_edge.accept")
 
@@ -325,7 +327,7 @@ def _step(coro: Any, _: Any = None) -> None:
 
 _CORE_CODES = {code: code.value[0] for code in grpc.StatusCode}
 
-SHUTTING_DOWN: Refusal = (grpc.StatusCode.UNAVAILABLE, "server is shutting down; send the request to another server", ())
+SHUTTING_DOWN: Refusal = (GRPC_CODES[statuses.SHUTTING_DOWN[0]], statuses.SHUTTING_DOWN[1], ())
 
 
 _STOCK_SERVER = cygrpc.AioServer

@@ -28,7 +28,7 @@ from server.grpc_edge.codes import GRPC_CODES, retry_metadata
 from server.grpc_edge.outbox import MAX_BYTES_PER_MESSAGE, MAX_RESULTS_PER_MESSAGE, CallQueue, StreamOutbox
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
-from server.pipeline.jobs import Outcome
+from server.pipeline.jobs import Outcome, Rpc
 from server.pipeline.requests import MAX_ID_LENGTH, call_id, check_stream_id, timeout_of
 from server.pipeline.statuses import Code, Refused
 from server.wire import SERVICE, Malformed, finish_message, tolerant
@@ -155,13 +155,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             e = pipeline.refused(reason)
             known = self._refusals[reason] = (
                 (GRPC_CODES[e.code], e.message, retry_metadata(e.retry_after_ms)),
-                self.metrics.rejections.labels("Generate", e.code.name),
+                self.metrics.rejections.labels(Rpc.GENERATE, e.code.name),
             )
         refusal, counter = known
         counter.inc()
         return refusal
 
-    def _refused(self, rpc: str, code: Code) -> None:
+    def _refused(self, rpc: Rpc, code: Code) -> None:
         self.metrics.rejections.labels(rpc, code.name).inc()
 
     # -- Generate -----------------------------------------------------------------------------
@@ -172,12 +172,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         job_id = call_id(request)
         queue = CallQueue(self.config.stream_interval)
         try:  # a bad request hears what is wrong with it even from an overloaded server: validate, then admit
-            job = self.jobs.build(request, "Generate", job_id, queue)
+            job = self.jobs.build(request, Rpc.GENERATE, job_id, queue)
             if job.text is not None:
                 release_call()  # a text call lasts as long as its tokens: not counted by the call limit
             self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
-            self._refused("Generate", e.code)
+            self._refused(Rpc.GENERATE, e.code)
             # No log line: under overload refusals are most calls, and each is counted in the metrics.
             _end_call(context, e.code, e.message, retry_metadata(e.retry_after_ms))
             return
@@ -189,7 +189,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                     if item.ok:
                         yield finish_message(job_id, job, item)
                         return
-                    log.debug("request_failed", request_id=job_id, rpc="Generate", code=item.code.name, reason=item.message)
+                    log.debug("request_failed", request_id=job_id, rpc=Rpc.GENERATE, code=item.code.name, reason=item.message)
                     _end_call(context, item.code, item.message)
                     return
                 yield item
@@ -251,17 +251,17 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def _stream_request(self, request: pb.GenerateRequest, stream: StreamOutbox, context: grpc.aio.ServicerContext) -> None:
         job_id = request.id
         if stream.credit <= 0:
-            self._refused("GenerateStream", Code.RESOURCE_EXHAUSTED)
+            self._refused(Rpc.GENERATE_STREAM, Code.RESOURCE_EXHAUSTED)
             outcome = Outcome.error(Code.RESOURCE_EXHAUSTED, "no credit left: wait for the server's credits before sending more")
             stream.answer(job_id[:MAX_ID_LENGTH], None, outcome, credit=False)
             return
         stream.credit -= 1
         try:
             check_stream_id(job_id, stream.jobs)
-            job = self.jobs.build(request, "GenerateStream", job_id, stream)
+            job = self.jobs.build(request, Rpc.GENERATE_STREAM, job_id, stream)
             self.pipeline.admit(job, timeout_of(request.timeout_ms, context.time_remaining()))
         except Refused as e:
-            self._refused("GenerateStream", e.code)
+            self._refused(Rpc.GENERATE_STREAM, e.code)
             stream.answer(job_id[:MAX_ID_LENGTH], None, Outcome.error(e.code, e.message), retry_after_ms=e.retry_after_ms)
             return
         stream.jobs[job_id] = job

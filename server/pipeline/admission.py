@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.pipeline.statuses import Code, Refused
+from server.pipeline.statuses import Refused, overloaded
 
 SHEDDING_CREDIT_FRACTION = 4  # a stream holds 1/4 of its credit while the server sheds
 
@@ -219,21 +219,18 @@ class Admission:
         """The refusal for ``reason`` ("delay", "count", "arrival" or "limit"; see ``overloaded``; the accept path's
         policy counts its own, server/grpc_edge/service.py)."""
         if reason == "delay":
-            message = f"server is overloaded: requests wait over {self.codel.target * 1000:g} ms; retry after {self.retry_after_ms} ms"
+            message = f"server is overloaded: requests wait over {self.codel.target * 1000:g} ms"
         elif reason == "count":
-            message = f"server is at its limit of {self.max_inflight} requests in flight; retry after {self.retry_after_ms} ms"
+            message = f"server is at its limit of {self.max_inflight} requests in flight"
         elif reason == "limit":
             budget_ms = self.calls.budget * 1000
-            message = (
-                f"server is at its limit of {self.calls.limit} calls in progress (about {budget_ms:g} ms of work); "
-                f"retry after {self.retry_after_ms} ms"
-            )
+            message = f"server is at its limit of {self.calls.limit} calls in progress (about {budget_ms:g} ms of work)"
         elif reason == "arrival":
             wait_ms = 2 * self.arrival.target * 1000
-            message = f"server is overloaded: calls wait over {wait_ms:g} ms to start; retry after {self.retry_after_ms} ms"
+            message = f"server is overloaded: calls wait over {wait_ms:g} ms to start"
         else:
             raise ValueError(f"unknown refusal reason {reason!r}")
-        return Refused(Code.RESOURCE_EXHAUSTED, message, self.retry_after_ms)
+        return overloaded(message, self.retry_after_ms)
 
     @property
     def shedding(self) -> bool:

@@ -25,11 +25,12 @@ from engine import Engine, ModelRegistry, ServedModel
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipeline.admission import Admission
-from server.pipeline.jobs import Job
+from server.pipeline.jobs import Job, Rpc
 from server.pipeline.requests import JobBuilder
 from server.pipeline.stages.base import ImageWork
+from server.pipeline.stages.names import ModelStage
 from server.pipeline.stages.topology import Topology
-from server.pipeline.statuses import Code, Refused
+from server.pipeline.statuses import SHUTTING_DOWN, Code, Refused, overloaded, retryable
 
 if TYPE_CHECKING:
     from server.pipeline.supervisor import Supervisor
@@ -94,7 +95,7 @@ class Pipeline:
         try:
             await supervisor.add(stage)
         except BaseException:
-            self._drop_link(stage.name)
+            self._drop_link(ModelStage.of(served), served.name)
             raise
         return True
 
@@ -103,28 +104,28 @@ class Pipeline:
         left); returns their names. Call after ``drain_version``: whatever is still queued for
         them is failed with UNAVAILABLE."""
         versions = [e for e in self.registry.served() if e.name == name]
-        needed = {f"batcher-{name}" if e.images is not None else f"text-{name}" for e in versions}
+        needed = {ModelStage.of(e) for e in versions}
         removed = []
-        for link_name in (f"batcher-{name}", f"text-{name}"):
-            if link_name in needed or link_name not in supervisor.stages:
+        for kind in ModelStage:
+            stage_name = kind.stage_name(name)
+            if kind in needed or stage_name not in supervisor.stages:
                 continue
-            await supervisor.remove(link_name)
-            self._drop_link(link_name)
-            removed.append(link_name)
+            await supervisor.remove(stage_name)
+            self._drop_link(kind, name)
+            removed.append(stage_name)
         return removed
 
-    def _drop_link(self, link_name: str) -> None:
-        links: dict[str, Any] = self.image_links if link_name.startswith("batcher-") else self.text_links
-        model = link_name.split("-", 1)[1]
+    def _drop_link(self, kind: ModelStage, model: str) -> None:
+        links: dict[str, Any] = self.image_links if kind is ModelStage.BATCHER else self.text_links
         link = links.pop(model, None)
-        if link_name.startswith("batcher-"):
+        if kind is ModelStage.BATCHER:
             self.topology.batchers.pop(model, None)
         if link is None:
             return
         for item in link.take_nowait(link.capacity):
             job = item.job if isinstance(item, ImageWork) else item
-            job.fail(Code.UNAVAILABLE, f"model {job.served.name!r} stopped being served; retry")
-        self.metrics.queue_depth.remove(link_name)
+            job.fail(*retryable(f"model {job.served.name!r} stopped being served"))
+        self.metrics.queue_depth.remove(kind.stage_name(model))
 
     async def drain_version(self, entry: ServedModel, grace: float) -> tuple[int, int]:
         """Wait for the requests that hold ``entry`` (a version no longer published) to finish, for
@@ -145,8 +146,7 @@ class Pipeline:
         late = [job for job in holders if not job.done]
         for job in late:
             job.fail(
-                Code.UNAVAILABLE,
-                f"model {entry.name} version {entry.version} was retired (its file changed or went) before the request finished; retry",
+                *retryable(f"model {entry.name} version {entry.version} was retired (its file changed or went) before the request finished")
             )
         return total - len(late), len(late)
 
@@ -172,14 +172,14 @@ class Pipeline:
     def refused(self, reason: str) -> Refused:
         """The refusal for a ``refusal_reason`` (or admission's "arrival")."""
         if reason == "shutting_down":
-            return Refused(Code.UNAVAILABLE, "server is shutting down; send the request to another server")
+            return Refused(*SHUTTING_DOWN)
         return self.admission.refused(reason)
 
     def admit(self, job: Job, timeout: float | None) -> None:
         """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
-        self.check_room(by_delay=job.rpc != "GenerateStream")  # a stream's requests are admitted by its credit
+        self.check_room(by_delay=job.rpc is not Rpc.GENERATE_STREAM)  # a stream's requests are admitted by its credit
         if not self.ingress.offer(job):
-            raise Refused(Code.RESOURCE_EXHAUSTED, "server queue is full; retry with back-off", self.admission.retry_after_ms)
+            raise overloaded("server queue is full", self.admission.retry_after_ms)
         loop = asyncio.get_running_loop()
         budget = self.config.request_timeout_s if timeout is None else min(timeout, self.config.request_timeout_s)
         job.deadline = loop.time() + budget
@@ -227,7 +227,7 @@ class Pipeline:
                 waiting[0].discard(job)
                 if not waiting[0]:
                     waiting[1].set()
-        if job.rpc == "Generate" and job.image is not None:  # the rate the call limit follows
+        if job.rpc is Rpc.GENERATE and job.image is not None:  # the rate the call limit follows
             self.admission.calls.finished(self.admission.clock())
         outcome = job.outcome
         code = outcome.code if outcome is not None else Code.UNKNOWN

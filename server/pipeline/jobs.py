@@ -9,6 +9,7 @@ model time once they leave the queue.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,14 @@ from server.pipeline.statuses import Code
 if TYPE_CHECKING:
     from engine import Ticket
 Reason = Literal["complete", "length", "stop", "error"]
+
+
+class Rpc(enum.StrEnum):
+    """How a request came in: its label in metrics and logs, and how admission treats it."""
+
+    GENERATE = "Generate"  # one gRPC call a request: admitted by queueing delay and the call limit
+    GENERATE_STREAM = "GenerateStream"  # many a stream: admitted by the stream's credit
+    AMQP = "Amqp"  # from the RabbitMQ queue: admitted by queueing delay (prefetch is its credit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,7 @@ class Recipient(Protocol):
 @dataclass(eq=False, slots=True, weakref_slot=True)  # weakly referable: tests check finished jobs are freed
 class Job:
     id: str
-    rpc: str  # "Generate" or "GenerateStream", for metrics and logs
+    rpc: Rpc
     served: ServedModel
     recipient: Recipient  # where its chunks and outcome go: one call's queue, or a stream's outbox
     deadline: float  # on the event loop's clock

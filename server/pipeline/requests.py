@@ -14,7 +14,7 @@ from engine import Engine, ImageRequest, ModelRegistry, SamplingParams, Sequence
 from engine.errors import InvalidRequestError, ModelNotFound
 from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
-from server.pipeline.jobs import Job, Recipient
+from server.pipeline.jobs import Job, Recipient, Rpc
 from server.pipeline.statuses import Code, Refused, status_of
 
 MAX_ID_LENGTH = 128  # characters of a client's request id
@@ -58,7 +58,7 @@ class JobBuilder:
         self.max_new_tokens = config.max_new_tokens  # the one cap (the decode loops are built with it too)
         self.default_new_tokens = min(config.default_new_tokens, config.max_new_tokens)
 
-    def build(self, request: pb.GenerateRequest, rpc: str, job_id: str, recipient: Recipient) -> Job:
+    def build(self, request: pb.GenerateRequest, rpc: Rpc, job_id: str, recipient: Recipient) -> Job:
         which = request.WhichOneof("params")
         if which is None:
             raise Refused(Code.INVALID_ARGUMENT, "request has no params: set image (for image models) or text (for text models)")

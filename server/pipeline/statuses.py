@@ -60,6 +60,15 @@ def retryable(reason: str) -> Status:
     return Code.UNAVAILABLE, f"{reason}; the request may be retried"
 
 
+# A draining server refuses new work: another server can take it.
+SHUTTING_DOWN: Status = (Code.UNAVAILABLE, "server is shutting down; send the request to another server")
+
+
+def overloaded(reason: str, retry_after_ms: int) -> Refused:
+    """RESOURCE_EXHAUSTED with the retry hint: the server cannot take the request now, but will soon."""
+    return Refused(Code.RESOURCE_EXHAUSTED, f"{reason}; retry after {retry_after_ms} ms", retry_after_ms)
+
+
 def status_of(exc: BaseException) -> Status:
     """The status a request that failed with ``exc`` ends with."""
     match exc:

@@ -27,7 +27,6 @@ from grpc_health.v1._async import HealthServicer
 
 from engine import Engine, ModelRegistry, choose_device
 from engine.logs import get_logger
-from genserve.v1 import generator_pb2 as pb
 from server.config import ServerConfig
 from server.grpc_edge.accept import aio_server, calls_in_progress, grpc_server_options, set_policy
 from server.grpc_edge.auth import PUBLIC_SERVICES, BearerTokenAuth, load_tokens, server_credentials
@@ -37,19 +36,19 @@ from server.grpc_edge.wakeups import unblock_completion_writes
 from server.metrics import Metrics
 from server.pipeline.core import Pipeline
 from server.pipeline.stages import Stage
-from server.pipeline.statuses import Code
+from server.pipeline.statuses import retryable
 from server.pipeline.supervisor import Supervisor
 from server.runtime.allocator import tune_allocator
 from server.runtime.loop_busy import LoopBusyProbe
 from server.runtime.model_watch import FileStamp, ModelWatcher, stamp_folder
+from server.wire import SERVICE
 
 if TYPE_CHECKING:
     from server.amqp_ingress import AmqpIngress
 
 log = get_logger("server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "genserve.v1.Generator"
-READINESS_NAMES = ("", SERVICE_NAME)
+READINESS_NAMES = ("", SERVICE)
 LIVENESS_NAME = "liveness"
 AMQP_NAME = "genserve.amqp"
 READY_GRPC, READY_AMQP = 1, 2  # readiness flags, ANDed over the workers of a group
@@ -221,7 +220,7 @@ class GenServer:
         for name in READINESS_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        enable_reflection((SERVICE_NAME, "grpc.health.v1.Health"), self.grpc)
+        enable_reflection((SERVICE, "grpc.health.v1.Health"), self.grpc)
         await self.grpc.start()
         if c.amqp_url:
             from server.amqp_ingress import AmqpIngress  # aio-pika only when asked for
@@ -375,7 +374,7 @@ class GenServer:
                 await self.pipeline.wait_idle()
         except TimeoutError:
             finished_in_time = False
-        failed = self.pipeline.fail_all(Code.UNAVAILABLE, "server shut down before the request finished; retry elsewhere")
+        failed = self.pipeline.fail_all(*retryable("server shut down before the request finished"))
         if self._busy_probe is not None:
             self._busy_probe.stop()
         if self.amqp is not None:

@@ -48,6 +48,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from engine.logs import get_logger
 from server.config import ServerConfig
+from server.pipeline.statuses import overloaded, retryable
 
 log = get_logger("server.runtime.front")
 
@@ -112,16 +113,15 @@ def haproxy_cfg(plan: FrontPlan) -> str:
     bodies (no size limit of its own), so the server's message limit applies. Errors HAProxy makes
     itself (the server gone: 502/503/504) become UNAVAILABLE, which the SDK retries.
     """
-    message = (
-        f"the front is at its limit of {plan.limit} Generate calls in progress and {plan.queue} waiting; "
-        f"retry after {plan.retry_after_ms} ms"
-    )
+    message = overloaded(
+        f"the front is at its limit of {plan.limit} Generate calls in progress and {plan.queue} waiting", plan.retry_after_ms
+    ).message
     refuse = (
         f'http-request return status 200 hdr grpc-status 8 hdr grpc-message "{message}" '
         f"hdr grpc-retry-pushback-ms {plan.retry_after_ms} "
         f"if generate {{ queue(generate) ge {plan.queue} }} {{ be_conn(generate) ge {plan.limit} }}"
     )
-    unavailable = "the server behind the front did not answer; retry"
+    unavailable = retryable("the server behind the front did not answer")[1]
     errors = "\n".join(f'  http-error status {code} hdr grpc-status 14 hdr grpc-message "{unavailable}"' for code in (502, 503, 504))
     per_line = -(-plan.limit // plan.upstreams)  # ceil: the lines' slots add up to at least the limit
     generate_servers = "\n".join(

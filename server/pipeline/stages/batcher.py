@@ -16,6 +16,7 @@ from engine.errors import EngineError
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import ImageDone, ImageWork, Stage
+from server.pipeline.stages.names import ModelStage
 from server.pipeline.statuses import status_of
 
 # How far the batch window stretches while the event loop is saturated, and where stretching
@@ -89,7 +90,7 @@ class Batcher(Stage):
         observe_batch: Callable[[str, int, float], None] = lambda model, n, seconds: None,
         in_flight: Callable[[], int] | None = None,
     ) -> None:
-        super().__init__(f"batcher-{model}")
+        super().__init__(ModelStage.BATCHER.stage_name(model))
         self.model = model
         self.inbox = inbox
         self.out = out

@@ -13,7 +13,7 @@ from engine.errors import InvalidRequestError
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import PROCESSOR_DEMAND, ImageWork, Stage
-from server.pipeline.statuses import Code, status_of
+from server.pipeline.statuses import retryable, status_of
 
 
 class Processor(Stage):
@@ -70,7 +70,7 @@ class Processor(Stage):
         name = job.served.name
         link = self.image_links.get(name)
         if link is None or job.image is None:
-            job.fail(Code.UNAVAILABLE, f"model {name!r} is not being served (as an image model)")
+            job.fail(*retryable(f"model {name!r} is not being served (as an image model)"))
             return
         try:  # checked at admission (requests.py); latents are drawn by the engine, in the piece's batch
             pieces = self.engine.prepare(job.served, job.image, self.max_chunk)

@@ -11,7 +11,7 @@ from anyio.abc import TaskStatus
 from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import PROCESSOR_DEMAND, Stage
-from server.pipeline.statuses import Code
+from server.pipeline.statuses import retryable
 
 
 class Producer(Stage):
@@ -56,6 +56,6 @@ class Producer(Stage):
     async def _forward_text(self, job: Job) -> None:
         link = self.text_links.get(job.served.name)
         if link is None:
-            job.fail(Code.UNAVAILABLE, f"model {job.served.name!r} is not being served")
+            job.fail(*retryable(f"model {job.served.name!r} is not being served"))
             return
         await link.put(job)

@@ -15,6 +15,7 @@ from engine.errors import EngineError, InvalidRequestError, ModelNotFound, Queue
 from server.pipeline.jobs import Job, Outcome
 from server.pipeline.links import Link
 from server.pipeline.stages.base import Stage
+from server.pipeline.stages.names import ModelStage
 from server.pipeline.statuses import Code, status_of
 
 _REASONS = {"length": "length", "stop": "stop"}
@@ -32,7 +33,7 @@ class TextFeeder(Stage):
     kind = "text"
 
     def __init__(self, model: str, inbox: Link[Job], engine: Engine, registry: ModelRegistry, *, max_pending: int) -> None:
-        super().__init__(f"text-{model}")
+        super().__init__(ModelStage.TEXT.stage_name(model))
         self.model = model
         self.inbox = inbox
         self.engine = engine

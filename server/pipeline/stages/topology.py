@@ -17,6 +17,7 @@ from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import ImageDone, ImageWork, Stage
 from server.pipeline.stages.batcher import Batcher
+from server.pipeline.stages.names import ModelStage
 from server.pipeline.stages.processor import Processor
 from server.pipeline.stages.producer import Producer
 from server.pipeline.stages.router import Router
@@ -65,7 +66,7 @@ class Topology:
         if served.images is not None:
             if name in self.image_links:
                 return None
-            link: Link[ImageWork] = Link(f"batcher-{name}", c.queue_size)
+            link: Link[ImageWork] = Link(ModelStage.BATCHER.stage_name(name), c.queue_size)
             self.image_links[name] = link
             batcher = self.batchers[name] = Batcher(
                 name,
@@ -81,7 +82,7 @@ class Topology:
             return batcher
         if name in self.text_links:
             return None
-        text_link: Link[Job] = Link(f"text-{name}", c.queue_size)
+        text_link: Link[Job] = Link(ModelStage.TEXT.stage_name(name), c.queue_size)
         self.text_links[name] = text_link
         return TextFeeder(name, text_link, self.engine, self.registry, max_pending=c.decode_pending)
 
