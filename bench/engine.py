@@ -16,7 +16,7 @@ Transformer (bundled, block_size 128): prompts of 16 characters, 100 new tokens 
 so Hugging Face's learned positions suffice), temperature 1, top_k 0, distinct seeds.
   ours     ``DecodeBatch``: every sequence added before the first step; tokens counted from events.
   hf       transformers ``GPT2LMHeadModel.generate`` (KV cache, do_sample) on the same weights
-           (``engine.interop.to_hf_gpt2``), equal-length prompts, batch 1, 8, 32 (64 with --full-hf).
+           (``bench.interop.to_hf_gpt2``), equal-length prompts, batch 1, 8, 32 (64 with --full-hf).
 Per-token latency = wall time / new tokens for one stream (prefill included, both sides); time to
 first token = one sequence on an idle loop until its first token (HF: generate with 1 new token).
 """
@@ -42,9 +42,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from bench.interop import to_hf_gpt2
 from engine.decode import DecodeBatch, SequenceRequest
 from engine.images import ImageChunk, ImageGenerator, ImageRequest, ImageResult
-from engine.interop import to_hf_gpt2
 from engine.limits import ImageLimits
 from engine.modelfile import LoadedModel, load_model
 from engine.sampling import SamplingParams

@@ -421,7 +421,7 @@ def text_section(plan: Plan, threads: int, models_dir: Path, server_rows: list[d
     import torch
 
     from bench.engine import hf_run, prompts
-    from engine.interop import to_hf_gpt2
+    from bench.interop import to_hf_gpt2
     from engine.modelfile import load_model
 
     torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ a shared machine hits all of them alike:
   inv      the same with ``batch_invariant=True`` (fixed-shape passes: what bit-for-bit batch
            invariance costs).
   hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
-           same weights (``engine.interop.to_hf_gpt2``).
+           same weights (``bench.interop.to_hf_gpt2``).
 Tokens/s = tokens / wall time of the round. On a shared machine wall time mostly measures the
 neighbours, so each round also counts CPU time: this process's for engine, inv and hf (one torch
 thread runs on the calling thread), the server process's (all its threads) for server and h2load;
@@ -52,9 +52,9 @@ import torch
 
 from bench import accounting
 from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
+from bench.interop import to_hf_gpt2
 from bench.serve import free_ports
 from engine.decode import DecodeBatch
-from engine.interop import to_hf_gpt2
 from engine.modelfile import load_model
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc

@@ -325,10 +325,6 @@ class DecodeBatch:
         return len(self._pending)
 
     @property
-    def free_slots(self) -> int:
-        return self.capacity - len(self._active)
-
-    @property
     def has_work(self) -> bool:
         """Whether ``step()`` has anything to do (active, waiting or cancelled sequences)."""
         return bool(self._live or self._active)

@@ -230,24 +230,6 @@ class ModelRegistry:
         self._log_loaded(entry, replaced=replaced is not None, retired=[])
         return replaced
 
-    def swap(self, name: str, path: str | Path, *, retire_old: bool = True) -> ServedModel:
-        """Serve the file at ``path`` as the next version of ``name`` (latest + 1), switching atomically.
-
-        The new version is loaded and warmed up while the old one serves; callers holding the old
-        entry finish on it. ``retire_old`` drops older versions from the table (their modules are
-        freed once no caller holds them).
-        """
-        p = Path(path)
-        model, images, load_ms, warmup_ms = self._load_file(name, p)
-        with self._lock:  # the only critical section: pick the version, publish a new table
-            versions = self._table.get(name, {})
-            version = max(versions, default=0) + 1
-            entry = ServedModel(name, version, model, self._info(name, version, model), images, load_ms=load_ms, warmup_ms=warmup_ms)
-            new_versions = {version: entry} if retire_old else {**versions, version: entry}
-            self._table = {**self._table, name: new_versions}
-        self._log_loaded(entry, replaced=False, retired=sorted(versions) if retire_old else [])
-        return entry
-
     def _load_file(self, name: str, path: Path) -> tuple[LoadedModel, ImageGenerator | None, float, float]:
         """Read, check and warm up one file (before any lock: serving never waits on a file)."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):

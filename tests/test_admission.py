@@ -20,6 +20,13 @@ class Clock:
         return self.now
 
 
+def check(admission: Admission, inflight: int, *, by_delay: bool = True) -> None:
+    """Admission as the pipeline asks it (Pipeline.check_room): raise its refusal, if any."""
+    reason = admission.overloaded(inflight, by_delay=by_delay)
+    if reason is not None:
+        raise admission.refused(reason)
+
+
 def test_a_delay_over_target_for_less_than_an_interval_is_a_burst_and_is_served() -> None:
     codel = CoDel(TARGET, INTERVAL)
     for i in range(10):  # 90 ms over target: not yet an interval
@@ -45,14 +52,14 @@ def test_sheds_when_the_delay_stays_over_target_for_an_interval_and_stops_when_i
 def test_an_idle_server_never_sheds() -> None:
     clock = Clock()
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
-    admission.check(0)
+    check(admission, 0)
     for _ in range(12):
         admission.observe_job(clock.now - 1.0, 0.0)  # the last jobs waited a second each
         clock.now += 0.010
     with pytest.raises(Refused):
-        admission.check(1)
-    admission.check(0)  # nothing in flight: nothing is queued
-    admission.check(1)  # ... and the next request starts afresh
+        check(admission, 1)
+    check(admission, 0)  # nothing in flight: nothing is queued
+    check(admission, 1)  # ... and the next request starts afresh
 
 
 def overloaded_admission(clock: Clock, max_inflight: int = 100) -> Admission:
@@ -69,14 +76,14 @@ def test_admission_refuses_with_resource_exhausted_and_a_retry_hint_while_sheddi
     clock = Clock()
     admission = overloaded_admission(clock)
     with pytest.raises(Refused) as info:
-        admission.check(1)
+        check(admission, 1)
     assert info.value.code == Code.RESOURCE_EXHAUSTED
     assert info.value.retry_after_ms == 100
     assert retry_metadata(info.value.retry_after_ms) == ((RETRY_PUSHBACK_KEY, "100"),)
     assert "overloaded" in info.value.message
     assert admission.refusals == ["delay"]  # type: ignore[attr-defined]
     admission.observe_job(clock.now - 0.002, 0.001)  # 1 ms of queueing: under target
-    admission.check(1)
+    check(admission, 1)
 
 
 def test_compute_time_is_not_queueing_delay() -> None:
@@ -85,22 +92,22 @@ def test_compute_time_is_not_queueing_delay() -> None:
     for _ in range(30):  # 50 ms requests, all of it compute
         admission.observe_job(clock.now - 0.050, 0.049)
         clock.now += 0.010
-    admission.check(0)
+    check(admission, 0)
 
 
 def test_stream_requests_meet_only_the_count_limit() -> None:
     clock = Clock()
     admission = overloaded_admission(clock, max_inflight=3)
-    admission.check(1, by_delay=False)  # admitted by its credit
+    check(admission, 1, by_delay=False)  # admitted by its credit
     with pytest.raises(Refused, match="limit of 3"):
-        admission.check(3, by_delay=False)
+        check(admission, 3, by_delay=False)
 
 
 def test_the_count_limit_is_a_backstop_whatever_the_delay() -> None:
     admission = Admission(3, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
-    admission.check(2)
+    check(admission, 2)
     with pytest.raises(Refused, match="limit of 3 requests in flight") as info:
-        admission.check(3)
+        check(admission, 3)
     assert info.value.code == Code.RESOURCE_EXHAUSTED and info.value.retry_after_ms == 100
 
 
@@ -137,7 +144,7 @@ def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average()
     assert admission.shedding and admission.arrival.shedding(clock.now) and not admission.codel.shedding
     assert admission.arrival.sheds(0.001)  # a call arriving behind one still waiting is refused
     assert not admission.arrival.sheds(0.0)  # one that finds nobody waiting goes in: its sample updates the average
-    admission.check(5)  # the handler's check is the job queue's: the accept path refuses for arrivals
+    check(admission, 5)  # the handler's check is the job queue's: the accept path refuses for arrivals
     assert reasons == []  # the accept path's policy refuses (and counts) for the loop's queue: server/grpc_edge/service.py
     refusal = admission.refused("arrival")
     assert refusal.code == Code.RESOURCE_EXHAUSTED and refusal.retry_after_ms == 100

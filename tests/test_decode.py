@@ -189,7 +189,7 @@ def test_batched_decode_equals_one_at_a_time() -> None:
     got = texts(events)
     assert [got[h] for h in handles] == alone
     assert len({len(t) for t, _ in alone}) > 3  # they really left at different steps
-    assert loop.active_count == 0 and loop.free_slots == 3
+    assert loop.active_count == 0 and loop.capacity - loop.active_count == 3
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +243,11 @@ def test_cancel_frees_the_slot_for_a_new_sequence() -> None:
     with pytest.raises(QueueFullError, match="decode loop is full: 1 sequences decoding and 0 waiting"):
         loop.add(SequenceRequest("b"))
     first = loop.step()
-    assert [e.handle for e in first] == [a] and loop.free_slots == 0
+    assert [e.handle for e in first] == [a] and loop.active_count == loop.capacity
     assert loop.cancel(a)
     events = loop.step()
     assert [(e.handle, e.finish_reason, e.token_id) for e in events] == [(a, "cancelled", None)]
-    assert loop.free_slots == 1 and not loop.has_work and not loop.cancel(a)
+    assert loop.capacity - loop.active_count == 1 and not loop.has_work and not loop.cancel(a)
     b = loop.add(SequenceRequest("b", SamplingParams(temperature=0, max_new_tokens=2)))
     assert texts(loop.run_until_idle())[b][1] == "length"
 

@@ -121,7 +121,13 @@ async def test_after_a_burst_of_faults_the_big_buffers_are_freed_without_the_col
 
     monkeypatch.setattr(DecodeBatch, "from_loaded", staticmethod(recording_from_loaded))
     server.engine.install_faults(faults)
-    server.pipeline.on_admit = admitted
+    admit = type(server.pipeline).admit
+
+    def admit_and_note(job: Job, timeout: float | None) -> None:
+        admit(server.pipeline, job, timeout)
+        admitted(job)
+
+    server.pipeline.admit = admit_and_note  # type: ignore[method-assign]
     transformer = server.registry.get("transformer")
     failing = server.engine.decode_thread(transformer)
     failing_loop = weakref.ref(failing.loop)
@@ -147,7 +153,7 @@ async def test_after_a_burst_of_faults_the_big_buffers_are_freed_without_the_col
             assert await _call(stub, text) == grpc.StatusCode.OK  # the replacement serves
     finally:
         server.engine.install_faults(None)
-        server.pipeline.on_admit = None
+        vars(server.pipeline).pop("admit", None)
     await server.pipeline.wait_idle()
     await asyncio.sleep(0)  # let the handlers' last callbacks run
 

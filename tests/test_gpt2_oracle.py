@@ -12,7 +12,7 @@ from engine.models.transformer import CharTransformer, TransformerConfig
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[dev]' installs it)")
 
-from engine.interop import hf_logits, to_hf_gpt2
+from bench.interop import hf_logits, to_hf_gpt2
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
 

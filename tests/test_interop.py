@@ -79,7 +79,7 @@ def python_sdk_view(address: str) -> tuple[str, str]:
 def test_grpc_js_gets_what_the_python_sdk_gets(server: tuple[str, str], route: str) -> None:
     front, direct = server
     seen = grpc_js(direct if route == "direct" else front, "calls")
-    assert set(seen["models"]) >= {"vae", "gan", "transformer"}
+    assert isinstance(seen["models"], list) and set(seen["models"]) >= {"vae", "gan", "transformer"}, seen["models"]
     pixels, text = python_sdk_view(direct)
 
     image = seen["image"]

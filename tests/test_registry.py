@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import pickle
 import re
@@ -35,6 +36,19 @@ from engine.registry import (
 )
 
 VOCAB = "\nabc"
+
+
+def swap(registry: ModelRegistry, name: str, path: Path, *, retire_old: bool = True) -> ServedModel:
+    """The file at ``path`` as the next version of ``name``: prepared (loaded, warmed up) while the old
+    serves, published, and the older versions unloaded (as the server's model watcher does)."""
+    version = max((i.version for i in registry.list_models() if i.name == name), default=0) + 1
+    entry = registry.prepare(path, name=name, version=version)
+    registry.publish(entry)
+    if retire_old:
+        for old in range(1, version):
+            with contextlib.suppress(ModelNotFound):
+                registry.unload(name, old)
+    return entry
 
 
 def tiny_vae(seed: int = 0, num_classes: int = 0) -> VAE:
@@ -327,7 +341,7 @@ def test_swap_keeps_in_flight_work_on_the_old_version(tmp_path: Path) -> None:
     worker.start()
     assert started.wait(10)
 
-    new = registry.swap("vae", new_file)  # loads and warms up while the old version is mid-forward
+    new = swap(registry, "vae", new_file)  # loads and warms up while the old version is mid-forward
     assert new.version == 2 and registry.get("vae") is new
     assert [(i.name, i.version) for i in registry.list_models() if i.name == "vae"] == [("vae", 2)]  # v1 retired
     with pytest.raises(ModelNotFound, match="has no version 1; available versions: 2"):
@@ -345,9 +359,9 @@ def test_swap_keeps_in_flight_work_on_the_old_version(tmp_path: Path) -> None:
 def test_swap_can_keep_old_versions(folder: Path) -> None:
     registry = ModelRegistry.from_folder(folder)
     export(folder.parent / "v2.safetensors", tiny_vae(5))
-    registry.swap("vae", folder.parent / "v2.safetensors", retire_old=False)
+    swap(registry, "vae", folder.parent / "v2.safetensors", retire_old=False)
     assert [(i.version, i.latest) for i in registry.list_models() if i.name == "vae"] == [(1, False), (2, True)]
-    assert registry.swap("vae", folder / "vae.safetensors", retire_old=False).version == 3
+    assert swap(registry, "vae", folder / "vae.safetensors", retire_old=False).version == 3
 
 
 def test_a_failed_swap_leaves_the_old_version_serving(folder: Path) -> None:
@@ -355,10 +369,10 @@ def test_a_failed_swap_leaves_the_old_version_serving(folder: Path) -> None:
     before = registry.get("vae")
     (folder / "broken.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelFileError, match=r"broken\.safetensors: "):
-        registry.swap("vae", folder / "broken.safetensors")
+        swap(registry, "vae", folder / "broken.safetensors")
     assert registry.get("vae") is before
     with pytest.raises(ValueError, match=r"^model name '\.\./vae' does not match"):
-        registry.swap("../vae", folder / "vae.safetensors")
+        swap(registry, "../vae", folder / "vae.safetensors")
 
 
 def test_load_a_new_file_and_reload_a_version(folder: Path) -> None:
@@ -404,7 +418,7 @@ def test_concurrent_lookups_during_swaps_always_see_a_whole_model(folder: Path) 
     thread = threading.Thread(target=reader)
     thread.start()
     for _ in range(3):
-        registry.swap("vae", folder / "vae.safetensors")
+        swap(registry, "vae", folder / "vae.safetensors")
     stop.set()
     thread.join(10)
     assert errors == [] and seen and set(seen) <= {1, 2, 3, 4}

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.grpc_edge.outbox import CallQueue
-from server.pipeline.jobs import Rpc
+from server.pipeline.jobs import Job, Rpc
 from server.pipeline.statuses import Code, Refused
 from server.runtime.app import GenServer
 from tests.decode_spy import StepSpy
@@ -224,11 +224,17 @@ async def test_the_batchers_see_a_generate_call_from_its_acceptance(stub: pb_grp
     """Batches close early once every Generate call in progress is in them; calls accepted and not yet
     admitted count too (the accept path's count), or a closed loop's next call would miss the batch."""
     seen: list[int] = []
-    server.pipeline.on_admit = lambda job: seen.append(server.pipeline.calls_in_progress())
+    admit = type(server.pipeline).admit
+
+    def admit_and_note(job: Job, timeout: float | None) -> None:
+        seen.append(server.pipeline.calls_in_progress())
+        admit(server.pipeline, job, timeout)
+
+    server.pipeline.admit = admit_and_note  # type: ignore[method-assign]
     try:
         assert (await collect(stub, image(n=1)))[-1].finish.code == 0
     finally:
-        server.pipeline.on_admit = None
+        vars(server.pipeline).pop("admit", None)
     assert seen == [1]  # the call being admitted, already counted since it was accepted
     await wait_until(lambda: server.pipeline.calls_in_progress() == 0)
 

@@ -377,11 +377,6 @@ class EagerAcceptServer(cygrpc.AioServer):  # type: ignore[misc]
             lane = lanes[method_bytes] = _Lane(self, method_bytes)
         return lane.next()
 
-    def queued(self) -> dict[str, int]:
-        """Calls started and not yet run, by method (for tests)."""
-        lanes: dict[bytes | None, _Lane] = self.__dict__.get("_lanes", {})
-        return {(m or b"").decode(): len(lane.started) for m, lane in lanes.items()}
-
 
 def supported() -> bool:
     """grpc.aio's internals this module uses are where it expects them."""

@@ -192,19 +192,12 @@ class Admission:
         self.on_refusal = on_refusal  # metrics: "delay", "arrival" or "count"
         self.retry_after_ms = max(1, round(interval_s * 1000))  # a standing queue needs about an interval to drain
 
-    def check(self, inflight: int, *, by_delay: bool = True) -> None:
-        """Refuse (raise Refused) if the server is overloaded, ``inflight`` requests being unfinished;
-        a few attribute reads.
-        ``by_delay=False``: only the count limit (a GenerateStream request: its credit is its admission,
-        and the credit shrinks while the server sheds)."""
-        reason = self.overloaded(inflight, by_delay=by_delay)
-        if reason is not None:
-            raise self.refused(reason)
-
     def overloaded(self, inflight: int, *, by_delay: bool = True) -> str | None:
-        """``check`` without raising: the reason a new request is refused now ("delay" or "count", counted
-        by ``on_refusal``), or None. The accept path's refusals use it: under overload they are most of
-        the loop's work, and an exception raised and caught a refusal was ~7% of it (py-spy)."""
+        """The reason a new request is refused now ("delay" or "count", counted by ``on_refusal``), or
+        None; ``inflight`` requests are unfinished. ``by_delay=False``: only the count limit (a
+        GenerateStream request: its credit is its admission, and the credit shrinks while the server
+        sheds). A reason, not an exception: under overload refusals are most of the loop's work, and
+        raising and catching one was ~7% of it (py-spy)."""
         if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
             self.codel.reset()
         if by_delay and self.codel.shedding:  # the arrival queue's own refusals are the accept path's (server/grpc_edge/accept.py)

@@ -51,7 +51,6 @@ class Pipeline:
         self._sweeper: asyncio.TimerHandle | None = None
         self._tokens: dict[str, Any] = {}  # tokens counter children per model
         self.accepting = True
-        self.on_admit: Callable[[Job], None] | None = None  # an observer of admissions (tests/chaos notes when); None in the product
         # one child per reason, looked up once: under overload every refusal counts (labels() ~2 us each)
         overload_refusals = {reason: metrics.overload_refusals.labels(reason) for reason in ("delay", "arrival", "count", "limit")}
         self.admission = Admission(
@@ -194,8 +193,6 @@ class Pipeline:
         job.on_finish = self._finished
         self.inflight.add(job)
         self._idle.clear()
-        if self.on_admit is not None:
-            self.on_admit(job)
 
     def _sweep(self) -> None:
         """Fail the jobs whose deadline tick has passed; runs every tick while jobs are in flight.
@@ -257,6 +254,3 @@ class Pipeline:
         for job in jobs:
             job.fail(code, message)
         return len(jobs)
-
-    def link_depths(self) -> dict[str, int]:
-        return {name: read() for name, read in self.topology.depth_readers().items()}

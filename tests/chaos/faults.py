@@ -60,14 +60,21 @@ class Injector(Faults):
     def install(self) -> None:
         engine = self.server.engine
         engine.install_faults(self)
-        self.server.pipeline.on_admit = self._note_admission
+        pipeline = self.server.pipeline
+        admit = type(pipeline).admit
+
+        def admit_and_note(job: Job, timeout: float | None) -> None:  # the handlers call pipeline.admit: note what it let in
+            admit(pipeline, job, timeout)
+            self._note_admission(job)
+
+        pipeline.admit = admit_and_note  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         for watcher in self._watchers:
             watcher.cancel()
         engine = self.server.engine
         engine.install_faults(None)
-        self.server.pipeline.on_admit = None
+        vars(self.server.pipeline).pop("admit", None)  # the class's own again
 
     def _note_admission(self, job: Job) -> None:  # not a fault: notes when the server admitted a request
         now = time.monotonic()

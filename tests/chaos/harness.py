@@ -170,7 +170,7 @@ async def _leftovers(server: GenServer, timeout: float = 3.0) -> list[str]:
     text = [s for s in server.registry.served() if s.images is None]
     deadline = time.monotonic() + timeout
     while True:
-        left = [f"link {name}: {n}" for name, n in server.pipeline.link_depths().items() if n]
+        left = [f"link {name}: {n}" for name, n in ((name, read()) for name, read in server.pipeline.topology.depth_readers().items()) if n]
         for stage in server.supervisor.stages.values():
             held = len(list(stage.holding()))
             if held:
