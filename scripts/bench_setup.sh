@@ -11,11 +11,18 @@ if command -v h2load >/dev/null 2>&1; then
   echo "h2load: $(command -v h2load) ($(h2load --version 2>/dev/null | head -1))"
   exit 0
 fi
+exec </dev/null  # nothing below may wait for an answer
 SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null 2>&1 || ! sudo -n true 2>/dev/null; then
+    echo "bench_setup: skipped installing h2load (not root, and sudo would ask for a password); as root: apt-get install nghttp2-client" >&2
+    exit 1
+  fi
+  SUDO="sudo -n"
+fi
 if command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get update -q
-  $SUDO apt-get install -y -q nghttp2-client  # Debian / Ubuntu: h2load is in nghttp2-client
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q nghttp2-client  # Debian / Ubuntu: h2load is in nghttp2-client
 elif command -v dnf >/dev/null 2>&1; then
   $SUDO dnf install -y nghttp2  # Fedora / RHEL
 elif command -v brew >/dev/null 2>&1; then
