@@ -17,8 +17,8 @@ accounting by status.
 (h2load ``--rps`` on 4 connections) for ``--duration`` seconds. Every call is accounted for by the
 side's own counters (bench/accounting.py), and the side's event loops (its main thread, and each
 worker's with ``--workers``) are timed from /proc: loop CPU per answered call, OK or refused, is what one refusal costs when nearly
-all are refused, and what bounds the goodput a process keeps under a flood (docs/benchmarks.md,
-"Overload: what a refusal costs"). Goodput is the round's OK calls/s over the side's Generate
+all are refused, and what bounds the goodput a process keeps under a flood (docs/design/haproxy-front.md,
+"What a refusal costs"). Goodput is the round's OK calls/s over the side's Generate
 rate of the same round.
 """
 

@@ -192,7 +192,7 @@ def render(out: dict[str, Any], plots: Sequence[str]) -> str:
         lines += [
             "",
             "s/epoch: the median epoch of the record's history. The VAE's record scores the 500 validation digits; "
-            "the README's judge uses the 1000 held-out ones (harder writers), as the reference's figure does.",
+            "the judge of docs/training.md uses the 1000 held-out ones (harder writers), as the reference's figure does.",
             "",
         ]
     return "\n".join(lines) + "\n"

@@ -218,7 +218,7 @@ def overload(bench: Bench, h2: H2Load, side: Server, rate: float, dur_s: float) 
         | figures
         | {
             # what one answered call (nearly all refusals, for the server) costs the event loop: the figure
-            # that bounds what a process can still serve under a flood (docs/benchmarks.md)
+            # that bounds what a process can still serve under a flood (docs/design/haproxy-front.md)
             "loop_us_per_call": loop_cpu / answered * 1e6 if answered else None,
             "rss_before_mb": rss_before / MB,
             "rss_peak_mb": max(during) / MB,

@@ -4,7 +4,7 @@
 
 Baseline: pytorch/examples' ``vae/main.py`` recipe (784-400-20 with ReLU, summed BCE + KL, Adam
 1e-3, batch 128, no schedule, no clipping) on all 9000 training digits. Ours: ``python -m
-training vae`` with the options given (default: the bundled model's command from the README).
+training vae`` with the options given (default: the bundled model's command from docs/training.md).
 Both are judged by the same estimator: negative ELBO in nats per image on the 1000 held-out
 digits, the expectation over q(z|x) taken with 10 draws per image.
 """

@@ -174,9 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     text.add_argument("model", help="a served text model (see `models`)")
     text.add_argument("--prompt", "-p", required=True, help='the text to continue, e.g. "ROMEO:"')
-    text.add_argument(
-        "--max-tokens", type=_positive, metavar="N", help="tokens to generate (default: the server's default for a request that sets none)"
-    )
+    text.add_argument("--max-tokens", type=_positive, metavar="N", help="tokens to generate (default: the server's --default-new-tokens)")
     text.add_argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default 1.0)")
     text.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens (default: off)")
     text.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, in (0, 1] (default: off)")

@@ -1,53 +1,42 @@
 """Text generation for ``CharTransformer``: a slotted KV cache and a continuous-batching decode loop.
 
-Synchronous by design: the server runs one ``DecodeBatch`` per model on an engine thread and calls
-``step()`` in a loop; ``add()`` and ``cancel()`` may be called from any thread.
+Synchronous by design: the engine runs one ``DecodeBatch`` per model version on its own thread
+(``DecodeThread``, engine/engine.py) and calls ``step()`` in a loop; ``add()`` and ``cancel()`` may
+be called from any thread.
 
-KV cache. One preallocated tensor per loop, (n_layer, 2, max_batch, n_head, block_size, head_dim),
-zeroed once and never reallocated. A sequence occupies one slot (row of the batch dimension).
-Active sequences are kept dense in slots 0..n-1: when one leaves, the last one's cache rows are
-copied into its slot, so a decode step works on the basic slice ``kv[:, :, :n, :, :L]`` (no
-gather) with L = the longest active context. Sequences have different lengths, so the step's
-attention mask hides each slot's cells beyond its own length (stale data from earlier occupants).
+KV cache. One preallocated tensor, (n_layer, 2, max_batch, n_head, block_size, head_dim), zeroed
+once and never reallocated; a sequence occupies one slot. Active sequences stay dense in slots
+0..n-1 (a leaving one's slot gets the last one's rows), so a step works on the plain slice
+``kv[:, :, :n, :, :L]``, L the longest active context, with a mask hiding each slot's cells beyond
+its own length.
 
-Scheduling (vLLM's iteration-level scheduling). ``step()`` first applies cancellations and admits
-waiting sequences into free slots, prefilling each new prompt (one forward over the prompt, which
-also yields its first token); every other active sequence advances by one token in ONE batched
-forward pass. So each step yields exactly one token per active sequence. A sequence that finishes
-frees its slot at the end of the step; one that is cancelled leaves at the start of the next.
-At most ``max_batch`` sequences decode at once; up to ``max_pending`` more wait (FIFO) for a slot;
-beyond that ``add()`` raises ``QueueFullError`` at once (the server maps it to RESOURCE_EXHAUSTED).
+Scheduling (vLLM's iteration-level scheduling). ``step()`` applies cancellations, admits waiting
+sequences into free slots and prefills them (which yields their first token), and advances every
+other active sequence by one token in ONE batched forward pass: one token per active sequence per
+step. A finished sequence frees its slot at the end of the step, a cancelled one at the start of
+the next. At most ``max_batch`` decode and ``max_pending`` wait (FIFO); beyond that ``add()``
+raises ``QueueFullError`` at once (the server maps it to RESOURCE_EXHAUSTED).
 
-Context policy. The model has learned absolute positions 0..block_size-1, so a sequence sees at
-most block_size tokens. When a sequence's cache is full and it needs another token, its last
-``block_size // 2`` tokens (at least 1) are prefilled again into its slot at positions 0.. and
-decoding continues from there: nanoGPT's "crop the context to the last block_size tokens", paid
-once every block_size // 2 tokens instead of at every token. A prompt longer than block_size keeps
-its last block_size characters (``SequenceHandle.truncated_chars`` says how many were dropped);
-every character is still checked against the vocabulary. An empty prompt is refused (a GPT needs
-at least one token to condition on; send "\\n" to start from a line break).
+Context policy. Positions 0..block_size-1 are learned: a full cache re-prefills its last
+``block_size // 2`` tokens at positions 0.. and continues (nanoGPT's crop, paid once every
+block_size // 2 tokens); a longer prompt keeps its last block_size characters
+(``SequenceHandle.truncated_chars``), each still checked against the vocabulary; an empty prompt
+is refused (send "\\n" to start from a line break).
 
-Determinism. A request's text depends only on its prompt and settings (its seed included), not on
-its batch neighbours, to the following precision. Sampling is row-wise with per-sequence generators
-(``engine.sampling``), so randomness never crosses rows. The logits it samples from:
-- default: equal to float rounding, not bit for bit. Matrix kernels take different paths by row
-  count (on the development Xeon, 1, 2-8 and 9+ rows give three different roundings), and
-  attention sums over the batch's longest context; so a sequence's logits move by ~1e-7 with its
-  neighbours, and a token can change only where its draw falls that close to a boundary of the
-  cumulative distribution (or two greedy candidates tie that closely). Measured: 0 of 32 sampled
-  sequences (~80 tokens each, bundled model) differed alone vs in one batch.
-- ``batch_invariant=True``: bit for bit. Every decode pass has the same shapes (all ``max_batch``
-  slots, idle ones on a dummy token, over the whole window) and every prefill runs alone, so each
-  row takes the same kernel path whatever its neighbours. A sequence's logits, and so its text,
-  then depend only on its prompt, settings and seed, the loop's ``max_batch``, and the machine
-  (CPU kernels, torch thread count). Tested with hypothesis over seeds, prompt lengths, settings
-  and batch makeups (tests/test_decode_invariance.py). Cost, measured on 2 shared cores, one torch
-  thread (``python -m bench.text``): ~25% fewer tokens per CPU-second at 32 streams (attention over
-  the whole window instead of the longest context), 4x fewer for one stream in a 32-slot loop
-  (every pass runs all the slots); time to first token unchanged. Hence off by default.
+Determinism. A request's text depends only on its prompt and settings (its seed included);
+sampling is row-wise with per-sequence generators (``engine.sampling``). Its logits:
+- default: equal to what it would get alone to float rounding (~1e-7: matrix kernels round by row
+  count, and attention spans the batch's longest context), so a token can change only where its
+  draw falls that close to a boundary.
+- ``batch_invariant=True``: bit for bit. Every decode pass runs all ``max_batch`` slots over the
+  whole window and every prefill runs alone, so a sequence's text depends only on its prompt,
+  settings and seed, the batch's ``max_batch`` and the machine (CPU kernels, torch threads). Fewer
+  tokens a second, hence off by default.
 
-Work counters: ``forward_passes`` (model passes run) and ``tokens_sampled`` (one per active
-sequence per step) only grow; a cancelled sequence stops adding to them at the next step.
+Work counters: ``forward_passes`` and ``tokens_sampled`` (one per active sequence per step) only
+grow; a cancelled sequence stops adding to them at the next step.
+
+Why, and the figures: docs/design/decode-loop.md
 """
 
 from __future__ import annotations
@@ -115,7 +104,7 @@ class SlotCache:
         param = next(model.parameters())
         self.model = model.eval()  # dropout off; the cached path never applies it anyway
         # The model's cached forward: one TorchScript graph (the GIL released once per forward, not per
-        # op: the decode thread runs beside the event loop; measured in ScriptedForward's docstring),
+        # op: the decode thread runs beside the event loop; docs/design/decode-loop.md),
         # bit for bit the eager forward with weights (in, out) (InferenceLinears: faster sgemm).
         self.forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = cached_forward(model)
         self.device = param.device
@@ -188,7 +177,7 @@ class SequenceRequest:
 
 @dataclass(frozen=True)
 class SequenceHandle:
-    """Names a sequence in a loop; ``seed`` is the one used (drawn when the request gave none)."""
+    """Names a sequence in a DecodeBatch; ``seed`` is the one used (drawn when the request gave none)."""
 
     id: int
     request_id: str
@@ -262,9 +251,9 @@ class _Sequence:
 class DecodeBatch:
     """Continuous batching over one model: ``add`` sequences, call ``step`` until they finish.
 
-    >>> loop = DecodeBatch.from_loaded(load_model("models/transformer.safetensors"), max_batch=8)
-    >>> h = loop.add(SequenceRequest("ROMEO:", SamplingParams(temperature=0.8, seed=1, max_new_tokens=50)))
-    >>> while loop.has_work: events = loop.step()
+    >>> batch = DecodeBatch.from_loaded(load_model("models/transformer.safetensors"), max_batch=8)
+    >>> h = batch.add(SequenceRequest("ROMEO:", SamplingParams(temperature=0.8, seed=1, max_new_tokens=50)))
+    >>> while batch.has_work: events = batch.step()
     """
 
     def __init__(
@@ -359,7 +348,7 @@ class DecodeBatch:
             self._cancelled.add(handle.id)
             return True
 
-    # -- the loop (one thread) -------------------------------------------------------------
+    # -- stepping (one thread) -------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
         """Apply cancellations, admit waiting sequences, and advance every active sequence by one token."""

@@ -48,7 +48,7 @@ class DecodeThread:
     ) -> None:
         self.served = served
         self.faults = faults
-        self.on_failed = on_failed  # called on this worker's thread once it has failed (the engine replaces it there)
+        self.on_failed = on_failed  # called on this thread once it has failed (the engine replaces it there)
         self._loop: DecodeBatch | None = DecodeBatch.from_loaded(
             served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
         )
@@ -78,7 +78,7 @@ class DecodeThread:
 
     @property
     def loop(self) -> DecodeBatch:
-        """Its decode loop; a failed worker has released it (and its KV cache): EngineError."""
+        """Its DecodeBatch; a failed decode thread has released it (and its KV cache): EngineError."""
         loop = self._loop
         if loop is None:
             raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
@@ -109,8 +109,8 @@ class DecodeThread:
         if not self._decode():
             return
         with self._listeners_lock:
-            # A failed loop never steps again: free its KV cache now, before the replacement allocates
-            # its own (both at once were a +50 MB peak), not when the last job lets go of this worker.
+            # A failed batch never steps again: free its KV cache now, before the replacement allocates
+            # its own (both at once were a +50 MB peak), not when the last job lets go of this thread.
             self._loop = None
         if self.on_failed is not None:
             self.on_failed(self)  # outside the except block: nothing raised there chains the failure
@@ -132,7 +132,7 @@ class DecodeThread:
                 log.exception("decode_loop_failed", model=self.served.name, version=self.served.version)
                 with self._listeners_lock:
                     # without its traceback: the traceback holds this frame, whose `self` would
-                    # keep the dead worker and its KV cache alive until the cyclic collector ran
+                    # keep the dead thread's batch and KV cache alive until the cyclic collector ran
                     self.failed = e.with_traceback(None)
                     listeners, self._listeners = list(self._listeners.values()), {}
                 heard = generation_failed(self.served, e)
@@ -188,10 +188,9 @@ class Engine:
         self.limits = limits
         self.faults = faults  # the fault-injection seam (engine/faults.py): None in the product; see install_faults
         self._pool = ThreadPoolExecutor(max_workers=limits.image_threads, thread_name_prefix="engine-images")
-        # Image models whose whole batch is measured (``calibrate``) below this many ms run on the
-        # calling (event loop) thread. A hop to a pool thread looks free but is not: the worker
-        # must win the GIL back from a busy event loop between torch ops, which turned a 0.2 ms
-        # VAE batch into 3-6 ms inside the server. 0: every batch goes to the pool.
+        # Image models whose whole batch (``calibrate``) takes under ``inline_image_ms`` run on the
+        # calling (event loop) thread: a pool thread must win the GIL back from a busy loop between
+        # torch ops (docs/design/batch-window.md). 0: every batch goes to the pool.
         self._inline: dict[ServedModel, bool] = {}
         self._workers: dict[ServedModel, DecodeThread] = {}
         self._workers_lock = threading.Lock()
@@ -222,7 +221,7 @@ class Engine:
         return served.images
 
     async def generate_images(self, served: ServedModel, chunks: Sequence[ImageChunk]) -> list[ImageResult]:
-        """One forward pass for ``chunks`` (prepared by ``served.images.prepare``), on the pool."""
+        """One forward pass for ``chunks`` (from ``prepare``), on the pool or inline (``calibrate``)."""
         if served.images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
         run: Callable[[Sequence[ImageChunk]], list[ImageResult]] = served.images.run
@@ -263,7 +262,7 @@ class Engine:
         images = served.images
         if images is None:
             raise ValueError(f"model {served.name!r} is a {served.kind}, not an image model")
-        # as served: one-sample requests, their latents drawn in the batch (the processor's prepare)
+        # as served: one-sample requests, their latents drawn in the batch (as ``prepare`` leaves them)
         chunks = [images.prepare(ImageRequest(n=1, seed=i), draw=False) for i in range(images.limits.max_batch)]
         times = []
         for _ in range(rounds):
@@ -277,13 +276,12 @@ class Engine:
         return ms
 
     def decode_thread(self, served: ServedModel) -> DecodeThread:
-        """The decode loop of this model version (started on first use; replaced after a failure).
+        """The decode thread of this model version (started on first use; replaced after a failure).
 
-        A failed worker is replaced on its own thread as it dies (``_replace``), so the new KV cache
-        (~50 MB of zeros for the bundled transformer, ~30 ms of page faults) is not allocated on the
-        event loop. Until the replacement is in (while the failed worker's thread lives), this
-        returns the failed worker: its ``submit`` refuses with a retryable EngineError, its ``room``
-        is 0 (the text stage waits).
+        A failed decode thread builds its replacement as it dies (``_replace``), so the new KV cache
+        (~50 MB of zeros for the bundled transformer) is not allocated on the event loop. Until the
+        replacement is in, this returns the failed one: its ``submit`` refuses with a retryable
+        EngineError, its ``room`` is 0 (the text stage waits).
         """
         with self._workers_lock:
             if self._closed:
@@ -300,7 +298,7 @@ class Engine:
         return worker
 
     def _replace(self, failed: DecodeThread) -> None:
-        """On the failed worker's thread: build its replacement here, then install it, unless the
+        """On the failed decode thread: build its replacement here, then install it, unless the
         engine closed or someone else replaced it meanwhile."""
         served = failed.served
         with self._workers_lock:
@@ -339,7 +337,7 @@ class Engine:
 
     async def stream_text(self, served: ServedModel, request: SequenceRequest) -> AsyncGenerator[TokenEvent, None]:
         """Token events of one sequence, as they are decoded; the last one has a finish reason
-        (the library's API, on top of ``submit_text``).
+        (the library's API, on top of ``submit``).
 
         Raises InvalidRequestError or QueueFullError before the first event. Closing the iterator
         early (client gone, deadline) cancels the sequence, which frees its slot at the next step.

@@ -10,7 +10,7 @@
     |       +-- InvalidPromptError
     |       +-- InvalidImageRequest
     +-- RuntimeError
-        +-- QueueFullError       the decode loop has no room now
+        +-- QueueFullError       a decode batch has no room now
         +-- EngineError          model code failed; the request may be retried
         +-- DeviceUnavailableError
 

@@ -27,4 +27,4 @@ class Faults:
 
     def before_decode_step(self, served: ServedModel) -> None:
         """On a text model's decode thread, before each ``DecodeBatch.step``: raising here fails
-        the loop and every sequence in it, as a failed step would."""
+        the batch and every sequence in it, as a failed step would."""

@@ -1,21 +1,15 @@
 # ruff: noqa: UP006, UP035, UP045  (TorchScript needs typing.List, Optional and Tuple in _Tiles' signatures)
 """An image model's tiled forward pass and its uint8 levels as ONE TorchScript graph (CPU).
 
-Why: the engine runs image batches on a thread beside the server's event loop, and an eager
-forward gives up the GIL around each torch op and must win it back after: ~35 times for a VAE
-batch of 128 (4 tiles of linear, tanh, linear, sigmoid, plus slicing, copies, clamp and numpy's
-passes). While the loop holds the GIL, every one of those waits, up to the interpreter's switch
-interval (5 ms). Measured on the 2-core VM (1 torch thread, VAE batch of 128): 5.5 ms alone
-either way; beside a Python thread that never lets go, 242 ms eager against 19 ms as one graph.
-In the server under a GenerateStream load (512 requests in flight), a batch of 128 took 35-45 ms
-of wall time against ~6 ms of compute, its engine thread on a CPU 40% of the time.
+The engine runs image batches on a thread beside the server's event loop, and an eager forward
+gives up the GIL around each of its ~35 torch ops and must win it back from the loop after each;
+the graph gives it up once a batch. It runs exactly the eager ops (the model traced at one tile's
+shape, called once a tile; ``x * 255 + 0.5``, clamped, truncated as ``ImageGenerator._to_uint8``
+rounds), and is checked bit for bit against the eager path when built, and not used where it
+differs. Run it under ``optimized_execution(False)``: the profiling executor may fuse or rewrite
+ops after a few calls, and then the floats need not be bit-equal to eager.
 
-The graph runs exactly the eager ops (the model traced at one tile's shape, called once a tile;
-``x * 255 + 0.5``, clamped, truncated as ``ImageGenerator._to_uint8`` does in numpy), so it is
-checked bit for bit against the eager path when built, and not used where it differs.
-Run it under ``optimized_execution(False)``: the profiling executor may fuse or rewrite ops
-after a few calls, and then the floats need not be bit-equal to eager (the text model's graph
-changed by ~4e-6 so: engine/models/transformer.py).
+Why: docs/design/tiling.md
 """
 
 # No ``from __future__ import annotations`` here: TorchScript reads _Tiles' annotations as objects.
@@ -88,10 +82,8 @@ class _Tiles(nn.Module):
             n, o, total = ns[i], offsets[i], totals[i]
             if o == 0 and n == total and not self.conditional:
                 # A whole request (the usual one-image case) is drawn straight into its rows: randn is
-                # ``empty(...).normal_(0, 1, gen)``, and the rows are contiguous as randn's own tensor
-                # is, so the draw is the same (build_graph checks it bit for bit) with 3 ops instead
-                # of 5 (no block to allocate and copy): a VAE batch of 128 took 2.11-2.24 ms against
-                # 2.36-2.50 (-10%, five alternations; docs/benchmarks.md).
+                # ``empty(...).normal_(0, 1, gen)`` on rows as contiguous as these, so the draw is the
+                # same (build_graph checks it bit for bit) in 3 ops instead of 5 (docs/design/tiling.md).
                 z[a : a + n].normal_(0.0, 1.0, generator=gen)
             else:
                 block = torch.randn([total, self.latent_dim], generator=gen)
@@ -134,9 +126,9 @@ class _Tiles(nn.Module):
 class ImageGraph:
     """``(z, labels) -> (floats (B, size*size), uint8 levels (B, size*size))`` for CPU tensors.
 
-    One tensor each, not a list of the chunks': a list of 128 tensors as the graph's argument made
-    the call wait on the GIL as long as the eager forward did (346 ms against 20 beside a busy
-    thread, measured), so the caller concatenates them first (one op)."""
+    One tensor each, not a list of the chunks': a list as the graph's argument made the call wait
+    on the GIL as long as the eager forward did (docs/design/tiling.md), so the caller
+    concatenates them first (one op)."""
 
     def __init__(self, graph: torch.jit.ScriptModule) -> None:
         self._graph = graph

@@ -1,21 +1,19 @@
 """Batched generation for image models: the VAE's decoder and the WGAN-GP generator.
 
-Flow (synchronous; the server calls it from an engine thread):
+Flow (synchronous; ``Engine`` calls it, and runs batches on an engine thread or inline):
 
     gen = ImageGenerator(loaded_model, ImageLimits(max_n=1024, max_batch=256))
-    chunk = gen.prepare(ImageRequest(n=16, seed=7))     # validate, draw z (processor stage)
-    results = gen.run([chunk, other_chunk])             # ONE forward pass (engine thread)
+    chunk = gen.prepare(ImageRequest(n=16, seed=7), draw=False)  # validate, pick the seed
+    results = gen.run([chunk, other_chunk])             # ONE forward pass; latents drawn in it
     parts = [gen.run([p])[0] for p in chunk.split(64)]  # a request > max_batch, piece by piece
 
-Randomness is per request. ``prepare`` draws the request's whole latent block, (n, latent_dim),
-from its own ``torch.Generator().manual_seed(seed)`` on the CPU, and then, for a conditional
-model given no labels, n labels uniform over 0..num_classes-1 from the same generator (z first,
-so a seed gives the same z with or without labels). No layer of either model mixes samples of a
-batch, so a request's samples depend on its seed (and labels) alone, never on its batch
-neighbours or on how it was split into chunks: a chunk is a slice of the block drawn up front
-(torch's CPU normal sampler fills blocks of 16 values, so drawing a request piecewise would not
-equal drawing it whole). The model runs in fixed-size tiles (``ImageGenerator.forward``), so
-the float32 values, and so the uint8 pixels, are bit for bit the same whatever the batch.
+Randomness is per request: its whole latent block, (n, latent_dim), comes from its own
+``torch.Generator().manual_seed(seed)`` on the CPU, then, for a conditional model given no
+labels, n labels from the same generator (z first, so a seed gives the same z with or without
+labels). A chunk takes its rows of the whole block (torch's CPU normal sampler fills blocks of 16
+values, so drawing piecewise would not equal drawing whole). With fixed-size tiles
+(``ImageGenerator.forward``) a request's pixels are bit for bit the same whatever its batch
+neighbours or its split into chunks. Why: docs/design/tiling.md
 
 Requests: ``n`` from 1 to ``max_n``; ``seed`` from 0 to 2**63-1 (a signed 64-bit field on the
 wire), or None to draw one (the result reports it); ``labels`` for conditional models only, each
@@ -46,13 +44,8 @@ from engine.modelfile import LoadedModel
 IMAGE_KINDS = ("vae", "wgan-gp")
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
 # Rows per model call, per kind (issue #17). Every call sees exactly this many rows (the last tile
-# is padded), so the matrix kernels take one blocking, one summation order, whatever the batch:
-# a sample's floats are bit for bit the same alone or beside any neighbours. Chosen with
-# ``python -m bench.tiles`` (1 torch thread, 2 shared cores; time against the untiled forward):
-# VAE tile 32: 4.4x at batch 1 (0.06 -> 0.27 ms), 2x at 8, 1.06x at 32, 1.6x at 128 (tile 64:
-# 7.5x at 1, 1.4x at 128). GAN tile 16: 5.3x at batch 1 (2.4 -> 12 ms), 1.8x at 8, 1.1x at 32,
-# 0.9x at 128 and 256, its transposed convolutions being slower per sample on big batches
-# (tile 8: 3.4x at 1, 0.9x at 8, 1.1x at 128). Loaded batches matter most, so the larger tiles.
+# is padded), so a sample's floats are bit for bit the same alone or beside any neighbours.
+# Sizes chosen with ``python -m bench.tiles`` for loaded batches (docs/design/tiling.md).
 DEFAULT_TILE = {"vae": 32, "wgan-gp": 16}
 
 Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -62,8 +55,8 @@ _F255 = np.float32(255.0)  # float32 scalars keep numpy's in-place ops in float3
 _FHALF = np.float32(0.5)
 
 
-# Not frozen: one is made a request on the event loop, and a frozen dataclass sets each field with
-# object.__setattr__ (4.5 us a make against 1.8 so, measured on the 2-core VM under load).
+# Not frozen: one is made a request on the event loop, and a frozen dataclass sets each field
+# through object.__setattr__.
 @dataclass(slots=True)
 class ImageRequest:
     n: int
@@ -77,11 +70,9 @@ class ImageRequest:
 class ImageChunk:
     """A validated request's inputs, or a slice of them: samples offset .. offset + n - 1 of ``total``.
 
-    ``z`` None: not drawn yet (``prepare(request, draw=False)``). The engine then draws rows
-    offset .. offset + n - 1 of the request's block when it runs the chunk, inside the CPU graph
-    (engine/image_graph.py: off the event loop and without the GIL), or eagerly (``draw``). Not
-    frozen: a deferred chunk's latents are filled in where they are drawn, and a frozen
-    dataclass costs ~1 us more to make (object.__setattr__ per field), per request.
+    ``z`` None: not drawn yet (``prepare(request, draw=False)``). ``run`` then draws rows
+    offset .. offset + n - 1 of the request's block, inside the CPU graph (engine/image_graph.py)
+    or eagerly (``draw``). Not frozen: a deferred chunk's latents are filled in where drawn.
     """
 
     request: ImageRequest
@@ -119,7 +110,7 @@ class ImageChunk:
         ]
 
 
-@dataclass(eq=False, slots=True, weakref_slot=True)  # not frozen: ~1 us less to make, one a request (object.__setattr__ per field)
+@dataclass(eq=False, slots=True, weakref_slot=True)  # not frozen: one a request (see ImageRequest)
 class ImageResult:
     """Samples offset .. offset + k - 1 of a request of ``total`` samples."""
 
@@ -191,9 +182,8 @@ class ImageGenerator:
 
     def prepare(self, request: ImageRequest, *, draw: bool = True) -> ImageChunk:
         """Validate ``request`` (``check``), pick its seed and draw its latents (and labels); raise
-        InvalidImageRequest. ``draw=False``: leave the drawing to ``run`` (the server's processor
-        does: two torch calls a request, ~12% of the event loop under a stream of one-image
-        requests, py-spy), unless the request brings labels, which are not drawn."""
+        InvalidImageRequest. ``draw=False`` (the engine's ``prepare``): leave the drawing to ``run``,
+        in the batch, off the caller's thread; a request that brings labels is drawn here all the same."""
         given = self.check(request)
         n = request.n
         seed = int(request.seed) if request.seed is not None else secrets.randbelow(SEED_LIMIT)
@@ -334,10 +324,9 @@ class ImageGenerator:
         """The model on (B, latent_dim) CPU latents, ``tile`` rows per call: (B, size * size) on the device.
 
         Batch invariance by construction: a CPU GEMM picks its blocking, and so the order in which
-        it sums a row's products, from the matrix shape; a 103-row batch gave floats 1e-6 away
-        from the same rows run alone, and now and then a uint8 level. Each call here has exactly
-        ``tile`` rows (the last tile padded with zeros), so every row takes the same kernel path
-        whatever its neighbours or its place in the batch. Call under ``torch.inference_mode``.
+        it sums a row's products, from the matrix shape. Each call here has exactly ``tile`` rows
+        (the last tile padded with zeros), so every row takes the same kernel path whatever its
+        neighbours or its place in the batch. Call under ``torch.inference_mode``.
         """
         total, t = int(z.shape[0]), self.tile
         pad = -total % t
@@ -360,7 +349,7 @@ class ImageGenerator:
         """Whether a row's floats are the same wherever it sits in a tile, the premise of
         ``forward``'s tiling: a block of probe rows is run at the start of one tile, then near the
         end and in the middle of another, beside other rows, and compared bit for bit. Narrow
-        layers can fail it on some BLAS kernels (tests/test_images.py); the registry warns then."""
+        layers can fail it on some BLAS kernels; the registry warns then."""
         t = self.tile
         k = max(1, t // 8)
         gen = torch.Generator().manual_seed(1)
@@ -383,14 +372,11 @@ class ImageGenerator:
         """[0, 1] -> uint8 levels, rounded to nearest: x * 255 + 0.5, clamped, truncated; one batch at a time.
 
         ``in_place`` reuses x (the model's fresh output) when its floats are not returned (or have
-        already been copied off the GPU). ``torch.add(0.5, x, alpha=255)`` is one pass instead of
-        two, and on the CPU numpy's float -> uint8 cast is vectorised while torch's is several
-        times slower (50 us vs 10 us for a batch of 100 here); on a GPU the cast runs there, so a
-        quarter of the bytes cross to the host.
+        already been copied off the GPU). On the CPU numpy's in-place passes and float -> uint8 cast
+        are quicker than torch's; on a GPU ``torch.add(0.5, x, alpha=255)`` is one pass instead of two, and
+        the cast runs there, so a quarter of the bytes cross to the host.
         """
         if x.device.type == "cpu":
-            # Measured at batch 100: torch clamp_ then numpy's in-place multiply-add with float32
-            # scalars and cast take 34 us, torch's add + clamp then numpy's cast 58 us.
             y = x if in_place else x.clone()
             y.clamp_(0.0, 1.0)  # guards a model whose output strays outside [0, 1]
             a = y.numpy()

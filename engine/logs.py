@@ -120,7 +120,7 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # WriteLogger writes a line and its newline in one write; PrintLogger's print() made two
         # (stderr is write-through), so a worker of a group could put its line between another's
-        # line and newline on the shared pipe, and a JSON reader lost both (tests/test_logs.py).
+        # line and newline on the shared pipe, and a JSON reader lost both.
         logger_factory=structlog.WriteLoggerFactory(file=_sink),  # type: ignore[arg-type]  # a TextIO in all WriteLogger uses
         cache_logger_on_first_use=False,
     )

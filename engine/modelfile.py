@@ -267,8 +267,8 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         # On the CPU, copied out of safetensors' memory map: a mapped tensor would change under the
         # server when its file is rewritten in place (`cp` over it), and a truncated file faults
         # (SIGBUS) the first time a forward pass touches a page that is gone. The copy is lost in the
-        # noise of a load (27 ms with or without it for the 7 MB transformer here); it gives up page
-        # sharing between worker processes. Tensors read onto a GPU are copies already.
+        # noise of a load; it gives up page sharing between worker processes. Tensors read onto a GPU
+        # are copies already.
         with safe_open(str(p), framework="pt", device=str(device)) as f:
             tensors = {name: _own(f.get_tensor(name)) for name in expected}
     except Exception as e:  # safetensors raises its own error types; name the file

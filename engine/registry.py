@@ -17,10 +17,10 @@ registry's dict, never part of a path, so ``../x`` or ``a/b`` simply are not fou
 Hot swap and in-flight work. The table of models is replaced, never mutated: a writer builds a
 new dict and publishes it under a lock, readers take the current dict with one attribute read.
 ``get`` returns a ``ServedModel``, an immutable entry holding the loaded module; a caller holds
-that entry for the whole of its request (or batch), so after ``swap`` new lookups get the new
-version while work in flight finishes on the version it started with; the old module is freed
-when its last holder lets go. Loading and warm-up happen before the lock is taken, so serving
-never waits on a file being read.
+that entry for the whole of its request (or batch), so after a ``load`` or ``publish`` new lookups
+get the new version while work in flight finishes on the version it started with; the old module
+is freed when its last holder lets go. Loading and warm-up (``prepare``) happen before the lock is
+taken, so serving never waits on a file being read.
 """
 
 from __future__ import annotations
@@ -90,13 +90,13 @@ class ModelInfo:
 
 @dataclass(frozen=True, eq=False)
 class ServedModel:
-    """One version of one model, as served. Hold it for the whole of a request: a swap never changes it."""
+    """One version of one model, as served. Hold it for the whole of a request: a reload never changes it."""
 
     name: str
     version: int
     model: LoadedModel
     info: ModelInfo
-    images: ImageGenerator | None  # image models only; text models get a DecodeBatch from the server
+    images: ImageGenerator | None  # image models only; text models decode in the engine's DecodeBatch
     loaded_at: float = field(default_factory=time.time)
     load_ms: float = 0.0  # reading and checking the file
     warmup_ms: float = 0.0  # the first forward pass
@@ -140,7 +140,7 @@ def failure_reason(e: Exception) -> str:
 
 
 class ModelRegistry:
-    """The served models, by name and version. Lookups are lock-free; loads and swaps publish a new table."""
+    """The served models, by name and version. Lookups are lock-free; loads and unloads publish a new table."""
 
     def __init__(self, device: torch.device | str = "cpu", image_limits: ImageLimits | None = None) -> None:
         self.device = torch.device(device)
@@ -276,8 +276,7 @@ class ModelRegistry:
 
     def _warm_up(self, model: LoadedModel, images: ImageGenerator | None) -> None:
         """One small forward pass, so the first request does not pay for lazy initialisation; for an
-        image model, also the batch-invariance probe (three tile-sized passes: 1.4 ms for the bundled VAE,
-        44 ms for the GAN here)."""
+        image model, also the batch-invariance probe (three tile-sized passes)."""
         if images is not None:
             images.generate([ImageRequest(n=1, seed=0)])  # the engine's own path, uint8 conversion included
             if self.device.type == "cpu" and images.graph() is None:  # served eagerly: right, only slower beside a busy loop

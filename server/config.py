@@ -194,7 +194,7 @@ class ServerConfig:
 
     @property
     def front_queue_calls(self) -> int:
-        """--front-queue, with -1 resolved: half the limit (measured best on 2 cores: docs/benchmarks.md)."""
+        """--front-queue, with -1 resolved: half the limit (why: docs/design/haproxy-front.md)."""
         return self.front_limit // 2 if self.front_queue < 0 else self.front_queue
 
     @property

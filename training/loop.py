@@ -1,10 +1,10 @@
-"""The one training loop for every model (SEED.md section 1).
+"""The one training loop for every model.
 
 Per epoch: a progress bar (tqdm), mean train figures, a validation pass, early stopping on
 validation loss, a checkpoint every ``save_every`` epochs and at the best epoch. The learning rate
 follows linear warm-up then cosine decay, computed from the global step, so a resumed run is on
 the same schedule. Resume restores modules, optimisers, the step, the epoch, early-stopping state
-and every RNG, and continues as if never stopped (tests/test_training.py checks bit equality).
+and every RNG, and continues as if never stopped (the training tests check bit equality).
 """
 
 from __future__ import annotations

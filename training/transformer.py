@@ -51,8 +51,8 @@ class TransformerTask(Task):
         parser.add_argument("--n-head", type=int, default=4, help="attention heads per block; must divide --d-model")
         parser.add_argument("--d-model", type=int, default=192, help="embedding width (the feed-forward layer is 4 times wider)")
         parser.add_argument("--block-size", type=int, default=128, help="context window in characters")
-        # 0 by default: on a 2-core CPU dropout costs about a third of each step, and a 10-minute
-        # run sees the text about 5 times, too few to overfit. The seed used 0.1.
+        # 0 by default: dropout cost about a third of each CPU step, and a 10-minute run sees the
+        # text about 5 times, too few to overfit (docs/training.md). The seed used 0.1.
         parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate (the seed's is 0.1)")
         parser.add_argument("--block", choices=["gpt2", "seed"], default="gpt2", help="gpt2: pre-LN, GELU; seed: post-LN, ReLU")
         parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")

@@ -60,7 +60,7 @@ class VAETask(Task):
         parser.add_argument(
             "--ema", type=float, default=0.0, help="validate and export a moving average of the weights with this decay; 0 = off"
         )
-        # The defaults are the bundled model's recipe (README): 9000 digits overfit the seed's 50
+        # The defaults are the bundled model's recipe (docs/training.md): 9000 digits overfit the seed's 50
         # epochs at 1e-3 without augmentation; one-pixel shifts, a higher peak rate and a long
         # cosine schedule reach 104 nats on the held-out digits. Clipping at the seed's norm of 1.0
         # clips every step of a loss summed over 784 pixels, so it is off here (--grad-clip 1).

@@ -3,7 +3,8 @@
 The default block is GPT-2's (pre-LayerNorm, exact GELU, biases everywhere, tied input/output
 embeddings, learned positions), so that Hugging Face's ``GPT2LMHeadModel`` can load the same
 weights and serve as an independent correctness oracle. ``block="seed"`` gives the seed's
-post-LayerNorm block with a ReLU feed-forward.
+post-LayerNorm block with a ReLU feed-forward. Serving decodes through ``ScriptedForward``, the
+cached forward as one graph (why: docs/design/decode-loop.md).
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ class InferenceLinears:
     """``F.linear`` for a frozen model, with each weight also kept transposed (in, out), contiguous.
 
     ``F.linear`` multiplies by the transpose of an (out, in) weight; MKL's sgemm is faster with the
-    weight already (in, out) in memory, as GPT-2's Conv1D keeps it: 25-40% less CPU time per linear
-    at decode sizes (32 x 192 @ 192 x 576: 81 -> 62 us; 768 x 192: 117 -> 72 us; one thread, Xeon
-    with AVX-512), with results bit for bit equal to ``F.linear`` on that machine (in general, equal
-    to float rounding). The copies cost one more set of linear weights in memory (7 MB for the
-    bundled model). Weights changed afterwards are not seen: build it once training is over.
+    weight already (in, out) in memory, as GPT-2's Conv1D keeps it (docs/design/decode-loop.md).
+    Results equal ``F.linear``'s to float rounding (bit for bit on the machines measured). The copies
+    cost one more set of linear weights in memory (7 MB for the bundled model). Weights changed
+    afterwards are not seen: build it once training is over.
     """
 
     def __init__(self, weights: Iterable[torch.Tensor]) -> None:
@@ -126,8 +126,8 @@ def _scripted_graph() -> Any:
     """``_forward_cached_graph`` compiled once per process (~0.1 s), on first use.
 
     TorchScript, though torch 2.x calls it deprecated: ``torch.compile`` of the decode step was
-    slower here (13.1 ms a step against 3.9 eager, 19 s to compile: docs/benchmarks.md), and a
-    graph that TorchScript runs is what releases the GIL for a whole forward."""
+    slower than eager (docs/design/decode-loop.md), and a graph that TorchScript runs is what
+    releases the GIL for a whole forward."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=DeprecationWarning)
         return torch.jit.script(_forward_cached_graph)
@@ -148,14 +148,10 @@ class ScriptedForward:
     TorchScript graph: bit for bit the same ops and results, but the GIL is released once for the
     whole forward instead of around each of its ~60 torch ops.
 
-    Why: the decode loop runs on its own thread beside the event loop, and an eager forward waits
-    for the GIL between every two ops. Measured (2-core VM, 1 torch thread, 32 sequences x 100
-    tokens): a Python thread busy 26% of the time (as the server's loop is while it streams the
-    tokens) cut the eager decode loop from 3,980 to 2,964 tokens/s, 50% busy to 2,222; one forward
-    of 32 rows at context 64 took 5.4 ms alone and 7.1 ms beside a 25%-busy thread eagerly, 4.9
-    and 5.5 ms scripted. Run under ``torch.jit.optimized_execution(False)``: the profiling
-    executor's rewrites changed results by ~4e-6 (not bit-equal to eager) and shapes change every
-    step. Holds transposed copies of the linear weights (as ``InferenceLinears``); weights changed
+    The decode thread runs beside the event loop, and an eager forward waits for the GIL between
+    every two ops (docs/design/decode-loop.md). Run under ``torch.jit.optimized_execution(False)``:
+    the profiling executor's rewrites are not bit-equal to eager, and shapes change every step.
+    Holds transposed copies of the linear weights (as ``InferenceLinears``); weights changed
     afterwards are not seen.
     """
 

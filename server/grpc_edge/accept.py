@@ -1,34 +1,21 @@
 """Accepting calls from grpc core ahead of need, starting their handlers at once, and refusing at
 arrival what admission would refuse.
 
-grpc.aio (grpcio's ``AioServer._server_main_loop``) asks grpc core for the next call of a method
-only after the previous one was handed over, and each hand-over takes several turns of the event
-loop: a task starts and issues ``grpc_server_request_call``, the completion comes back from the
-poller thread, the task finishes, ``asyncio.wait`` (over every method's future) wakes the main
-loop, which creates the handler's task and asks again. One call at a time, two or more turns of
-the loop each: on a busy loop, calls wait in grpc core's backlog or in front of that main loop.
+grpc.aio asks grpc core for one call of a method at a time and hands each over through its main
+loop, two or more turns of the event loop a call. ``EagerAcceptServer`` keeps up to ``max_depth``
+requests outstanding per method (grpc.aio's ``_make_request_call_future`` is the one seam) and
+starts each registered method's call where it is accepted, as grpc.aio's main loop would; that
+main loop hears only of failed requests and of an unregistered method's calls. An
+``ArrivalPolicy`` (the service) may refuse a call as it arrives or as its task starts, without
+reading its message or running a handler.
 
-``EagerAcceptServer`` keeps up to ``max_depth`` requests outstanding per method (grpc.aio's
-``_make_request_call_future`` is the one seam: its main loop calls it for "the next call"), so
-grpc core hands calls over as they arrive, and starts each registered method's call where it is
-accepted, as grpc.aio's main loop would (``_handle_rpc`` under ``_schedule_rpc_coro``, in a Task
-of its own). The main loop hears only of failed requests and of an unregistered method's calls
-(whose name Python cannot read from the call).
-Measured (h2load, one-image VAE calls, 64 in flight on one connection, 2-core VM, one server at a
-time): accepting ahead with grpc.aio's hand-over, 4,049-5,071 calls/s (the bare echo 4,870);
-starting calls here, 6,796-7,718. Under a 1.6x flood (8,000/s offered) 0-600 accepted calls had
-waited for the main loop.
+This relies on grpcio internals (``cygrpc.AioServer``, its ``_make_request_call_future``,
+``_request_registered_call`` and handler registration, ``_send_error_status_from_server``,
+``_handle_rpc``, ``_schedule_rpc_coro``, ``_MethodResolver``): ``aio_server`` falls back to
+grpc.aio's own server, with a warning, where they are missing, and the accept tests fail on a
+grpcio that moved them.
 
-An ``ArrivalPolicy`` (the service) is asked about each call as it arrives (refuse now?) and as its
-task starts (it waited this long in the loop's queue: refuse instead?). A refusal here ends the
-call without reading its message or running a handler: 54-72 us of server CPU against 138-159 us
-for the same refusal from the handler (h2load, a server held shedding; server/grpc_edge/service.py).
-
-This relies on grpcio internals (``grpc.aio._server.cygrpc.AioServer``, its
-``_make_request_call_future``, ``_request_registered_call`` and handler registration,
-``_send_error_status_from_server``, ``_handle_rpc``, ``_schedule_rpc_coro``, ``_MethodResolver``):
-``aio_server`` falls back to grpc.aio's own server, with a warning, where they are missing, and
-tests/test_accept.py fails on a grpcio that moved them.
+Why: docs/design/accept-ahead.md
 """
 
 from __future__ import annotations
@@ -47,14 +34,16 @@ from grpc._cython import cygrpc
 from grpc.aio import _server as aio_server_module
 
 from engine.logs import get_logger
+from server.config import ServerConfig
 from server.grpc_edge.codes import GRPC_CODES
 from server.pipeline import statuses
 
 log = get_logger("server.grpc_edge.accept")
 
-DEFAULT_DEPTH = 256  # at most this many calls asked for ahead, per method
+_DEFAULTS = ServerConfig()  # the settings' defaults are the only ones
+DEFAULT_DEPTH = _DEFAULTS.accept_ahead  # at most this many calls asked for ahead, per method (--accept-ahead)
 INITIAL_DEPTH = 4  # ... starting from this many (a method seldom called keeps a few requests out)
-DEFAULT_BACKLOG = 4096  # calls accepted and not yet handed to grpc.aio's main loop, per method
+DEFAULT_BACKLOG = _DEFAULTS.max_pending_calls  # calls accepted and not yet handed to grpc.aio's main loop, per method
 
 
 Refusal = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, details, trailing metadata
@@ -64,12 +53,9 @@ def grpc_server_options(max_streams_per_connection: int, max_pending_calls: int)
     """grpc core settings for the calls the application has not picked up yet.
 
     grpc core holds them in a backlog; past ``grpc.server.max_pending_requests`` (grpc's default
-    1000, then random early drop up to the hard limit, 3000) it ends them itself, as CANCELLED:
-    measured under 2x overload (h2load, 4 connections), ~37.7k of ~45k calls ended so, unseen by
-    admission and by the metrics. Most of that backlog was grpc's own poller thread held on its
-    wake-up socket (server/grpc_edge/wakeups.py fixes it); the backlog is still bounded by configuration
-    (``max_pending_calls``, the hard limit twice it; ~14 KB a waiting call), for floods that come
-    faster than the loop can even refuse them.
+    1000, then random early drop up to the hard limit, 3000) it ends them itself, as CANCELLED,
+    unseen by admission and by the metrics. ``max_pending_calls`` bounds it (the hard limit twice
+    it) for floods faster than the loop can even refuse (docs/design/accept-ahead.md).
     The HTTP/2 stream limit per connection (SETTINGS_MAX_CONCURRENT_STREAMS) bounds it per client
     instead: a gRPC client waits for a free stream rather than sending (0: grpc's default, no limit).
     """
@@ -99,23 +85,17 @@ class _Lane:
     """The calls of one method: requests outstanding in grpc core, and the calls started from here.
 
     ``depth`` starts small and doubles (to ``max_depth``) whenever grpc core matched every request
-    outstanding (the newest one among them) before the loop could ask for more: calls were then
-    waiting in core. ``started`` holds the calls started here whose task has not run its first
-    step yet (the loop's own queue in front of them); past the server's ``backlog`` of those the
-    lane stops asking, and calls wait in grpc core (bounded by ``--max-pending-calls``).
+    outstanding before the loop could ask for more: calls were then waiting in core. ``started``
+    holds the calls started here whose task has not run its first step yet (the loop's own queue);
+    past the server's ``backlog`` of those the lane stops asking, and calls wait in grpc core
+    (bounded by ``--max-pending-calls``).
 
-    Each accepted call is started here, as grpc.aio's main loop would start it (``_handle_rpc``
-    under ``_schedule_rpc_coro``, in a Task), and not handed to that main loop. The main loop takes
-    one call per ``asyncio.wait`` over every method's future: at least two turns of the event loop
-    a call, one call at a time. Measured under a 1.6x open-loop flood (h2load, 8,000 calls/s, 2-core
-    VM): ~3,300 turns of the loop a second, 0-600 accepted calls waiting for the main loop, p50 47 ms
-    for every call. The main loop still gets this lane's future (``next``) and hears of a failed
-    request (it re-asks, as it does) and of the generic lane's calls; it cancels the future at shutdown.
-
-    grpc's request coroutine (``_request_registered_call``: ask core, await the match, build the
-    call's state) is driven here without a Task, as ``_refuse`` drives the refusal's: it awaits one
-    future and is resumed from that future's callback. A Task a call was 13% of the loop's time
-    under a flood (py-spy: its creation and its steps), and every call, served or refused, has one.
+    Each accepted call is started here (``_handle_rpc`` under ``_schedule_rpc_coro``, in a Task),
+    not handed to grpc.aio's main loop. That loop still gets this lane's future (``next``): it hears
+    of a failed request (and re-asks) and of the generic lane's calls, and cancels the future at
+    shutdown. grpc's request coroutine (``_request_registered_call``) is driven without a Task of
+    its own, resumed from the callback of the one future it awaits: every call, served or refused,
+    would pay for that Task (docs/design/accept-ahead.md).
     """
 
     def __init__(self, server: EagerAcceptServer, method: bytes | None) -> None:
@@ -295,11 +275,8 @@ def _settle(out: asyncio.Future[Any], call: Any, error: BaseException | None) ->
 def _refuse(rpc_state: Any, refusal: Refusal, loop: asyncio.AbstractEventLoop) -> None:
     """End an accepted call with ``refusal`` without running its handler or reading its message.
 
-    grpc's coroutine that sends the status is driven here without a Task: it awaits one future (the
-    batch's completion) and is resumed from that future's callback. Under overload refusals are most
-    of the loop's work, and the goodput left is what they do not use. Measured (h2load 4 x 64 in
-    flight, a server held shedding, loop thread CPU per refusal): 44-46 us against 46-51 us with a
-    Task and the counters' labels looked up per refusal (server/grpc_edge/service.py caches those).
+    grpc's coroutine that sends the status is driven without a Task (``_step``): under overload
+    refusals are most of the loop's work, and the goodput left is what they do not use.
     """
     code, details, trailing_metadata = refusal
     _step(

@@ -20,17 +20,17 @@ MESSAGE_OVERHEAD = 64  # bytes of framing per result, on top of its payload
 class CallQueue:
     """The queue of one Generate call: chunks and the outcome, in order, for the handler to yield.
 
-    A deque and a future made only when the handler has to wait, not an asyncio.Queue: making one,
-    putting a chunk and an outcome from a loop callback and reading both took 13-16 us with
-    asyncio.Queue, 8-10 us so (uvloop, a shared 2-core machine). Only the event loop's thread puts
-    (the router, the text feeder's routing callback, the deadline sweep); one handler reads.
+    A deque and a future made only when the handler has to wait, not an asyncio.Queue: every call
+    makes one, and this is cheaper to make, fill and read. Only the event loop's thread puts (the
+    router, the text feeder's routing callback, the deadline sweep); one handler reads.
 
     Text tokens join the text chunk at the end of the queue while the handler has not taken it (the
     protocol's ``Text`` carries "the new characters", its ids, the count so far). The first token
     goes at once; after it, a chunk goes once it holds ``stream_interval`` tokens, or when the
     outcome comes behind it (the last chunk: what is left). With ``stream_interval`` 1 that is a
     message a token unless the handler is behind. More trades smoothness for tokens/s: each message
-    costs the event loop (grpc.aio) time the decode thread could use (measured: docs/benchmarks.md).
+    costs the event loop (grpc.aio) time the decode thread could use (docs/serving.md, "Text
+    messages under load").
     """
 
     __slots__ = ("__weakref__", "_chunk_from", "_items", "_open_ready", "_open_text", "_waiter", "stream_interval")  # weakref: tests

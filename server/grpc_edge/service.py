@@ -7,8 +7,9 @@
   finishes (piggybacked on the next message). Requests beyond the credit are refused for their id
   with RESOURCE_EXHAUSTED. Results are coalesced: one message carries whatever is ready.
 
-The parts: ``wire.py`` (parsing bad bytes, building messages), ``requests.py`` (request -> checked
-job), ``outbox.py`` (a call's queue, a stream's outbox and its credits), ``pipeline.py`` (admission).
+The parts: ``server/wire.py`` (parsing bad bytes, building messages), ``server/pipeline/requests.py``
+(request -> checked job), ``outbox.py`` (a call's queue, a stream's outbox and its credits),
+``server/pipeline/core.py`` (admission).
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def refusal_at_arrival(self, method: bytes | None, in_progress: int, queued_s: float) -> Refusal | None:
         """A Generate call is refused as it arrives, before its message is read or a handler runs, while
         the pipeline's queue stands; when the calls in progress (text calls leave the count once their
-        handler knows them: ``release_call``) reach admission's CallLimit; or while the loop's queue is over target and calls
-        still wait to start (``queued_s``: the oldest one's wait so far). Measured (h2load, 4 x 64 in
-        flight, a server held shedding): 20-27k refusals/s at 54-72 us of server CPU each, against
-        8-10k/s at 138-159 us from the handler (a served call: 190-237 us). Anything else goes on."""
+        handler knows them: ``release_call``) reach admission's CallLimit; or while the loop's queue is
+        over target and calls still wait to start (``queued_s``: the oldest one's wait so far). A
+        refusal here costs about half one from the handler (docs/design/accept-ahead.md). Anything
+        else goes on."""
         if method != GENERATE_PATH:
             return None
         pipeline = self.pipeline

@@ -1,33 +1,19 @@
 """grpc core hands completions to the event loop as fast as they come, however many the loop takes per turn.
 
-grpcio 1.85's ``PollerCompletionQueue`` (grpc.aio's bridge from grpc core to asyncio; one per process)
-has a poller thread that pushes each completion onto a C++ queue and writes one byte to a
-socketpair; the loop's reader (``_handle_events``) reads one byte, then runs every completion
-queued. Under load the loop runs several completions per byte read, so the bytes pile up. Once the
-socket's send buffer is full (~277 one-byte writes), the poller thread blocks in ``write`` until the
-loop reads one more byte. From then on grpc core hands over about one completion per turn of the
-loop. Every hop of every call waits a turn, and new calls wait in grpc core's backlog, where
-admission cannot see them and grpc drops them as CANCELLED when it overflows.
-
-Measured (h2load, one-image VAE calls, 2-core VM): under 4 x 2,500 calls/s the write side's
-Send-Q sat at its limit (``ss -x``: 212,736 bytes). ``bench.serve --quick``, 5 s at 2x the
-server's maximum: grpc core ended 12,771 calls as CANCELLED before this change and none after
-(30,770 refused by admission, goodput 0.80 of the maximum, RSS +17 MB against +177). The bare echo
-(stock grpc.aio) in the same run: 36,723 of 60,860 ended by grpc core.
-
-The price, measured side by side (``bench.ab``, and one server at a time with h2load at 64 calls in
-flight): a closed loop that never overloads the server ran 10-17% slower than with the poller
-throttled (4,000-4,600 against 4,800-5,500 calls/s, same batch sizes). Discarding the wake-up
-bytes in the loop's reader instead (the poller then never meets a full socket) cost the same; the
-cause is not pinned down (the second vCPU now also runs the poller thread's wake-ups).
-
-``unblock_completion_writes`` makes the poller's write side non-blocking. A write into a full buffer
-then fails at once (grpc ignores its result), which loses nothing: the buffer is full, so the loop
-has hundreds of wake-ups still to come, and each runs every completion queued by then.
+grpc.aio's ``PollerCompletionQueue`` (one per process) has a poller thread that queues each
+completion and writes one byte to a socketpair; the loop's reader reads one byte, then runs every
+completion queued. Under load the bytes pile up, and once the socket is full the poller thread
+blocks in ``write``: grpc core then hands over about one completion per turn of the loop, and new
+calls wait in its backlog, unseen by admission, until grpc drops them as CANCELLED.
+``unblock_completion_writes`` makes the write side non-blocking. A write into a full socket then
+fails at once (grpc ignores its result), which loses nothing: the loop has hundreds of wake-ups
+still to come, and each runs every completion queued by then.
 
 This relies on grpcio internals (a ``cygrpc.PollerCompletionQueue`` holding its two sockets). Where
 they are not found it does nothing, with a warning; grpcio versions that already coalesce wake-ups
-(an eventfd) have no socket to change. tests/test_wakeups.py fails on a grpcio that moved them.
+(an eventfd) have no socket to change. The wake-up tests fail on a grpcio that moved them.
+
+Why, and its price: docs/design/wakeups.md
 """
 
 from __future__ import annotations

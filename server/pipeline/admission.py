@@ -1,45 +1,13 @@
-"""Admission: who gets in, decided at arrival, in one synchronous call (check and reserve atomically).
+"""Admission: who gets in, decided at arrival in one synchronous call (check and reserve atomically).
 
-A request is refused at once with RESOURCE_EXHAUSTED, and a retry hint in trailing metadata, when
+A call is refused at once (RESOURCE_EXHAUSTED, with a retry hint) while the queueing delay has
+stayed over target for an interval (``CoDel``), while calls wait too long to start on the event
+loop (``LoopDelay``), beyond the calls in progress the server can turn over (``CallLimit``), or at
+the count backstop ``max_inflight``. ``LoopDelay`` and ``CallLimit`` are asked by the accept path
+(server/grpc_edge/service.py's policy). A GenerateStream request is admitted by its credit, which
+shrinks while the server sheds (``stream_grant``).
 
-- the queueing delay has stayed above ``target`` for a whole ``interval`` (CoDel: Nichols and
-  Jacobson, "Controlling Queue Delay", ACM Queue 2012; the same rule as Facebook's adaptive
-  queue in wangle/folly's ``Codel``): a queue that stays long is a standing queue, one that
-  drains within an interval is a burst and is served; or
-- the count backstop, ``max_inflight`` unfinished requests, is reached (bounded memory whatever
-  the delay says).
-
-Why by delay and not only by count: a count limit sized for the slowest request lets a queue of
-fast ones wait for seconds. Measured on the 2-core machine under 2x overload (h2load, one-image
-VAE requests): with only the count limit (8192), admitted calls waited p99 ~660 ms and grpc
-core cancelled half of all calls before the application saw them.
-
-The delay signal: the time an image job spent between admission and the end of its last batch,
-less what batching itself costs (the batch timeout, its own batches' compute, and one batch ahead
-of it: ``observe_job``), so a server that is merely batching never looks queued. It includes every wait a request meets in
-this process: the pipeline's links, and the event loop itself when it is the bottleneck (a
-saturated loop runs stages late). Text jobs give no sample (their time is their length).
-A server with nothing in flight has nothing queued: it forgets the delay and sheds nothing (idle).
-
-While shedding, every new plain call is refused (there is no queue at arrival to drop from,
-unlike a router's CoDel); the first sample under target stops it. Samples come with every
-finished job (thousands a second under load), so the on/off period is milliseconds, not intervals.
-
-GenerateStream requests are admitted by their credit, and the credit follows the same signal
-(``stream_grant``): while shedding a stream may hold a quarter of its credit (in flight plus
-unspent), so a streaming client slows down instead of being refused request by request; a request
-within its credit meets only the count backstop.
-
-The second signal, ``arrival``: the event loop's own queue. Every call is started as a task where
-it is accepted (server/grpc_edge/accept.py), and its wait from acceptance to the task's first step is a
-sample of how much work the loop has queued (``LoopDelay``: their moving average, about half a
-turn of the loop). While that average is over the target, a new Generate call is refused at
-arrival if calls are still waiting to start (one that finds none goes in, and its sample updates
-the average), and a call that waited over twice the target is refused as it starts (Facebook's
-rule: under overload, the oldest are the ones to drop). What neither signal sees: calls grpc core
-has not handed over. Those used to be most of a flood: grpc's poller thread blocked on its wake-up
-socket (server/grpc_edge/wakeups.py fixes it), then grpc.aio's main loop took one call per two turns of the
-loop (server/grpc_edge/accept.py starts them itself now).
+Why: docs/design/admission-signals.md
 """
 
 from __future__ import annotations
@@ -84,14 +52,11 @@ class CoDel:
 
 @dataclass
 class LoopDelay:
-    """The event loop's queue: a moving average of how long calls wait between being accepted and
-    starting (``observe``, one sample a call), and whether a call should be refused for it (``sheds``).
+    """The event loop's queue: a moving average over the last ~``1/alpha`` calls of their wait from
+    acceptance to start (``observe``), and whether a call should be refused for it (``sheds``).
 
-    Why not CoDel's rule (the smallest delay of an interval): the loop runs everything that was ready
-    at the start of a turn, in order, so a call made ready late in a turn waits a whole turn and one
-    made ready early waits almost nothing, whatever the load. Every interval has a quick call in it,
-    and a minimum never sees the turns grow. The average does: it is about half a turn, and a turn is
-    the work the loop has queued. A moving average of the last ~``1/alpha`` calls.
+    An average, not CoDel's minimum: some call of every turn waits almost nothing, so a minimum
+    never rises (docs/design/admission-signals.md).
     """
 
     target: float = 0.005  # seconds: the average wait to start over which new calls are refused
@@ -122,27 +87,13 @@ class LoopDelay:
 
 @dataclass
 class CallLimit:
-    """Little's law over plain calls in progress: at most ``rate x budget`` of them (``rate``: image
-    calls finished a second), so that under overload a call spends about ``budget`` in the server,
-    and never fewer than ``floor`` (a server just started has no rate; the floor lets a batch nearly
-    fill). The count is the accept path's (server/grpc_edge/accept.py): Generate calls started and not
-    finished, waiting to start included; a call leaves it when its outcome comes (only sending is
-    left: a closed loop of 64 calls otherwise counted up to 128, the old calls' tasks still closing
-    when the new ones came), and a text call once its handler knows it is one (``release_call``): it
-    lasts as long as its tokens, not as long as the server's queue.
+    """Little's law over Generate calls in progress: at most ``rate x budget`` of them (``rate``: image
+    calls finished a second), so that under overload a call spends about ``budget`` in the server;
+    never fewer than ``floor`` (a fresh server has no rate; the floor lets a batch nearly fill).
 
-    Why a limit besides the delay signals: a flood's calls are accepted in bursts, hundreds in one
-    turn of the loop, and become work (and delay) only turns later; a call refused at arrival costs
-    the loop a third of one served. Measured (h2load, 4 connections, one-image VAE calls, 2-core VM,
-    6 s after a 3 s closed-loop warm-up, one run each):
-
-    | offered | delay signals only: served/s, p50 / p99 | limit (budget 10 ms, floor 96): served/s, p50 / p99 |
-    |---|---|---|
-    | 8,000/s | 3,100-4,700, 16-24 / 138-163 ms (3 runs) | 4,660, 10.5 / 26.5 ms |
-    | 14,000/s | 1,700, 21 / 206 ms | 2,590, 4.6 / 39.7 ms |
-
-    The rate follows itself: calls that take longer than the budget finish fewer in it, and the limit
-    falls; quicker, and it rises.
+    The count is the accept path's (server/grpc_edge/accept.py), waiting to start included; a call
+    leaves it when its outcome comes, a text call once its handler knows it is one
+    (``release_call``). Slower calls finish fewer in the budget, so the limit falls with them.
     """
 
     budget: float = 0.010  # seconds: about how long a call may spend in the server under overload
@@ -167,11 +118,11 @@ class CallLimit:
 
 
 class Admission:
-    """The server's admission policy: the delay controller, the count backstop, the stream credit.
+    """The server's admission policy: its signals, the count backstop, the stream credit.
 
-    ``check`` is synchronous and never awaits, so the caller's check and its reservation (adding the
-    job to the in-flight set) happen in one turn of the event loop: no gap in which a second request
-    passes the same check (vLLM #58192 shows what such a gap costs).
+    ``overloaded`` is synchronous and never awaits, so the caller's check and its reservation (adding
+    the job to the in-flight set) happen in one turn of the event loop: no gap in which a second
+    request passes the same check (vLLM #58192 shows what such a gap costs).
     """
 
     def __init__(
@@ -195,12 +146,11 @@ class Admission:
     def overloaded(self, inflight: int, *, by_delay: bool = True) -> str | None:
         """The reason a new request is refused now ("delay" or "count", counted by ``on_refusal``), or
         None; ``inflight`` requests are unfinished. ``by_delay=False``: only the count limit (a
-        GenerateStream request: its credit is its admission, and the credit shrinks while the server
-        sheds). A reason, not an exception: under overload refusals are most of the loop's work, and
-        raising and catching one was ~7% of it (py-spy)."""
+        GenerateStream request: its credit is its admission). A reason, not an exception: under
+        overload refusals are most of the loop's work (docs/design/admission-signals.md)."""
         if inflight == 0 and self.codel.shedding:  # idle: nothing is queued, whatever the last samples said
             self.codel.reset()
-        if by_delay and self.codel.shedding:  # the arrival queue's own refusals are the accept path's (server/grpc_edge/accept.py)
+        if by_delay and self.codel.shedding:  # "arrival" and "limit" are the accept path's
             self.on_refusal("delay")
             return "delay"
         if inflight >= self.max_inflight:
@@ -209,8 +159,8 @@ class Admission:
         return None
 
     def refused(self, reason: str) -> Refused:
-        """The refusal for ``reason`` ("delay", "count", "arrival" or "limit"; see ``overloaded``; the accept path's
-        policy counts its own, server/grpc_edge/service.py)."""
+        """The refusal for ``reason``: "delay" or "count" (``overloaded``), "arrival" or "limit" (the accept
+        path's policy, server/grpc_edge/service.py, which counts its own)."""
         if reason == "delay":
             message = f"server is overloaded: requests wait over {self.codel.target * 1000:g} ms"
         elif reason == "count":
@@ -227,12 +177,12 @@ class Admission:
 
     @property
     def shedding(self) -> bool:
-        """Either queue is over target: jobs in the pipeline (for an interval), or calls waiting to start, on
-        average (``arrival``, fed and acted on by the accept path: server/grpc_edge/accept.py and the service's policy)."""
+        """Either queue is over target: jobs in the pipeline (for an interval), or calls waiting to start
+        (on average, fed and acted on by the accept path)."""
         return self.codel.shedding or self.arrival.shedding(self.clock())
 
     def observe_arrival(self, waited_s: float) -> None:
-        """A call waited ``waited_s`` between its acceptance and its task's first step (server/grpc_edge/accept.py)."""
+        """A call waited ``waited_s`` between its acceptance and its task's first step."""
         self.arrival.observe(waited_s, self.clock())
 
     def observe_job(self, created: float, allowance_s: float) -> None:
@@ -244,9 +194,8 @@ class Admission:
         """Credits to announce to a stream that holds ``outstanding`` (in flight + unspent) of its ``full``
         credit; called when finished requests have given credits back.
 
-        Not shedding: give back what returned, and top the stream up to its full credit (after a
-        shedding spell). Shedding: only up to a quarter of the credit. Never leaves a stream with
-        nothing in flight and nothing to spend, or it would wait for credits forever.
+        Up to the full credit, or a quarter of it while shedding. Never leaves a stream with nothing in
+        flight and nothing to spend, or it would wait for credits forever.
         """
         window = max(1, full // SHEDDING_CREDIT_FRACTION) if self.shedding else full
         grant = max(0, window - outstanding)

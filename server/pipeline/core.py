@@ -1,11 +1,11 @@
 r"""The pipeline: admission (the producer's front door), deadlines and metrics, around the topology
 that ``server/pipeline/stages/topology.py`` builds from the config.
 
-Admission (``admit``) runs in the RPC handler, synchronously, on a job ``server/pipeline/requests.py`` has
-already checked: the policy in server/pipeline/admission.py (queueing delay over target, or ``max_inflight``
-unfinished jobs) or a full ingress refuses at once (RESOURCE_EXHAUSTED, with a retry hint);
-otherwise the job's deadline is filed and it enters the ingress. Nothing is parked without bound.
-Every link holds at most ``queue_size`` items.
+Admission (``admit``) runs in the ingress's handler, synchronously, on a job ``requests.py`` has
+already checked: the policy in ``admission.py`` or a full ingress refuses at once
+(RESOURCE_EXHAUSTED, with a retry hint); otherwise the job's deadline is filed in a timing wheel
+and it enters the ingress. Nothing is parked without bound: every link holds at most
+``queue_size`` items.
 
 Models come and go at run time (server/runtime/model_watch.py): ``add_model`` gives a new model name its
 link and stage and starts the stage under the supervisor before the model is published;
@@ -51,7 +51,7 @@ class Pipeline:
         self._sweeper: asyncio.TimerHandle | None = None
         self._tokens: dict[str, Any] = {}  # tokens counter children per model
         self.accepting = True
-        # one child per reason, looked up once: under overload every refusal counts (labels() ~2 us each)
+        # one child per reason, looked up once: under overload every refusal counts
         overload_refusals = {reason: metrics.overload_refusals.labels(reason) for reason in ("delay", "arrival", "count", "limit")}
         self.admission = Admission(
             config.max_inflight,
@@ -65,7 +65,7 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retiring: dict[ServedModel, tuple[set[Job], asyncio.Event]] = {}  # drain_version's waits
-        # Plain calls accepted and not yet admitted (server/grpc_edge/accept.py's count, set by the app): with the
+        # Generate calls accepted and not yet finished (the accept path's count, set by the app): with the
         # jobs in flight, what a batcher may still wait for before its window ends (Batcher._alone).
         self.calls_in_progress: Callable[[], int] = lambda: 0
         topology = self.topology = Topology(
@@ -197,10 +197,9 @@ class Pipeline:
     def _sweep(self) -> None:
         """Fail the jobs whose deadline tick has passed; runs every tick while jobs are in flight.
 
-        A timing wheel instead of one loop timer per job: a timer costs ~4 us to start and cancel
-        (15% of the throughput of one-image requests), a set add/discard well under 1 us. Deadlines
-        are enforced within one tick (10 ms). A loop callback, not a stage: no stage failure can
-        stop deadlines from being enforced.
+        A timing wheel instead of one loop timer per job: a set add and discard per request cost far
+        less than a timer started and cancelled. Deadlines are enforced within one tick (10 ms). A
+        loop callback, not a stage: no stage failure can stop deadlines from being enforced.
         """
         loop = asyncio.get_running_loop()
         now = math.floor(loop.time() / DEADLINE_TICK)
@@ -229,10 +228,9 @@ class Pipeline:
         outcome = job.outcome
         code = outcome.code if outcome is not None else Code.UNKNOWN
         name = job.served.name
-        if job.image is not None and code is Code.OK:  # the delay signal (server/pipeline/admission.py)
-            # What batching itself costs is not queueing: the batch timeout, the job's own batches,
-            # and one batch ahead of it (one computes while the next fills).
-            # The window is the one in force (a saturated loop stretches it: server/pipeline/stages/batcher.py).
+        if job.image is not None and code is Code.OK:  # the delay signal (admission.py)
+            # What batching itself costs is not queueing: the window in force (a saturated loop
+            # stretches it), the job's own batches, and one batch ahead of it (one computes while the next fills).
             batches = -(-job.image.n // self.config.batch_size) + 1
             batcher = self.topology.batchers.get(name)
             window = batcher.window.current_s if batcher is not None else self.config.batch_timeout_ms / 1000

@@ -1,6 +1,6 @@
 """Requests -> checked jobs: every rule a request must meet is checked here, once, at admission,
-with the engine's own rules (``ImageGenerator.check``, ``SamplingParams``, one ``max_new_tokens``
-cap: the server's, which is also its decode loops' cap), so a job that enters the pipeline can be
+with the engine's own rules (``Engine.check``, ``SamplingParams``, one ``max_new_tokens``
+cap: the server's, which is also the engine's decode cap), so a job that enters the pipeline can be
 served. A request that cannot is refused (``Refused``) with a reason that names what was wrong.
 """
 
@@ -55,7 +55,7 @@ class JobBuilder:
     def __init__(self, config: ServerConfig, registry: ModelRegistry, engine: Engine) -> None:
         self.registry = registry
         self.engine = engine
-        self.max_new_tokens = config.max_new_tokens  # the one cap (the decode loops are built with it too)
+        self.max_new_tokens = config.max_new_tokens  # the one cap (the engine's decode batches are built with it too)
         self.default_new_tokens = min(config.default_new_tokens, config.max_new_tokens)
 
     def build(self, request: pb.GenerateRequest, rpc: Rpc, job_id: str, recipient: Recipient) -> Job:

@@ -5,10 +5,7 @@ freeing a large block (>= 128 KB, first served by its own mmap) raises the mmap 
 size (up to 32 MB) and the trim threshold to twice it, so later KV caches, image batches, model
 activations and result messages are carved from the heaps instead, and the heaps keep their freed
 pages; and each thread that allocates may get its own arena (up to 8 per core), each keeping its
-own free memory. Measured in the chaos harness (8 s, seed 1, the load in another process, a 2-core
-machine shared with other agents; mallinfo2): by default the heaps held 92-106 MB free at the end
-and the server's RSS peaked 86-106 MB above its start and ended 34-73 MB above it (the same before
-and after gc.collect(): not garbage); with these settings, 16 MB free, a peak of +35 MB, an end of +27 MB.
+own free memory. What the settings save under the chaos harness: docs/reliability.md.
 
 Nothing is done where the C library is not glibc (musl, macOS): ``mallopt`` is glibc's.
 """

@@ -56,9 +56,7 @@ READINESS_POLL_S = 0.1  # how often readiness that depends on others (broker, ot
 
 
 def default_threads() -> int:
-    """All usable cores but one: the event loop and grpc need a core of their own. On this
-    project's 2-core machine one torch thread gave 15.5k stream requests/s against 11.0k with two,
-    and more tokens/s (2,183 against 1,822 at 32 streams)."""
+    """All usable cores but one: the event loop and grpc need a core of their own (docs/scaling.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -196,7 +194,7 @@ class GenServer:
             on_restart=self._on_restart,
         )
         # Everything loaded so far lives as long as the server: move it out of the collector's
-        # sight, so collections triggered by per-request garbage do not rescan it (+12% requests/s)
+        # sight, so collections triggered by per-request garbage do not rescan it every time
         gc.collect()
         gc.freeze()
         ready = asyncio.Event()

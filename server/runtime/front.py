@@ -1,32 +1,17 @@
 """A HAProxy front on the server's port that holds plain calls past a limit in a short queue and
 refuses the rest in C (``--front-limit N``, ``--front-queue Q``).
 
-Why a front: under a flood, what one Python process serves is bounded by what its refusals cost,
-not by the policy. A refusal in grpc.aio costs ~45-90 us of the event loop (~90% of it grpc.aio's
-own per-call work: py-spy, docs/benchmarks.md), a served call ~130-190 us at the closed loop's best,
-so at twice the maximum the loop spends nearly all its time refusing. With r = (a refusal's loop
-time) / (a served call's), goodput at 2x is at most (1 - 2r) / (1 - r) of the maximum: ~0.04-0.18
-measured here, and >= 0.8 needs r <= 1/6. grpc core itself cannot refuse with a status of ours (its
-backlog drops calls as CANCELLED), and grpcio's wheel exports none of grpc core's symbols (only
-``PyInit_cygrpc``; stripped), so no extension of ours can refuse in C inside the process.
+HAProxy listens on the server's port and the server on a free 127.0.0.1 port behind it.
+``maxconn`` on the Generate backend's server line keeps N calls in the server and holds the next
+ones in a FIFO; a call that finds Q already waiting is refused by HAProxy itself
+(RESOURCE_EXHAUSTED with the retry hint). When k calls end, k queued ones go in together, so the
+server batches them. Only Generate is limited; GenerateStream (its credits already bound it),
+health and reflection go through a second backend with no limit. The server behind keeps its own
+admission. Refusals are read from HAProxy's stats socket (the frontend's ``intercepted``
+requests: only the refusal is answered by HAProxy itself) into ``genserve_front_refusals_total``.
 
-Why HAProxy (it replaced an nginx front; h2load, one-image VAE calls, 2-core VM, same minutes):
-- It multiplexes the calls it lets through onto one HTTP/2 connection to the server, as a gRPC
-  client does. nginx's ``grpc_pass`` opens a connection per call in flight, and 64 connections of
-  one call cost the server ~20% against one connection of 64 (4,866-5,024 against 5,974-6,200
-  calls/s). A closed loop of 64 through HAProxy ran at 1.08-1.14x direct; through nginx ~0.78x.
-- It queues: ``maxconn`` on the server line keeps N calls in the server and holds the next ones in
-  a FIFO; a call that finds Q already waiting is refused at once. When k calls end, k queued ones
-  go in together, as a closed loop's do, so the server batches them. Refusing the moment N are in
-  the server (nginx's ``limit_conn``) lets calls in one at a time as slots free, in the flood's
-  rhythm: at 12,500 calls/s offered, 64 in the server, the server served 3,000-3,300 OK/s behind
-  nginx, 3,500-3,760 behind HAProxy without a queue, 4,972-5,977 with a queue of 16-64, and 5,865
-  with N = 48 and Q = 32 (admitted calls p99 18 ms in HAProxy's log).
-
-Only Generate is limited; GenerateStream (its credits already bound it), health and reflection go
-through a second backend with no limit. The server behind keeps its own admission (delay, count).
-Refusals are read from HAProxy's stats socket (the frontend's ``intercepted`` requests: only the
-refusal is answered by HAProxy itself) into ``genserve_front_refusals_total``.
+Why a front, and why HAProxy (a refusal in grpc.aio costs the event loop a good part of a served
+call, and nothing inside the process can refuse in C): docs/design/haproxy-front.md
 """
 
 from __future__ import annotations

@@ -2,16 +2,9 @@
 ``genserve_loop_busy_ratio`` gauge.
 
 One process serves from one event loop, and its thread is what runs out first: near 1, more calls
-only wait (add ``--workers`` or servers). The loop's lag does not show it. Measured under 2x
-overload (h2load open loop, one-image VAE calls, 2-core machine): the loop was 100% busy while it
-ran its timers within 1-3 ms (each turn is short); calls waited in the connections and in grpc
-core, in front of it (docs/benchmarks.md, "Where a flood waits").
-
-Not an admission signal (tried, measured, not kept; the same section): a shedder that refused a
-share of new calls at arrival to keep the loop under 95% busy also refused 97% of a closed loop's
-calls at the server's own maximum (a saturated closed loop is busy, not overloaded), and under 2x
-overload drove its share to the ceiling: a refusal at arrival costs the loop ~100 us there, half
-a served call, so refusing a 2x flood takes the whole loop.
+only wait (add ``--workers`` or servers). The loop's lag does not show it: a saturated loop is
+busy, not late. A metric, not an admission signal: a closed loop keeps a loop busy without
+overloading it (docs/design/admission-signals.md, signals tried and not kept).
 
 Cost: one timer callback and one ``time.thread_time()`` per period (50 a second).
 """

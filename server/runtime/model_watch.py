@@ -97,9 +97,7 @@ def stamp_folder(folder: Path) -> dict[Path, FileStamp]:
 
 def _yield_to_serving() -> None:
     """Run the loader thread at a lower CPU priority (Linux: a thread has its own nice value), so
-    that on a busy machine a load takes the cores that serving leaves over. bench/live_models.py,
-    2 shared cores, loads back to back: p99 154 ms with a load against 28 ms without at nice 0;
-    20 ms against 30 ms at nice 10 (noisy; the same order in a second pair)."""
+    that on a busy machine a load takes the cores that serving leaves over (docs/live-models.md)."""
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
 

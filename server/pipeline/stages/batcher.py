@@ -1,4 +1,7 @@
-"""The batcher: one image model's work into batches (size or timeout), a few running at once."""
+"""The batcher: one image model's work into batches (size or timeout), a few running at once.
+
+Why the window closes early, stretches, and runs where it does: docs/design/batch-window.md
+"""
 
 from __future__ import annotations
 
@@ -20,14 +23,9 @@ from server.pipeline.stages.names import ModelStage
 from server.pipeline.statuses import status_of
 
 # How far the batch window stretches while the event loop is saturated, and where stretching
-# starts and ends (the loop thread's busy fraction). Measured (python -m bench.ab, 64 one-image
-# Generate calls in flight by h2load, a shared 2-core machine): with a 2 ms window the server
-# formed batches of 3-5 samples (each padded to the VAE's 32-row tile: a batch of 3 costs the
-# model what 32 do) and reached 0.33-0.45 of the bare echo; with 8 ms, batches of ~24 and
-# 0.68-0.92. The calls waited in grpc core, not in the pipeline (2-35 admitted at a time), so
-# nothing but a longer window lets a batch gather more; a loop that is not saturated keeps the
-# configured window, so the latency of a lightly loaded server does not change; and only a batch
-# still under one tile waits on (Batcher._fill): one that holds a tile gains nothing by waiting.
+# starts and ends (the loop thread's busy fraction). Under a saturated loop calls wait in grpc
+# core, not in the pipeline, so only a longer window lets a batch gather more; a loop with time to
+# spare keeps the configured window (docs/design/batch-window.md).
 STRETCH_MAX = 4.0
 BUSY_FROM = 0.75  # below: the configured window
 BUSY_FULL = 0.95  # at and above: STRETCH_MAX times it
@@ -70,10 +68,10 @@ class BatchWindow:
 
 
 class Batcher(Stage):
-    """Collects one model's image work into batches: a batch closes at ``batch_size`` samples, or
+    """Collects one model's image work into batches: a batch closes at ``batch_size`` samples,
     ``batch_timeout`` seconds after its first piece (up to STRETCH_MAX times that while the event
-    loop is saturated: ``BatchWindow``); up to ``concurrency`` batches run at once, so
-    the next batch fills while one computes."""
+    loop is saturated: ``BatchWindow``), or at once when no other request can join (``_alone``);
+    up to ``concurrency`` batches run at once, so the next batch fills while one computes."""
 
     kind = "batcher"
 
@@ -158,9 +156,9 @@ class Batcher(Stage):
 
     def _alone(self) -> bool:
         """Every unfinished request of the server is in this batch or in one that runs: no other can
-        join it but one not yet sent, so waiting out the window is only latency (2 ms of a one-image
-        call's ~4 at one call in flight). Asked as a batch opens and as each piece joins it: cheap
-        while requests are elsewhere (two lengths and a sum), the set only when they may all be here."""
+        join it but one not yet sent, so waiting out the window is only latency. Asked as a batch
+        opens and as each piece joins it: cheap while requests are elsewhere (two lengths and a
+        sum), the set only when they may all be here."""
         if self.in_flight is None:
             return False
         unfinished = self.in_flight()
@@ -172,8 +170,7 @@ class Batcher(Stage):
     async def _fill_until(self, deadline: float, goal: int, size: int) -> int:
         """Add pieces to ``pending`` until it holds ``goal`` samples, a piece does not fit, or ``deadline``."""
         # One timeout for the whole fill, not one per wait: pieces of one-image calls arrive one by
-        # one, and a Timeout per arrival (its timer armed and cancelled) was 1.5% of the server's
-        # samples under 64 Generate calls in flight (py-spy), of the 1.8% the whole fill took.
+        # one, and a timer armed and cancelled per arrival was most of the fill's cost.
         # Link.take is cancellation-safe (nothing is lost when the timeout cancels it) and
         # ``_add`` does not wait, so a timeout can only end the fill between pieces.
         try:
@@ -182,10 +179,8 @@ class Batcher(Stage):
                     more = self.inbox.take_nowait(goal - size) or await self.inbox.take(goal - size)
                     size = self._add(more, size)
                     if self._alone():
-                        # The last of the server's unfinished requests has joined: no other can come but one
-                        # not sent yet, so the rest of the window would only be latency. A closed loop of k
-                        # clients otherwise waited out the whole window every round: h2load, one-image VAE
-                        # calls, 2 / 4 / 16 in flight: 740 / 894 / 2,141 calls/s at p50 2.4 / 4.4 / 7.2 ms.
+                        # The last of the server's unfinished requests has joined: the rest of the window
+                        # would only be latency, which a closed loop of k clients paid every round.
                         break
         except TimeoutError:
             pass

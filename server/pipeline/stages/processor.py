@@ -1,4 +1,4 @@
-"""The processor: prepares image inputs (each request's seed; its latents are drawn in its batch) and splits big requests."""
+"""The processor: has the engine check and prepare each image request (its seed, its pieces); latents are drawn in the batch."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from server.pipeline.statuses import retryable, status_of
 
 
 class Processor(Stage):
-    """Prepares image inputs: picks each request's seed (its latents are drawn by the engine, in
-    its batch), splits big requests.
-    (Text jobs go from the producer straight to their feeder: there is nothing to prepare.)"""
+    """Prepares image inputs through ``Engine.prepare``: each request checked, its seed picked, split
+    into pieces of at most ``max_chunk`` samples (the engine draws its latents later, in the batch).
+    Text jobs go from the producer straight to their feeder: there is nothing to prepare."""
 
     kind = "processor"
 
@@ -72,7 +72,7 @@ class Processor(Stage):
         if link is None or job.image is None:
             job.fail(*retryable(f"model {name!r} is not being served (as an image model)"))
             return
-        try:  # checked at admission (requests.py); latents are drawn by the engine, in the piece's batch
+        try:  # checked at admission too (requests.py)
             pieces = self.engine.prepare(job.served, job.image, self.max_chunk)
         except InvalidRequestError as e:
             job.fail(*status_of(e))

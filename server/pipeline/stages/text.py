@@ -1,4 +1,4 @@
-"""The text feeder: one text model's decode loop fed with new sequences, and its tokens routed back."""
+"""The text feeder: one text model's decode batch fed with new sequences, and its tokens routed back."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ _REASONS = {"length": "length", "stop": "stop"}
 
 
 class TextFeeder(Stage):
-    """Feeds one text model's decode loop (continuous batching, on an engine thread) with new
-    sequences, taking only as many as the loop has room for, and routes each token back.
+    """Feeds one text model's decode batch (continuous batching, on an engine thread) with new
+    sequences, taking only as many as it has room for (``Engine.room``), and routes each token back.
 
     Tokens come from the decode thread; they are queued here and routed on the event loop in one
     callback per burst, not one per token. Routing lives in the feeder object, not its task, so
