@@ -73,6 +73,7 @@ def config_from_dict(cls: type[Any], raw: Any, path: str | os.PathLike[str]) -> 
         hint = hints[name]
         if typing.get_origin(hint) is typing.Literal:
             allowed = typing.get_args(hint)
+            value = getattr(cls, "RENAMED", {}).get(name, {}).get(value, value)  # a value's older name, in files that carry it
             if value not in allowed:
                 raise ModelFileError(path, f"config field {name!r} is {value!r}, expected one of {list(allowed)}")
         elif hint is int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # HAProxy, for the server's optional front (`python -m server --front-limit N`, server/runtime/front.py), which
 # queues a few plain calls past its limit and refuses the rest in C. scripts/test.sh runs this too, so
-# tests/test_front.py runs. Idempotent, and it never prompts: as root it runs `apt-get install haproxy`
+# tests/server/runtime/test_front.py runs. Idempotent, and it never prompts: as root it runs `apt-get install haproxy`
 # (Debian/Ubuntu; `brew install haproxy` on macOS); otherwise it tries `sudo -n` (no password prompt).
 # Where it cannot install, it prints one line naming what it skipped and succeeds: the front's tests
 # then skip with that reason (with CI=true they fail), and the server without --front-limit needs none.
@@ -13,7 +13,7 @@ found() {
   command -v haproxy 2>/dev/null || { [ -x /usr/sbin/haproxy ] && echo /usr/sbin/haproxy; }
 }
 skip() {
-  echo "front_setup: skipped installing haproxy ($1): python -m server --front-limit and tests/test_front.py need it" >&2
+  echo "front_setup: skipped installing haproxy ($1): python -m server --front-limit and tests/server/runtime/test_front.py need it" >&2
   exit 0
 }
 if where=$(found); then

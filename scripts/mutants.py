@@ -49,7 +49,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/jobs.py",
         "        if self.done:\n            return False\n        self.done = True",
         "        self.done = True",
-        ("tests/test_server_stages.py", "tests/test_supervisor.py"),
+        ("tests/server/pipeline",),
         "a job ends with exactly one outcome (the first finish wins)",
     ),
     Mutant(
@@ -57,15 +57,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/jobs.py",
         "        if not self.done:\n            self.recipient.emit(self, item)",
         "        self.recipient.emit(self, item)",
-        ("tests/test_server_stages.py",),
+        ("tests/server/pipeline",),
         "nothing reaches the caller after a job ended",
     ),
     Mutant(
         "jobs-failure-keeps-decoding",
         "server/pipeline/jobs.py",
-        "            self.worker.cancel(self.handle)",
+        "            self.ticket.cancel()  # leaves the decode batch at its next step, freeing its cache",
         "            pass",
-        ("tests/test_server_stages.py", "-k", "cancelled"),
+        ("tests/server/pipeline/test_text_feeder.py", "-k", "cancelled"),
         "a failed text job leaves its decode loop",
     ),
     # -- cancellation ---------------------------------------------------------------------------
@@ -74,15 +74,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "engine/engine.py",
         "        if loop is not None and loop.cancel(handle):\n            self._wake.set()",
         "        pass",
-        ("tests/test_engine.py", "tests/test_server.py", "-k", "closing or deadline or goes_away"),
+        (
+            "tests/engine/test_engine.py",
+            "tests/server/grpc_edge/test_service.py",
+            "tests/server/grpc_edge/test_stream.py",
+            "-k",
+            "closing or deadline or goes_away",
+        ),
         "a cancelled sequence stops costing work",
     ),
     Mutant(
         "cancel-stream-close-forgets",
         "engine/engine.py",
-        "            if not finished:\n                worker.cancel(handle)",
+        "            if not finished:\n                ticket.cancel()",
         "            pass",
-        ("tests/test_engine.py", "-k", "closing"),
+        ("tests/engine/test_engine.py", "-k", "closing"),
         "closing a text stream early cancels its sequence",
     ),
     Mutant(
@@ -90,7 +96,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "engine/decode.py",
         "            self._cancelled.add(handle.id)",
         "            pass",
-        ("tests/test_decode.py", "tests/test_engine.py", "-k", "cancel or closing"),
+        ("tests/engine/test_decode.py", "tests/engine/test_engine.py", "-k", "cancel or closing"),
         "DecodeBatch.cancel takes the sequence out at the next step",
     ),
     Mutant(
@@ -98,7 +104,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "clients/_sync.py",
         "                loop.call_soon_threadsafe(future.cancel)",
         "                pass",
-        ("tests/test_client_fake.py", "-k", "cancel"),
+        ("tests/clients/test_sdk_session.py", "tests/clients/test_sdk_sync.py", "-k", "cancel"),
         "cancelling a sync session's future cancels the request on the server",
     ),
     # -- supervisor -----------------------------------------------------------------------------
@@ -107,7 +113,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/supervisor.py",
         '            job.fail(*retryable(f"stage {stage.name} failed while holding this request"))',
         "            pass",
-        ("tests/test_supervisor.py",),
+        ("tests/server/pipeline/test_supervisor.py",),
         "the jobs a crashed stage held are failed, never dropped",
     ),
     Mutant(
@@ -115,7 +121,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/supervisor.py",
         "while self.restarts and now - self.restarts[0] > self.period:",
         "while False:",
-        ("tests/test_supervisor.py",),
+        ("tests/server/pipeline/test_supervisor.py",),
         "restarts older than the period do not count against the intensity",
     ),
     Mutant(
@@ -123,7 +129,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/supervisor.py",
         "        if len(self.restarts) >= self.intensity:",
         "        if len(self.restarts) > self.intensity:",
-        ("tests/test_supervisor.py",),
+        ("tests/server/pipeline/test_supervisor.py",),
         "past `intensity` restarts within the period the server gives up",
     ),
     # -- links: bounded, and nothing lost between stages ------------------------------------------
@@ -132,7 +138,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/links.py",
         "            n = min(self.capacity - len(items), len(pending))",
         "            n = len(pending)",
-        ("tests/test_server_stages.py",),
+        ("tests/server/pipeline/test_links.py",),
         "a link holds at most its capacity, a group included: the rest waits in its producer",
     ),
     Mutant(
@@ -140,7 +146,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/links.py",
         "            if woken and ready():",
         "            if False:",
-        ("tests/test_server_stages.py",),
+        ("tests/server/pipeline/test_links.py",),
         "a consumer cancelled after its wake-up passes it on: no item is left with nobody to take it",
     ),
     # -- admission ------------------------------------------------------------------------------
@@ -149,7 +155,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/admission.py",
         "        if inflight >= self.max_inflight:",
         "        if False:",
-        ("tests/test_server_stages.py", "-k", "admit"),
+        ("tests/server/pipeline/test_core.py", "-k", "admit"),
         "beyond max_inflight a call is refused with RESOURCE_EXHAUSTED",
     ),
     Mutant(
@@ -157,15 +163,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/core.py",
         "        if not self.accepting:",
         "        if False:",
-        ("tests/test_server_stages.py", "-k", "admit"),
+        ("tests/server/pipeline/test_core.py", "-k", "admit"),
         "a draining server refuses new work with UNAVAILABLE",
     ),
     Mutant(
         "admission-deadlines-not-enforced",
         "server/pipeline/core.py",
-        '                job.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the request finished")',
+        '                job.fail(Code.DEADLINE_EXCEEDED, "deadline passed before the request finished")',
         "                pass",
-        ("tests/test_server_stages.py", "-k", "deadline or timeout"),
+        ("tests/server/pipeline/test_core.py", "-k", "deadline or timeout"),
         "a request past its deadline ends DEADLINE_EXCEEDED",
     ),
     Mutant(
@@ -173,7 +179,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/pipeline/core.py",
         "min(timeout, self.config.request_timeout_s)",
         "timeout",
-        ("tests/test_server_stages.py", "-k", "timeout"),
+        ("tests/server/pipeline/test_core.py", "-k", "timeout"),
         "the server's request timeout caps the one a client asks for",
     ),
     Mutant(
@@ -181,7 +187,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/grpc_edge/wakeups.py",
         "        writer.setblocking(False)",
         "        pass",
-        ("tests/test_wakeups.py",),
+        ("tests/server/grpc_edge/test_wakeups.py",),
         "grpc's poller thread is never held by a full wake-up socket (every call reaches admission)",
     ),
     Mutant(
@@ -189,15 +195,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "engine/images.py",
         "        return self._graph or None\n",
         "        return None\n",
-        ("tests/test_images.py",),
+        ("tests/engine/test_images.py", "tests/engine/test_image_graph.py"),
         "an image batch on the CPU is one graph: its engine thread does not wait on the GIL op by op",
     ),
     Mutant(
         "latents-drawn-on-the-loop",
-        "server/pipeline/stages/processor.py",
-        "            whole = images.prepare(job.image, draw=False)",
-        "            whole = images.prepare(job.image)",
-        ("tests/test_server_stages.py",),
+        "engine/engine.py",
+        "        whole = images.prepare(request, draw=False)",
+        "        whole = images.prepare(request)",
+        ("tests/server/pipeline/test_processor.py",),
         "the processor leaves a request's latents to be drawn in its batch, off the event loop",
     ),
     # -- drain ----------------------------------------------------------------------------------
@@ -206,7 +212,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/runtime/app.py",
         "        await self._shutdown.wait()\n        await self.stop()",
         "        await self._shutdown.wait()\n        await self.stop(grace=0)",
-        ("tests/test_server_process.py", "-k", "drains"),
+        ("tests/server/runtime/test_process.py", "-k", "drains"),
         "on SIGTERM or a first SIGINT in-flight requests finish within --grace-s",
     ),
     Mutant(
@@ -214,7 +220,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/runtime/app.py",
         "                await self.pipeline.wait_idle()",
         "                pass",
-        ("tests/test_server.py", "-k", "drain"),
+        ("tests/server/runtime/test_app.py", "-k", "drain"),
         "the drain waits for in-flight work",
     ),
     Mutant(
@@ -222,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/runtime/app.py",
         "        self.pipeline.accepting = False\n        self._serving = False\n",
         "        self.pipeline.accepting = False\n",
-        ("tests/test_server.py", "-k", "drain"),
+        ("tests/server/runtime/test_app.py", "-k", "drain"),
         "readiness goes NOT_SERVING when the drain begins",
     ),
     Mutant(
@@ -230,7 +236,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/runtime/app.py",
         "        failed = self.pipeline.fail_all(",
         "        failed = 0 and self.pipeline.fail_all(",
-        ("tests/test_server.py", "-k", "outlives"),
+        ("tests/server/runtime/test_app.py", "-k", "outlives"),
         "what outlives the grace period fails with UNAVAILABLE",
     ),
     # -- credits --------------------------------------------------------------------------------
@@ -239,7 +245,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/grpc_edge/outbox.py",
         "        if credit:\n            self.credit_back += 1",
         "        if credit:\n            pass",
-        ("tests/test_server.py", "-k", "credit"),
+        ("tests/server/grpc_edge/test_stream.py", "-k", "credit"),
         "each finished request gives its credit back",
     ),
     Mutant(
@@ -247,7 +253,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/grpc_edge/service.py",
         "        if stream.credit <= 0:",
         "        if False:",
-        ("tests/test_server.py", "-k", "credit"),
+        ("tests/server/grpc_edge/test_stream.py", "-k", "credit"),
         "a request beyond the stream's credit is refused for its id",
     ),
     # -- and two promises of issue #17 outside those modules -------------------------------------
@@ -256,7 +262,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "engine/images.py",
         "        total, t = int(z.shape[0]), self.tile\n",
         "        return self._forward(z, labels)\n        total, t = int(z.shape[0]), self.tile\n",
-        ("tests/test_images.py", "-k", "bit_for_bit or whatever_shares or one_tile"),
+        ("tests/engine/test_images.py", "tests/engine/test_image_graph.py", "-k", "bit_for_bit or whatever_shares or one_tile"),
         "a sample's floats are bit for bit the same whatever its batch",
     ),
     Mutant(
@@ -264,7 +270,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "server/grpc_edge/auth.py",
         "            valid |= hmac.compare_digest(given, digest)",
         "            valid |= hmac.compare_digest(given, digest)\n            if valid:\n                break",
-        ("tests/test_security.py", "-k", "constant_time"),
+        ("tests/server/grpc_edge/test_security.py", "-k", "constant_time"),
         "every configured token is compared, whatever matches (constant time)",
     ),
 )

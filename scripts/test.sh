@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/node_setup.sh  # bench/amqp/load.mjs for tests/test_bench_scaleout.py (skipped without node)
-bash scripts/front_setup.sh  # HAProxy, for the server's --front-limit and tests/test_front.py
+bash scripts/node_setup.sh  # bench/amqp/load.mjs for tests/bench/test_scaleout.py (skipped without node)
+bash scripts/front_setup.sh  # HAProxy, for the server's --front-limit and tests/server/runtime/test_front.py
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

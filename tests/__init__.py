@@ -1,1 +1,2 @@
-"""The test suite (a package, so that tests.chaos and tests.serving have one name each for pytest and mypy)."""
+"""The test suite: a package, as is each folder in it, so that every module has one name
+(``tests.server.pipeline.stage_kit``) for pytest and mypy."""

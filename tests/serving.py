@@ -9,6 +9,10 @@
     proc = ServerProcess("--models-dir", "models")   # ``python -m server``, its JSON log read
     proc.wait_for("server_ready")
 
+    result = run_server_cli("--help")                 # ``python -m server`` to its end, its output kept
+
+    haproxy = haproxy_or_skip()                       # the front's HAProxy, or the test skips (fails with CI=true)
+
 Keyword arguments are ServerConfig fields; the port defaults to 0 (a free one) and metrics to off.
 """
 
@@ -24,15 +28,17 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import pytest
+
 from server.config import ServerConfig
 from server.runtime.app import GenServer
+from server.runtime.front import find_haproxy
+from tests.paths import ROOT
 
 TEST_DEFAULTS: dict[str, Any] = {"port": 0, "metrics_port": 0, "grace_s": 5.0}
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_config(**overrides: Any) -> ServerConfig:
@@ -161,3 +167,21 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def run_server_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m server ARGS`` run to its end (60 s at most), with ``env`` over this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60
+    )
+
+
+def haproxy_or_skip() -> str:
+    """The haproxy the front would run; without one the test skips, naming scripts/front_setup.sh (CI=true: fails)."""
+    try:
+        return find_haproxy("haproxy")
+    except RuntimeError as e:
+        reason = f"{e} (scripts/front_setup.sh)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI=true requires the front's tests")
+        pytest.skip(reason)

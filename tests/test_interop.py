@@ -23,8 +23,7 @@ import pytest
 
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from tests.serving import ServerProcess
-from tests.test_front import haproxy_or_skip
+from tests.serving import ServerProcess, haproxy_or_skip
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -34,7 +34,7 @@ log = get_logger("training")
 class LoopConfig:
     epochs: int
     warmup_epochs: float = 0.0  # linear warm-up length, in epochs (fractions allowed)
-    min_lr_ratio: float = 0.01  # cosine decays to base_lr * this (the seed: 1e-3 -> 1e-5)
+    min_lr_ratio: float = 0.01  # cosine decays to base_lr * this (the reference script: 1e-3 -> 1e-5)
     patience: int = 15  # epochs without a better validation loss before stopping; 0 = never
     save_every: int = 10  # checkpoint period in epochs; 0 = only best and last
     seed: int = 0

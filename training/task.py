@@ -1,4 +1,4 @@
-"""What the training loop needs from a model: the seed's ``loss`` / ``generate`` interface, widened.
+"""What the training loop needs from a model: the reference design's ``loss`` / ``generate`` interface, widened.
 
 A task owns its modules, optimisers and data; the loop (training/loop.py) owns epochs, the
 learning-rate schedule, clipping, validation, early stopping, checkpoints and the run folder.

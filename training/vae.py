@@ -45,14 +45,16 @@ class VAETask(Task):
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--hidden", type=int, default=400, help="hidden width (the seed's 400)")
-        parser.add_argument("--latent", type=int, default=20, help="latent dimensions (the seed's 20)")
-        parser.add_argument("--activation", choices=["tanh", "relu"], default="tanh", help="hidden activation (the seed's tanh)")
+        parser.add_argument("--hidden", type=int, default=400, help="hidden width (the reference script's 400)")
+        parser.add_argument("--latent", type=int, default=20, help="latent dimensions (the reference script's 20)")
+        parser.add_argument(
+            "--activation", choices=["tanh", "relu"], default="tanh", help="hidden activation (the reference script's tanh)"
+        )
         parser.add_argument(
             "--likelihood",
             choices=["bernoulli", "gaussian"],
             default="bernoulli",
-            help="pixel likelihood; gaussian is the seed's squared error",
+            help="pixel likelihood; gaussian is the reference script's squared error",
         )
         parser.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE when != 1); evaluation always uses 1")
         parser.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the digit label")
@@ -60,9 +62,9 @@ class VAETask(Task):
         parser.add_argument(
             "--ema", type=float, default=0.0, help="validate and export a moving average of the weights with this decay; 0 = off"
         )
-        # The defaults are the bundled model's recipe (docs/training.md): 9000 digits overfit the seed's 50
+        # The defaults are the bundled model's recipe (docs/training.md): 9000 digits overfit the reference script's 50
         # epochs at 1e-3 without augmentation; one-pixel shifts, a higher peak rate and a long
-        # cosine schedule reach 104 nats on the held-out digits. Clipping at the seed's norm of 1.0
+        # cosine schedule reach 104 nats on the held-out digits. Clipping at the reference script's norm of 1.0
         # clips every step of a loss summed over 784 pixels, so it is off here (--grad-clip 1).
         parser.set_defaults(epochs=800, batch_size=128, lr=3e-3, warmup_epochs=5.0, patience=100, grad_clip=0.0)
 

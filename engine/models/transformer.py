@@ -2,7 +2,7 @@
 
 The default block is GPT-2's (pre-LayerNorm, exact GELU, biases everywhere, tied input/output
 embeddings, learned positions), so that Hugging Face's ``GPT2LMHeadModel`` can load the same
-weights and serve as an independent correctness oracle. ``block="seed"`` gives the seed's
+weights and serve as an independent correctness oracle. ``block="original"`` gives the reference script's
 post-LayerNorm block with a ReLU feed-forward. Serving decodes through ``ScriptedForward``, the
 cached forward as one graph (why: docs/design/decode-loop.md).
 """
@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,11 @@ class TransformerConfig:
     n_head: int = 6
     d_model: int = 384
     d_ff: int = 1536  # 4 * d_model, as in GPT-2
-    dropout: float = 0.1  # the seed's rate; 0 at inference
-    block: Literal["gpt2", "seed"] = "gpt2"
+    dropout: float = 0.1  # the reference script's rate; 0 at inference
+    block: Literal["gpt2", "original"] = "gpt2"  # original: the reference script's post-LN/ReLU block
     layer_norm_eps: float = 1e-5  # GPT-2's
+
+    RENAMED: ClassVar[dict[str, dict[str, str]]] = {"block": {"seed": "original"}}  # as files exported before 2026-12 say it
 
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # F.linear's signature
@@ -256,7 +258,7 @@ class Block(nn.Module):
         if self.pre_ln:  # GPT-2: x + f(LN(x))
             x = x + self.attn(self.ln_1(x))
             return x + self.mlp(self.ln_2(x))
-        # the seed (and the original Transformer): LN(x + f(x))
+        # the reference script (and the original Transformer): LN(x + f(x))
         x = self.ln_1(x + self.attn(x))
         return self.ln_2(x + self.mlp(x))
 

@@ -1,4 +1,4 @@
-"""Variational auto-encoder on 28x28 digits (Kingma & Welling 2014), the seed's 784-400-20 MLP.
+"""Variational auto-encoder on 28x28 digits (Kingma & Welling 2014), the reference script's 784-400-20 MLP.
 
 Encoder ``784 (+classes) -> hidden (act) -> 2*latent`` gives mu and log sigma^2; decoder
 ``latent (+classes) -> hidden (act) -> 784`` gives per-pixel logits. A conditional VAE appends a
@@ -19,11 +19,11 @@ from torch import nn
 @dataclass(frozen=True)
 class VAEConfig:
     input_dim: int = 784  # 28 x 28 pixels, flattened
-    hidden_dim: int = 400  # the seed's width
+    hidden_dim: int = 400  # the reference script's width
     latent_dim: int = 20
-    activation: Literal["tanh", "relu"] = "tanh"  # the seed uses tanh
-    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # gaussian = the seed's squared error
-    # Fixed output std of the Gaussian likelihood; sqrt(0.5) makes its NLL the seed's summed
+    activation: Literal["tanh", "relu"] = "tanh"  # the reference script uses tanh
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"  # gaussian = the reference script's squared error
+    # Fixed output std of the Gaussian likelihood; sqrt(0.5) makes its NLL the reference script's summed
     # squared error plus a constant.
     output_std: float = 0.7071067811865476
     num_classes: int = 0  # > 0: conditional VAE, label one-hot on encoder and decoder inputs

@@ -1,7 +1,7 @@
 """A corpus of malformed model files, built at test time next to valid tiny models (no binary files
-are checked in). ``tests/test_model_corpus.py`` loads it into a registry and a server.
+are checked in). ``tests/bad_input/test_model_corpus.py`` loads it into a registry and a server.
 
-    PYTHONPATH=. python tests/model_corpus.py OUT    # writes the corpus into OUT/models, to try a server by hand
+    PYTHONPATH=. python tests/bad_input/model_corpus.py OUT    # writes the corpus into OUT/models, to try a server by hand
 
 ``build_corpus(folder)`` writes the good models (``GOOD``) and every case of ``CASES`` into
 ``folder``, plus traversal canaries outside it; each case names its file, what is wrong with it,
@@ -59,7 +59,7 @@ GOOD = {
 SKIPPED = "mnist_classifier.safetensors"  # evaluation only: skipped, neither served nor refused
 
 
-class Boom:
+class PickleCanary:
     """Unpickling this creates ``marker`` (a folder): proof that a loader ran pickle."""
 
     def __init__(self, marker: Path) -> None:
@@ -176,13 +176,13 @@ class Case:
 
 def _pickle(protocol: int) -> Callable[[Path, Path], None]:
     def build(path: Path, markers: Path) -> None:
-        path.write_bytes(pickle.dumps({"weights": [1.0, 2.0], "boom": Boom(markers / f"unpickled-{path.stem}")}, protocol=protocol))
+        path.write_bytes(pickle.dumps({"weights": [1.0, 2.0], "boom": PickleCanary(markers / f"unpickled-{path.stem}")}, protocol=protocol))
 
     return build
 
 
 def _torch_save(path: Path, markers: Path) -> None:
-    torch.save({"w": torch.zeros(2), "boom": Boom(markers / f"unpickled-{path.stem}")}, path)
+    torch.save({"w": torch.zeros(2), "boom": PickleCanary(markers / f"unpickled-{path.stem}")}, path)
 
 
 def _truncated(path: Path, markers: Path) -> None:
@@ -420,6 +420,6 @@ def build_corpus(folder: Path) -> Corpus:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python tests/model_corpus.py OUT")
+        raise SystemExit("usage: python tests/bad_input/model_corpus.py OUT")
     corpus = build_corpus(Path(sys.argv[1]) / "models")
     print(f"{len(CASES)} malformed files and {len(GOOD)} good models in {corpus.folder}")

@@ -1,4 +1,4 @@
-"""Malformed model files (issue 6): a corpus of them (``tests/model_corpus.py``, built into a tmp
+"""Malformed model files (issue 6): a corpus of them (``tests/bad_input/model_corpus.py``, built into a tmp
 folder at test time) next to good tiny models.
 
 - The registry refuses each bad file with a LoadFailure naming the file and its own reason (and
@@ -44,7 +44,7 @@ from engine.modelfile import export_model, load_model
 from engine.registry import FolderReport, ModelRegistry
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
-from tests.model_corpus import CASES, GOOD, SKIPPED, VOCAB, Case, Corpus, build_corpus, tiny_text, tiny_vae
+from tests.bad_input.model_corpus import CASES, GOOD, SKIPPED, VOCAB, Case, Corpus, build_corpus, tiny_text, tiny_vae
 from tests.serving import ServerThread
 
 pytestmark = [pytest.mark.timeout(300)]

@@ -21,6 +21,7 @@ from bench.h2load import Run, command, read_log_statuses
 from bench.peer_apps import seed_of
 from bench.peers import admitted_pct_ms, h2load_figures, open_load, sides, training_section
 from bench.serve import plain
+from tests.paths import ROOT
 
 
 def fake_run(durations_s: list[float], statuses: list[int] | None = None, started: int | None = None, wall_s: float = 2.0) -> Run:
@@ -150,11 +151,10 @@ def test_fastapi_peer_serves_one_image_as_json() -> None:
     """The real peer app, when the peers extra is installed (skipped otherwise)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    root = Path(__file__).resolve().parent.parent
     port = 52090 + os.getpid() % 10
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.peer_apps", "fastapi", "--port", str(port), "--threads", "1"],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import h2load
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.skipif(shutil.which("h2load") is None, reason=h2load.INSTALL_HINT)]
 

@@ -35,7 +35,7 @@ async def test_a_short_chaos_run_keeps_every_invariant(capsys: pytest.CaptureFix
     configure_logging("console", "critical")  # every injected failure logs a traceback
     # Shedding by queueing delay (server/pipeline/admission.py) would refuse for the harness's own load on these
     # 2 shared cores, which its books count as unexplained failures; overload has its own tests
-    # (tests/test_overload.py). The count limit still applies.
+    # (tests/server/test_overload.py). The count limit still applies.
     # The end-of-run bound is looser here than the 60 s target (+50 MB): on a shared 2-core machine an
     # 8 s run ended +27 to +59 MB above its start, the same before and after gc.collect() (allocator
     # state, not garbage); a leak of buffers per fault (a 50 MB KV cache per failed decode loop) still fails it.

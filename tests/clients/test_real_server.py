@@ -30,7 +30,7 @@ from clients import (
 )
 from clients.cli import main
 from server.runtime.app import GenServer
-from tests.conftest_client import until
+from tests.clients.fake_server import until
 from tests.decode_spy import StepSpy
 from tests.serving import running_server
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +20,10 @@ from engine.decode import DecodeBatch, SequenceRequest, TokenEvent
 from engine.modelfile import load_model
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.sampling import SamplingBatch, SamplingParams, sample
+from tests.paths import ROOT
 
 VOCAB = "\n abcdefghij"
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
+BUNDLED = ROOT / "models" / "transformer.safetensors"
 
 
 def tiny_model(block_size: int = 16) -> CharTransformer:

@@ -14,6 +14,7 @@ import pytest
 
 from engine import logs
 from engine.logs import bind_process, configure_logging, get_logger
+from tests.paths import ROOT
 
 
 @pytest.fixture
@@ -55,10 +56,7 @@ def test_processes_sharing_one_pipe_never_glue_their_lines_together(tmp_path: Pa
     script.write_text(WRITER)
     read, write = os.pipe()
     lines = 3000
-    writers = [
-        subprocess.Popen([sys.executable, str(script), str(w), str(lines)], stderr=write, cwd=Path(__file__).resolve().parent.parent)
-        for w in range(2)
-    ]
+    writers = [subprocess.Popen([sys.executable, str(script), str(w), str(lines)], stderr=write, cwd=ROOT) for w in range(2)]
     os.close(write)
     with os.fdopen(read) as pipe:
         out = pipe.read()

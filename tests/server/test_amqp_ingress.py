@@ -1,4 +1,4 @@
-"""The RabbitMQ ingress and the SDK's AmqpClient, against a real broker on localhost.
+"""The RabbitMQ ingress (server/amqp_ingress.py) and the SDK's AmqpClient, against a real broker on localhost.
 
 Without a broker at 127.0.0.1:5672 the tests that need one skip, saying so; with CI=true they
 fail instead (CI machines run one). Each test uses queues named after itself, deleted afterwards.
@@ -15,7 +15,6 @@ import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import AmqpClient, AsyncAmqpClient, AsyncClient, DeadlineExceeded, ModelNotFound
+from clients import AmqpClient, AsyncAmqpClient, AsyncClient, ModelNotFound
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
 from server.amqp_ingress import declare_queues
@@ -34,7 +33,6 @@ from tests.serving import ServerProcess, running_server
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parent.parent
 BROKER = ("127.0.0.1", 5672)
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -196,7 +194,7 @@ async def test_the_amqp_ingress_down_leaves_grpc_serving(small_models: Path) -> 
         assert server.readiness() == {"": False, SERVICE_NAME: True, AMQP_NAME: False}
         async with AsyncClient(server.address) as client:
             assert (await client.generate_images("vae", 2, seed=0)).shape == (2, 28, 28)
-        async with _health(server.address) as check:
+        async with HealthChecker(server.address) as check:
             assert await check(AMQP_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await check("") == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await check(SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
@@ -228,8 +226,8 @@ async def rabbitmqctl(*args: str) -> str:
     return out.decode()
 
 
-class _health:
-    """``async with _health(address) as check: await check(service)``: a health status."""
+class HealthChecker:
+    """``async with HealthChecker(address) as check: await check(service)``: a health status."""
 
     def __init__(self, address: str) -> None:
         self.channel = grpc.aio.insecure_channel(address)
@@ -245,59 +243,6 @@ class _health:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
-
-
-@pytest.mark.asyncio
-async def test_the_client_keeps_the_first_reply_of_each_request() -> None:
-    """At-least-once: a redelivered request's second reply, or a late one, is dropped."""
-    client = AsyncAmqpClient(URL)
-    first = asyncio.get_running_loop().create_future()
-    client._waiting["r1"] = first
-    reply = SimpleNamespace(correlation_id="r1", body=b"first")
-    await client._on_reply(reply)  # type: ignore[arg-type]
-    await client._on_reply(SimpleNamespace(correlation_id="r1", body=b"second"))  # type: ignore[arg-type]
-    await client._on_reply(SimpleNamespace(correlation_id="unknown", body=b""))  # type: ignore[arg-type]
-    assert first.result() == b"first" and client.duplicates == 2 and client.late == 0
-
-
-@pytest.mark.asyncio
-async def test_a_reply_to_a_request_given_up_on_is_late_not_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A call whose deadline passes (or whose task is cancelled) gets its reply later: that reply
-    is counted as late; a second reply to an answered request is still a duplicate."""
-    client = AsyncAmqpClient(URL, timeout=0.05)
-    published: list[Any] = []
-
-    class Exchange:
-        async def publish(self, message: Any, routing_key: str) -> None:
-            published.append(message)
-
-    async def opened() -> Any:
-        return SimpleNamespace(default_exchange=Exchange())
-
-    client._replies = SimpleNamespace(name="replies")  # type: ignore[assignment]
-    monkeypatch.setattr(client, "_open", opened)
-    with pytest.raises(DeadlineExceeded):
-        await client.call(pb.GenerateRequest(id="x", model="vae", image=pb.ImageParams(n=1)))
-    await client._on_reply(SimpleNamespace(correlation_id=published[0].correlation_id, body=b""))  # type: ignore[arg-type]
-    assert (client.late, client.duplicates) == (1, 0)
-    await client._on_reply(SimpleNamespace(correlation_id=published[0].correlation_id, body=b""))  # type: ignore[arg-type]
-    assert (client.late, client.duplicates) == (1, 1)  # remembered once: a second reply is a duplicate
-    for expect_late in (2, 3):
-        cancelled = asyncio.create_task(client.call(pb.GenerateRequest(id="y", model="vae", image=pb.ImageParams(n=1)), timeout=30))
-        await wait_until(lambda n=expect_late: len(published) == n, "the next publish", 5)
-        reply = SimpleNamespace(correlation_id=published[-1].correlation_id, body=b"")
-        cancelled.cancel()
-        if expect_late == 2:  # the reply comes before the cancelled task runs again
-            await client._on_reply(reply)  # type: ignore[arg-type]
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
-        if expect_late == 3:  # the reply comes after
-            await client._on_reply(reply)  # type: ignore[arg-type]
-        assert (client.late, client.duplicates) == (expect_late, 1)
-        await client._on_reply(reply)  # type: ignore[arg-type]
-        assert (client.late, client.duplicates) == (expect_late, 2), "a second reply to a late one is a duplicate"
-        client.duplicates = 1
-    assert client._waiting == {}
 
 
 class AmqpServer(ServerProcess):

@@ -34,7 +34,7 @@ from server.runtime.app import GenServer
 from tests.serving import running_server
 
 
-class _Burst(Faults):
+class FaultBurst(Faults):
     """Arms one fault of each kind; keeps only weak references to what it sees."""
 
     def __init__(self) -> None:
@@ -106,7 +106,7 @@ async def _until(predicate: Callable[[], bool], what: str) -> None:
 async def test_after_a_burst_of_faults_the_big_buffers_are_freed_without_the_collector(
     server: GenServer, collector_off: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    faults = _Burst()
+    faults = FaultBurst()
     jobs: list[weakref.ref[Any]] = []
 
     def admitted(job: Job) -> None:

@@ -1,4 +1,5 @@
-"""The command lines of ``python -m training`` and the benchmarks: the [train] extra check, help texts, usage lines."""
+"""The command lines of ``python -m training`` and the benchmarks: the [train] extra check, help texts and
+their defaults, usage lines, and errors that exit 2."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from typing import Any
 import pytest
 
 import training.__main__ as training_cli
+from engine.modelfile import export_model
+from engine.models.vae import VAE, VAEConfig
+from tests.paths import ROOT
+from tests.training.tiny_runs import train
 from training.__main__ import build_parser, main
 
 pytestmark = pytest.mark.timeout(120)
 
-ROOT = Path(__file__).resolve().parent.parent
 EXTRA_ERROR = "python -m training needs the [train] extra ({} not installed): pip install 'genserve[train]'"
 
 
@@ -154,3 +158,103 @@ def test_every_entry_point_names_its_module_in_usage() -> None:
         if result.returncode != 0 or result.stdout.split()[:4] != ["usage:", "python", "-m", module]:
             wrong[module] = (result.stdout.splitlines() or [""])[0] + result.stderr[-300:]
     assert not wrong, wrong
+
+
+# -- help and errors ----------------------------------------------------------------------------
+
+
+def test_module_help_runs(repo_root: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "--help"], check=False, cwd=repo_root, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m training")
+    for command in ("vae", "gan", "transformer", "classifier", "resume", "export"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["vae", "gan", "transformer", "classifier", "resume", "export"])
+def test_subcommand_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    # in-process: a subprocess per sub-command costs ~2 s of torch import each
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m training {command}")
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["diffusion"])
+    assert info.value.code == 2
+    assert "invalid choice: 'diffusion'" in capsys.readouterr().err
+
+
+def test_gan_defaults_are_the_papers() -> None:
+    args = build_parser().parse_args(["gan"])
+    assert args.min_lr_ratio == 1.0  # constant learning rate
+    assert args.grad_clip == 0.0  # no clipping of the critic
+
+
+def test_task_defaults_reach_the_parser() -> None:
+    p = build_parser()
+    vae = p.parse_args(["vae"])  # the bundled model's recipe
+    assert (vae.epochs, vae.lr, vae.shift, vae.grad_clip) == (800, 3e-3, 1, 0.0)
+    assert (p.parse_args(["gan"]).batch_size, p.parse_args(["gan"]).lr) == (64, 1e-4)
+    assert p.parse_args(["transformer"]).warmup_epochs == 0.4
+
+
+@pytest.mark.parametrize("task", ["vae", "gan", "transformer", "classifier"])
+def test_help_states_each_default_once_as_the_parser_has_it(task: str) -> None:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[task]
+    args = vars(sub.parse_args([]))
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        text = formatter._get_help_string(action) or ""
+        assert len(re.findall(r"\(default[: ]", text)) <= 1, f"{task} {action.option_strings[0]}: {text}"
+        if "%(default)s" in text:
+            assert args[action.dest] == action.default  # the figure shown is the one in force
+    help_text = " ".join(sub.format_help().split())
+    expected = {"vae": "0 = off (default: 0.0)", "gan": "0 = off (default: 0.0)", "transformer": "0 = off (default: 1.0)"}
+    if task in expected:  # --grad-clip, whose common default each task overrides
+        assert f"global gradient-norm clip; {expected[task]}" in help_text
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_resume_from_garbage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "epoch_0002.safetensors"
+    path.write_bytes(b"\x00" * 3)
+    assert main(["resume", str(path)]) == 2
+    assert (
+        _error_line(capsys.readouterr().err)
+        == f"error: {path}: is not a safetensors file: 3 bytes is shorter than the 8-byte header length"
+    )
+
+
+def test_resume_from_truncated_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert train("gan", run, "--epochs", "1") == 0
+    path = run / "checkpoints" / "last.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    capsys.readouterr()
+    assert main(["resume", str(path)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {path}: tensor '")
+    assert line.endswith("(truncated?)")
+
+
+def test_resume_from_a_model_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = export_model(tmp_path / "model.safetensors", "vae", VAE(VAEConfig(hidden_dim=8, latent_dim=3)))
+    assert main(["resume", str(path)]) == 2
+    assert _error_line(capsys.readouterr().err) == f"error: {path}: is not a genserve training checkpoint (no 'checkpoint' metadata)"
+    assert main(["export", str(path), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert _error_line(capsys.readouterr().err) == f"error: {path}: is not a genserve training checkpoint (no 'checkpoint' metadata)"
+    assert not (tmp_path / "x.safetensors").exists()

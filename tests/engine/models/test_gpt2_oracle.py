@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,8 +11,9 @@ from engine.models.transformer import CharTransformer, TransformerConfig
 pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[dev]' installs it)")
 
 from bench.interop import hf_logits, to_hf_gpt2
+from tests.paths import ROOT
 
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "transformer.safetensors"
+BUNDLED = ROOT / "models" / "transformer.safetensors"
 
 
 def test_random_tiny_transformer_matches_gpt2() -> None:
@@ -37,6 +36,6 @@ def test_bundled_transformer_matches_gpt2() -> None:
 
 
 def test_seed_block_is_refused() -> None:
-    model = CharTransformer(TransformerConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, d_model=4, d_ff=8, block="seed"))
+    model = CharTransformer(TransformerConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, d_model=4, d_ff=8, block="original"))
     with pytest.raises(ValueError, match="only the gpt2 block layout maps onto GPT-2"):
         to_hf_gpt2(model)

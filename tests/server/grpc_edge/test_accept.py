@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from server.grpc_edge import accept
-from server.grpc_edge.accept import EagerAcceptServer, Refusal, aio_server, set_policy
+from server.grpc_edge.accept import EagerAcceptServer, Refusal, aio_server, grpc_server_options, set_policy
 from server.grpc_edge.codes import RETRY_PUSHBACK_KEY
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
@@ -22,7 +22,7 @@ SERVICE = "test.Echo"
 ECHO, SLOW = f"/{SERVICE}/Echo".encode(), f"/{SERVICE}/Slow".encode()
 
 
-class Calls:
+class RecordingHandlers:
     """The handlers: each call is counted; Slow holds its answer until released."""
 
     def __init__(self) -> None:
@@ -47,7 +47,7 @@ class Calls:
         return request
 
 
-class Policy:
+class FakePolicy:
     """Refuses what ``refuse`` names, at arrival; records each hand-over's wait."""
 
     def __init__(self) -> None:
@@ -66,8 +66,8 @@ class Policy:
         return None
 
 
-async def serve(depth: int) -> tuple[grpc.aio.Server, int, Calls]:
-    calls = Calls()
+async def serve(depth: int) -> tuple[grpc.aio.Server, int, RecordingHandlers]:
+    calls = RecordingHandlers()
     server = aio_server(options=[], accept_ahead=depth)
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(calls.echo),
@@ -80,7 +80,7 @@ async def serve(depth: int) -> tuple[grpc.aio.Server, int, Calls]:
 
 
 @pytest_asyncio.fixture
-async def ahead() -> AsyncIterator[tuple[grpc.aio.Server, grpc.aio.Channel, Calls]]:
+async def ahead() -> AsyncIterator[tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers]]:
     server, port, calls = await serve(depth=64)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield server, channel, calls
@@ -95,12 +95,12 @@ async def test_the_seam_into_grpc_aio_is_there() -> None:
 async def test_one_at_a_time_is_grpc_aios_own_server() -> None:
     server = aio_server(options=[], accept_ahead=1)
     assert not isinstance(server._server, EagerAcceptServer)
-    assert not set_policy(server, Policy())
+    assert not set_policy(server, FakePolicy())
     await server.stop(None)
 
 
 async def test_a_burst_of_calls_each_gets_its_one_answer_and_the_lane_asks_further_ahead(
-    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls],
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers],
 ) -> None:
     server, channel, calls = ahead
     echo = channel.unary_unary(ECHO.decode())
@@ -120,12 +120,14 @@ async def test_a_burst_of_calls_each_gets_its_one_answer_and_the_lane_asks_furth
     assert all(lanes[m].waiting is not None and not lanes[m].waiting.done() for m in (ECHO, SLOW))
 
 
-async def test_a_handover_refusal_reaches_the_client_and_no_handler_runs(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
+async def test_a_handover_refusal_reaches_the_client_and_no_handler_runs(
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers],
+) -> None:
     """The policy's second question, as a call's task starts: refused there, the call ends with the
     refusal and its handler never runs."""
     server, channel, calls = ahead
 
-    class RefuseAtStart(Policy):
+    class RefuseAtStart(FakePolicy):
         def refusal_at_handover(self, method: bytes | None, waited_s: float) -> Refusal | None:
             self.waits.append(waited_s)
             return (grpc.StatusCode.RESOURCE_EXHAUSTED, "waited too long", ((RETRY_PUSHBACK_KEY, "100"),)) if method == SLOW else None
@@ -141,10 +143,10 @@ async def test_a_handover_refusal_reaches_the_client_and_no_handler_runs(ahead: 
 
 
 async def test_a_refusal_at_arrival_reaches_the_client_with_its_hint_and_no_handler_runs(
-    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls],
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers],
 ) -> None:
     server, channel, calls = ahead
-    policy = Policy()
+    policy = FakePolicy()
     policy.refuse = {SLOW}
     assert set_policy(server, policy)
     slow = channel.unary_unary(SLOW.decode())
@@ -160,7 +162,9 @@ async def test_a_refusal_at_arrival_reaches_the_client_with_its_hint_and_no_hand
     assert len(policy.waits) == 20 and all(0.0 <= w < 5.0 for w in policy.waits)  # each Echo's wait, handed over
 
 
-async def test_a_stopped_server_answers_every_call_it_had_accepted(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
+async def test_a_stopped_server_answers_every_call_it_had_accepted(
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers],
+) -> None:
     server, channel, calls = ahead
     slow = channel.unary_unary(SLOW.decode())
     calls.expect_held = 50
@@ -174,12 +178,12 @@ async def test_a_stopped_server_answers_every_call_it_had_accepted(ahead: tuple[
 
 
 async def test_each_arrival_hears_how_many_calls_of_its_method_are_in_progress_less_the_released(
-    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls],
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers],
 ) -> None:
     """What the policy's call limit counts: calls started and not finished, per method; a call whose
     handler released itself (a text stream) is not among them."""
     server, channel, calls = ahead
-    policy = Policy()
+    policy = FakePolicy()
     assert set_policy(server, policy)
     slow, echo = channel.unary_unary(SLOW.decode()), channel.unary_unary(ECHO.decode())
     calls.expect_held = 10
@@ -204,7 +208,9 @@ async def test_each_arrival_hears_how_many_calls_of_its_method_are_in_progress_l
     assert lanes[SLOW].active == 0 and lanes[ECHO].active == 0  # every place given back once, not twice
 
 
-async def test_calls_in_progress_reads_that_count_for_the_batcher(ahead: tuple[grpc.aio.Server, grpc.aio.Channel, Calls]) -> None:
+async def test_calls_in_progress_reads_that_count_for_the_batcher(
+    ahead: tuple[grpc.aio.Server, grpc.aio.Channel, RecordingHandlers],
+) -> None:
     """The pipeline's batchers wait for calls accepted and not yet admitted: they read the same count
     (``calls_in_progress``), live, and 0 from a server that does not accept ahead."""
     server, channel, calls = ahead
@@ -238,3 +244,12 @@ async def test_a_call_whose_task_never_ran_leaves_the_queue_and_gives_its_place_
         assert not lane.started and lane.active == 0
     finally:
         await server.stop(None)
+
+
+async def test_grpc_cores_backlog_is_bounded_by_configuration() -> None:
+    """Memory is bounded by configuration, never by load: grpc core's backlog of calls not yet picked up too."""
+    options = dict(grpc_server_options(0, 100))
+    assert options["grpc.server.max_pending_requests"] == 100
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 200
+    assert "grpc.max_concurrent_streams" not in options
+    assert dict(grpc_server_options(32, 100))["grpc.max_concurrent_streams"] == 32

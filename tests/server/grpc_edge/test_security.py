@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +24,8 @@ from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import TOKENS_ENV, ServerConfig, from_env, parse_args
 from server.grpc_edge.auth import BearerTokenAuth, SecurityError, load_tokens
 from server.runtime.app import GenServer
-from tests.serving import make_config, running_server
+from tests.pki import Pair, make_ca, make_leaf
+from tests.serving import make_config, run_server_cli, running_server
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
@@ -34,51 +33,11 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 MODELS = "models"
 FILE_TOKENS = ("file-token-one-9f2c4e", "file-token-two-7b1d3a")  # two, as during a rotation
 ENV_TOKEN = "env-token-5e8a0c"
 WRONG = "wrong-token-000000"
 RPCS = ("ListModels", "Generate", "GenerateStream")
-
-
-# -- a throwaway PKI -------------------------------------------------------------------------------
-
-EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"]
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@dataclass(frozen=True)
-class Pair:
-    cert: Path
-    key: Path
-
-    @property
-    def pem(self) -> bytes:
-        return self.cert.read_bytes()
-
-
-def make_ca(folder: Path, name: str) -> Pair:
-    ca = Pair(folder / f"{name}.pem", folder / f"{name}.key")
-    openssl("req", "-x509", *EC_KEY, "-keyout", str(ca.key), "-out", str(ca.cert), "-subj", f"/CN={name}")
-    return ca
-
-
-def make_leaf(folder: Path, name: str, ca: Pair, *, server: bool) -> Pair:
-    """A certificate signed by ``ca``: for localhost and 127.0.0.1 (server), or for a client."""
-    leaf = Pair(folder / f"{name}.pem", folder / f"{name}.key")
-    extensions = ["basicConstraints=critical,CA:FALSE", f"extendedKeyUsage={'serverAuth' if server else 'clientAuth'}"]
-    if server:
-        extensions.append("subjectAltName=DNS:localhost,IP:127.0.0.1")
-    addext = [arg for ext in extensions for arg in ("-addext", ext)]
-    openssl(
-        "req", "-x509", *EC_KEY, "-CA", str(ca.cert), "-CAkey", str(ca.key),
-        "-keyout", str(leaf.key), "-out", str(leaf.cert), "-subj", f"/CN={name}", *addext,
-    )  # fmt: skip
-    return leaf
 
 
 @dataclass(frozen=True)
@@ -351,12 +310,6 @@ async def test_no_token_reaches_the_logs(
     assert '"event": "unauthenticated"' in logs  # refusals are logged (at debug) ...
     for secret in (*FILE_TOKENS, ENV_TOKEN, WRONG):
         assert secret not in logs  # ... without the token, right or wrong
-
-
-def run_server_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=60
-    )
 
 
 async def test_help_shows_no_token_and_names_the_security_options(token_file: Path) -> None:

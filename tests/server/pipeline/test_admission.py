@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from server.grpc_edge.accept import grpc_server_options
 from server.grpc_edge.codes import RETRY_PUSHBACK_KEY, retry_metadata
 from server.pipeline.admission import Admission, CoDel
 from server.pipeline.statuses import Code, Refused
@@ -12,7 +11,7 @@ from server.pipeline.statuses import Code, Refused
 TARGET, INTERVAL = 0.005, 0.100
 
 
-class Clock:
+class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
 
@@ -50,7 +49,7 @@ def test_sheds_when_the_delay_stays_over_target_for_an_interval_and_stops_when_i
 
 
 def test_an_idle_server_never_sheds() -> None:
-    clock = Clock()
+    clock = FakeClock()
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
     check(admission, 0)
     for _ in range(12):
@@ -62,7 +61,7 @@ def test_an_idle_server_never_sheds() -> None:
     check(admission, 1)  # ... and the next request starts afresh
 
 
-def overloaded_admission(clock: Clock, max_inflight: int = 100) -> Admission:
+def overloaded_admission(clock: FakeClock, max_inflight: int = 100) -> Admission:
     reasons: list[str] = []
     admission = Admission(max_inflight, target_s=TARGET, interval_s=INTERVAL, clock=clock, on_refusal=reasons.append)
     admission.refusals = reasons  # type: ignore[attr-defined]
@@ -73,7 +72,7 @@ def overloaded_admission(clock: Clock, max_inflight: int = 100) -> Admission:
 
 
 def test_admission_refuses_with_resource_exhausted_and_a_retry_hint_while_shedding() -> None:
-    clock = Clock()
+    clock = FakeClock()
     admission = overloaded_admission(clock)
     with pytest.raises(Refused) as info:
         check(admission, 1)
@@ -87,7 +86,7 @@ def test_admission_refuses_with_resource_exhausted_and_a_retry_hint_while_sheddi
 
 
 def test_compute_time_is_not_queueing_delay() -> None:
-    clock = Clock()
+    clock = FakeClock()
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
     for _ in range(30):  # 50 ms requests, all of it compute
         admission.observe_job(clock.now - 0.050, 0.049)
@@ -96,7 +95,7 @@ def test_compute_time_is_not_queueing_delay() -> None:
 
 
 def test_stream_requests_meet_only_the_count_limit() -> None:
-    clock = Clock()
+    clock = FakeClock()
     admission = overloaded_admission(clock, max_inflight=3)
     check(admission, 1, by_delay=False)  # admitted by its credit
     with pytest.raises(Refused, match="limit of 3"):
@@ -104,7 +103,7 @@ def test_stream_requests_meet_only_the_count_limit() -> None:
 
 
 def test_the_count_limit_is_a_backstop_whatever_the_delay() -> None:
-    admission = Admission(3, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
+    admission = Admission(3, target_s=TARGET, interval_s=INTERVAL, clock=FakeClock())
     check(admission, 2)
     with pytest.raises(Refused, match="limit of 3 requests in flight") as info:
         check(admission, 3)
@@ -112,7 +111,7 @@ def test_the_count_limit_is_a_backstop_whatever_the_delay() -> None:
 
 
 def test_stream_credit_shrinks_while_shedding_and_comes_back_after() -> None:
-    clock = Clock()
+    clock = FakeClock()
     calm = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
     assert calm.stream_grant(64, 63) == 1  # one finished: its credit back
     admission = overloaded_admission(clock)
@@ -124,19 +123,10 @@ def test_stream_credit_shrinks_while_shedding_and_comes_back_after() -> None:
     assert admission.stream_grant(64, 10) == 54  # topped up to the full grant
 
 
-def test_grpc_cores_backlog_is_bounded_by_configuration() -> None:
-    """Memory is bounded by configuration, never by load: grpc core's backlog of calls not yet picked up too."""
-    options = dict(grpc_server_options(0, 100))
-    assert options["grpc.server.max_pending_requests"] == 100
-    assert options["grpc.server.max_pending_requests_hard_limit"] == 200
-    assert "grpc.max_concurrent_streams" not in options
-    assert dict(grpc_server_options(32, 100))["grpc.max_concurrent_streams"] == 32
-
-
 def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average() -> None:
     """The second signal (server/grpc_edge/accept.py): how long calls wait between acceptance and their task's
     first step. The job queue may be short meanwhile (a saturated event loop is the bottleneck)."""
-    clock = Clock()
+    clock = FakeClock()
     reasons: list[str] = []
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock, on_refusal=reasons.append)
     for _ in range(40):  # calls that waited 20 ms each to start: the loop has a turn's worth of work queued
@@ -156,7 +146,7 @@ def test_the_loop_queue_sheds_while_calls_wait_to_start_over_target_on_average()
 
 
 def test_a_few_long_waits_among_quick_ones_are_a_burst_and_shed_nothing() -> None:
-    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock())
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=FakeClock())
     for _ in range(200):
         admission.observe_arrival(0.001)
     for _ in range(5):  # one long turn of the loop: five calls waited 20 ms
@@ -165,7 +155,7 @@ def test_a_few_long_waits_among_quick_ones_are_a_burst_and_shed_nothing() -> Non
 
 
 def test_an_idle_loop_never_sheds_whatever_it_last_saw() -> None:
-    clock = Clock()
+    clock = FakeClock()
     admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=clock)
     for _ in range(100):
         admission.observe_arrival(1.0)
@@ -178,7 +168,7 @@ def test_an_idle_loop_never_sheds_whatever_it_last_saw() -> None:
 
 def test_the_call_limit_follows_the_rate_calls_finish_at_and_keeps_its_floor() -> None:
     """Little's law: at most rate x budget calls in progress, never under the floor."""
-    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock(), call_floor=32)
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=FakeClock(), call_floor=32)
     calls = admission.calls
     assert calls.budget == 2 * TARGET and calls.limit == 32  # no rate yet: the floor
     now = 10.0
@@ -197,7 +187,7 @@ def test_the_call_limit_follows_the_rate_calls_finish_at_and_keeps_its_floor() -
 
 
 def test_a_long_pause_says_nothing_of_the_rate() -> None:
-    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=Clock(), call_floor=8)
+    admission = Admission(100, target_s=TARGET, interval_s=INTERVAL, clock=FakeClock(), call_floor=8)
     calls, now = admission.calls, 10.0
     for _ in range(2000):
         now += 0.0001

@@ -24,27 +24,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.accounting import front_refusals, parse, statuses
+from bench.accounting import parse
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 from server.config import ServerConfig, parse_args
-from server.runtime.front import GENERATE_PATH, FrontPlan, FrontStats, find_haproxy, free_port, haproxy_cfg, sweep_stale_workdirs
-from tests.serving import ServerProcess
-from tests.test_server_process import run_server_cli
+from server.runtime.front import GENERATE_PATH, FrontPlan, FrontStats, free_port, haproxy_cfg, sweep_stale_workdirs
+from tests.paths import ROOT
+from tests.pki import make_ca, make_leaf
+from tests.serving import ServerProcess, haproxy_or_skip, run_server_cli
 
 pytestmark = pytest.mark.timeout(120)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def haproxy_or_skip() -> str:
-    try:
-        return find_haproxy("haproxy")
-    except RuntimeError as e:
-        reason = f"{e} (scripts/front_setup.sh)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI=true requires the front's tests")
-        pytest.skip(reason)
 
 
 def plan(tmp_path: Path, limit: int = 7, queue: int = 3, host: str = "127.0.0.1", upstreams: int = 1) -> FrontPlan:
@@ -162,16 +151,6 @@ def test_folders_of_fronts_killed_outright_are_swept_and_live_ones_kept(tmp_path
     assert not stale.exists() and live.exists() and young.exists()  # young: maybe a front still starting
 
 
-def test_the_benchmarks_accounting_counts_the_fronts_refusals() -> None:
-    sample = parse(
-        'genserve_requests_total{code="OK",model="vae",rpc="Generate"} 10\n'
-        'genserve_front_refusals_total{code="RESOURCE_EXHAUSTED",rpc="Generate"} 4\n'
-        'genserve_rejections_total{code="RESOURCE_EXHAUSTED",rpc="Generate"} 1\n'
-    )
-    assert statuses(sample) == {"OK": 10, "RESOURCE_EXHAUSTED": 5}
-    assert front_refusals(sample) == 4
-
-
 def test_the_fronts_settings_are_checked_by_name() -> None:
     with pytest.raises(ValueError, match="front_queue must be >= 0"):
         ServerConfig(front_limit=4, front_queue=-2)
@@ -284,8 +263,6 @@ def test_past_its_limit_and_queue_the_front_refuses_with_resource_exhausted_and_
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_the_front_terminates_mutual_tls_and_the_server_behind_it_speaks_plaintext(tmp_path: Path) -> None:
     haproxy_or_skip()
-    from tests.test_security import make_ca, make_leaf
-
     ca = make_ca(tmp_path, "ca")
     server, client = make_leaf(tmp_path, "server", ca, server=True), make_leaf(tmp_path, "client", ca, server=False)
     args = ["--front-limit", "4", "--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-client-ca", str(ca.cert)]

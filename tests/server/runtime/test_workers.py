@@ -28,7 +28,6 @@ from tests.serving import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parent.parent
 START_S = 120.0  # a worker imports torch and loads its models; on a busy 2-core machine that takes a while
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from engine.errors import ModelFileError
@@ -28,40 +27,15 @@ from engine.models.classifier import ClassifierConfig, DigitClassifier
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
-from training.checkpoint import (
-    load_checkpoint,
-    module_state,
-    restore_optimizer,
-    save_checkpoint,
-)
+from tests.engine.model_files import PickleCanary, expect, save_st, tiny_vae
 
 VOCAB = "\n !abcde"
 
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def tiny_vae(num_classes: int = 0) -> VAE:
-    return VAE(VAEConfig(hidden_dim=8, latent_dim=3, num_classes=num_classes))
-
-
 def tiny_transformer() -> CharTransformer:
     return CharTransformer(TransformerConfig(vocab_size=len(VOCAB), block_size=8, n_layer=1, n_head=2, d_model=8, d_ff=16))
-
-
-def expect(path: Path, reason: str, tensor: str | None = None, any_tensor: bool = False) -> str:
-    """The full-message regex: ``<path>: [tensor 'name': ]<reason>``."""
-    where = re.escape(str(path)) + ": "
-    if tensor:
-        where += re.escape(f"tensor {tensor!r}: ")
-    elif any_tensor:
-        where += r"tensor '[^']+': "
-    return "^" + where + reason
-
-
-def save_st(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """save_file, returning the path."""
-    save_file(tensors, str(path), metadata=metadata or None)
-    return path
 
 
 def meta(kind: str, config: Any, **extra: str) -> dict[str, str]:
@@ -87,16 +61,6 @@ def raw_file(path: Path, header: Any, data: bytes = b"") -> Path:
     return path
 
 
-class Boom:
-    """Unpickling this creates a folder: proof that a loader ran pickle."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (os.mkdir, (str(self.marker),))
-
-
 # -- round trips ------------------------------------------------------------------------------
 
 
@@ -120,7 +84,7 @@ def _cases() -> list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], t
         (
             "char-transformer",
             lambda: CharTransformer(
-                TransformerConfig(vocab_size=len(VOCAB), block_size=8, n_layer=2, n_head=2, d_model=8, d_ff=16, block="seed")
+                TransformerConfig(vocab_size=len(VOCAB), block_size=8, n_layer=2, n_head=2, d_model=8, d_ff=16, block="original")
             ),
             lambda m: m(ids),
             VOCAB,
@@ -272,12 +236,12 @@ def test_header_claiming_gigabytes(tmp_path: Path) -> None:
 def test_pickle_is_refused_unread(tmp_path: Path, protocol: int) -> None:
     # the payload is live: unpickling it would create a folder
     probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps({"w": Boom(probe)}, protocol=protocol))
+    pickle.loads(pickle.dumps({"w": PickleCanary(probe)}, protocol=protocol))
     assert probe.is_dir()
 
     marker = tmp_path / "pwned"
     path = tmp_path / "model.safetensors"
-    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0], "boom": Boom(marker)}, protocol=protocol))
+    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0], "boom": PickleCanary(marker)}, protocol=protocol))
     with pytest.raises(ModelFileError, match=expect(path, r"is a Python pickle; genserve loads only safetensors \(pickle can run code\)$")):
         load_model(path)
     assert not marker.exists()
@@ -287,7 +251,7 @@ def test_pickle_is_refused_unread(tmp_path: Path, protocol: int) -> None:
 def test_old_pickle_protocols_are_refused_unread(tmp_path: Path, protocol: int) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "model.safetensors"
-    path.write_bytes(pickle.dumps({"boom": Boom(marker)}, protocol=protocol))
+    path.write_bytes(pickle.dumps({"boom": PickleCanary(marker)}, protocol=protocol))
     with pytest.raises(ModelFileError, match=expect(path, r"is not a safetensors file")):
         load_model(path)
     assert not marker.exists()
@@ -593,79 +557,3 @@ def test_zero_heads_is_refused(tmp_path: Path) -> None:
     path = _transformer_file(tmp_path / "t.safetensors", config=json.dumps(dict(tiny_transformer().config.__dict__, n_head=0)))
     with pytest.raises(ModelFileError, match=expect(path, r".*n_head")):  # wherever the fix lands, name the field
         load_model(path)
-
-
-# -- training checkpoints ---------------------------------------------------------------------
-
-
-def _checkpoint(path: Path) -> tuple[Path, nn.Module, torch.optim.Optimizer, torch.Tensor]:
-    torch.manual_seed(0)
-    module = nn.Linear(3, 2)
-    opt = torch.optim.Adam(module.parameters(), lr=0.1)
-    module(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    rng = {"torch": torch.get_rng_state()}
-    save_checkpoint(path, {"net": module}, {"adam": opt}, rng, {"epoch": 1, "step": 1, "task_args": {}})
-    return path, module, opt, rng["torch"]
-
-
-def test_checkpoint_round_trip(tmp_path: Path) -> None:
-    path, module, opt, rng = _checkpoint(tmp_path / "ckpts" / "c.safetensors")
-    ckpt = load_checkpoint(path)
-    assert ckpt.state["epoch"] == 1 and ckpt.state["version"] == 1
-    for k, v in module.state_dict().items():
-        assert torch.equal(module_state(ckpt, "net")[k], v)
-    fresh = torch.optim.Adam(nn.Linear(3, 2).parameters(), lr=0.5)
-    restore_optimizer("optim.adam", fresh, ckpt.tensors, ckpt.state["optimizers"]["adam"])
-    a, b = opt.state_dict(), fresh.state_dict()
-    assert json.loads(json.dumps(a["param_groups"])) == b["param_groups"]  # JSON turns betas into a list
-    for idx in a["state"]:
-        for key, value in a["state"][idx].items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][idx][key])), (idx, key)
-    assert torch.equal(ckpt.tensors["rng.torch"], rng)
-
-
-def test_checkpoint_refuses_a_model_file(tmp_path: Path) -> None:
-    path = export_model(tmp_path / "model.safetensors", "vae", tiny_vae())
-    with pytest.raises(ModelFileError, match=expect(path, r"is not a genserve training checkpoint \(no 'checkpoint' metadata\)$")):
-        load_checkpoint(path)
-
-
-def test_checkpoint_refuses_text(tmp_path: Path) -> None:
-    path = tmp_path / "c.safetensors"
-    path.write_text("definitely not a checkpoint")
-    with pytest.raises(ModelFileError, match=expect(path, r"is not a safetensors file \(or is truncated\): header claims")):
-        load_checkpoint(path)
-
-
-def test_checkpoint_refuses_pickle(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-    path = tmp_path / "c.pt"
-    path.write_bytes(pickle.dumps({"boom": Boom(marker)}))
-    with pytest.raises(ModelFileError, match=expect(path, r"is a Python pickle")):
-        load_checkpoint(path)
-    assert not marker.exists()
-
-
-def test_checkpoint_refuses_truncation(tmp_path: Path) -> None:
-    path, *_ = _checkpoint(tmp_path / "c.safetensors")
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 10])
-    with pytest.raises(
-        ModelFileError, match=expect(path, r"data offsets \[\d+, \d+\] fall outside the \d+ data bytes \(truncated\?\)$", any_tensor=True)
-    ):
-        load_checkpoint(path)
-
-
-def test_checkpoint_refuses_other_version(tmp_path: Path) -> None:
-    path = tmp_path / "c.safetensors"
-    save_st(path, {"w": torch.zeros(1)}, {"checkpoint": json.dumps({"version": 99})})
-    with pytest.raises(ModelFileError, match=expect(path, r"checkpoint version 99 is not supported$")):
-        load_checkpoint(path)
-
-
-def test_checkpoint_metadata_not_json(tmp_path: Path) -> None:
-    path = tmp_path / "c.safetensors"
-    save_st(path, {"w": torch.zeros(1)}, {"checkpoint": "{epoch"})
-    with pytest.raises(ModelFileError, match=expect(path, r"checkpoint metadata is not valid JSON \(")):
-        load_checkpoint(path)

@@ -1,0 +1,1 @@
+"""Tests of bench/: the benchmarks' accounting and their command lines on tiny runs."""

@@ -1,0 +1,1 @@
+"""Tests of clients/: the SDK (against a fake server and a real one) and the command line."""

@@ -1,0 +1,1 @@
+"""Tests of engine/: decoding, image generation, model files, the registry, the engine's face."""

@@ -1,0 +1,1 @@
+"""Tests of engine/models/: each architecture's maths and properties."""

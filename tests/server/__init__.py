@@ -1,0 +1,1 @@
+"""Tests of server/: its settings, metrics and ingresses here, the layers in the folders beside."""

@@ -1,0 +1,1 @@
+"""Tests of server/pipeline/, the core: links, stages, admission, supervision, the pipeline."""

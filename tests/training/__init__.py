@@ -1,0 +1,1 @@
+"""Tests of training/: the loop, runs, checkpoints, data, evaluation, the command line."""
