@@ -70,7 +70,7 @@ class Pipeline:
         self.calls_in_progress: Callable[[], int] = lambda: 0
         topology = self.topology = Topology(
             config, registry, engine, observe_batch=self._observe_batch,
-            in_flight=lambda: max(len(self.inflight), self.calls_in_progress()),
+            inflight=lambda: max(len(self.inflight), self.calls_in_progress()),
         )  # fmt: skip
         self.ingress = topology.ingress
         self.work = topology.work

@@ -86,7 +86,7 @@ class Batcher(Stage):
         batch_timeout: float,
         concurrency: int,
         observe_batch: Callable[[str, int, float], None] = lambda model, n, seconds: None,
-        in_flight: Callable[[], int] | None = None,
+        inflight: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(ModelStage.BATCHER.stage_name(model))
         self.model = model
@@ -98,7 +98,7 @@ class Batcher(Stage):
         self.window = BatchWindow(batch_timeout)  # the timeout in force: longer while the loop is saturated
         self.concurrency = concurrency
         self.observe_batch = observe_batch
-        self.in_flight = in_flight  # unfinished requests in the whole pipeline (None: always wait out the window)
+        self.inflight = inflight  # unfinished requests in the whole pipeline (None: always wait out the window)
         self.pending: list[ImageWork] = []  # the batch being filled
         self.carry: list[ImageWork] = []  # taken, but did not fit: opens the next batch
         self.running: dict[int, list[ImageWork]] = {}
@@ -159,9 +159,9 @@ class Batcher(Stage):
         join it but one not yet sent, so waiting out the window is only latency. Asked as a batch
         opens and as each piece joins it: cheap while requests are elsewhere (two lengths and a
         sum), the set only when they may all be here."""
-        if self.in_flight is None:
+        if self.inflight is None:
             return False
-        unfinished = self.in_flight()
+        unfinished = self.inflight()
         batches = (self.pending, self.carry, *self.running.values())
         if unfinished > sum(len(batch) for batch in batches):  # more requests than pieces here: some are elsewhere
             return False

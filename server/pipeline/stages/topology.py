@@ -35,13 +35,13 @@ class Topology:
         engine: Engine,
         *,
         observe_batch: Callable[[str, int, float], None],
-        in_flight: Callable[[], int] | None = None,
+        inflight: Callable[[], int] | None = None,
     ) -> None:
         c = self.config = config
         self.registry = registry
         self.engine = engine
         self.observe_batch = observe_batch
-        self.in_flight = in_flight  # the pipeline's unfinished requests: a batcher with nobody else to wait for closes at once
+        self.inflight = inflight  # the pipeline's unfinished requests: a batcher with nobody else to wait for closes at once
         size = c.queue_size
         # The ingress holds max_inflight (plus slack for jobs that ended while queued, which the
         # producer drops): admission's limit is the number of unfinished requests, so a burst the
@@ -77,7 +77,7 @@ class Topology:
                 batch_timeout=c.batch_timeout_ms / 1000,
                 concurrency=c.batch_concurrency,
                 observe_batch=self.observe_batch,
-                in_flight=self.in_flight,
+                inflight=self.inflight,
             )
             return batcher
         if name in self.text_links:

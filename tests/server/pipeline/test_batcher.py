@@ -91,7 +91,7 @@ async def test_a_batch_with_nobody_else_to_wait_for_closes_at_once(digits: Serve
     inbox: Link[ImageWork] = Link("in", 16)
     out: Link[ImageDone] = Link("out", 16)
     unfinished = [1]  # what the pipeline's in-flight count says
-    async with running(make_batcher(engine, inbox, out, batch_size=8, batch_timeout=10.0, in_flight=lambda: unfinished[0])):
+    async with running(make_batcher(engine, inbox, out, batch_size=8, batch_timeout=10.0, inflight=lambda: unfinished[0])):
         alone = image_job(digits, sink, "alone", 3)
         await inbox.put_from(collections.deque(pieces(alone, size=2)))  # a job in two pieces counts once
         (first, second) = await take_n(out, 2)  # well before the 10 s window
