@@ -37,7 +37,7 @@ from bench import accounting
 from bench.figures import Calls, closed_figures
 from bench.h2load import H2Load
 from bench.loadgen import Clients, Job
-from bench.serve import ROOT, Server, free_ports, loops_cpu_s
+from bench.serve import ROOT, Server, free_ports, http_off, loops_cpu_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     cwd: dict[str, Path] = {"echo": ROOT}
     for name, tree in trees:
         p, m = next(ports), next(ports)
-        cmd = [sys.executable, "-m", "server", "--port", str(p), "--metrics-port", str(m), *base]
+        cmd = [sys.executable, "-m", "server", "--port", str(p), "--metrics-port", str(m), *http_off(tree), *base]
         if name == "A":
             cmd += shlex.split(args.baseline_args)
         sides.append(Server(name, cmd, p, open(Path(logs.name) / f"{name}.log", "wb"), m))  # noqa: SIM115

@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench.serve import http_off
 from engine.registry import DEFAULT_MODELS_DIR
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
@@ -88,7 +89,18 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
     for name in ("vae", "gan", "transformer"):
         shutil.copy2(DEFAULT_MODELS_DIR / f"{name}.safetensors", folder / f"{name}.safetensors")
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port), "--models-dir", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        *http_off(),
+        "--models-dir",
+        str(folder),
+    ]
     cmd += ["--models-poll-s", "0.1", "--models-settle-s", "0", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

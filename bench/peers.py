@@ -1,6 +1,6 @@
 """genserve beside the tools users already know, measured in one run: writes bench/REPORT.md and plots.
 
-    python -m bench.peers [--quick] [--only echo,generate,stream,litserve,fastapi,ray] [--skip text,engine]
+    python -m bench.peers [--quick] [--only echo,generate,stream,http,litserve,fastapi,ray] [--skip text,engine]
 
 Serving (one side at a time on the same cores, each serving the bundled VAE decoder to one-image
 requests): the bare grpc.aio echo (the ceiling), our Generate and GenerateStream, LitServe,
@@ -54,11 +54,13 @@ from bench.figures import Calls, closed_figures, pct_ms
 from bench.h2load import H2Load, Run
 from bench.loadgen import MB, Clients, Job
 from bench.peer_apps import BATCH, BATCH_TIMEOUT_MS
-from bench.serve import Server, plain, tree_rss_bytes
+from bench.serve import Server, http_off, plain, tree_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_BASE = 52000  # this benchmark's ports: 52000-52099
 HTTP_BODY = b'{"seed": 1}'  # what a JSON user sends for one image; one fixed body, as for our Generate
+OUR_HTTP_BODY = b'{"model": "vae", "n": 1, "seed": 1}'  # the same request to our OpenAI-compatible edge
+OUR_HTTP_PATH = "/v1/images/generations"
 HTTP_HEADERS = ("content-type: application/json",)
 H1_CONNECTIONS_OPEN = 256  # HTTP/1.1 has one call in flight per connection: the open loop needs many
 
@@ -75,7 +77,9 @@ class Side:
 
     @property
     def process(self) -> str:
-        """The server process it runs on: our Generate and GenerateStream (and text) share one."""
+        """The server process it runs on: our Generate and GenerateStream (and text) share one; our HTTP edge has its own."""
+        if self.name == "genserve HTTP":
+            return "genserve-http"
         return self.peer or ("echo" if self.name == "echo" else "genserve")
 
 
@@ -91,6 +95,11 @@ def sides(threads: int) -> list[Side]:
             f"queueing delay (target {c.admission_target_ms:g} ms, interval {c.admission_interval_ms:g} ms); one process",
         ),
         Side("genserve GenerateStream", "stream", "the same server; a stream client keeps the window in flight within its credit"),
+        Side(
+            "genserve HTTP", "http",
+            f"the same defaults; POST {OUR_HTTP_PATH} (OpenAI's shape, a PNG as b64_json), uvicorn + httptools in the "
+            "server's own event loop; JSON",
+        ),
         Side(
             "LitServe", "http",
             f"max_batch_size {BATCH}, batch_timeout {BATCH_TIMEOUT_MS:g} ms, fast_queue (zmq), 1 worker, 1 API server, {t}; JSON",
@@ -282,14 +291,28 @@ class Runner:
     def start(self, side: Side) -> tuple[Server, int]:
         port, metrics = next(self.ports), next(self.ports)
         py = sys.executable
-        if side.kind == "http":
+        if side.process == "genserve-http":  # h2load talks to its HTTP port; the gRPC one is elsewhere
+            cmd = [py, "-m", "server", "--http-port", str(port), "--port", str(next(self.ports)), "--metrics-port", str(metrics)]
+            cmd += ["--models-dir", str(self.models_dir), "--log-level", "warning", "--threads", str(self.threads)]
+        elif side.kind == "http":
             cmd = [py, "-m", "bench.peer_apps", side.peer, "--port", str(port), "--threads", str(self.threads)]
             cmd += ["--models-dir", str(self.models_dir)]
             metrics = 0
         elif side.name == "echo":
             cmd, metrics = [py, "-m", "bench.echo", "--port", str(port)], 0
         else:
-            cmd = [py, "-m", "server", "--port", str(port), "--metrics-port", str(metrics), "--models-dir", str(self.models_dir)]
+            cmd = [
+                py,
+                "-m",
+                "server",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics),
+                *http_off(),
+                "--models-dir",
+                str(self.models_dir),
+            ]
             cmd += ["--log-level", "warning", "--threads", str(self.threads)]
         log = open(self.logs / f"{side.name.replace(' ', '_')}.log", "wb")  # noqa: SIM115 (closed by stop)
         server = Server(side.name, cmd, port, log)
@@ -306,6 +329,8 @@ class Runner:
             raise RuntimeError(f"{side.name}: {r['error']}")
 
     def h2load(self, side: Side) -> H2Load:
+        if side.process == "genserve-http":
+            return H2Load(http_body=OUR_HTTP_BODY, path=OUR_HTTP_PATH, headers=HTTP_HEADERS, h1=True)
         if side.kind == "http":
             return H2Load(http_body=HTTP_BODY, path="/predict", headers=HTTP_HEADERS, h1=True)
         return H2Load()
@@ -560,7 +585,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     m = out["machine"]
     progress(f"{m['cpu_model']}, {m['usable_cores']} cores, {threads} torch threads, load average {m['load_avg_at_start']:.1f}")
     wanted = set(args.only.split(",")) if args.only else None
-    keys = {"echo": "echo", "genserve Generate": "generate", "genserve GenerateStream": "stream"}
+    keys = {"echo": "echo", "genserve Generate": "generate", "genserve GenerateStream": "stream", "genserve HTTP": "http"}
     keys |= {"LitServe": "litserve", "FastAPI": "fastapi", "Ray Serve": "ray"}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as logs:
         runner = Runner(plan, threads, args.models_dir, Path(logs))
@@ -606,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.peers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short points (a couple of minutes; Ray's start is most of it)")
-    parser.add_argument("--only", default="", help="comma-separated sides: echo,generate,stream,litserve,fastapi,ray")
+    parser.add_argument("--only", default="", help="comma-separated sides: echo,generate,stream,http,litserve,fastapi,ray")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out: text,engine")
     parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1), help="torch threads everywhere")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")

@@ -44,7 +44,7 @@ from typing import Any
 
 from bench.accounting import scrape, settled, statuses, tally
 from bench.h2load import H2Load
-from bench.serve import free_ports
+from bench.serve import free_ports, http_off
 from genserve.v1 import generator_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ START_S = 180.0
 
 
 def start_server(models: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "server", "--models-dir", str(models), "--metrics-port", "0", "--log-level", "warning", *args]
+    cmd = [sys.executable, "-m", "server", "--models-dir", str(models), "--metrics-port", "0", *http_off(), "--log-level", "warning", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, start_new_session=True)
 
 

@@ -76,6 +76,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- the harness (the benchmark's own process) ----------------------------------------------------
 
 
+def http_off(tree: Path = ROOT) -> list[str]:
+    """``--http-port 0`` for a tree whose server has the HTTP edge (on by default at 8000: two servers
+    of one run would share it); nothing for an older tree, which would refuse the flag."""
+    return ["--http-port", "0"] if "http_port" in (tree / "server" / "config.py").read_text() else []
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free ports on 127.0.0.1 (all bound at once, so none repeats)."""
     with contextlib.ExitStack() as stack:
@@ -455,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = shlex.split(args.server_args)
     base = ["--port", "{port}", "--metrics-port", "{metrics_port}", "--models-dir", args.models_dir, "--log-level", "warning"]
-    server_cmd = [sys.executable, "-m", "server", *base, *extra]
+    server_cmd = [sys.executable, "-m", "server", *http_off(), *base, *extra]
     if args.target_cmd is not None:
         server_cmd = shlex.split(args.target_cmd)
     # The server's own parser gives the settings the report needs (batch timeout, credit, ...), environment included.

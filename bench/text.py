@@ -53,7 +53,7 @@ import torch
 from bench import accounting
 from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
 from bench.interop import to_hf_gpt2
-from bench.serve import free_ports
+from bench.serve import free_ports, http_off
 from engine.decode import DecodeBatch
 from engine.modelfile import load_model
 from genserve.v1 import generator_pb2 as pb
@@ -184,7 +184,18 @@ async def bench(args: argparse.Namespace) -> list[str]:
     try:
         if not args.no_server:
             port, metrics_port = free_ports(2)
-            cmd = [sys.executable, "-m", "server", "--port", str(port), "--metrics-port", str(metrics_port), "--models-dir", str(MODELS)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "server",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                *http_off(),
+                "--models-dir",
+                str(MODELS),
+            ]
             cmd += ["--threads", str(args.threads), "--log-level", "warning", "--decode-batch", str(max(64, args.streams))]
             cmd += shlex.split(args.server_args)
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

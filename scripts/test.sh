@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/node_setup.sh  # bench/amqp/load.mjs for tests/bench/test_scaleout.py (skipped without node)
 bash scripts/front_setup.sh  # HAProxy, for the server's --front-limit and tests/server/runtime/test_front.py
+bash scripts/browser_setup.sh  # Debian's Chromium, for the playground's browser test (tests/server/http_edge/test_playground.py)
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

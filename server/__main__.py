@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 
 # `pip install genserve` is the SDK only; the server's packages come with the [server] extra.
 # Checked before anything imports them, so a client-only install gets one clear line, not a traceback.
-SERVER_MODULES = ("torch", "safetensors", "structlog", "anyio", "prometheus_client", "grpc_health", "grpc_reflection")
+SERVER_MODULES = (
+    *("torch", "safetensors", "structlog", "anyio", "prometheus_client", "grpc_health", "grpc_reflection"),
+    *("starlette", "uvicorn"),  # the HTTP edge (on by default)
+)
 
 
 def missing_server_modules() -> list[str]:

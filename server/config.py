@@ -20,7 +20,7 @@ IMAGES = ImageLimits()
 ENV_PREFIX = "GENSERVE_"
 SECRET_FIELDS = ("amqp_url",)  # may hold a password: --help never shows its value
 MAX_PORT = 65535
-PORT_FIELDS = ("port", "metrics_port")
+PORT_FIELDS = ("port", "metrics_port", "http_port")
 TOKENS_ENV = "GENSERVE_TOKENS"  # comma-separated bearer tokens; read by server/grpc_edge/auth.py, never a config field
 
 
@@ -102,6 +102,12 @@ class ServerConfig:
     log_level: str = field(
         default="info", metadata={"help": "debug, info, warning or error", "choices": ("debug", "info", "warning", "error")}
     )
+    http_port: int = field(
+        default=8000,
+        metadata={
+            "help": "OpenAI-compatible HTTP port: /v1/models, /v1/completions, /v1/chat/completions, /v1/images/generations (0: off)"
+        },
+    )
     metrics_port: int = field(default=9464, metadata={"help": "Prometheus /metrics port (0: off)"})
     metrics_host: str = field(default="", metadata={"help": "address of /metrics (empty: --host)"})
     max_message_mb: int = field(default=16, metadata={"help": "largest gRPC message accepted or sent, in MiB"})
@@ -135,6 +141,11 @@ class ServerConfig:
     # Set by the front for the server behind it (server/runtime/front.py), never by a flag or the environment.
     front_address: str = field(default="", metadata={"help": "the front's public address", "internal": True})
     front_tls: bool = field(default=False, metadata={"help": "the front terminates TLS", "internal": True})
+    # The HTTP edge is not behind the front: it keeps the public host and TLS files the front took over for gRPC.
+    http_host: str = field(default="", metadata={"help": "the HTTP edge's host (empty: --host)", "internal": True})
+    http_tls_cert: str = field(default="", metadata={"help": "the HTTP edge's certificate (empty: --tls-cert)", "internal": True})
+    http_tls_key: str = field(default="", metadata={"help": "the HTTP edge's key (empty: --tls-key)", "internal": True})
+    http_tls_client_ca: str = field(default="", metadata={"help": "the HTTP edge's client CA (empty: --tls-client-ca)", "internal": True})
 
     def __post_init__(self) -> None:
         positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]

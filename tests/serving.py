@@ -38,7 +38,7 @@ from server.runtime.app import GenServer
 from server.runtime.front import find_haproxy
 from tests.paths import ROOT
 
-TEST_DEFAULTS: dict[str, Any] = {"port": 0, "metrics_port": 0, "grace_s": 5.0}
+TEST_DEFAULTS: dict[str, Any] = {"port": 0, "metrics_port": 0, "http_port": 0, "grace_s": 5.0}  # 0: off (HTTP, metrics)
 
 
 def make_config(**overrides: Any) -> ServerConfig:
@@ -110,7 +110,7 @@ class ServerProcess:
     say otherwise (argparse keeps the last), its log lines read on a thread into ``events``."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json", *args]
+        cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--http-port", "0", "--log-format", "json", *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
@@ -171,8 +171,14 @@ class ServerProcess:
 
 def run_server_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m server ARGS`` run to its end (60 s at most), with ``env`` over this environment."""
+    http_off = [] if "GENSERVE_HTTP_PORT" in (env or {}) else ["--http-port", "0"]  # ARGS may turn it on again: the last wins
     return subprocess.run(
-        [sys.executable, "-m", "server", *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "server", *http_off, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -46,12 +46,13 @@ def test_the_pipeline_core_imports_no_transport_and_no_ingress(path: Path) -> No
         )
 
 
-@pytest.mark.parametrize("ingress", ["server/grpc_edge", "server/amqp_ingress.py"])
+@pytest.mark.parametrize("ingress", ["server/grpc_edge", "server/http_edge", "server/amqp_ingress.py"])
 def test_an_ingress_does_not_reach_into_another_or_the_runtime(ingress: str) -> None:
     paths = sources(ingress) if ingress.endswith("edge") else [ROOT / ingress]
     others = {
-        "server/grpc_edge": ("server.amqp_ingress", "server.runtime"),
-        "server/amqp_ingress.py": ("server.grpc_edge", "server.runtime"),
+        "server/grpc_edge": ("server.amqp_ingress", "server.http_edge", "server.runtime"),
+        "server/http_edge": ("server.amqp_ingress", "server.grpc_edge", "server.runtime"),
+        "server/amqp_ingress.py": ("server.grpc_edge", "server.http_edge", "server.runtime"),
     }
     for path in paths:
         for name in imports_of(path):

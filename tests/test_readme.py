@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,12 +34,15 @@ from pathlib import Path
 
 import pytest
 
+from server.runtime.front import free_port
+
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 README_ADDRESS = "127.0.0.1:50051"  # what the examples' Python dials; the test's server is elsewhere
+README_HTTP = "127.0.0.1:8000"  # ... and its HTTP edge
 TRAINS = re.compile(r"-m training (vae|gan|transformer|classifier|resume|export)\b")  # an sh line that trains or writes a model
 NEEDS_BROKER = "AmqpClient("  # a python block that dials RabbitMQ: compiled, not run
 
@@ -106,6 +110,8 @@ class Server:
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            str(free_port()),
             "--device",
             "cpu",
             "--threads",
@@ -115,6 +121,7 @@ class Server:
         ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.address = ""
+        self.http = ""  # host:port of its HTTP edge
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -129,6 +136,7 @@ class Server:
             with contextlib.suppress(json.JSONDecodeError):
                 if json.loads(line).get("event") == "server_ready":
                     self.address = json.loads(line)["address"]
+                    self.http = json.loads(line)["http"].split("://", 1)[1]
                     self._ready.set()
         self._ready.set()  # it exited before it was ready
 
@@ -167,18 +175,20 @@ def test_the_readme_has_the_tour_and_the_training_example() -> None:  # the pars
 
 @pytest.mark.parametrize("example", console_examples(), ids=lambda e: e.command.split(" -m ")[-1][:40])
 def test_console_commands_work_as_typed(example: Example, server: Server, tmp_path: Path) -> None:
-    argv = shlex.split(example.command)
-    assert argv[0] == ".venv/bin/python", f"{example.page}: commands run the project's venv python"
-    result = subprocess.run(
-        [sys.executable, *argv[1:]], cwd=tmp_path, env=environment(server.address), capture_output=True, text=True, timeout=60
-    )
+    argv = shlex.split(example.command.replace(README_HTTP, server.http))
+    assert argv[0] in (".venv/bin/python", "curl"), f"{example.page}: commands run the project's venv python (or curl)"
+    if argv[0] == "curl":
+        assert shutil.which("curl"), "curl is not installed"
+    else:
+        argv[0] = sys.executable
+    result = subprocess.run(argv, cwd=tmp_path, env=environment(server.address), capture_output=True, text=True, timeout=60)
     shown = "\n".join(example.shown).strip("\n")
     if shown.startswith("python -m clients: error:"):
         assert (result.returncode, result.stderr.strip()) == (1, shown)
         return
     assert result.returncode == 0, result.stderr
-    if shown.endswith("..."):  # sampled text: the first line is the prompt
-        assert result.stdout.startswith(example.shown[0]), result.stdout
+    if shown.endswith("..."):  # sampled text: the first line is the prompt (or a line's start, when it ends in ...)
+        assert result.stdout.startswith(example.shown[0].removesuffix("...")), result.stdout
     else:
         assert result.stdout.strip("\n") == shown
     for path in re.findall(r"^wrote (\S+)", result.stdout, flags=re.M):
@@ -191,7 +201,7 @@ def test_python_blocks_run(where: str, code: str, server: Server, tmp_path: Path
         compile(code, where, "exec")
         return
     script = tmp_path / "example.py"
-    script.write_text(code.replace(README_ADDRESS, server.address))
+    script.write_text(code.replace(README_ADDRESS, server.address).replace(README_HTTP, server.http))
     result = subprocess.run(
         [sys.executable, str(script)], cwd=ROOT, env=environment(server.address), capture_output=True, text=True, timeout=120
     )

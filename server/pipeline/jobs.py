@@ -29,6 +29,7 @@ class Rpc(enum.StrEnum):
     GENERATE = "Generate"  # one gRPC call a request: admitted by queueing delay and the call limit
     GENERATE_STREAM = "GenerateStream"  # many a stream: admitted by the stream's credit
     AMQP = "Amqp"  # from the RabbitMQ queue: admitted by queueing delay (prefetch is its credit)
+    HTTP = "Http"  # the OpenAI-compatible HTTP edge: admitted by queueing delay
 
 
 @dataclass(frozen=True, slots=True)

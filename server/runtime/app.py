@@ -45,6 +45,7 @@ from server.wire import SERVICE
 
 if TYPE_CHECKING:
     from server.amqp_ingress import AmqpIngress
+    from server.http_edge.listener import HttpListener
 
 log = get_logger("server")
 
@@ -79,6 +80,7 @@ class GenServer:
         self.reuse_port = reuse_port  # --workers: the processes of one group share the port
         self.group_gate: Callable[[int], int] | None = None  # --workers: this worker's readiness flags -> the group's
         self.amqp: AmqpIngress | None = None
+        self.http: HttpListener | None = None  # the OpenAI-compatible HTTP edge (--http-port)
         self._serving = False
         self._health: dict[str, bool] = {}
         self._health_task: asyncio.Task[None] | None = None
@@ -156,6 +158,12 @@ class GenServer:
         undo.push_async_callback(self.grpc.stop, None)
         unblock_completion_writes()  # grpc core hands calls over as fast as they come (server/grpc_edge/wakeups.py)
         self.port = self._listen(credentials)
+        http_socket = None
+        if c.http_port:  # bound now, served once the pipeline is up
+            from server.http_edge.listener import bind
+
+            http_socket = bind(c.http_host or c.host, c.http_port, reuse_port=self.reuse_port)
+            undo.callback(http_socket.close)
         if c.metrics_port:
             try:
                 self._stop_metrics = self.metrics.serve(c.metrics_bind_host, c.metrics_port)
@@ -225,6 +233,22 @@ class GenServer:
 
             self.amqp = AmqpIngress(c, self.pipeline, self.metrics)
             await self.amqp.start()
+        if http_socket is not None:
+            from server.http_edge.app import HttpEdge  # starlette and uvicorn only when asked for
+            from server.http_edge.listener import HttpListener
+
+            edge = HttpEdge(self.pipeline, self.metrics, tokens=tokens, public_health=c.public_health, ready=lambda: self._serving)
+            assert http_socket is not None
+            self.http = HttpListener(
+                edge.app,
+                http_socket,
+                c.http_host or c.host,  # behind a front: the public host, with the TLS files the front took for gRPC
+                tls_cert=c.http_tls_cert or c.tls_cert,
+                tls_key=c.http_tls_key or c.tls_key,
+                tls_client_ca=c.http_tls_client_ca or c.tls_client_ca,
+            )
+            undo.push_async_callback(self.http.stop)
+            await self.http.start()
         self._serving = True
         await self._refresh_health()
         if self.amqp is not None or self.group_gate is not None:
@@ -238,6 +262,7 @@ class GenServer:
             models=[f"{m.name}@{m.version}" for m in self.registry.list_models()],
             refused=[str(f.path) for f in self.registry.failures],
             metrics=metrics,
+            http=self.http.url if self.http else "off",
             batch_size=c.batch_size,
             batch_timeout_ms=c.batch_timeout_ms,
             processors=c.processors,
@@ -380,6 +405,8 @@ class GenServer:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.grpc.stop(grace=1.0)  # lets the handlers send the outcomes just decided
+        if self.http is not None:
+            await self.http.stop()
         await self._stop_supervisor()
         await self._close_engine()
         if self._stop_metrics is not None:

@@ -315,6 +315,10 @@ class Front:
             tls_key="",
             tls_client_ca="",
             front_address=_listen_address(self.plan.listen_host, self.plan.listen_port),
+            http_host=c.host,  # the HTTP edge serves beside the front, on the public host with the TLS files given
+            http_tls_cert=c.tls_cert,
+            http_tls_key=c.tls_key,
+            http_tls_client_ca=c.tls_client_ca,
             front_tls=self.plan.tls_pem is not None,
         )
 

@@ -112,7 +112,7 @@ class Board:
         self.metrics_ports[index] = 0
 
 
-def reserve_port(config: ServerConfig) -> tuple[socket.socket, int]:
+def reserve_port(config: ServerConfig, port: int | None = None, what: str = "") -> tuple[socket.socket, int]:
     """Check that the port is free, then hold it with SO_REUSEPORT for the workers to join.
 
     Checked without SO_REUSEPORT first: another server, or another group, on the port makes this
@@ -120,12 +120,13 @@ def reserve_port(config: ServerConfig) -> tuple[socket.socket, int]:
     becomes a concrete free port here, or each worker would pick a different one.
     """
     host = config.host.strip("[]")
-    family, kind, proto, _, address = socket.getaddrinfo(host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    port = config.port if port is None else port
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     with socket.socket(family, kind, proto) as probe:
         try:
             probe.bind(address)
         except OSError as e:
-            raise OSError(f"could not listen on {config.address}: {e.strerror}") from None
+            raise OSError(f"could not listen{what} on {replace(config, port=port).address}: {e.strerror}") from None
         port = probe.getsockname()[1]
     held = socket.socket(family, kind, proto)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -176,6 +177,7 @@ class WorkerGroup:
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.restarts: collections.deque[float] = collections.deque()
         self.exit_code = 0
+        self.http_port = config.http_port
         self.drain_deadline: float | None = None
         self.signals = 0
         self._inherited: list[Any] = []  # what a forked worker must close (the parent's sockets and pipe)
@@ -188,17 +190,23 @@ class WorkerGroup:
 
     def worker_config(self, port: int) -> ServerConfig:
         # metrics_port 0: a worker's own /metrics is private (an ephemeral 127.0.0.1 port on the board)
-        return replace(self.config, workers=1, port=port, metrics_port=0, threads=worker_threads(self.config, self.size))
+        threads = worker_threads(self.config, self.size)
+        return replace(self.config, workers=1, port=port, metrics_port=0, threads=threads, http_port=self.http_port)
 
     def run(self) -> int:
         c = self.config
         try:
             held, port = reserve_port(c)
+            self._inherited.append(held)
+            if c.http_port:  # the HTTP edge's port, shared by the workers the same way
+                held_http, self.http_port = reserve_port(c, c.http_port, " for HTTP (--http-port)")
+                self._inherited.append(held_http)
         except OSError as e:
             log.error("start_failed", error=str(e))
+            for thing in self._inherited:
+                _close(thing)
             return 1
         self.port = port
-        self._inherited.append(held)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -221,6 +229,7 @@ class WorkerGroup:
             "address": replace(c, port=port).address,
             "threads_per_worker": threads,
             "metrics": f"http://{c.metrics_bind_host}:{c.metrics_port}/metrics" if c.metrics_port else "off",
+            "http": f"{'https' if c.tls_cert else 'http'}://{replace(c, port=self.http_port).address}" if c.http_port else "off",
         }
         log.info("workers_starting", **facts)
         ready_logged = False

@@ -56,9 +56,11 @@ OPTIONS = [f for f in dataclasses.fields(ServerConfig) if not f.metadata.get("in
 
 def test_internal_settings_are_neither_flags_nor_environment_variables() -> None:
     internal = [f.name for f in dataclasses.fields(ServerConfig) if f.metadata.get("internal")]
-    assert internal == ["front_address", "front_tls"]
-    assert parse_args([], environ={"GENSERVE_FRONT_ADDRESS": "evil:1", "GENSERVE_FRONT_TLS": "true"}).front_tls is False
+    assert internal == ["front_address", "front_tls", "http_host", "http_tls_cert", "http_tls_key", "http_tls_client_ca"]
+    parsed = parse_args([], environ={"GENSERVE_FRONT_ADDRESS": "evil:1", "GENSERVE_FRONT_TLS": "true", "GENSERVE_HTTP_HOST": "0.0.0.0"})
+    assert parsed.front_tls is False and parsed.http_host == ""
     assert "--front-address" not in build_parser(ServerConfig()).format_help()
+    assert "--http-host" not in build_parser(ServerConfig()).format_help()
 
 
 @pytest.mark.parametrize("f", OPTIONS, ids=lambda f: f.name)
@@ -92,7 +94,7 @@ def test_bad_settings_are_refused_with_a_clear_message() -> None:
     assert result.returncode == 1 and "no/such/folder" in result.stderr
 
 
-@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--http-port"])
 @pytest.mark.parametrize("value", ["70000", "65536", "-1"])
 def test_a_port_outside_0_to_65535_is_refused_naming_its_flag(flag: str, value: str) -> None:
     """--port 70000 used to serve on 4464 (the number wrapped)."""

@@ -399,7 +399,21 @@ def test_sighup_rescans_the_folder_at_once(tmp_path: Path) -> None:
     folder = tmp_path / "models"
     folder.mkdir()
     shutil.copy2(DEFAULT_MODELS_DIR / "vae.safetensors", folder / "vae.safetensors")
-    cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", "--log-format", "json", "--models-dir", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "0",
+        "--log-format",
+        "json",
+        "--models-dir",
+        str(folder),
+    ]
     cmd += ["--models-poll-s", "0"]  # no polling: only SIGHUP scans
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:

@@ -44,13 +44,13 @@ def server_process(request: pytest.FixtureRequest) -> Iterator[ReadyServer]:
     proc.stop()
 
 
-@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--http-port"])
 def test_a_taken_port_is_named_with_its_flag_and_no_stage_restarts(flag: str) -> None:
     with socket.socket() as taken:  # what a first server holds
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        ports = {"--port": "0", "--metrics-port": "0", flag: str(port)}
+        ports = {"--port": "0", "--metrics-port": "0", "--http-port": "0", flag: str(port)}
         result = run_server_cli(*[a for pair in ports.items() for a in pair])
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr and f"another with {flag} N" in result.stderr
@@ -154,7 +154,7 @@ def test_a_closed_log_pipe_neither_stops_serving_nor_deafens_the_server_to_sigte
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         metrics_port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", str(metrics_port), "--log-format", "json"]
+    cmd = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", str(metrics_port), "--http-port", "0", "--log-format", "json"]
     cmd += ["--models-dir", str(models), "--workers", workers, "--models-poll-s", "0.2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

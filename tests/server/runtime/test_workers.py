@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -226,3 +227,19 @@ def test_cores_are_split_between_workers() -> None:
     assert worker_threads(ServerConfig(), 1) == max(1, cores - 1)
     assert worker_threads(ServerConfig(), 2 * cores) == 1
     assert worker_threads(ServerConfig(threads=3), 2) == 3
+
+
+def test_the_workers_share_the_http_port_too(small_models: Path) -> None:
+    http_port = free_port()
+    g = Group("--workers", "2", "--models-dir", str(small_models), "--grace-s", "3", "--http-port", str(http_port))
+    try:
+        ready = g.wait_for("server_ready", START_S)  # the group's one line: both addresses
+        assert ready["http"] == f"http://127.0.0.1:{http_port}" and ready["workers"] == 2
+        assert len(g.find("worker_ready")) == 2
+        for _ in range(4):  # new connections, spread by the kernel between the workers
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10) as response:
+                assert response.status == 200 and json.loads(response.read())["object"] == "list"
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.wait_exit(60) == 0
+    finally:
+        g.stop()
