@@ -22,7 +22,7 @@ import hmac
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ log = get_logger("server.http_edge")
 
 MAX_BODY_BYTES = 1 << 20  # a request body over this is refused, 413
 PLAYGROUND = Path(__file__).with_name("playground.html")
+PNGS_ON_THE_LOOP = 16  # more samples than this are encoded on a worker thread
 
 
 class JobEvents:
@@ -154,12 +155,14 @@ class HttpEdge:
             raise BadRequest(f"body must be a JSON object, got {type(body).__name__}")
         return body
 
-    def _admit(self, request: pb.GenerateRequest, events: JobEvents) -> Job:
-        """Build and admit the job, or raise Refused (counted)."""
+    def _admit(self, request: pb.GenerateRequest, events: JobEvents, headers: Mapping[str, str]) -> Job:
+        """Build and admit the job, or raise Refused (counted). A ``timeout`` header (seconds) is its
+        deadline, capped by the server's --request-timeout-s as for gRPC."""
+        timeout = _timeout(headers.get("timeout"))
         self._ids += 1
         try:
             job = self.pipeline.jobs.build(request, Rpc.HTTP, f"http-{os.getpid()}-{self._ids}", events)
-            self.pipeline.admit(job, None)
+            self.pipeline.admit(job, timeout)
         except Refused as e:
             self._refused(e.code)
             raise
@@ -222,7 +225,7 @@ class HttpEdge:
         try:
             call = parse(await self._body(request))
             events = JobEvents()
-            job = self._admit(call.request, events)
+            job = self._admit(call.request, events, request.headers)
         except BadRequest as e:
             return self._bad(e)
         except ValueError as e:  # a value protobuf cannot carry
@@ -280,7 +283,7 @@ class HttpEdge:
             size = served.info.image.image_size if served is not None and served.info.image is not None else None
             parsed = image_request(body, size)
             events = JobEvents()
-            job = self._admit(parsed, events)
+            job = self._admit(parsed, events, request.headers)
         except BadRequest as e:
             return self._bad(e)
         except ValueError as e:
@@ -301,7 +304,11 @@ class HttpEdge:
             if not job.done:
                 job.fail(Code.CANCELLED, "the HTTP request ended before the job finished")
         results.sort(key=lambda r: r.offset)
-        data = [{"b64_json": png_b64(sample)} for r in results for sample in r.pixels]
+        samples = [sample for r in results for sample in r.pixels]
+        if len(samples) <= PNGS_ON_THE_LOOP:
+            data = [{"b64_json": png_b64(sample)} for sample in samples]
+        else:  # ~50 us a PNG: many would hold the event loop
+            data = await asyncio.to_thread(lambda: [{"b64_json": png_b64(sample)} for sample in samples])
         return JSONResponse({"created": int(job.created), "data": data, "seed": job.seed})
 
     def _served(self, model: object) -> ServedModel | None:
@@ -309,6 +316,18 @@ class HttpEdge:
             return self.pipeline.registry.get(model)
         except ModelNotFound:  # the builder refuses it, naming what is served
             return None
+
+
+def _timeout(header: str | None) -> float | None:
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise BadRequest(f"the timeout header must be a number of seconds > 0, got {header[:40]!r}", "timeout")
+    return seconds
 
 
 def _event(data: dict[str, Any]) -> bytes:

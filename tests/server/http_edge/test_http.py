@@ -183,3 +183,21 @@ def test_without_public_health_the_health_endpoints_need_a_token_too(tmp_path: P
     with ServerThread(http_port=port, token_file=str(tokens), public_health=False):
         assert call(port, "GET", "/health")[0] == 401
         assert call(port, "GET", "/ready", headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_a_deadline_ends_a_stream_with_an_error_event(server: tuple[ServerThread, int]) -> None:
+    _, port = server
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    body = json.dumps({"model": "transformer", "prompt": "ROMEO:", "max_tokens": 1000, "stream": True}).encode()
+    connection.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json", "timeout": "0.3"})
+    events = [line for line in connection.getresponse().read().decode().split("\n\n") if line]
+    connection.close()
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "timeout" and "deadline" in error["message"]
+
+
+def test_a_bad_timeout_header_is_refused_by_name(server: tuple[ServerThread, int]) -> None:
+    _, port = server
+    status, body, _ = post(port, "/v1/completions", {"model": "transformer", "prompt": "x"}, {"timeout": "soon"})
+    assert status == 400 and body["error"]["param"] == "timeout"
