@@ -133,8 +133,8 @@ class _Unconditional(torch.nn.Module):
 
 
 def served_forward(loaded: LoadedModel) -> Callable[..., torch.Tensor]:
-    """What the engine serves: the VAE's decoder, the generator itself."""
-    return cast(Callable[..., torch.Tensor], loaded.module.decode if loaded.kind == "vae" else loaded.module)
+    """What the engine serves: a one-shot module's forward (the VAE's decoder, the generator itself)."""
+    return cast(Callable[..., torch.Tensor], loaded.module)
 
 
 def export_onnx(loaded: LoadedModel, gen: ImageGenerator, path: Path) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import MODELS, Contender, calibrate, measure_rounds, served_forward
-from engine.images import DEFAULT_TILE, ImageGenerator, ImageRequest
+from engine.images import ImageGenerator, ImageRequest
 from engine.limits import ImageLimits
 from engine.modelfile import load_model
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models.split(","):
         loaded = load_model(Path(MODELS) / f"{name}.safetensors")
         bare = served_forward(loaded)
-        print(f"{name} ({loaded.kind}; served tile {DEFAULT_TILE[loaded.kind]}): tiled / untiled time, {args.threads} thread(s)")
+        print(f"{name} ({loaded.kind}; served tile {loaded.spec.tile}): tiled / untiled time, {args.threads} thread(s)")
         print(f"{'batch':>6} {'untiled ms':>11} " + " ".join(f"{'T' + str(t):>7}" for t in args.tiles))
         for b in args.batches:
             gen = ImageGenerator(loaded, ImageLimits(max_n=b, max_batch=b))

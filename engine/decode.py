@@ -51,6 +51,7 @@ from typing import Literal
 import torch
 
 from engine.errors import InvalidPromptError, QueueFullError
+from engine.kinds import Shape
 from engine.modelfile import LoadedModel
 from engine.models.transformer import CharTransformer, cached_forward
 from engine.sampling import (
@@ -294,7 +295,7 @@ class DecodeBatch:
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, **kwargs: int | bool) -> DecodeBatch:
-        if not isinstance(loaded.module, CharTransformer) or loaded.vocab is None:
+        if loaded.spec.shape is not Shape.TOKEN_DECODE or loaded.vocab is None:
             raise ValueError(f"{loaded.path}: a {loaded.kind} is not a text model")
         return cls(loaded.module, loaded.vocab, **kwargs)  # type: ignore[arg-type]
 

@@ -32,15 +32,15 @@ class _OneTile(nn.Module):
     """The model on one tile of (z, labels): a module (not a closure) so tracing keeps the
     weights as parameters; ``labels`` is ignored by an unconditional model."""
 
-    def __init__(self, module: nn.Module, decode: bool, conditional: bool) -> None:
+    def __init__(self, module: nn.Module, conditional: bool) -> None:
         super().__init__()
         self.model = module
-        self.decode = decode
         self.conditional = conditional
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         given = labels if self.conditional else None
-        return self.model.decode(z, given) if self.decode else self.model(z, given)  # type: ignore[operator]
+        out: torch.Tensor = self.model(z, given)
+        return out
 
 
 class _Tiles(nn.Module):
@@ -169,7 +169,6 @@ def image_graph(module: nn.Module, tile: int, build: Callable[[], ImageGraph | N
 def build_graph(
     module: nn.Module,
     *,
-    decode: bool,
     latent_dim: int,
     num_classes: int,
     tile: int,
@@ -185,7 +184,7 @@ def build_graph(
         with warnings.catch_warnings(), optimized_execution(False), torch.no_grad():
             warnings.simplefilter("ignore")  # torch 2.x calls torch.jit deprecated; the tracer warns of what the check below settles
             example = (torch.zeros(tile, latent_dim), torch.zeros(tile, dtype=torch.long))
-            one_tile = torch.jit.trace(_OneTile(module, decode, conditional), example, check_trace=False)
+            one_tile = torch.jit.trace(_OneTile(module, conditional), example, check_trace=False)
             graph = ImageGraph(torch.jit.script(_Tiles(one_tile, tile, latent_dim, num_classes)))
         gen = torch.Generator().manual_seed(0)
         for rows in sorted({1, tile, 2 * tile + 3}):

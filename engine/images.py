@@ -1,4 +1,4 @@
-"""Batched generation for image models: the VAE's decoder and the WGAN-GP generator.
+"""Batched generation for one-shot image models (engine/kinds.py: one forward pass per batch).
 
 Flow (synchronous; ``Engine`` calls it, and runs batches on an engine thread or inline):
 
@@ -38,15 +38,11 @@ import torch
 
 from engine.errors import InvalidImageRequest, brief_repr
 from engine.image_graph import ImageGraph, build_graph, image_graph
+from engine.kinds import Shape
 from engine.limits import ImageLimits
 from engine.modelfile import LoadedModel
 
-IMAGE_KINDS = ("vae", "wgan-gp")
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1
-# Rows per model call, per kind (issue #17). Every call sees exactly this many rows (the last tile
-# is padded), so a sample's floats are bit for bit the same alone or beside any neighbours.
-# Sizes chosen with ``python -m bench.tiles`` for loaded batches (docs/design/tiling.md).
-DEFAULT_TILE = {"vae": 32, "wgan-gp": 16}
 
 Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -147,18 +143,19 @@ class ImageGenerator:
     """Generation for one loaded image model; cheap to build, safe to share between threads."""
 
     def __init__(self, model: LoadedModel, limits: ImageLimits | None = None) -> None:
-        if model.kind not in IMAGE_KINDS:
-            raise ValueError(f"{model.name}: kind {model.kind!r} is not an image model (expected one of {IMAGE_KINDS})")
+        if model.spec.shape is not Shape.ONE_SHOT:
+            raise ValueError(f"{model.name}: a {model.kind} is not a one-shot image model")
         self.model = model
         self.limits = limits or ImageLimits()
         cfg = model.config
         self.latent_dim: int = cfg.latent_dim
         self.num_classes: int = cfg.num_classes
         self.image_size: int = cfg.image_size
-        # Resolved once, so a batch pays no dispatch on the kind: the VAE serves its decoder.
-        self._forward = cast(Forward, model.module.decode if model.kind == "vae" else model.module)
+        self._forward = cast(Forward, model.module)  # a one-shot module's forward(z, labels) is its images
         self.device = next(model.module.parameters()).device
-        self.tile: int = self.limits.tile or DEFAULT_TILE[model.kind]
+        # Rows per model call: every call sees exactly this many (the last tile is padded), so a
+        # sample's floats are bit for bit the same alone or beside any neighbours (docs/design/tiling.md).
+        self.tile: int = self.limits.tile or model.spec.tile
         self._half = torch.tensor(0.5, device=self.device)  # made once: a tensor constant per batch costs a few us
         self._graph: ImageGraph | bool | None = self.device.type == "cpu"  # True: not built yet (on first run)
 
@@ -300,7 +297,6 @@ class ImageGenerator:
                 self.tile,
                 lambda: build_graph(
                     module,
-                    decode=self.model.kind == "vae",
                     latent_dim=self.latent_dim,
                     num_classes=self.num_classes,
                     tile=self.tile,

@@ -3,7 +3,7 @@
 Layout (format version 1):
 - tensors: the served module's ``state_dict`` with dotted names (``decoder.hidden.weight``),
   float32, contiguous; tied weights are stored once (the Transformer's head is ``tok_emb``).
-- metadata (all strings, as safetensors requires): ``kind`` (a key of ``engine.models.KINDS``),
+- metadata (all strings, as safetensors requires): ``kind`` (a kind's name: engine/kinds.py),
   ``format_version``, ``config`` (JSON of every architecture hyper-parameter), ``vocab`` (JSON
   string of the characters, text models only), ``training`` (JSON of the training figures).
 
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.errors import ModelFileError
-from engine.models import KINDS
+from engine.kinds import Kind, known_kinds
 
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -41,11 +41,15 @@ class LoadedModel:
     """A model rebuilt from its file, in eval mode on the requested device."""
 
     path: Path
-    kind: str
+    spec: Kind  # what its ``kind`` names: how it is served and trained (engine/kinds.py)
     config: Any
     module: nn.Module
     vocab: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.name
 
     @property
     def name(self) -> str:
@@ -96,8 +100,8 @@ def export_model(
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``module`` (which has a ``config`` dataclass attribute) as a model file."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}")
+    if kind not in known_kinds():
+        raise ValueError(f"unknown model kind {kind!r} (known: {sorted(known_kinds())})")
     config = module.config
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in module.state_dict().items()}
     metadata = {
@@ -223,12 +227,13 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         if key not in metadata:
             raise ModelFileError(p, f"metadata has no {key!r}: not a genserve model file")
     kind_name = metadata["kind"]
-    if kind_name not in KINDS:
-        raise ModelFileError(p, f"unknown model kind {kind_name!r} (known: {sorted(KINDS)})")
+    kinds = known_kinds()
+    if kind_name not in kinds:
+        raise ModelFileError(p, f"unknown model kind {kind_name!r} (known: {sorted(kinds)})")
     version = metadata["format_version"]
     if not version.isdigit() or int(version) != FORMAT_VERSION:
         raise ModelFileError(p, f"format version {version!r} is not supported (this genserve reads version {FORMAT_VERSION})")
-    kind = KINDS[kind_name]
+    kind = kinds[kind_name]
     config = config_from_dict(kind.config_cls, _json_meta(p, metadata, "config"), p)
     vocab: str | None = None
     if "vocab" in metadata:
@@ -281,4 +286,4 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     # initialisation and no second copy of the weights.
     skeleton.load_state_dict(tensors, strict=True, assign=True)
     module = skeleton.to(device).eval()
-    return LoadedModel(path=p, kind=kind_name, config=config, module=module, vocab=vocab, training=training)
+    return LoadedModel(path=p, spec=kind, config=config, module=module, vocab=vocab, training=training)

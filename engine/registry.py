@@ -2,7 +2,7 @@
 
 Files. ``load_folder`` loads every ``*.safetensors`` directly inside a folder (default: the
 repo's bundled ``models/``). It does not recurse: ``models/eval/`` holds the evaluation
-classifier, and a file of kind ``mnist-classifier`` found anywhere is skipped, not served. Each
+classifier, and a file whose kind is not served (``Shape.NOT_SERVED``) is skipped. Each
 file is rebuilt by ``engine.modelfile.load_model`` (tensors copied out of safetensors' memory map)
 and warmed up with one small forward pass. A file that cannot be used becomes a ``LoadFailure``
 (its path and the reason), is logged, and the other files still load.
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelFileError, ModelNotFound, brief_repr
-from engine.images import IMAGE_KINDS, ImageGenerator, ImageRequest
+from engine.images import ImageGenerator, ImageRequest
+from engine.kinds import Shape, known_kinds
 from engine.limits import ImageLimits
 from engine.logs import get_logger
 from engine.modelfile import LoadedModel, load_model, read_header
-from engine.models import KINDS
 
 log = get_logger("engine.registry")
 
@@ -47,8 +47,6 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 SUFFIX = ".safetensors"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,8}$")
-NOT_SERVED_KINDS = frozenset({"mnist-classifier"})  # evaluation only
-TEXT_KINDS = ("char-transformer",)
 
 
 @dataclass(frozen=True)
@@ -175,8 +173,8 @@ class ModelRegistry:
                 key = parse_file_name(path)
                 if key in seen:
                     raise ModelFileError(path, f"duplicates {key[0]} version {key[1]} of {seen[key].name}")
-                if self._peek_kind(path) in NOT_SERVED_KINDS:
-                    log.info("model_skipped", path=str(path), reason="evaluation model, not served")
+                if not self._served_kind(path):
+                    log.info("model_skipped", path=str(path), reason="a kind that is not served (evaluation)")
                     skipped.append(path)
                     continue
                 seen[key] = path
@@ -191,8 +189,10 @@ class ModelRegistry:
         return FolderReport(loaded, failures, skipped)
 
     @staticmethod
-    def _peek_kind(path: Path) -> str | None:
-        return read_header(path)[1].get("kind")
+    def _served_kind(path: Path) -> bool:
+        """Whether the file's kind is served (unknown kinds count as served: loading names them)."""
+        kind = known_kinds().get(read_header(path)[1].get("kind", ""))
+        return kind is None or kind.served
 
     def load(self, path: str | Path, *, name: str | None = None, version: int | None = None) -> ServedModel:
         """Load a file and serve it; name and version come from its file name unless given.
@@ -234,13 +234,12 @@ class ModelRegistry:
         """Read, check and warm up one file (before any lock: serving never waits on a file)."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise ValueError(f"model name {brief_repr(name, 80)} does not match {NAME_PATTERN.pattern}")
-        kind = self._peek_kind(path)
-        if kind in NOT_SERVED_KINDS:
-            raise ModelFileError(path, f"kind {kind!r} is not served (evaluation only)")
+        if not self._served_kind(path):
+            raise ModelFileError(path, f"kind {read_header(path)[1].get('kind')!r} is not served (evaluation only)")
         t0 = time.perf_counter()
         model = load_model(path, self.device)
         t1 = time.perf_counter()
-        images = ImageGenerator(model, self.image_limits) if model.kind in IMAGE_KINDS else None
+        images = ImageGenerator(model, self.image_limits) if model.spec.shape is Shape.ONE_SHOT else None
         self._warm_up(model, images)
         t2 = time.perf_counter()
         return model, images, round(1000 * (t1 - t0), 1), round(1000 * (t2 - t1), 1)
@@ -293,7 +292,7 @@ class ModelRegistry:
                     detail="a sample's floats depend on its place in a batch on this machine's kernels "
                     "(narrow layers); a seed still gives the same images but for a rare uint8 level",
                 )
-        elif model.kind in TEXT_KINDS:
+        elif model.spec.text:
             with torch.inference_mode():
                 model.module(torch.zeros((1, 1), dtype=torch.long, device=self.device))
         if self.device.type == "cuda":
@@ -303,7 +302,7 @@ class ModelRegistry:
         cfg = model.config
         image: ImageInfo | None = None
         text: TextInfo | None = None
-        if model.kind in IMAGE_KINDS:
+        if model.spec.images:
             c = cfg.num_classes
             image = ImageInfo(
                 max_n=self.image_limits.max_n,
@@ -313,13 +312,13 @@ class ModelRegistry:
                 labels_accepted=c > 0,
                 label_range=(0, c - 1) if c > 0 else None,
             )
-        elif model.kind in TEXT_KINDS and model.vocab is not None:
+        elif model.spec.text and model.vocab is not None:
             text = TextInfo(vocab=model.vocab, context_window=cfg.block_size)
         return ModelInfo(
             name=name,
             version=version,
             kind=model.kind,
-            summary=KINDS[model.kind].summary,
+            summary=model.spec.summary,
             parameters=sum(p.numel() for p in model.module.parameters()),
             device=str(self.device),
             latest=True,

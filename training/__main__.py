@@ -31,6 +31,7 @@ if __name__ == "__main__" and set(_missing := missing_train_modules()) - {"matpl
 import torch  # noqa: E402  (after the check above)
 
 from engine.errors import ModelFileError  # noqa: E402
+from engine.kinds import known_kinds, load_object  # noqa: E402
 from engine.logs import configure_logging, get_logger  # noqa: E402
 from engine.modelfile import export_model  # noqa: E402
 from training.checkpoint import load_checkpoint, module_state  # noqa: E402
@@ -42,12 +43,8 @@ log = get_logger("training")
 
 
 def task_classes() -> dict[str, type[Task]]:
-    from training.classifier import ClassifierTask
-    from training.gan import GANTask
-    from training.transformer import TransformerTask
-    from training.vae import VAETask
-
-    return {"vae": VAETask, "gan": GANTask, "transformer": TransformerTask, "classifier": ClassifierTask}
+    """Each kind's training recipe, by its sub-command (engine/kinds.py: built-ins, plugins, GENSERVE_KINDS)."""
+    return {kind.training_command: load_object(kind.trainer) for kind in known_kinds().values() if kind.trainer}
 
 
 def pick_device(name: str) -> torch.device:
@@ -103,14 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Each run folder gets loss_curve.png, samples.png (or samples.txt), metrics.json, model.safetensors and checkpoints/.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do; COMMAND --help lists its options")
-    helps = {
-        "vae": "train the VAE on MNIST",
-        "gan": "train the WGAN-GP on MNIST",
-        "transformer": "train the character-level Transformer on tiny shakespeare",
-        "classifier": "train the digit classifier that training.eval uses to judge samples",
-    }
     for name, cls in task_classes().items():
-        p = sub.add_parser(name, help=helps[name], description=helps[name], formatter_class=DefaultsFormatter)
+        p = sub.add_parser(name, help=cls.help, description=cls.help, formatter_class=DefaultsFormatter)
         add_common(p)  # first, so that a task's set_defaults() overrides the common defaults
         cls.add_arguments(p)
     p = sub.add_parser(

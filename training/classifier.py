@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.modelfile import LoadedModel
 from engine.models.classifier import ClassifierConfig, DigitClassifier
 from training.data import load_mnist
 from training.task import Task
@@ -18,6 +19,7 @@ from training.vae import Batch, random_shift, shuffled_batches
 
 class ClassifierTask(Task):
     kind = "mnist-classifier"
+    help = "train the digit classifier that training.eval uses to judge samples"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,3 +75,10 @@ class ClassifierTask(Task):
         path = run_dir / "heldout_accuracy.txt"
         path.write_text("\n".join(lines) + "\n")
         return path
+
+
+@torch.no_grad()
+def evaluation_figures(model: LoadedModel, seed: int, samples: int) -> dict[str, float]:
+    """training.eval's classifier figure: accuracy on the held-out digits."""
+    data = load_mnist().heldout
+    return {"heldout_accuracy": float((model.module(data.images).argmax(1) == data.labels).float().mean())}

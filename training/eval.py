@@ -1,13 +1,14 @@
 """``python -m training.eval FILE...``: the figures reported for exported models.
 
-- VAE: negative ELBO in nats per image on the 1000 held-out digits (beta 1; the expectation over
-  q(z|x) estimated with ``--elbo-samples`` draws per image).
-- Image models (VAE decoder, WGAN-GP generator): from 1000 samples, judged by the project's
+- A kind's own figures, from its ``figures`` hook (engine/kinds.py): the VAE's negative ELBO in
+  nats per image on the 1000 held-out digits (beta 1; the expectation over q(z|x) estimated with
+  ``--elbo-samples`` draws per image), the Transformer's validation loss in nats per character over
+  the whole validation split, the classifier's held-out accuracy.
+- Image models (every one-shot or iterative kind): from 1000 samples, judged by the project's
   digit classifier: the Frechet distance to the held-out digits in the classifier's feature
   space, the share of samples classified with confidence >= 0.9, and the entropy of the
   predicted-class histogram (ln 10 = 2.303 is perfectly even). The floor (1000 random digits of
   the training split against the held-out 1000) is reported beside them.
-- Transformer: validation loss in nats per character over the whole validation split.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import ModelFileError
+from engine.kinds import load_object
 from engine.logs import configure_logging
 from engine.modelfile import LoadedModel, load_model
 from engine.models.classifier import DigitClassifier
-from training.data import ImageSplit, load_mnist, load_shakespeare
+from training.data import load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CLASSIFIER = REPO / "models" / "eval" / "mnist_classifier.safetensors"
@@ -75,58 +77,31 @@ def judge_images(images: torch.Tensor, classifier: DigitClassifier, reference: t
 
 @torch.no_grad()
 def sample_images(model: LoadedModel, n: int, seed: int) -> torch.Tensor:
-    """n samples (n, 784); conditional models get labels 0..9 in turn."""
+    """n samples (n, pixels) as the kind serves them; conditional models get labels 0..9 in turn."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     z = torch.randn(n, cfg.latent_dim, generator=g)
-    labels = torch.arange(n) % 10 if cfg.num_classes else None
-    if model.kind == "vae":
-        return model.module.decode(z, labels)  # type: ignore[operator]
-    return model.module(z, labels)
-
-
-@torch.no_grad()
-def vae_negative_elbo(model: LoadedModel, data: ImageSplit, samples: int, seed: int) -> float:
-    torch.manual_seed(seed)
-    labels = data.labels if model.config.num_classes else None
-    vae = model.module
-    per_image = torch.stack([vae.negative_elbo(data.images, labels, beta=1.0)[2] for _ in range(samples)]).mean(0)  # type: ignore[operator]
-    return float(per_image.mean())
-
-
-@torch.no_grad()
-def text_validation_loss(model: LoadedModel) -> float:
-    text = load_shakespeare()
-    if text.vocab != model.vocab:
-        raise ValueError(f"{model.path}: vocabulary differs from tiny shakespeare's")
-    t = model.config.block_size
-    n = (len(text.val) - 1) // t
-    x, y = text.val[: n * t].view(n, t), text.val[1 : n * t + 1].view(n, t)
-    total = 0.0
-    for i in range(0, n, 64):
-        logits = model.module(x[i : i + 64])
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i : i + 64].reshape(-1), reduction="sum"))
-    return total / y.numel()
+    labels = torch.arange(n) % cfg.num_classes if cfg.num_classes else None
+    return model.spec.sample_images(model.module, z, labels)
 
 
 def load_classifier(path: Path) -> tuple[DigitClassifier, LoadedModel]:
     loaded = load_model(path)
-    if loaded.kind != "mnist-classifier":
-        raise ModelFileError(path, f"is a {loaded.kind}, not an mnist-classifier")
-    assert isinstance(loaded.module, DigitClassifier)
+    if not isinstance(loaded.module, DigitClassifier):
+        raise ModelFileError(path, f"is a {loaded.kind}, not a digit classifier")
     return loaded.module, loaded
 
 
-def evaluate(paths: list[Path], classifier_path: Path, seed: int, elbo_samples: int) -> dict[str, Any]:
+def evaluate(paths: list[Path], classifier_path: Path, seed: int, samples: int) -> dict[str, Any]:
     mnist = load_mnist()
     report: dict[str, Any] = {"models": {}}
     classifier: DigitClassifier | None = None
     for path in paths:
         model = load_model(path)
         row: dict[str, Any] = {"kind": model.kind}
-        if model.kind == "vae":
-            row["negative_elbo_nats"] = vae_negative_elbo(model, mnist.heldout, elbo_samples, seed)
-        if model.kind in ("vae", "wgan-gp"):
+        if model.spec.figures:  # the kind's own figures (engine/kinds.py): -ELBO, nats/char, accuracy
+            row.update(load_object(model.spec.figures)(model, seed, samples))
+        if model.spec.images:
             if classifier is None:
                 classifier, _ = load_classifier(classifier_path)
                 acc = float((classifier(mnist.heldout.images).argmax(1) == mnist.heldout.labels).float().mean())
@@ -137,11 +112,6 @@ def evaluate(paths: list[Path], classifier_path: Path, seed: int, elbo_samples: 
                 report["classifier"] = {"path": str(classifier_path), "heldout_accuracy": acc}
                 report["floor_train_vs_heldout"] = asdict(floor)
             row.update(asdict(judge_images(sample_images(model, N_SAMPLES, seed), classifier, mnist.heldout.images)))
-        if model.kind == "char-transformer":
-            row["val_loss_nats_per_char"] = text_validation_loss(model)
-        if model.kind == "mnist-classifier":
-            assert isinstance(model.module, DigitClassifier)
-            row["heldout_accuracy"] = float((model.module(mnist.heldout.images).argmax(1) == mnist.heldout.labels).float().mean())
         report["models"][str(path)] = row
     return report
 

@@ -38,6 +38,7 @@ def gradient_penalty(
 
 class GANTask(Task):
     kind = "wgan-gp"
+    help = "train the WGAN-GP on MNIST"
     select_best = False  # the critic's estimate is no model-selection signal: keep the last epoch
 
     @staticmethod

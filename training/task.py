@@ -21,6 +21,7 @@ class Task(ABC):
     """One model's training recipe."""
 
     kind: str  # the model kind written into the exported file
+    help: str  # one line for ``python -m training --help``
     # False: validation loss is no model-selection signal (a GAN's critic estimate), so the
     # "best" checkpoint is always the latest epoch and early stopping never fires.
     select_best: bool = True

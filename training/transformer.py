@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.modelfile import LoadedModel
 from engine.models.transformer import CharTransformer, TransformerConfig
 from training.data import load_shakespeare
 from training.task import Task
@@ -44,6 +45,7 @@ def sample_text(
 
 class TransformerTask(Task):
     kind = "char-transformer"
+    help = "train the character-level Transformer on tiny shakespeare"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,3 +137,19 @@ class TransformerTask(Task):
         path = run_dir / "samples.txt"
         path.write_text("\n\n----\n\n".join(pieces) + "\n", encoding="utf-8")
         return path
+
+
+@torch.no_grad()
+def evaluation_figures(model: LoadedModel, seed: int, samples: int) -> dict[str, float]:
+    """training.eval's Transformer figure: validation loss in nats per character over the whole split."""
+    text = load_shakespeare()
+    if text.vocab != model.vocab:
+        raise ValueError(f"{model.path}: vocabulary differs from tiny shakespeare's")
+    t = model.config.block_size
+    n = (len(text.val) - 1) // t
+    x, y = text.val[: n * t].view(n, t), text.val[1 : n * t + 1].view(n, t)
+    total = 0.0
+    for i in range(0, n, 64):
+        logits = model.module(x[i : i + 64])
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i : i + 64].reshape(-1), reduction="sum"))
+    return {"val_loss_nats_per_char": total / y.numel()}

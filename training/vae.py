@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.modelfile import LoadedModel
 from engine.models.vae import VAE, VAEConfig
 from training.data import ImageSplit, load_mnist
 from training.ema import WeightAverage
@@ -42,6 +43,7 @@ def shuffled_batches(split: ImageSplit, batch_size: int, generator: torch.Genera
 
 class VAETask(Task):
     kind = "vae"
+    help = "train the VAE on MNIST"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,3 +136,15 @@ class VAETask(Task):
         path = run_dir / "samples.png"
         image_grid(images, rows, cols).save(path)
         return path
+
+
+@torch.no_grad()
+def evaluation_figures(model: LoadedModel, seed: int, samples: int) -> dict[str, float]:
+    """training.eval's VAE figure: -ELBO in nats per held-out digit, q(z|x) drawn ``samples`` times."""
+    data = load_mnist().heldout
+    torch.manual_seed(seed)
+    labels = data.labels if model.config.num_classes else None
+    vae = model.module
+    assert isinstance(vae, VAE)
+    per_image = torch.stack([vae.negative_elbo(data.images, labels, beta=1.0)[2] for _ in range(samples)]).mean(0)
+    return {"negative_elbo_nats": float(per_image.mean())}

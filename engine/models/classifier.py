@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kinds import Kind, Shape
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:
@@ -42,3 +44,15 @@ class DigitClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.drop(self.features(x)))  # logits (B, classes)
+
+
+KIND = Kind(
+    "mnist-classifier",
+    "digit classifier used by evaluation",
+    ClassifierConfig,
+    DigitClassifier,
+    Shape.NOT_SERVED,  # the registry skips it: training.eval's judge
+    trainer="training.classifier:ClassifierTask",
+    command="classifier",
+    figures="training.classifier:evaluation_figures",
+)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from engine.kinds import Kind, Shape
+
 
 @dataclass(frozen=True)
 class GANConfig:
@@ -136,3 +138,15 @@ class Critic(nn.Module):
             x = torch.cat([x.flatten(1), F.one_hot(labels, c).to(x.dtype)], dim=1)
         out: torch.Tensor = self.net(x)
         return out
+
+
+KIND = Kind(
+    "wgan-gp",
+    "WGAN-GP generator",
+    GANConfig,
+    Generator,
+    Shape.ONE_SHOT,
+    tile=16,  # chosen with python -m bench.tiles (docs/design/tiling.md)
+    trainer="training.gan:GANTask",
+    command="gan",
+)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.jit._fuser import optimized_execution
 
+from engine.kinds import Kind, Shape
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -336,3 +338,15 @@ class CharTransformer(nn.Module):
         for block, kv in zip(self.blocks, cache, strict=True):
             x = cast(Block, block).forward_cached(x, kv, where, mask, linear)  # kv: (2, B, nh, L, hs)
         return linear(self.ln_f(x), self.tok_emb.weight, None)  # (B, T, vocab)
+
+
+KIND = Kind(
+    "char-transformer",
+    "character-level decoder-only Transformer",
+    TransformerConfig,
+    CharTransformer,
+    Shape.TOKEN_DECODE,
+    trainer="training.transformer:TransformerTask",
+    command="transformer",
+    figures="training.transformer:evaluation_figures",
+)

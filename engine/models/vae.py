@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kinds import Kind, Shape
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -113,3 +115,15 @@ class VAE(nn.Module):
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, I)) in closed form, summed over latent dims, shape (B,)."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+KIND = Kind(
+    "vae",
+    "variational auto-encoder (decoder serves images)",
+    VAEConfig,
+    VAE,  # forward(z, labels) is the decoder's mean image
+    Shape.ONE_SHOT,
+    tile=32,  # chosen with python -m bench.tiles (docs/design/tiling.md)
+    trainer="training.vae:VAETask",
+    figures="training.vae:evaluation_figures",
+)

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from engine.errors import ModelFileError
+from engine.kinds import kind_of
 from engine.modelfile import (
     MAX_HEADER_BYTES,
     export_model,
     load_model,
     read_header,
 )
-from engine.models import KINDS
 from engine.models.classifier import ClassifierConfig, DigitClassifier
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
@@ -118,7 +118,7 @@ def test_export_then_load_is_exact(
     assert loaded.training == training
     assert loaded.name == "model"
     assert not loaded.module.training
-    assert isinstance(loaded.module, KINDS[kind].module_cls)
+    assert isinstance(loaded.module, kind_of(kind).module_cls)
     original, reloaded = module.state_dict(), loaded.module.state_dict()
     assert original.keys() == reloaded.keys()
     for name in original:
@@ -147,7 +147,7 @@ def test_exported_file_mode_follows_the_umask(tmp_path: Path, umask: int, mode: 
 
 
 def test_export_refuses_unknown_kind(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"^unknown model kind 'diffusion'$"):
+    with pytest.raises(ValueError, match=r"^unknown model kind 'diffusion' \(known: \[.*'vae'.*\]\)$"):
         export_model(tmp_path / "m.safetensors", "diffusion", tiny_vae())
     assert not list(tmp_path.iterdir())
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from engine.errors import ModelFileError, ModelNotFound
-from engine.images import DEFAULT_TILE, ImageGenerator, ImageRequest
+from engine.images import ImageGenerator, ImageRequest
+from engine.kinds import kind_of
 from engine.limits import ImageLimits
 from engine.modelfile import export_model, load_model
 from engine.models.classifier import ClassifierConfig, DigitClassifier
@@ -134,8 +135,13 @@ def test_models_are_warmed_up_at_load_under_inference_mode(folder: Path) -> None
         handle.remove()
     # an image model's warm-up (and its batch-invariance probe) runs whole tiles, the only shape its
     # forward pass ever sees (engine/images.py)
-    gan, vae = DEFAULT_TILE["wgan-gp"], DEFAULT_TILE["vae"]
-    assert sorted(set(seen)) == [("CharTransformer", (1, 1), True), ("Generator", (gan, 4), True), ("MLP2", (vae, 3), True)]
+    gan, vae = kind_of("wgan-gp").tile, kind_of("vae").tile
+    assert sorted(set(seen)) == [
+        ("CharTransformer", (1, 1), True),
+        ("Generator", (gan, 4), True),
+        ("MLP2", (vae, 3), True),
+        ("VAE", (vae, 3), True),
+    ]
 
 
 def test_a_bad_file_is_refused_with_its_reason_and_the_others_load(folder: Path) -> None:
