@@ -54,7 +54,7 @@ class ModelInfo:
 
     name: str
     version: int
-    kind: str  # "vae", "wgan-gp" or "char-transformer"
+    kind: str  # the model file's kind: "vae", "wgan-gp", "char-transformer", "flow" or a kind of the server's own
     summary: str
     parameters: int
     device: str

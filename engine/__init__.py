@@ -21,6 +21,11 @@ if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ loads each on first
     from engine.images import ImageChunk as ImageChunk
     from engine.images import ImageRequest as ImageRequest
     from engine.images import ImageResult as ImageResult
+    from engine.kinds import Kind as Kind
+    from engine.kinds import KindError as KindError
+    from engine.kinds import Shape as Shape
+    from engine.kinds import known_kinds as known_kinds
+    from engine.kinds import load_kind_modules as load_kind_modules
     from engine.limits import EngineLimits as EngineLimits
     from engine.limits import ImageLimits as ImageLimits
     from engine.registry import SUFFIX as SUFFIX
@@ -41,6 +46,7 @@ _HOMES = {
     "engine.device": ("choose_device",),
     "engine.engine": ("Engine", "OnEvent", "Ticket"),
     "engine.images": ("ImageChunk", "ImageRequest", "ImageResult"),
+    "engine.kinds": ("Kind", "KindError", "Shape", "known_kinds", "load_kind_modules"),
     "engine.limits": ("EngineLimits", "ImageLimits"),
     "engine.registry": (
         "SUFFIX",
@@ -67,6 +73,8 @@ __all__ = [
     "ImageLimits",
     "ImageRequest",
     "ImageResult",
+    "Kind",
+    "KindError",
     "LoadFailure",
     "ModelInfo",
     "ModelRegistry",
@@ -74,12 +82,15 @@ __all__ = [
     "SamplingParams",
     "SequenceRequest",
     "ServedModel",
+    "Shape",
     "TextInfo",
     "Ticket",
     "TokenEvent",
     "check_max_new_tokens",
     "choose_device",
     "failure_reason",
+    "known_kinds",
+    "load_kind_modules",
     "parse_file_name",
 ]
 

@@ -29,6 +29,10 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 or [::] for every interface)"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one and logs it)"})
     models_dir: str = field(default="models", metadata={"help": "folder of *.safetensors models to serve"})
+    kinds: str = field(
+        default="",
+        metadata={"help": "more model kinds: comma-separated Python modules or .py files that define them (docs/kinds.md)"},
+    )
     models_poll_s: float = field(
         default=2.0, metadata={"help": "seconds between scans of the models folder for new, changed and removed files (0: only on SIGHUP)"}
     )

@@ -105,3 +105,23 @@ def test_importing_the_engine_face_costs_no_torch() -> None:
     code = "import sys, server.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _kind_names() -> list[str]:
+    from engine.kinds import known_kinds
+
+    return sorted(known_kinds())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sources("server"), *(ROOT / "engine").glob("*.py"), ROOT / "training" / "loop.py", ROOT / "training" / "eval.py"]
+    + [ROOT / "training" / "__main__.py"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_no_kind_is_named_outside_its_own_module(path: Path) -> None:
+    """The engine, the server and training's loop, CLI and evaluation ask a model's Kind (engine/kinds.py);
+    a kind's name appears only in its own module (engine/models/, training's recipe for it)."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in _kind_names():
+            raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} names the kind {node.value!r}")

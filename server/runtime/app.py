@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from engine import Engine, ModelRegistry, choose_device
+from engine import Engine, KindError, ModelRegistry, choose_device, load_kind_modules
 from engine.logs import get_logger
 from server.config import ServerConfig
 from server.grpc_edge.accept import aio_server, calls_in_progress, grpc_server_options, set_policy
@@ -178,6 +178,11 @@ class GenServer:
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = c.image_limits()
         loop = asyncio.get_running_loop()
+        if c.kinds:
+            try:
+                load_kind_modules(c.kinds.split(","))
+            except KindError as e:
+                raise RuntimeError(f"--kinds (GENSERVE_KINDS): {e}") from None
         before = await loop.run_in_executor(None, _stamps_or_none, Path(c.models_dir))  # before the load: a change during it shows
         self._registry = await loop.run_in_executor(None, lambda: ModelRegistry.from_folder(c.models_dir, choice.device, limits))
         if not len(self.registry):
