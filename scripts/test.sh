@@ -10,5 +10,6 @@ bash scripts/browser_setup.sh  # Debian's Chromium, for the playground's browser
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy engine training server clients scripts tests bench
+MYPYPATH=.:tests/kinds/genserve-blobs .venv/bin/mypy -p genserve_blobs  # the example kind, a package of its own
 .venv/bin/python -m pytest -q "$@"
 bash scripts/check_client_install.sh  # `pip install .` is the SDK and CLI only: no torch

@@ -115,8 +115,7 @@ def _kind_names() -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    [*sources("server"), *(ROOT / "engine").glob("*.py"), ROOT / "training" / "loop.py", ROOT / "training" / "eval.py"]
-    + [ROOT / "training" / "__main__.py"],
+    [*sources("server"), *(ROOT / "engine").glob("*.py"), *(ROOT / "training" / f for f in ("loop.py", "eval.py", "__main__.py"))],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_no_kind_is_named_outside_its_own_module(path: Path) -> None:

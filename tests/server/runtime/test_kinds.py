@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from clients import Client, DeadlineExceeded, InvalidRequest
-from tests.serving import ROOT, ServerProcess, run_server_cli
+from tests.paths import ROOT
+from tests.serving import ServerProcess, run_server_cli
 
 PACKAGE = ROOT / "tests" / "kinds" / "genserve-blobs"
 

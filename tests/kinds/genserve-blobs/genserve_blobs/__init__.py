@@ -29,6 +29,9 @@ class BlobsConfig:
 class Blobs(nn.Module):
     """z -> (x, y, radius) of each blob -> a rendered image; every op is row-wise (no batch statistics)."""
 
+    xs: torch.Tensor
+    ys: torch.Tensor
+
     def __init__(self, config: BlobsConfig) -> None:
         super().__init__()
         self.config = config
