@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ loads each on first
     from engine.registry import parse_file_name as parse_file_name
     from engine.sampling import SamplingParams as SamplingParams
     from engine.sampling import check_max_new_tokens as check_max_new_tokens
+    from engine.steps import StepEvent as StepEvent
 
 _HOMES = {
     "engine.decode": ("SequenceRequest", "TokenEvent"),
@@ -61,6 +62,7 @@ _HOMES = {
         "parse_file_name",
     ),
     "engine.sampling": ("SamplingParams", "check_max_new_tokens"),
+    "engine.steps": ("StepEvent",),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
     "SequenceRequest",
     "ServedModel",
     "Shape",
+    "StepEvent",
     "TextInfo",
     "Ticket",
     "TokenEvent",

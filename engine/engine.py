@@ -26,18 +26,21 @@ from dataclasses import dataclass
 from engine.decode import DecodeBatch, SequenceHandle, SequenceRequest, TokenEvent
 from engine.errors import EngineError, InvalidRequestError
 from engine.faults import Faults
-from engine.images import ImageChunk, ImageGenerator, ImageRequest, ImageResult
+from engine.images import ImageChunk, ImageGenerator, ImageInputs, ImageRequest, ImageResult
 from engine.limits import EngineLimits
 from engine.logs import get_logger
 from engine.registry import ServedModel
+from engine.steps import StepBatch, StepEvent, StepHandle
 
 log = get_logger("engine")
 
-OnEvent = Callable[[TokenEvent | BaseException], None]  # a sequence's listener, called on the decode thread
+Event = TokenEvent | StepEvent
+OnEvent = Callable[[Event | BaseException], None]  # a request's listener, called on the decode thread
 
 
 class DecodeThread:
-    """Drives one DecodeBatch on its own thread and hands each event to its sequence's listener."""
+    """Drives one model's stepped batch on its own thread (a text model's DecodeBatch, an iterative
+    model's StepBatch) and hands each event to its request's listener."""
 
     def __init__(
         self,
@@ -49,8 +52,13 @@ class DecodeThread:
         self.served = served
         self.faults = faults
         self.on_failed = on_failed  # called on this thread once it has failed (the engine replaces it there)
-        self._loop: DecodeBatch | None = DecodeBatch.from_loaded(
-            served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
+        self.max_pending = limits.decode_pending if served.stepper is None else limits.step_pending
+        self._loop: DecodeBatch | StepBatch | None = (
+            DecodeBatch.from_loaded(
+                served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
+            )
+            if served.stepper is None
+            else StepBatch(served.stepper, max_pending=limits.step_pending, mode=limits.step_batching)
         )
         self._listeners: dict[int, OnEvent] = {}
         self._listeners_lock = threading.Lock()  # held across add + register, so no event beats its listener
@@ -60,13 +68,22 @@ class DecodeThread:
         self._thread = threading.Thread(target=self._run, name=f"decode-{served.name}@{served.version}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: SequenceRequest, on_event: OnEvent) -> SequenceHandle:
-        """Queue a sequence; raises InvalidRequestError or QueueFullError at once."""
+    def submit(self, request: SequenceRequest | ImageRequest, on_event: OnEvent) -> SequenceHandle | StepHandle:
+        """Queue a sequence (text) or an image request (iterative models); raises InvalidRequestError or QueueFullError at once."""
         with self._listeners_lock:  # checked under the lock: the failure path sets it under the same lock
             if self.failed is not None:
                 raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
-            assert self._loop is not None  # released only after `failed` is set, under this lock
-            handle = self._loop.add(request)
+            loop = self._loop
+            assert loop is not None  # released only after `failed` is set, under this lock
+            handle: SequenceHandle | StepHandle
+            if isinstance(loop, StepBatch):
+                if not isinstance(request, ImageRequest):
+                    raise InvalidRequestError(f"model {self.served.name!r} makes images: send image params, not text")
+                handle = loop.add(request)
+            else:
+                if not isinstance(request, SequenceRequest):
+                    raise InvalidRequestError(f"model {self.served.name!r} makes text: send text params, not image")
+                handle = loop.add(request)
             self._listeners[handle.id] = on_event
         self._wake.set()
         return handle
@@ -78,11 +95,18 @@ class DecodeThread:
 
     @property
     def loop(self) -> DecodeBatch:
-        """Its DecodeBatch; a failed decode thread has released it (and its KV cache): EngineError."""
+        """Its DecodeBatch (text models); a failed decode thread has released it (and its KV cache): EngineError."""
         loop = self._loop
         if loop is None:
             raise EngineError(f"decode loop of {self.served.name} stopped: {self.failed}")
+        if not isinstance(loop, DecodeBatch):
+            raise EngineError(f"{self.served.name} is not a text model")
         return loop
+
+    @property
+    def batch(self) -> DecodeBatch | StepBatch | None:
+        """Its stepped batch, whatever the kind (None once failed): for the metrics."""
+        return self._loop
 
     def room(self, max_pending: int) -> int:
         """How many more sequences may wait for a slot (of ``max_pending``); 0 once it has failed."""
@@ -91,9 +115,15 @@ class DecodeThread:
             return 0
         return max(0, max_pending - loop.pending_count)
 
-    def cancel(self, handle: SequenceHandle) -> None:
+    def cancel(self, handle: SequenceHandle | StepHandle) -> None:
         loop = self._loop
-        if loop is not None and loop.cancel(handle):
+        if loop is None:
+            return
+        if isinstance(loop, StepBatch):
+            cancelled = isinstance(handle, StepHandle) and loop.cancel(handle)
+        else:
+            cancelled = isinstance(handle, SequenceHandle) and loop.cancel(handle)
+        if cancelled:
             self._wake.set()
 
     def stop(self) -> None:
@@ -142,11 +172,11 @@ class DecodeThread:
             self._deliver(events)
         return False
 
-    def _deliver(self, events: list[TokenEvent]) -> None:
+    def _deliver(self, events: list[TokenEvent] | list[StepEvent]) -> None:
         """Hand each event to its listener. A method of its own: its locals (the last listeners, which
         close over their jobs) end here, not at the next step, which may be long in coming."""
         with self._listeners_lock:
-            routed: list[tuple[OnEvent | None, TokenEvent]] = [
+            routed: list[tuple[OnEvent | None, Event]] = [
                 (self._listeners.pop(ev.handle.id, None) if ev.finished else self._listeners.get(ev.handle.id), ev) for ev in events
             ]
         for target, ev in routed:
@@ -159,8 +189,8 @@ def generation_failed(served: ServedModel, cause: BaseException) -> EngineError:
     return cause if isinstance(cause, EngineError) else EngineError(f"generation failed in {served.name}: {type(cause).__name__}")
 
 
-def _into_queue(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[TokenEvent | BaseException]) -> OnEvent:
-    def on_event(item: TokenEvent | BaseException) -> None:
+def _into_queue(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event | BaseException]) -> OnEvent:
+    def on_event(item: Event | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening any more
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -173,7 +203,7 @@ class Ticket:
 
     seed: int
     _runner: DecodeThread
-    _handle: SequenceHandle
+    _handle: SequenceHandle | StepHandle
 
     def cancel(self) -> None:
         """Leave the decode batch at its next step (frees its slot and cache); a no-op once finished."""
@@ -199,8 +229,12 @@ class Engine:
     # -- one-shot image models ----------------------------------------------------------------
 
     def check(self, served: ServedModel, request: ImageRequest) -> None:
-        """Raise InvalidImageRequest (naming the field) if ``served`` cannot take ``request``."""
-        self._images(served).check(request)
+        """Raise InvalidImageRequest (naming the field) if ``served`` (a one-shot or iterative image
+        model) cannot take ``request``."""
+        inputs: ImageInputs | None = served.images if served.images is not None else served.stepper
+        if inputs is None:
+            raise InvalidRequestError(f"model {served.name!r} is a {served.kind} model, not an image model")
+        inputs.check(request)
 
     def prepare(self, served: ServedModel, request: ImageRequest, max_piece: int | None = None) -> list[ImageChunk]:
         """``request`` checked, its seed picked (``chunks[0].seed``), in pieces of at most a batch
@@ -319,10 +353,11 @@ class Engine:
 
     # -- text models ----------------------------------------------------------------------------
 
-    def submit(self, served: ServedModel, request: SequenceRequest, on_event: OnEvent) -> Ticket:
-        """The one text path: queue a sequence in its model's decode batch; ``on_event`` gets each
-        token event, then the last one (with a finish reason), or the EngineError that ended the
-        batch, on the decode thread. Raises InvalidRequestError, QueueFullError or EngineError at once."""
+    def submit(self, served: ServedModel, request: SequenceRequest | ImageRequest, on_event: OnEvent) -> Ticket:
+        """The stepped path: queue a text sequence in its model's decode batch, or an image request in
+        an iterative model's step batch; ``on_event`` gets each event (tokens; previews and the final
+        samples), the last one marked finished, or the EngineError that ended the batch, on the decode
+        thread. Raises InvalidRequestError, QueueFullError or EngineError at once."""
         worker = self.decode_thread(served)
         handle = worker.submit(request, on_event)
         return Ticket(handle.seed, worker, handle)
@@ -331,9 +366,10 @@ class Engine:
         ticket.cancel()
 
     def room(self, served: ServedModel, max_pending: int | None = None) -> int:
-        """How many more sequences ``served`` may have waiting for a decode slot (of ``max_pending``,
-        default the limits'); 0 while a failed decode thread is being replaced."""
-        return self.decode_thread(served).room(self.limits.decode_pending if max_pending is None else max_pending)
+        """How many more requests ``served`` (a text or iterative model) may have waiting for a place in
+        its batch (of ``max_pending``, default the limits'); 0 while a failed decode thread is being replaced."""
+        worker = self.decode_thread(served)
+        return worker.room(worker.max_pending if max_pending is None else max_pending)
 
     async def stream_text(self, served: ServedModel, request: SequenceRequest) -> AsyncGenerator[TokenEvent, None]:
         """Token events of one sequence, as they are decoded; the last one has a finish reason
@@ -342,7 +378,22 @@ class Engine:
         Raises InvalidRequestError or QueueFullError before the first event. Closing the iterator
         early (client gone, deadline) cancels the sequence, which frees its slot at the next step.
         """
-        queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        async for event in self._stream(served, request):
+            assert isinstance(event, TokenEvent)
+            yield event
+
+    async def stream_images(self, served: ServedModel, request: ImageRequest) -> AsyncGenerator[ImageResult, None]:
+        """An iterative model's previews (``preview=True``, every ``request.preview_every`` steps)
+        and then its final samples, as they are made (the library's API, on top of ``submit``).
+        Closing the iterator early cancels the request, which leaves the batch at the next step."""
+        async for event in self._stream(served, request):
+            assert isinstance(event, StepEvent)
+            if event.result is None:
+                raise EngineError(f"request to {served.name} was cancelled")
+            yield event.result
+
+    async def _stream(self, served: ServedModel, request: SequenceRequest | ImageRequest) -> AsyncGenerator[Event, None]:
+        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         waiting = self.decode_thread(served)
         if waiting.failed is not None and waiting.alive:  # its thread is building its replacement: wait for it there
             await asyncio.to_thread(waiting.join, 10.0)

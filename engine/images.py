@@ -60,6 +60,9 @@ class ImageRequest:
     labels: Sequence[int] | np.ndarray | None = None  # conditional models: n labels, or 1 for all
     want_float: bool = False  # also return the float32 means
     request_id: str = ""  # carried through for logs and routing only
+    steps: int | None = None  # iterative models: solver steps (None: the model's default); one-shot models refuse it
+    guidance: float | None = None  # iterative conditional models: guidance scale (None: the model's default)
+    preview_every: int = 0  # iterative models: also deliver the current estimate every this many steps (0: none)
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)  # weakly referable: tests check finished work is freed
@@ -117,6 +120,8 @@ class ImageResult:
     pixels: np.ndarray  # uint8 (k, size, size)
     labels: np.ndarray | None  # int64 (k,), the labels used (given or drawn); None if unconditional
     floats: np.ndarray | None = field(default=None)  # float32 (k, size, size) when want_float
+    preview: bool = False  # an iterative model's estimate at ``step``, not the final samples
+    step: int = 0  # iterative models: the steps done when these pixels were made
 
     @property
     def last(self) -> bool:
@@ -139,58 +144,45 @@ def _generator() -> torch.Generator:
     return gen
 
 
-class ImageGenerator:
-    """Generation for one loaded image model; cheap to build, safe to share between threads."""
+class ImageInputs:
+    """An image model's request rules and latents (one-shot and iterative kinds alike): ``check``
+    a request, ``draw`` its latents and labels from its seed."""
 
-    def __init__(self, model: LoadedModel, limits: ImageLimits | None = None) -> None:
-        if model.spec.shape is not Shape.ONE_SHOT:
-            raise ValueError(f"{model.name}: a {model.kind} is not a one-shot image model")
+    def __init__(self, model: LoadedModel, limits: ImageLimits | None = None, max_n: int | None = None) -> None:
         self.model = model
         self.limits = limits or ImageLimits()
+        self.max_n = self.limits.max_n if max_n is None else min(max_n, self.limits.max_n)
         cfg = model.config
         self.latent_dim: int = cfg.latent_dim
         self.num_classes: int = cfg.num_classes
         self.image_size: int = cfg.image_size
-        self._forward = cast(Forward, model.module)  # a one-shot module's forward(z, labels) is its images
-        self.device = next(model.module.parameters()).device
-        # Rows per model call: every call sees exactly this many (the last tile is padded), so a
-        # sample's floats are bit for bit the same alone or beside any neighbours (docs/design/tiling.md).
-        self.tile: int = self.limits.tile or model.spec.tile
-        self._half = torch.tensor(0.5, device=self.device)  # made once: a tensor constant per batch costs a few us
-        self._graph: ImageGraph | bool | None = self.device.type == "cpu"  # True: not built yet (on first run)
 
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    # -- validation and inputs (cheap; a processor stage may call this off the engine thread) --
-
     def check(self, request: ImageRequest) -> np.ndarray | None:
         """Raise InvalidImageRequest if ``request`` cannot be served (the server's admission asks
         here, so the rules live in one place); return its labels as int64 (None: none given)."""
         n = request.n
-        max_n = self.limits.max_n
+        max_n = self.max_n
         if not _is_int(n) or not 1 <= n <= max_n:
             raise InvalidImageRequest("n", f"n must be an integer from 1 to {max_n}, got {brief_repr(n)}")
         seed = request.seed
         if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
             raise InvalidImageRequest("seed", f"seed must be an integer from 0 to 2**63-1, got {brief_repr(seed)}")
+        self._check_steps(request)
         return self._check_labels(request.labels, n)
 
-    def prepare(self, request: ImageRequest, *, draw: bool = True) -> ImageChunk:
-        """Validate ``request`` (``check``), pick its seed and draw its latents (and labels); raise
-        InvalidImageRequest. ``draw=False`` (the engine's ``prepare``): leave the drawing to ``run``,
-        in the batch, off the caller's thread; a request that brings labels is drawn here all the same."""
-        given = self.check(request)
-        n = request.n
-        seed = int(request.seed) if request.seed is not None else secrets.randbelow(SEED_LIMIT)
-        if given is None and not draw:
-            return ImageChunk(request, seed, None, None, 0, n, n)
-        chunk = ImageChunk(request, seed, None, None, 0, n, n)
-        self.draw(chunk)
-        if given is not None:  # drawn labels were replaced: the given ones (z does not depend on labels)
-            chunk.labels = torch.from_numpy(given).expand(n) if len(given) == 1 else torch.from_numpy(given)
-        return chunk
+    def _check_steps(self, request: ImageRequest) -> None:
+        """A one-shot model takes no steps: refuse them, naming the field (an iterative model overrides)."""
+        for name in ("steps", "guidance"):
+            if getattr(request, name) is not None:
+                raise InvalidImageRequest(name, f"model {self.model.name!r} is a one-shot {self.model.kind} model: {name} is not accepted")
+        if request.preview_every:
+            raise InvalidImageRequest(
+                "preview_every", f"model {self.model.name!r} is a one-shot {self.model.kind} model: preview_every is not accepted"
+            )
 
     def draw(self, chunk: ImageChunk) -> ImageChunk:
         """Fill in a deferred chunk's latents (and drawn labels) eagerly; returns it. The request's
@@ -225,6 +217,39 @@ class ImageGenerator:
             i = int(bad.argmax())
             raise InvalidImageRequest("labels", f"label {int(arr[i])} at index {i} is outside 0..{self.num_classes - 1}")
         return arr.astype(np.int64)  # a copy: the caller's array may change later
+
+
+class ImageGenerator(ImageInputs):
+    """Generation for one loaded one-shot image model; cheap to build, safe to share between threads."""
+
+    def __init__(self, model: LoadedModel, limits: ImageLimits | None = None) -> None:
+        if model.spec.shape is not Shape.ONE_SHOT:
+            raise ValueError(f"{model.name}: a {model.kind} is not a one-shot image model")
+        super().__init__(model, limits)
+        self._forward = cast(Forward, model.module)  # a one-shot module's forward(z, labels) is its images
+        self.device = next(model.module.parameters()).device
+        # Rows per model call: every call sees exactly this many (the last tile is padded), so a
+        # sample's floats are bit for bit the same alone or beside any neighbours (docs/design/tiling.md).
+        self.tile: int = self.limits.tile or model.spec.tile
+        self._half = torch.tensor(0.5, device=self.device)  # made once: a tensor constant per batch costs a few us
+        self._graph: ImageGraph | bool | None = self.device.type == "cpu"  # True: not built yet (on first run)
+
+    # -- validation and inputs (cheap; a processor stage may call this off the engine thread) --
+
+    def prepare(self, request: ImageRequest, *, draw: bool = True) -> ImageChunk:
+        """Validate ``request`` (``check``), pick its seed and draw its latents (and labels); raise
+        InvalidImageRequest. ``draw=False`` (the engine's ``prepare``): leave the drawing to ``run``,
+        in the batch, off the caller's thread; a request that brings labels is drawn here all the same."""
+        given = self.check(request)
+        n = request.n
+        seed = int(request.seed) if request.seed is not None else secrets.randbelow(SEED_LIMIT)
+        if given is None and not draw:
+            return ImageChunk(request, seed, None, None, 0, n, n)
+        chunk = ImageChunk(request, seed, None, None, 0, n, n)
+        self.draw(chunk)
+        if given is not None:  # drawn labels were replaced: the given ones (z does not depend on labels)
+            chunk.labels = torch.from_numpy(given).expand(n) if len(given) == 1 else torch.from_numpy(given)
+        return chunk
 
     # -- the forward pass (engine thread) -----------------------------------------------------
 

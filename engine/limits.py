@@ -13,11 +13,12 @@ from dataclasses import dataclass
 class ImageLimits:
     max_n: int = 1024  # samples one request may ask for
     max_batch: int = 256  # samples in one forward pass (bigger requests are split)
-    tile: int | None = None  # rows per model call; None: the kind's default tile (engine/images.py)
+    tile: int | None = None  # rows per model call; None: the kind's default tile (engine/kinds.py)
+    step_rows: int = 64  # samples one iterative model advances together (its step batch; a request's n at most)
 
     def __post_init__(self) -> None:
-        if self.max_n < 1 or self.max_batch < 1:
-            raise ValueError(f"max_n and max_batch must be >= 1, got {self.max_n} and {self.max_batch}")
+        if self.max_n < 1 or self.max_batch < 1 or self.step_rows < 1:
+            raise ValueError(f"max_n, max_batch and step_rows must be >= 1, got {self.max_n}, {self.max_batch} and {self.step_rows}")
         if self.tile is not None and self.tile < 1:
             raise ValueError(f"tile must be >= 1, got {self.tile}")
 
@@ -30,3 +31,16 @@ class EngineLimits:
     inline_image_ms: float = 3.0  # image models whose full batch takes less run on the calling thread (0: never)
     max_new_tokens: int = 1024  # the most tokens one text request may ask for
     default_new_tokens: int = 256  # what a text request that sets none gets (at most max_new_tokens)
+    step_pending: int = 256  # requests waiting for room in an iterative model's step batch
+    step_batching: str = (
+        "step"  # iterative models: "step" (requests join and leave between steps) or "request" (a batch runs all its steps, the next waits)
+    )
+
+    def __post_init__(self) -> None:
+        if self.step_batching not in STEP_BATCHING:
+            raise ValueError(f"step_batching must be one of {list(STEP_BATCHING)}, got {self.step_batching!r}")
+        if self.step_pending < 1:
+            raise ValueError(f"step_pending must be >= 1, got {self.step_pending}")
+
+
+STEP_BATCHING = ("step", "request")

@@ -35,10 +35,11 @@ import torch
 
 from engine.errors import ModelFileError, ModelNotFound, brief_repr
 from engine.images import ImageGenerator, ImageRequest
-from engine.kinds import Shape, known_kinds
+from engine.kinds import Shape, Steps, known_kinds
 from engine.limits import ImageLimits
 from engine.logs import get_logger
 from engine.modelfile import LoadedModel, load_model, read_header
+from engine.steps import IterativeImages, StepBatch
 
 log = get_logger("engine.registry")
 
@@ -65,6 +66,7 @@ class ImageInfo:
     conditional: bool  # config.num_classes > 0
     labels_accepted: bool  # conditional models only
     label_range: tuple[int, int] | None  # inclusive, e.g. (0, 9); None when labels are not accepted
+    steps: Steps | None = None  # iterative models: the steps a request may ask for, and the defaults
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ class ServedModel:
     version: int
     model: LoadedModel
     info: ModelInfo
-    images: ImageGenerator | None  # image models only; text models decode in the engine's DecodeBatch
+    images: ImageGenerator | None  # one-shot image models only; text models decode in the engine's DecodeBatch
+    stepper: IterativeImages | None = None  # iterative image models only: their requests advance in the engine's StepBatch
     loaded_at: float = field(default_factory=time.time)
     load_ms: float = 0.0  # reading and checking the file
     warmup_ms: float = 0.0  # the first forward pass
@@ -217,8 +220,9 @@ class ModelRegistry:
             version = file_version if version is None else version
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ModelFileError(p, f"version must be a positive integer, got {version!r}")
-        model, images, load_ms, warmup_ms = self._load_file(name, p)
-        return ServedModel(name, version, model, self._info(name, version, model), images, load_ms=load_ms, warmup_ms=warmup_ms)
+        model, images, stepper, load_ms, warmup_ms = self._load_file(name, p)
+        info = self._info(name, version, model, stepper)
+        return ServedModel(name, version, model, info, images, stepper, load_ms=load_ms, warmup_ms=warmup_ms)
 
     def publish(self, entry: ServedModel) -> ServedModel | None:
         """Serve a prepared entry beside the other versions (atomically); returns the entry it
@@ -230,7 +234,7 @@ class ModelRegistry:
         self._log_loaded(entry, replaced=replaced is not None, retired=[])
         return replaced
 
-    def _load_file(self, name: str, path: Path) -> tuple[LoadedModel, ImageGenerator | None, float, float]:
+    def _load_file(self, name: str, path: Path) -> tuple[LoadedModel, ImageGenerator | None, IterativeImages | None, float, float]:
         """Read, check and warm up one file (before any lock: serving never waits on a file)."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise ValueError(f"model name {brief_repr(name, 80)} does not match {NAME_PATTERN.pattern}")
@@ -240,9 +244,10 @@ class ModelRegistry:
         model = load_model(path, self.device)
         t1 = time.perf_counter()
         images = ImageGenerator(model, self.image_limits) if model.spec.shape is Shape.ONE_SHOT else None
-        self._warm_up(model, images)
+        stepper = IterativeImages(model, self.image_limits) if model.spec.shape is Shape.ITERATIVE else None
+        self._warm_up(model, images, stepper)
         t2 = time.perf_counter()
-        return model, images, round(1000 * (t1 - t0), 1), round(1000 * (t2 - t1), 1)
+        return model, images, stepper, round(1000 * (t1 - t0), 1), round(1000 * (t2 - t1), 1)
 
     def _log_loaded(self, entry: ServedModel, *, replaced: bool, retired: list[int]) -> None:
         log.info(
@@ -273,7 +278,7 @@ class ModelRegistry:
         log.info("model_unloaded", name=name, versions=[e.version for e in entries])
         return entries
 
-    def _warm_up(self, model: LoadedModel, images: ImageGenerator | None) -> None:
+    def _warm_up(self, model: LoadedModel, images: ImageGenerator | None, stepper: IterativeImages | None) -> None:
         """One small forward pass, so the first request does not pay for lazy initialisation; for an
         image model, also the batch-invariance probe (three tile-sized passes)."""
         if images is not None:
@@ -292,25 +297,31 @@ class ModelRegistry:
                     detail="a sample's floats depend on its place in a batch on this machine's kernels "
                     "(narrow layers); a seed still gives the same images but for a rare uint8 level",
                 )
+        elif stepper is not None:  # one request of the fewest steps, through the engine's own step batch
+            batch = StepBatch(stepper, max_pending=1)
+            batch.add(ImageRequest(n=1, seed=0, steps=stepper.steps.low))
+            while batch.has_work:
+                batch.step()
         elif model.spec.text:
             with torch.inference_mode():
                 model.module(torch.zeros((1, 1), dtype=torch.long, device=self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _info(self, name: str, version: int, model: LoadedModel) -> ModelInfo:
+    def _info(self, name: str, version: int, model: LoadedModel, stepper: IterativeImages | None) -> ModelInfo:
         cfg = model.config
         image: ImageInfo | None = None
         text: TextInfo | None = None
         if model.spec.images:
             c = cfg.num_classes
             image = ImageInfo(
-                max_n=self.image_limits.max_n,
+                max_n=self.image_limits.max_n if stepper is None else stepper.max_n,
                 image_size=cfg.image_size,
                 latent_dim=cfg.latent_dim,
                 conditional=c > 0,
                 labels_accepted=c > 0,
                 label_range=(0, c - 1) if c > 0 else None,
+                steps=None if stepper is None else stepper.steps,
             )
         elif model.spec.text and model.vocab is not None:
             text = TextInfo(vocab=model.vocab, context_window=cfg.block_size)

@@ -52,6 +52,21 @@ class ServerConfig:
     batch_concurrency: int = field(default=2, metadata={"help": "batches in flight per model (one runs while the next fills)"})
     decode_batch: int = field(default=ENGINE.decode_batch, metadata={"help": "text sequences decoded together per model"})
     decode_pending: int = field(default=ENGINE.decode_pending, metadata={"help": "text sequences waiting for a decode slot per model"})
+    step_rows: int = field(
+        default=IMAGES.step_rows,
+        metadata={"help": "samples an iterative model (flow) advances together; a request's n is at most this"},
+    )
+    step_pending: int = field(
+        default=ENGINE.step_pending, metadata={"help": "requests waiting for room in an iterative model's step batch"}
+    )
+    step_batching: str = field(
+        default=ENGINE.step_batching,
+        metadata={
+            "help": "iterative models: step (requests join and leave between steps) "
+            "or request (a batch runs all its steps, the next waits)",
+            "choices": ("step", "request"),  # engine/limits.py STEP_BATCHING
+        },
+    )
     max_new_tokens: int = field(default=ENGINE.max_new_tokens, metadata={"help": "cap on the tokens one text request may ask for"})
     default_new_tokens: int = field(
         default=ENGINE.default_new_tokens, metadata={"help": "tokens a text request that sets none gets (at most --max-new-tokens)"}
@@ -152,7 +167,16 @@ class ServerConfig:
     http_tls_client_ca: str = field(default="", metadata={"help": "the HTTP edge's client CA (empty: --tls-client-ca)", "internal": True})
 
     def __post_init__(self) -> None:
-        positive = ["image_threads", "processors", "batch_size", "batch_concurrency", "decode_batch", "decode_pending"]
+        positive = [
+            "image_threads",
+            "processors",
+            "batch_size",
+            "batch_concurrency",
+            "decode_batch",
+            "decode_pending",
+            "step_rows",
+            "step_pending",
+        ]
         positive += ["max_pending_calls", "accept_ahead"]
         positive += [
             "max_new_tokens",
@@ -201,11 +225,13 @@ class ServerConfig:
             inline_image_ms=self.inline_batch_ms,
             max_new_tokens=self.max_new_tokens,
             default_new_tokens=self.default_new_tokens,
+            step_pending=self.step_pending,
+            step_batching=self.step_batching,
         )
 
     def image_limits(self) -> ImageLimits:
         """A request's limits for image models: up to ``max_n`` samples, in batches of ``batch_size`` (bigger requests are split)."""
-        return ImageLimits(max_n=self.max_n, max_batch=self.batch_size)
+        return ImageLimits(max_n=self.max_n, max_batch=self.batch_size, step_rows=self.step_rows)
 
     @property
     def front_queue_calls(self) -> int:

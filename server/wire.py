@@ -36,6 +36,9 @@ def fill_chunk(message: pb.GenerateResponse, item: ImageResult | TokenEvent) -> 
         images.labels.extend(item.labels.tolist())
     if item.floats is not None:
         images.floats = item.floats.astype("<f4", copy=False).tobytes()
+    if item.step:  # iterative models
+        images.step = item.step
+        images.preview = item.preview
 
 
 def append_token(text: pb.Text, item: TokenEvent) -> None:

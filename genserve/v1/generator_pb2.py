@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgenserve/v1/generator.proto\x12\x0bgenserve.v1\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.genserve.v1.ModelInfo\"\xde\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06latest\x18\x07 \x01(\x08\x12*\n\x05image\x18\n \x01(\x0b\x32\x19.genserve.v1.ImageAcceptsH\x00\x12(\n\x04text\x18\x0b \x01(\x0b\x32\x18.genserve.v1.TextAcceptsH\x00\x42\t\n\x07\x61\x63\x63\x65pts\"\xa6\x01\n\x0cImageAccepts\x12\r\n\x05max_n\x18\x01 \x01(\r\x12\x12\n\nimage_size\x18\x02 \x01(\r\x12\x12\n\nlatent_dim\x18\x03 \x01(\r\x12\x13\n\x0b\x63onditional\x18\x04 \x01(\x08\x12\x16\n\tlabel_min\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tlabel_max\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x0c\n\n_label_minB\x0c\n\n_label_max\"L\n\x0bTextAccepts\x12\r\n\x05vocab\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"X\n\x0bImageParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x03 \x03(\x05\x12\x12\n\nwant_float\x18\x04 \x01(\x08\x42\x07\n\x05_seed\"\xdc\x01\n\nTextParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xaf\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12)\n\x05image\x18\n \x01(\x0b\x32\x18.genserve.v1.ImageParamsH\x00\x12\'\n\x04text\x18\x0b \x01(\x0b\x32\x17.genserve.v1.TextParamsH\x00\x42\x08\n\x06params\"v\n\x06Images\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06pixels\x18\x05 \x01(\x0c\x12\x0e\n\x06labels\x18\x06 \x03(\x05\x12\x0e\n\x06\x66loats\x18\x07 \x01(\x0c\"<\n\x04Text\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0bn_generated\x18\x03 \x01(\r\"\xad\x01\n\x06\x46inish\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\r\x12\x13\n\x0bn_generated\x18\x07 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x08 \x01(\r\"\x9a\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06images\x18\n \x01(\x0b\x32\x13.genserve.v1.ImagesH\x00\x12!\n\x04text\x18\x0b \x01(\x0b\x32\x11.genserve.v1.TextH\x00\x12%\n\x06\x66inish\x18\x0c \x01(\x0b\x32\x13.genserve.v1.FinishH\x00\x42\t\n\x07payload\"O\n\rStreamRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.genserve.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"Q\n\x0eStreamResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.genserve.v1.GenerateResponse\x12\x0f\n\x07\x63redits\x18\x02 \x01(\r*\x94\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46INISH_REASON_COMPLETE\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xf4\x01\n\tGenerator\x12M\n\nListModels\x12\x1e.genserve.v1.ListModelsRequest\x1a\x1f.genserve.v1.ListModelsResponse\x12I\n\x08Generate\x12\x1c.genserve.v1.GenerateRequest\x1a\x1d.genserve.v1.GenerateResponse0\x01\x12M\n\x0eGenerateStream\x12\x1a.genserve.v1.StreamRequest\x1a\x1b.genserve.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgenserve/v1/generator.proto\x12\x0bgenserve.v1\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.genserve.v1.ModelInfo\"\xde\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12\x12\n\nparameters\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06latest\x18\x07 \x01(\x08\x12*\n\x05image\x18\n \x01(\x0b\x32\x19.genserve.v1.ImageAcceptsH\x00\x12(\n\x04text\x18\x0b \x01(\x0b\x32\x18.genserve.v1.TextAcceptsH\x00\x42\t\n\x07\x61\x63\x63\x65pts\"\xfd\x01\n\x0cImageAccepts\x12\r\n\x05max_n\x18\x01 \x01(\r\x12\x12\n\nimage_size\x18\x02 \x01(\r\x12\x12\n\nlatent_dim\x18\x03 \x01(\r\x12\x13\n\x0b\x63onditional\x18\x04 \x01(\x08\x12\x16\n\tlabel_min\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tlabel_max\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x11\n\tsteps_min\x18\x07 \x01(\r\x12\x11\n\tsteps_max\x18\x08 \x01(\r\x12\x15\n\rsteps_default\x18\t \x01(\r\x12\x18\n\x10guidance_default\x18\n \x01(\x02\x42\x0c\n\n_label_minB\x0c\n\n_label_max\"L\n\x0bTextAccepts\x12\r\n\x05vocab\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_window\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\"\xb1\x01\n\x0bImageParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x03 \x03(\x05\x12\x12\n\nwant_float\x18\x04 \x01(\x08\x12\x12\n\x05steps\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x15\n\x08guidance\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x15\n\rpreview_every\x18\x07 \x01(\rB\x07\n\x05_seedB\x08\n\x06_stepsB\x0b\n\t_guidance\"\xdc\x01\n\nTextParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xaf\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12)\n\x05image\x18\n \x01(\x0b\x32\x18.genserve.v1.ImageParamsH\x00\x12\'\n\x04text\x18\x0b \x01(\x0b\x32\x17.genserve.v1.TextParamsH\x00\x42\x08\n\x06params\"\x95\x01\n\x06Images\x12\x0e\n\x06offset\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06pixels\x18\x05 \x01(\x0c\x12\x0e\n\x06labels\x18\x06 \x03(\x05\x12\x0e\n\x06\x66loats\x18\x07 \x01(\x0c\x12\x0f\n\x07preview\x18\x08 \x01(\x08\x12\x0c\n\x04step\x18\t \x01(\r\"<\n\x04Text\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x13\n\x0bn_generated\x18\x03 \x01(\r\"\xad\x01\n\x06\x46inish\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.genserve.v1.FinishReason\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\r\x12\x13\n\x0bn_generated\x18\x07 \x01(\r\x12\x16\n\x0eretry_after_ms\x18\x08 \x01(\r\"\x9a\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x06images\x18\n \x01(\x0b\x32\x13.genserve.v1.ImagesH\x00\x12!\n\x04text\x18\x0b \x01(\x0b\x32\x11.genserve.v1.TextH\x00\x12%\n\x06\x66inish\x18\x0c \x01(\x0b\x32\x13.genserve.v1.FinishH\x00\x42\t\n\x07payload\"O\n\rStreamRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.genserve.v1.GenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x03(\t\"Q\n\x0eStreamResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.genserve.v1.GenerateResponse\x12\x0f\n\x07\x63redits\x18\x02 \x01(\r*\x94\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46INISH_REASON_COMPLETE\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xf4\x01\n\tGenerator\x12M\n\nListModels\x12\x1e.genserve.v1.ListModelsRequest\x1a\x1f.genserve.v1.ListModelsResponse\x12I\n\x08Generate\x12\x1c.genserve.v1.GenerateRequest\x1a\x1d.genserve.v1.GenerateResponse0\x01\x12M\n\x0eGenerateStream\x12\x1a.genserve.v1.StreamRequest\x1a\x1b.genserve.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genserve.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1770
-  _globals['_FINISHREASON']._serialized_end=1918
+  _globals['_FINISHREASON']._serialized_start=1979
+  _globals['_FINISHREASON']._serialized_end=2127
   _globals['_LISTMODELSREQUEST']._serialized_start=44
   _globals['_LISTMODELSREQUEST']._serialized_end=63
   _globals['_LISTMODELSRESPONSE']._serialized_start=65
@@ -41,27 +41,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=128
   _globals['_MODELINFO']._serialized_end=350
   _globals['_IMAGEACCEPTS']._serialized_start=353
-  _globals['_IMAGEACCEPTS']._serialized_end=519
-  _globals['_TEXTACCEPTS']._serialized_start=521
-  _globals['_TEXTACCEPTS']._serialized_end=597
-  _globals['_IMAGEPARAMS']._serialized_start=599
-  _globals['_IMAGEPARAMS']._serialized_end=687
-  _globals['_TEXTPARAMS']._serialized_start=690
-  _globals['_TEXTPARAMS']._serialized_end=910
-  _globals['_GENERATEREQUEST']._serialized_start=913
-  _globals['_GENERATEREQUEST']._serialized_end=1088
-  _globals['_IMAGES']._serialized_start=1090
-  _globals['_IMAGES']._serialized_end=1208
-  _globals['_TEXT']._serialized_start=1210
-  _globals['_TEXT']._serialized_end=1270
-  _globals['_FINISH']._serialized_start=1273
-  _globals['_FINISH']._serialized_end=1446
-  _globals['_GENERATERESPONSE']._serialized_start=1449
-  _globals['_GENERATERESPONSE']._serialized_end=1603
-  _globals['_STREAMREQUEST']._serialized_start=1605
-  _globals['_STREAMREQUEST']._serialized_end=1684
-  _globals['_STREAMRESPONSE']._serialized_start=1686
-  _globals['_STREAMRESPONSE']._serialized_end=1767
-  _globals['_GENERATOR']._serialized_start=1921
-  _globals['_GENERATOR']._serialized_end=2165
+  _globals['_IMAGEACCEPTS']._serialized_end=606
+  _globals['_TEXTACCEPTS']._serialized_start=608
+  _globals['_TEXTACCEPTS']._serialized_end=684
+  _globals['_IMAGEPARAMS']._serialized_start=687
+  _globals['_IMAGEPARAMS']._serialized_end=864
+  _globals['_TEXTPARAMS']._serialized_start=867
+  _globals['_TEXTPARAMS']._serialized_end=1087
+  _globals['_GENERATEREQUEST']._serialized_start=1090
+  _globals['_GENERATEREQUEST']._serialized_end=1265
+  _globals['_IMAGES']._serialized_start=1268
+  _globals['_IMAGES']._serialized_end=1417
+  _globals['_TEXT']._serialized_start=1419
+  _globals['_TEXT']._serialized_end=1479
+  _globals['_FINISH']._serialized_start=1482
+  _globals['_FINISH']._serialized_end=1655
+  _globals['_GENERATERESPONSE']._serialized_start=1658
+  _globals['_GENERATERESPONSE']._serialized_end=1812
+  _globals['_STREAMREQUEST']._serialized_start=1814
+  _globals['_STREAMREQUEST']._serialized_end=1893
+  _globals['_STREAMRESPONSE']._serialized_start=1895
+  _globals['_STREAMRESPONSE']._serialized_end=1976
+  _globals['_GENERATOR']._serialized_start=2130
+  _globals['_GENERATOR']._serialized_end=2374
 # @@protoc_insertion_point(module_scope)

@@ -54,20 +54,28 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[str] = ..., summary: _Optional[str] = ..., parameters: _Optional[int] = ..., device: _Optional[str] = ..., latest: _Optional[bool] = ..., image: _Optional[_Union[ImageAccepts, _Mapping]] = ..., text: _Optional[_Union[TextAccepts, _Mapping]] = ...) -> None: ...
 
 class ImageAccepts(_message.Message):
-    __slots__ = ("max_n", "image_size", "latent_dim", "conditional", "label_min", "label_max")
+    __slots__ = ("max_n", "image_size", "latent_dim", "conditional", "label_min", "label_max", "steps_min", "steps_max", "steps_default", "guidance_default")
     MAX_N_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
     CONDITIONAL_FIELD_NUMBER: _ClassVar[int]
     LABEL_MIN_FIELD_NUMBER: _ClassVar[int]
     LABEL_MAX_FIELD_NUMBER: _ClassVar[int]
+    STEPS_MIN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_MAX_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     max_n: int
     image_size: int
     latent_dim: int
     conditional: bool
     label_min: int
     label_max: int
-    def __init__(self, max_n: _Optional[int] = ..., image_size: _Optional[int] = ..., latent_dim: _Optional[int] = ..., conditional: _Optional[bool] = ..., label_min: _Optional[int] = ..., label_max: _Optional[int] = ...) -> None: ...
+    steps_min: int
+    steps_max: int
+    steps_default: int
+    guidance_default: float
+    def __init__(self, max_n: _Optional[int] = ..., image_size: _Optional[int] = ..., latent_dim: _Optional[int] = ..., conditional: _Optional[bool] = ..., label_min: _Optional[int] = ..., label_max: _Optional[int] = ..., steps_min: _Optional[int] = ..., steps_max: _Optional[int] = ..., steps_default: _Optional[int] = ..., guidance_default: _Optional[float] = ...) -> None: ...
 
 class TextAccepts(_message.Message):
     __slots__ = ("vocab", "context_window", "max_new_tokens")
@@ -80,16 +88,22 @@ class TextAccepts(_message.Message):
     def __init__(self, vocab: _Optional[str] = ..., context_window: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class ImageParams(_message.Message):
-    __slots__ = ("n", "seed", "labels", "want_float")
+    __slots__ = ("n", "seed", "labels", "want_float", "steps", "guidance", "preview_every")
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     WANT_FLOAT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_EVERY_FIELD_NUMBER: _ClassVar[int]
     n: int
     seed: int
     labels: _containers.RepeatedScalarFieldContainer[int]
     want_float: bool
-    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., want_float: _Optional[bool] = ...) -> None: ...
+    steps: int
+    guidance: float
+    preview_every: int
+    def __init__(self, n: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., want_float: _Optional[bool] = ..., steps: _Optional[int] = ..., guidance: _Optional[float] = ..., preview_every: _Optional[int] = ...) -> None: ...
 
 class TextParams(_message.Message):
     __slots__ = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
@@ -126,7 +140,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., image: _Optional[_Union[ImageParams, _Mapping]] = ..., text: _Optional[_Union[TextParams, _Mapping]] = ...) -> None: ...
 
 class Images(_message.Message):
-    __slots__ = ("offset", "count", "height", "width", "pixels", "labels", "floats")
+    __slots__ = ("offset", "count", "height", "width", "pixels", "labels", "floats", "preview", "step")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +148,8 @@ class Images(_message.Message):
     PIXELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     FLOATS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     offset: int
     count: int
     height: int
@@ -141,7 +157,9 @@ class Images(_message.Message):
     pixels: bytes
     labels: _containers.RepeatedScalarFieldContainer[int]
     floats: bytes
-    def __init__(self, offset: _Optional[int] = ..., count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., pixels: _Optional[bytes] = ..., labels: _Optional[_Iterable[int]] = ..., floats: _Optional[bytes] = ...) -> None: ...
+    preview: bool
+    step: int
+    def __init__(self, offset: _Optional[int] = ..., count: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., pixels: _Optional[bytes] = ..., labels: _Optional[_Iterable[int]] = ..., floats: _Optional[bytes] = ..., preview: _Optional[bool] = ..., step: _Optional[int] = ...) -> None: ...
 
 class Text(_message.Message):
     __slots__ = ("text", "token_ids", "n_generated")

@@ -90,6 +90,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             )
             if info.image is not None:
                 low, high = info.image.label_range or (None, None)  # unconditional: the range stays unset
+                steps = info.image.steps
                 entry.image.CopyFrom(
                     pb.ImageAccepts(
                         max_n=info.image.max_n,
@@ -98,6 +99,10 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                         conditional=info.image.conditional,
                         label_min=low,
                         label_max=high,
+                        steps_min=steps.low if steps else 0,
+                        steps_max=steps.high if steps else 0,
+                        steps_default=steps.default if steps else 0,
+                        guidance_default=steps.guidance if steps else 0.0,
                     )
                 )
             elif info.text is not None:

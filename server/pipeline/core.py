@@ -76,7 +76,7 @@ class Pipeline:
         self.work = topology.work
         self.results = topology.results
         self.image_links = topology.image_links
-        self.text_links = topology.text_links
+        self.feeder_links = topology.feeder_links
         self.stages = topology.stages
         for name, depth in topology.depth_readers().items():
             metrics.track_depth(name, depth)
@@ -115,7 +115,7 @@ class Pipeline:
         return removed
 
     def _drop_link(self, kind: ModelStage, model: str) -> None:
-        links: dict[str, Any] = self.image_links if kind is ModelStage.BATCHER else self.text_links
+        links: dict[str, Any] = self.image_links if kind is ModelStage.BATCHER else self.feeder_links  # text and steps: feeders
         link = links.pop(model, None)
         if kind is ModelStage.BATCHER:
             self.topology.batchers.pop(model, None)

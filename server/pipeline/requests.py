@@ -74,10 +74,19 @@ class JobBuilder:
             raise Refused(*status_of(e)) from None
 
     def _image(self, served: ServedModel, p: pb.ImageParams, job_id: str) -> ImageRequest:
-        if served.images is None:
+        if served.info.image is None:
             raise Refused(Code.INVALID_ARGUMENT, f"model {served.name!r} is a {served.kind} model: send text params, not image")
         labels = p.labels
-        image = ImageRequest(p.n, p.seed if p.HasField("seed") else None, list(labels) if labels else None, p.want_float, job_id)
+        image = ImageRequest(
+            p.n,
+            p.seed if p.HasField("seed") else None,
+            list(labels) if labels else None,
+            p.want_float,
+            job_id,
+            steps=p.steps if p.HasField("steps") else None,
+            guidance=p.guidance if p.HasField("guidance") else None,
+            preview_every=p.preview_every,
+        )
         try:
             self.engine.check(served, image)  # the engine's rules: n, seed, labels (count, range, conditional model)
         except InvalidRequestError as e:

@@ -287,7 +287,7 @@ def test_edges_are_accepted(models: dict[str, LoadedModel]) -> None:
 
 
 def test_limits_and_kinds_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="max_n and max_batch must be >= 1"):
+    with pytest.raises(ValueError, match="max_n, max_batch and step_rows must be >= 1"):
         ImageLimits(max_n=0)
     text = CharTransformer(TransformerConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, d_model=4, d_ff=8))
     model = load_model(export_model(tmp_path / "t.safetensors", "char-transformer", text, vocab="abc"))

@@ -13,9 +13,9 @@ One stage per module; ``topology.py`` builds the links and stages from the confi
 
 from server.pipeline.stages.base import ImageDone, ImageWork, Stage
 from server.pipeline.stages.batcher import Batcher
+from server.pipeline.stages.feeder import Feeder
 from server.pipeline.stages.processor import Processor
 from server.pipeline.stages.producer import Producer
 from server.pipeline.stages.router import Router
-from server.pipeline.stages.text import TextFeeder
 
-__all__ = ["Batcher", "ImageDone", "ImageWork", "Processor", "Producer", "Router", "Stage", "TextFeeder"]
+__all__ = ["Batcher", "Feeder", "ImageDone", "ImageWork", "Processor", "Producer", "Router", "Stage"]

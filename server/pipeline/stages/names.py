@@ -14,10 +14,13 @@ class ModelStage(enum.Enum):
 
     BATCHER = "batcher"  # one-shot image models
     TEXT = "text"  # text models: the feeder of its decode thread
+    STEPS = "steps"  # iterative image models: the feeder of its step batch
 
     @classmethod
     def of(cls, served: ServedModel) -> ModelStage:
-        return cls.BATCHER if served.images is not None else cls.TEXT
+        if served.images is not None:
+            return cls.BATCHER
+        return cls.STEPS if served.stepper is not None else cls.TEXT
 
     def stage_name(self, model: str) -> str:
         return f"{self.value}-{model}"

@@ -20,11 +20,11 @@ class Producer(Stage):
 
     kind = "producer"
 
-    def __init__(self, ingress: Link[Job], out: Link[Job], text_links: dict[str, Link[Job]] | None = None) -> None:
+    def __init__(self, ingress: Link[Job], out: Link[Job], feeder_links: dict[str, Link[Job]] | None = None) -> None:
         super().__init__("producer")
         self.ingress = ingress
         self.out = out
-        self.text_links = text_links or {}
+        self.feeder_links = feeder_links or {}
         self.images: collections.deque[Job] = collections.deque()  # image jobs taken, not yet handed to the processors
 
     def holding(self) -> Iterable[Job]:
@@ -50,11 +50,11 @@ class Producer(Stage):
         """Image jobs to ``images``, to go on as one group (``Link.put_from``); ``held`` keeps the text
         jobs. A method: its locals end with it, not across the waits that follow."""
         held = self.held
-        self.images.extend(job for job in held if not job.done and job.text is None)
-        self.held = [job for job in held if job.text is not None]
+        self.images.extend(job for job in held if not job.done and job.served.images is not None)  # one-shot image jobs
+        self.held = [job for job in held if job.served.images is None]  # text and iterative jobs: to their feeders
 
     async def _forward_text(self, job: Job) -> None:
-        link = self.text_links.get(job.served.name)
+        link = self.feeder_links.get(job.served.name)
         if link is None:
             job.fail(*retryable(f"model {job.served.name!r} is not being served"))
             return

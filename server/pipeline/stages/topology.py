@@ -1,7 +1,8 @@
 r"""The topology, built from the config (as Broadway builds its own from a config map):
 
     ingress -> Producer -> work -> Processor xN -> images/<model> -> Batcher -> results -> Router
-                        \-> text/<model> -> TextFeeder -> decode loop (engine thread)
+                        \-> text/<model>, steps/<model> -> Feeder -> decode loop (engine thread):
+                                                        a text model's decode batch, an iterative model's step batch
 
 Only wiring: which links exist, how big each is, which stage reads and writes which. Admission,
 deadlines and metrics live in ``server/pipeline/core.py``.
@@ -17,11 +18,11 @@ from server.pipeline.jobs import Job
 from server.pipeline.links import Link
 from server.pipeline.stages.base import ImageDone, ImageWork, Stage
 from server.pipeline.stages.batcher import Batcher
+from server.pipeline.stages.feeder import Feeder
 from server.pipeline.stages.names import ModelStage
 from server.pipeline.stages.processor import Processor
 from server.pipeline.stages.producer import Producer
 from server.pipeline.stages.router import Router
-from server.pipeline.stages.text import TextFeeder
 
 
 class Topology:
@@ -51,10 +52,10 @@ class Topology:
         self.results: Link[ImageDone] = Link("router", size)
         # shared with the producer and the processors (the same dicts): a link added later is routed to at once
         self.image_links: dict[str, Link[ImageWork]] = {}
-        self.text_links: dict[str, Link[Job]] = {}
+        self.feeder_links: dict[str, Link[Job]] = {}
         self.batchers: dict[str, Batcher] = {}  # model name -> its batcher (admission reads its window in force)
         models = [stage for served in registry.served() if (stage := self.model_stage(served)) is not None]
-        self.stages: list[Stage] = [Producer(self.ingress, self.work, self.text_links)]
+        self.stages: list[Stage] = [Producer(self.ingress, self.work, self.feeder_links)]
         self.stages += [Processor(i, self.work, self.image_links, engine, max_chunk=c.batch_size) for i in range(c.processors)]
         self.stages += models
         self.stages.append(Router(self.results))
@@ -80,14 +81,16 @@ class Topology:
                 inflight=self.inflight,
             )
             return batcher
-        if name in self.text_links:
+        if name in self.feeder_links:
             return None
-        text_link: Link[Job] = Link(ModelStage.TEXT.stage_name(name), c.queue_size)
-        self.text_links[name] = text_link
-        return TextFeeder(name, text_link, self.engine, self.registry, max_pending=c.decode_pending)
+        stage = ModelStage.of(served)  # TEXT or STEPS
+        feeder_link: Link[Job] = Link(stage.stage_name(name), c.queue_size)
+        self.feeder_links[name] = feeder_link
+        pending = c.step_pending if stage is ModelStage.STEPS else c.decode_pending
+        return Feeder(name, stage, feeder_link, self.engine, self.registry, max_pending=pending)
 
     def depth_readers(self) -> dict[str, Callable[[], int]]:
         """Each link's name and a reader of its depth (for the metrics)."""
         links: list[Link[Job] | Link[ImageDone] | Link[ImageWork]] = [self.ingress, self.work, self.results]
-        links += [*self.image_links.values(), *self.text_links.values()]
+        links += [*self.image_links.values(), *self.feeder_links.values()]
         return {link.name: link.__len__ for link in links}

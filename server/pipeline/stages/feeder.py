@@ -1,4 +1,5 @@
-"""The text feeder: one text model's decode batch fed with new sequences, and its tokens routed back."""
+"""A feeder: one model's stepped batch (a text model's decode batch, an iterative image model's step
+batch) fed with new requests, and its events (tokens; previews and final samples) routed back."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from engine import Engine, ModelRegistry, TokenEvent
+from engine import Engine, ModelRegistry, StepEvent, TokenEvent
 from engine.errors import EngineError, InvalidRequestError, ModelNotFound, QueueFullError
-from server.pipeline.jobs import Job, Outcome
+from server.pipeline.jobs import COMPLETE, Job, Outcome
 from server.pipeline.links import Link
 from server.pipeline.stages.base import Stage
 from server.pipeline.stages.names import ModelStage
@@ -21,25 +22,27 @@ from server.pipeline.statuses import Code, status_of
 _REASONS = {"length": "length", "stop": "stop"}
 
 
-class TextFeeder(Stage):
-    """Feeds one text model's decode batch (continuous batching, on an engine thread) with new
-    sequences, taking only as many as it has room for (``Engine.room``), and routes each token back.
+class Feeder(Stage):
+    """Feeds one model's stepped batch (continuous batching, on an engine thread) with new requests,
+    taking only as many as it has room for (``Engine.room``), and routes each event back: a text
+    model's tokens, an iterative model's previews and final samples.
 
-    Tokens come from the decode thread; they are queued here and routed on the event loop in one
-    callback per burst, not one per token. Routing lives in the feeder object, not its task, so
-    sequences keep streaming while a crashed feeder restarts.
+    Events come from the decode thread; they are queued here and routed on the event loop in one
+    callback per burst, not one per event. Routing lives in the feeder object, not its task, so
+    requests keep streaming while a crashed feeder restarts.
     """
 
-    kind = "text"
-
-    def __init__(self, model: str, inbox: Link[Job], engine: Engine, registry: ModelRegistry, *, max_pending: int) -> None:
-        super().__init__(ModelStage.TEXT.stage_name(model))
+    def __init__(
+        self, model: str, stage: ModelStage, inbox: Link[Job], engine: Engine, registry: ModelRegistry, *, max_pending: int
+    ) -> None:
+        super().__init__(stage.stage_name(model))
+        self.kind = stage.value
         self.model = model
         self.inbox = inbox
         self.engine = engine
         self.registry = registry
         self.max_pending = max_pending
-        self._events: collections.deque[tuple[Job, TokenEvent | BaseException]] = collections.deque()
+        self._events: collections.deque[tuple[Job, TokenEvent | StepEvent | BaseException]] = collections.deque()
         self._scheduled = False
         self._room = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -75,9 +78,10 @@ class TextFeeder(Stage):
                 pass
 
     def _submit(self, job: Job) -> None:
-        assert job.text is not None
+        request = job.text if job.text is not None else job.image
+        assert request is not None
         try:
-            job.ticket = self.engine.submit(job.served, job.text, self._on_event(job))
+            job.ticket = self.engine.submit(job.served, request, self._on_event(job))
         except (InvalidRequestError, QueueFullError, EngineError) as e:
             job.fail(*status_of(e))
             return
@@ -85,8 +89,8 @@ class TextFeeder(Stage):
         if job.done:  # it ended (deadline, client gone) between take and submit
             job.ticket.cancel()
 
-    def _on_event(self, job: Job) -> Callable[[TokenEvent | BaseException], None]:
-        def on_event(event: TokenEvent | BaseException) -> None:  # on the decode thread
+    def _on_event(self, job: Job) -> Callable[[TokenEvent | StepEvent | BaseException], None]:
+        def on_event(event: TokenEvent | StepEvent | BaseException) -> None:  # on the decode thread
             self._events.append((job, event))
             if not self._scheduled:
                 self._scheduled = True
@@ -106,6 +110,9 @@ class TextFeeder(Stage):
                 job.fail(*status_of(event))  # the engine's EngineError, or what it was given
                 self._room.set()
                 continue
+            if isinstance(event, StepEvent):
+                self._route_images(job, event)
+                continue
             if event.text:  # empty while a stop string is undecided
                 job.sent = event.n_generated
                 job.emit(event)
@@ -118,3 +125,16 @@ class TextFeeder(Stage):
                     job.finish(Outcome(reason="stop"))
                 else:
                     job.fail(Code.CANCELLED, "cancelled")
+
+    def _route_images(self, job: Job, event: StepEvent) -> None:
+        """An iterative model's event: a preview, the final samples (the job completes), or its cancellation."""
+        result = event.result
+        if result is None:
+            self._room.set()
+            job.fail(Code.CANCELLED, "cancelled")
+            return
+        job.emit(result)
+        if event.finished:
+            self._room.set()
+            job.sent = len(result.pixels)
+            job.finish(COMPLETE)
