@@ -25,7 +25,7 @@ from clients._exceptions import (
 from clients._protocol import ImageOptions, TextOptions
 from clients._session import Session
 from clients._sync import Client, SyncSession
-from clients._types import ImageResult, ImageSpec, ModelInfo, TextResult, TextSpec
+from clients._types import ImageResult, ImageSpec, ImageStep, ModelInfo, TextResult, TextSpec
 
 __all__ = [
     "AmqpClient",
@@ -37,6 +37,7 @@ __all__ = [
     "ImageOptions",
     "ImageResult",
     "ImageSpec",
+    "ImageStep",
     "InvalidRequest",
     "ModelInfo",
     "ModelNotFound",

@@ -17,7 +17,7 @@ from clients._channel import DEFAULT_TARGET, DEFAULT_TIMEOUT, RetryPolicy, open_
 from clients._exceptions import ServerError, from_rpc_error, from_status
 from clients._protocol import ImageAssembler, ImageOptions, TextAssembler, TextOptions, image_request, text_request
 from clients._session import Session
-from clients._types import ModelInfo
+from clients._types import ImageStep, ModelInfo
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
@@ -173,6 +173,8 @@ class AsyncClient:
             async for response in responses:
                 which = response.WhichOneof("payload")
                 if which == "images":
+                    if response.images.preview:  # an iterative model's estimate (preview_every): stream_images has them
+                        continue
                     count = assembler.add(response.images)
                     if progress is not None:
                         progress(count)
@@ -181,6 +183,40 @@ class AsyncClient:
         if finish is None:
             raise ServerError("the server ended the call without a finish")
         return assembler.result(finish).images
+
+    async def stream_images(
+        self,
+        model: str,
+        n: int,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[ImageOptions],
+    ) -> AsyncGenerator[ImageStep, None]:
+        """An iterative model's (flow's) previews, every ``preview_every`` steps, then its final samples:
+        each an ``ImageStep`` (images (n, 28, 28) uint8, the step, ``final``). Leaving the loop early cancels the call.
+
+        options: seed, labels, version, steps, guidance, preview_every (``ImageOptions``).
+        """
+        assembler = ImageAssembler(n)
+        request = image_request(model, n, **options)
+        finish: pb.Finish | None = None
+        step = 0
+        async with aclosing(self._generate(request, timeout)) as responses:
+            async for response in responses:
+                which = response.WhichOneof("payload")
+                if which == "images":
+                    chunk = response.images
+                    step = max(step, chunk.step)
+                    if chunk.preview:
+                        pixels = np.frombuffer(chunk.pixels, np.uint8).reshape(chunk.count, chunk.height, chunk.width)
+                        yield ImageStep(pixels, chunk.step, final=False)
+                    else:
+                        assembler.add(chunk)
+                elif which == "finish":
+                    finish = response.finish
+        if finish is None:
+            raise ServerError("the server ended the call without a finish")
+        yield ImageStep(assembler.result(finish).images, step, final=True)
 
     async def stream_text(
         self,

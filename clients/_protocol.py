@@ -100,11 +100,17 @@ class ImageOptions(TypedDict, total=False):
     """seed: the same seed gives the same samples (drawn by the server when None).
     labels: conditional models: one label for all samples; a list, cycled over the samples when shorter
         (``range(10)`` with n=40: 0-9 four times); or a string such as "0-9" or "1,3,5"; None: drawn from the seed.
-    version: 0 (or unset) for the latest."""
+    version: 0 (or unset) for the latest.
+    steps: iterative models (flow): solver steps (unset: the model's default; see ``list_models``).
+    guidance: iterative conditional models: classifier-free guidance scale, 0 to 20 (1: none; unset: the model's default).
+    preview_every: iterative models: also send the current estimate every this many steps (``stream_images``; 0: none)."""
 
     seed: int | None
     labels: Labels
     version: int
+    steps: int | None
+    guidance: float | None
+    preview_every: int
 
 
 class TextOptions(TypedDict, total=False):
@@ -147,7 +153,22 @@ def image_request(model: str, n: int, *, want_float: bool = False, id: str = "",
     _check_options(options, _IMAGE_OPTIONS, "an image")
     n = _integer("n", n, 0, UINT32_MAX, "from 1 to the model's max_n")
     seed = _optional_integer(options, "seed", 0, IMAGE_SEED_MAX, "from 0 to 2**63-1")
-    params = pb.ImageParams(n=n, seed=seed, labels=expand_labels(options.get("labels"), n), want_float=want_float)
+    steps = _optional_integer(options, "steps", 0, UINT32_MAX, "from the model's steps_min to steps_max")
+    every = _optional_integer(options, "preview_every", 0, UINT32_MAX, "from 0 (no previews) up")
+    guidance = options.get("guidance")
+    if guidance is not None:
+        g = _number(guidance)
+        if g is None or not 0 <= g <= FLOAT32_MAX:  # NaN fails the comparison; the range is the server's (0 to 20)
+            raise InvalidRequest(f"guidance must be a number from 0 to 20, got {guidance!r}")
+    params = pb.ImageParams(
+        n=n,
+        seed=seed,
+        labels=expand_labels(options.get("labels"), n),
+        want_float=want_float,
+        steps=steps,
+        guidance=guidance,
+        preview_every=every or 0,
+    )
     return pb.GenerateRequest(model=model, version=_version(options), id=id, image=params)
 
 

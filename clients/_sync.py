@@ -23,7 +23,7 @@ from clients._client import AsyncClient
 from clients._exceptions import GenserveError
 from clients._protocol import ImageOptions, TextOptions
 from clients._session import Result, Session
-from clients._types import ImageResult, ModelInfo, TextResult
+from clients._types import ImageResult, ImageStep, ModelInfo, TextResult
 
 T = TypeVar("T")
 SETTLE_S = 5.0  # after Ctrl-C, how long to wait for the cancelled coroutine to finish
@@ -237,6 +237,17 @@ class Client:
         """See ``AsyncClient.generate_images``; ``progress`` is called on the client's thread."""
         coro = self._async.generate_images(model, n, timeout=timeout, progress=progress, **options)
         return self._portal.run(coro)
+
+    def stream_images(
+        self,
+        model: str,
+        n: int,
+        *,
+        timeout: float | None = None,
+        **options: Unpack[ImageOptions],
+    ) -> Generator[ImageStep, None, None]:
+        """See ``AsyncClient.stream_images``; leaving the loop early (or ``close()``) cancels the call."""
+        return self._portal.iterate(self._async.stream_images(model, n, timeout=timeout, **options))
 
     def stream_text(
         self,

@@ -37,6 +37,14 @@ class ImageSpec:
     conditional: bool  # labels accepted (drawn from the seed when none are given)
     label_min: int | None  # inclusive label range: conditional models only, else None
     label_max: int | None
+    steps_min: int = 0  # iterative models (flow): the steps a request may ask for; 0 for one-shot models
+    steps_max: int = 0
+    steps_default: int = 0
+    guidance_default: float = 0.0  # iterative conditional models: the guidance scale a request gets by default
+
+    @property
+    def iterative(self) -> bool:
+        return self.steps_max > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +78,9 @@ class ModelInfo:
             i = m.image
             # by conditional, not HasField: a server from before the fields were optional leaves out a label_min of 0
             low, high = (i.label_min, i.label_max) if i.conditional else (None, None)
-            image = ImageSpec(i.max_n, i.image_size, i.latent_dim, i.conditional, low, high)
+            image = ImageSpec(
+                i.max_n, i.image_size, i.latent_dim, i.conditional, low, high, i.steps_min, i.steps_max, i.steps_default, i.guidance_default
+            )
         elif which == "text":
             text = TextSpec(m.text.vocab, m.text.context_window, m.text.max_new_tokens)
         return cls(m.name, m.version, m.kind, m.summary, m.parameters, m.device, m.latest, image, text)
@@ -100,3 +110,12 @@ class TextResult:
     model: str
     version: int
     id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageStep:
+    """One of ``stream_images``' results: an iterative model's preview, or its final samples (``final``)."""
+
+    images: npt.NDArray[np.uint8]  # (n, height, width), 0..255
+    step: int  # the steps done when these were made
+    final: bool

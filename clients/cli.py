@@ -158,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
         "cycled: -n 40 --labels 0-9 is 0-9 four times, one digit per column with --cols 10 (default: drawn from the seed)",
     )
     images.add_argument("--version", type=int, default=0, help="model version (default 0: the latest)")
+    images.add_argument("--steps", type=int, help="iterative models (flow): solver steps (default: the model's, see `models`)")
+    images.add_argument(
+        "--guidance", type=float, help="iterative conditional models: classifier-free guidance scale, 0-20 (default: the model's)"
+    )
+    images.add_argument(
+        "--preview-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="iterative models: show the request's progress, a preview every K steps (default 0: none)",
+    )
     images.add_argument(
         "--out",
         "-o",
@@ -217,7 +228,8 @@ def _describe(model: ModelInfo) -> str:
     if model.image is not None:
         i = model.image
         labels = f", labels {i.label_min}-{i.label_max}" if i.conditional else ""
-        accepts = f"images {i.image_size}x{i.image_size}, n <= {i.max_n}{labels}"
+        steps = f", steps {i.steps_min}-{i.steps_max} (default {i.steps_default})" if i.iterative else ""
+        accepts = f"images {i.image_size}x{i.image_size}, n <= {i.max_n}{labels}{steps}"
     elif model.text is not None:
         accepts = f"text, context {model.text.context_window}, <= {model.text.max_new_tokens} new tokens"
     else:
@@ -235,7 +247,9 @@ def _models(client: Client, args: argparse.Namespace, out: TextIO, received: Rec
 
 
 def _image_options(args: argparse.Namespace) -> ImageOptions:
-    return ImageOptions(seed=args.seed, labels=args.labels, version=args.version)
+    return ImageOptions(
+        seed=args.seed, labels=args.labels, version=args.version, steps=args.steps, guidance=args.guidance, preview_every=args.preview_every
+    )
 
 
 def _text_options(args: argparse.Namespace) -> TextOptions:
@@ -267,7 +281,17 @@ def _images(client: Client, args: argparse.Namespace, out: TextIO, received: Rec
             received.count += count
             bar.update(count)
 
-        images = client.generate_images(args.model, args.n, progress=progress, **_image_options(args))
+        if args.preview_every:  # an iterative model's progress: one line per preview, then the samples
+            images = None
+            for step in client.stream_images(args.model, args.n, **_image_options(args)):
+                if step.final:
+                    images = step.images
+                    progress(len(images))
+                else:
+                    print(f"{args.model}: step {step.step} ({len(step.images)} samples, preview)", file=sys.stderr)
+            assert images is not None
+        else:
+            images = client.generate_images(args.model, args.n, progress=progress, **_image_options(args))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # e.g. runs/, which git ignores
     write_grid(images, args.out, cols=args.cols, scale=args.scale)
     print(f"wrote {args.out} ({len(images)} samples)", file=out)

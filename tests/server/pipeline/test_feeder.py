@@ -1,4 +1,4 @@
-"""The text feeder (server/pipeline/stages/feeder.py): tokens reach their job, a cancel leaves the decode
+"""The feeder (server/pipeline/stages/feeder.py): tokens reach their job, a cancel leaves the decode
 loop, a restart loses no sequence."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from engine.sampling import SamplingParams
 from server.pipeline.jobs import Job, Outcome
 from server.pipeline.links import Link
 from server.pipeline.stages import Feeder
+from server.pipeline.stages.names import ModelStage
 from server.pipeline.statuses import Code
 from server.pipeline.supervisor import Supervisor
 from tests.server.pipeline.stage_kit import WAIT, RecordingRecipient, running, settle, sync_text, text_job
@@ -31,7 +32,7 @@ async def test_tokens_reach_their_job_and_it_ends_with_length(engine: Engine, re
     jobs = [text_job(text_model, sink, name, "ROMEO:", p) for name, p in settings.items()]
     for job in jobs:
         await inbox.put(job)
-    async with running(Feeder("text", inbox, engine, registry, max_pending=4)):
+    async with running(Feeder("text", ModelStage.TEXT, inbox, engine, registry, max_pending=4)):
         for job in jobs:
             assert await sink.outcome(job) == Outcome(reason="length")
     for job in jobs:
@@ -49,7 +50,7 @@ async def test_a_cancelled_text_job_leaves_the_decode_loop(
 ) -> None:
     sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
-    feeder = Feeder("text", inbox, engine, registry, max_pending=4)
+    feeder = Feeder("text", ModelStage.TEXT, inbox, engine, registry, max_pending=4)
     loop = asyncio.get_running_loop()
     raw: list[TokenEvent | BaseException] = []  # what the decode thread sent, before the job filters it
     ended = asyncio.Event()
@@ -94,7 +95,7 @@ async def test_an_invalid_prompt_fails_invalid_argument_and_the_feeder_goes_on(
     good = text_job(text_model, sink, "good", "A", SamplingParams(seed=1, max_new_tokens=5))
     await inbox.put(bad)
     await inbox.put(good)
-    async with running(Feeder("text", inbox, engine, registry, max_pending=4)):
+    async with running(Feeder("text", ModelStage.TEXT, inbox, engine, registry, max_pending=4)):
         outcome = await sink.outcome(bad)
         assert outcome.code == Code.INVALID_ARGUMENT and "vocabulary" in outcome.message
         assert await sink.outcome(good) == Outcome(reason="length")
@@ -106,7 +107,7 @@ async def test_sequences_keep_streaming_while_a_killed_feeder_restarts(
 ) -> None:
     sink = RecordingRecipient()
     inbox: Link[Job] = Link("text", 8)
-    feeder = Feeder("text", inbox, engine, registry, max_pending=4)
+    feeder = Feeder("text", ModelStage.TEXT, inbox, engine, registry, max_pending=4)
     restarted = asyncio.Event()
     sup = Supervisor([feeder], on_restart=lambda stage: restarted.set())
     params = SamplingParams(seed=9, max_new_tokens=300)
