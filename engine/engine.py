@@ -412,6 +412,17 @@ class Engine:
             if not finished:
                 ticket.cancel()
 
+    def step_stats(self) -> list[tuple[str, int, int]]:
+        """(model, steps run, active requests) of each iterative model's step batch, summed over its versions (metrics)."""
+        with self._workers_lock:
+            batches = [(served.name, w.batch) for served, w in self._workers.items()]
+        totals: dict[str, tuple[int, int]] = {}
+        for name, batch in batches:
+            if isinstance(batch, StepBatch):
+                run, active = totals.get(name, (0, 0))
+                totals[name] = (run + batch.steps_run, active + batch.active_count)
+        return [(name, run, active) for name, (run, active) in sorted(totals.items())]
+
     def retire(self, served: ServedModel) -> None:
         """Forget a version the server no longer serves: stop its decode thread (blocks while it
         joins: call off the event loop). Call it once no request uses the entry: a sequence still

@@ -7,7 +7,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from engine.logs import dropped_lines
@@ -63,6 +63,27 @@ class LogDrops:
         return [CounterMetricFamily("genserve_log_lines_dropped_total", "Log lines lost to a failing log sink", value=dropped_lines())]
 
 
+StepStats = Callable[[], list[tuple[str, int, int]]]  # (model, steps run, active requests) per iterative model's batch
+
+
+class StepLoops:
+    """The iterative models' step batches, read at scrape time: steps run (rate() gives steps/s) and
+    the requests advancing in each."""
+
+    def __init__(self) -> None:
+        self.source: StepStats | None = None  # the engine's, once it exists
+
+    def collect(self) -> list[Metric]:
+        steps = CounterMetricFamily("genserve_model_steps_total", "Steps run by an iterative model's step batch", labels=["model"])
+        active = GaugeMetricFamily(
+            "genserve_step_active_requests", "Requests advancing in an iterative model's step batch", labels=["model"]
+        )
+        for model, run, now in self.source() if self.source is not None else []:
+            steps.add_metric([model], run)
+            active.add_metric([model], now)
+        return [steps, active]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -99,6 +120,8 @@ class Metrics:
         )
         self.model_versions = Gauge("genserve_model_versions", "Versions served per model", ["model"], registry=r)
         r.register(LogDrops())
+        self.step_loops = StepLoops()
+        r.register(self.step_loops)
 
     def track_depth(self, stage: str, depth: Callable[[], float]) -> None:
         """Read a link's depth at scrape time (no cost on the hot path)."""

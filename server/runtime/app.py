@@ -194,6 +194,7 @@ class GenServer:
                 f"no model files (*.safetensors) in {os.path.abspath(c.models_dir)}; give a folder of models with --models-dir"
             )
         self._engine = Engine(c.engine_limits())
+        self.metrics.step_loops.source = self._engine.step_stats
         undo.push_async_callback(self._close_engine)
         for served in self.registry.served():
             if served.images is not None:

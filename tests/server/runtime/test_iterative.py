@@ -3,14 +3,19 @@ feeder hands its requests to the engine's step batch, like a text model's; the S
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from clients import Client, InvalidRequest
+from clients import Client, InvalidRequest, Unavailable
+from engine import ServedModel
+from engine.faults import Faults
+from server.runtime.app import GenServer
 from tests.engine.drift_kind import drift_file
 from tests.paths import ROOT
 from tests.serving import ServerThread
@@ -48,3 +53,71 @@ def test_an_iterative_model_is_served_end_to_end_with_previews_refusals_and_inva
         with pytest.raises(InvalidRequest, match="send image params, not text"):
             client.generate_text("drift", "hi")
         assert client.generate_images("vae", 2, seed=1).shape == (2, 28, 28)  # old requests, unchanged
+        assert server.server is not None
+        metrics = server.server.metrics.registry
+        assert (metrics.get_sample_value("genserve_model_steps_total", {"model": "drift"}) or 0) >= 6  # at least one request's steps
+        assert metrics.get_sample_value("genserve_step_active_requests", {"model": "drift"}) == 0
+        assert metrics.get_sample_value("genserve_queue_depth", {"stage": "steps-drift"}) == 0
+
+
+class _MidStep(Faults):
+    """At the fifth step of the iterative model's batch after ``arm``: kill its feeder stage (waiting
+    on the decode thread until the stage has been cancelled), or fail the step (the engine's fault seam)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, app: GenServer) -> None:
+        self.loop, self.app = loop, app
+        self.plan: str | None = None
+        self.steps = 0
+        self.done = threading.Event()
+
+    def arm(self, plan: str) -> None:
+        self.steps, self.plan = 0, plan
+        self.done.clear()
+
+    def before_decode_step(self, served: ServedModel) -> None:
+        if self.plan is None or served.name != "drift":
+            return
+        self.steps += 1
+        if self.steps < 5:
+            return
+        plan, self.plan = self.plan, None
+        self.done.set()
+        if plan == "kill":
+            killed = asyncio.run_coroutine_threadsafe(self._kill(), self.loop)
+            killed.result(timeout=10)
+        else:
+            raise RuntimeError("injected step failure")
+
+    async def _kill(self) -> None:
+        self.app.supervisor.kill("steps-drift")
+        await asyncio.sleep(0.05)  # the stage is cancelled (and restarted) while this step waits
+
+
+def test_a_killed_feeder_and_a_failed_step_lose_no_request(tmp_path: Path) -> None:
+    """Chaos on the iterative path, mid-step: the steps feeder killed (its requests finish: routing
+    lives in the feeder object), then a step that fails (its requests hear UNAVAILABLE, retryable);
+    every request gets one answer, and the model serves again afterwards."""
+    models = tmp_path / "models"
+    models.mkdir()
+    drift_file(models / "drift.safetensors")
+    with ServerThread(models_dir=str(models), step_rows=64) as server, Client(server.address, timeout=60, retry=None) as client:
+        assert server.server is not None and server._loop is not None
+        faults = _MidStep(server._loop, server.server)
+        server.server.engine.install_faults(faults)
+        for plan in ("kill", "fail"):
+            faults.arm(plan)
+            with client.session(collect=False) as session:
+                futures = [session.submit_images("drift", 1 + i % 3, seed=i, steps=60) for i in range(24)]
+                outcomes = []
+                for f in futures:
+                    try:
+                        f.result(timeout=60)
+                        outcomes.append("ok")
+                    except Unavailable:
+                        outcomes.append("unavailable")
+            assert faults.done.is_set() and len(outcomes) == 24  # it struck mid-steps; one answer each
+            if plan == "kill":
+                assert set(outcomes) == {"ok"}, outcomes
+            else:
+                assert "unavailable" in outcomes, outcomes
+        assert client.generate_images("drift", 2, seed=1, steps=3).shape == (2, 4, 4)
