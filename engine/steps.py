@@ -64,7 +64,7 @@ class IterativeImages(ImageInputs):
             )
         if guidance is not None:
             if not self.conditional:
-                raise InvalidImageRequest("guidance", f"model {self.model.name!r} is unconditional: guidance is not accepted")
+                raise InvalidImageRequest("guidance", f"guidance is not accepted: model {self.model.name!r} is unconditional")
             if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0.0 <= guidance <= MAX_GUIDANCE:
                 raise InvalidImageRequest("guidance", f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {brief_repr(guidance)}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:

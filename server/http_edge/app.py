@@ -209,6 +209,10 @@ class HttpEdge:
                 accepts = {"images": {"size": f"{info.image.image_size}x{info.image.image_size}", "max_n": info.image.max_n}}
                 if info.image.label_range is not None:
                     accepts["images"]["labels"] = list(info.image.label_range)
+                if info.image.steps is not None:  # iterative models
+                    s = info.image.steps
+                    accepts["images"]["steps"] = {"min": s.low, "max": s.high, "default": s.default}
+                    accepts["images"]["guidance"] = s.guidance
             elif info.text is not None:
                 accepts = {"text": {"context_window": info.text.context_window, "max_tokens": self.pipeline.jobs.max_new_tokens}}
             data.append({"id": info.name, "object": "model", "created": 0, "owned_by": "genserve", "kind": info.kind,

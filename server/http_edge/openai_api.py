@@ -216,10 +216,13 @@ def image_request(body: Mapping[str, Any], image_size: int | None) -> pb.Generat
     size = _string(body, "size")
     if size is not None and image_size is not None and size != f"{image_size}x{image_size}":
         raise BadRequest(f"size must be {image_size}x{image_size} (the model's own), got {size!r}", "size")
-    for name in ("steps", "guidance"):
-        if body.get(name) is not None:
-            raise BadRequest(f"{name} is for iterative models; {model!r} makes its samples in one pass", name)
     params = pb.ImageParams(n=1 if n is None else n)
+    steps = _integer(body, "steps", 0, 2**32 - 1)  # iterative models (flow); the model's range is the core's to check
+    if steps is not None:
+        params.steps = steps
+    guidance = _number(body, "guidance", 0.0, 20.0)
+    if guidance is not None:
+        params.guidance = guidance
     seed = _integer(body, "seed", 0, 2**63 - 1)
     if seed is not None:
         params.seed = seed

@@ -4,6 +4,8 @@ feeder hands its requests to the engine's step batch, like a text model's; the S
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import re
 import shutil
 import threading
@@ -11,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clients import Client, InvalidRequest, Unavailable
 from engine import ServedModel
 from engine.faults import Faults
 from server.runtime.app import GenServer
+from server.runtime.front import free_port
 from tests.engine.drift_kind import drift_file
 from tests.paths import ROOT
+from tests.server.http_edge.test_http import call, post
 from tests.serving import ServerThread
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,7 +51,7 @@ def test_an_iterative_model_is_served_end_to_end_with_previews_refusals_and_inva
         np.testing.assert_array_equal(results[-1].images, alone)
         with pytest.raises(InvalidRequest, match=re.escape("steps must be an integer from 1 to 64 (default 8), got 65")):
             client.generate_images("drift", 1, steps=65)
-        with pytest.raises(InvalidRequest, match="one-shot vae model: steps is not accepted"):
+        with pytest.raises(InvalidRequest, match="steps is not accepted: model 'vae' is a one-shot vae model"):
             client.generate_images("vae", 1, steps=4)
         with pytest.raises(InvalidRequest, match="n must be an integer from 1 to 16"):
             client.generate_images("drift", 17)
@@ -121,3 +126,23 @@ def test_a_killed_feeder_and_a_failed_step_lose_no_request(tmp_path: Path) -> No
             else:
                 assert "unavailable" in outcomes, outcomes
         assert client.generate_images("drift", 2, seed=1, steps=3).shape == (2, 4, 4)
+
+
+def test_the_http_edge_serves_an_iterative_model_with_its_steps(tmp_path: Path) -> None:
+    """/v1/images/generations takes steps and guidance for an iterative model: the same pixels as gRPC."""
+    models = tmp_path / "models"
+    models.mkdir()
+    drift_file(models / "drift.safetensors")
+    port = free_port()
+    with ServerThread(models_dir=str(models), http_port=port) as server, Client(server.address, timeout=30) as client:
+        status, body, _ = post(
+            port, "/v1/images/generations", {"model": "drift", "n": 2, "seed": 4, "steps": 5, "guidance": 1.5, "labels": 1}
+        )
+        assert status == 200, body
+        pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in body["data"]]
+        np.testing.assert_array_equal(np.stack(pixels), client.generate_images("drift", 2, seed=4, steps=5, guidance=1.5, labels=1))
+        status, body, _ = post(port, "/v1/images/generations", {"model": "drift", "steps": 100})
+        assert status == 400 and body["error"]["param"] == "steps" and "from 1 to 64" in body["error"]["message"]
+        status, body, _ = call(port, "GET", "/v1/models")
+        (drift,) = body["data"]
+        assert drift["accepts"]["images"]["steps"] == {"min": 1, "max": 64, "default": 8}
