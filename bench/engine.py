@@ -19,6 +19,10 @@ so Hugging Face's learned positions suffice), temperature 1, top_k 0, distinct s
            (``bench.interop.to_hf_gpt2``), equal-length prompts, batch 1, 8, 32 (64 with --full-hf).
 Per-token latency = wall time / new tokens for one stream (prefill included, both sides); time to
 first token = one sequence on an idle loop until its first token (HF: generate with 1 new token).
+
+Iterative (flow, when models/flow.safetensors is there): one step of the step batch with 1, 8, 16,
+32 and 64 active samples (requests of one sample, at their defaults), against the module's own
+``step`` on the same rows in one call (no tiles, no bookkeeping).
 """
 
 from __future__ import annotations
@@ -406,6 +410,51 @@ def text_bench(
 # -- main ---------------------------------------------------------------------------------------
 
 
+def step_bench(path: Path, rounds: int, target_s: float, device: torch.device, rng: random.Random, out: dict[str, Any]) -> list[str]:
+    """One step of an iterative model's step batch at several numbers of active samples, beside the bare step."""
+    from engine.images import ImageRequest
+    from engine.limits import ImageLimits
+    from engine.steps import IterativeImages, StepBatch
+
+    loaded = load_model(path, device)
+    images = IterativeImages(loaded, ImageLimits(step_rows=64))
+    lines = [f"{loaded.name} ({loaded.kind}): one step, ms (median of {rounds} rounds)", f"{'samples':>8} {'engine':>9} {'bare':>9}"]
+    rows: list[dict[str, Any]] = []
+    for n in (1, 8, 16, 32, 64):
+        batch = StepBatch(images, max_pending=n)
+        fresh = [
+            ImageRequest(n=1, seed=i, steps=images.steps.high, labels=[i % images.num_classes] if images.conditional else None)
+            for i in range(n)
+        ]
+
+        def engine_step(batch: StepBatch = batch, fresh: list[ImageRequest] = fresh) -> None:
+            if not batch.has_work:  # every few dozen calls: fresh requests (admission amortised over their steps)
+                for r in fresh:
+                    batch.add(r)
+            batch.step()
+
+        x = torch.randn(n, images.latent_dim)
+        t, dt = torch.full((n,), 0.5), torch.full((n,), 1.0 / images.steps.default)
+        labels = torch.arange(n) % images.num_classes if images.conditional else None
+        g = torch.full((n,), images.steps.guidance)
+
+        def bare(
+            x: torch.Tensor = x, t: torch.Tensor = t, dt: torch.Tensor = dt, labels: torch.Tensor | None = labels, g: torch.Tensor = g
+        ) -> None:
+            with torch.inference_mode():
+                images.module.step(x, t, dt, labels, g)
+
+        contenders = [Contender("engine", engine_step), Contender("bare", bare)]
+        for c in contenders:
+            c.inner = calibrate(c.fn, target_s, device)
+        measure_rounds(contenders, rounds, device, rng)
+        engine_ms, bare_ms = (c.median * 1000 for c in contenders)
+        rows.append({"samples": n, "engine_ms": engine_ms, "bare_ms": bare_ms})
+        lines.append(f"{n:>8} {engine_ms:9.3f} {bare_ms:9.3f}")
+    out["steps"] = {"model": loaded.name, "rows": rows}
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -461,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
             print()
     for line in text_bench(device, text_rounds, new_tokens, hf_batches, rng, out):
         print(line, flush=True)
+    flow = Path(__file__).resolve().parent.parent / "models" / "flow.safetensors"
+    if flow.is_file():
+        print()
+        for line in step_bench(flow, img_rounds, target_s, device, rng, out):
+            print(line, flush=True)
     print(f"\ntotal {time.perf_counter() - t_start:.1f} s")
     if args.json is not None:
         args.json.write_text(json.dumps(out, indent=2, default=float))
