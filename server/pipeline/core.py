@@ -228,7 +228,10 @@ class Pipeline:
         outcome = job.outcome
         code = outcome.code if outcome is not None else Code.UNKNOWN
         name = job.served.name
-        if job.image is not None and code is Code.OK:  # the delay signal (admission.py)
+        if job.image is not None and code is Code.OK and job.served.images is None:  # an iterative model's samples
+            self.metrics.samples.labels(name).inc(job.sent)  # (one-shot batches count theirs as they run)
+        elif job.image is not None and code is Code.OK:  # the delay signal (admission.py), one-shot models only: an
+            # iterative request's time is its steps, as a text request's is its tokens, not a queue's delay
             # What batching itself costs is not queueing: the window in force (a saturated loop
             # stretches it), the job's own batches, and one batch ahead of it (one computes while the next fills).
             batches = -(-job.image.n // self.config.batch_size) + 1

@@ -62,6 +62,7 @@ def test_an_iterative_model_is_served_end_to_end_with_previews_refusals_and_inva
         metrics = server.server.metrics.registry
         assert (metrics.get_sample_value("genserve_model_steps_total", {"model": "drift"}) or 0) >= 6  # at least one request's steps
         assert metrics.get_sample_value("genserve_step_active_requests", {"model": "drift"}) == 0
+        assert (metrics.get_sample_value("genserve_samples_total", {"model": "drift"}) or 0) >= 3 + 3 + 3
         assert metrics.get_sample_value("genserve_queue_depth", {"stage": "steps-drift"}) == 0
 
 
