@@ -27,6 +27,7 @@ import itertools
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,12 +73,12 @@ class IterativeImages(ImageInputs):
 
     # -- tiled model calls (the engine thread) ---------------------------------------------------
 
-    def _tiled(self, rows: int, call: object, *tensors: torch.Tensor | None) -> torch.Tensor:
+    def _tiled(self, rows: int, call: Callable[..., torch.Tensor], *tensors: torch.Tensor | None) -> torch.Tensor:
         """``call`` over ``tensors`` in tiles of exactly ``tile`` rows (the last padded): batch invariance."""
         t = self.tile
         pad = -rows % t
         padded = [None if x is None else (torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x) for x in tensors]
-        outs = [call(*(None if x is None else x[a : a + t] for x in padded)) for a in range(0, rows + pad, t)]  # type: ignore[operator]
+        outs = [call(*(None if x is None else x[a : a + t] for x in padded)) for a in range(0, rows + pad, t)]
         return torch.cat(outs)[:rows] if len(outs) > 1 else outs[0][:rows]
 
     def step(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,7 @@ class StepHandle:
     id: int
     seed: int
     request: ImageRequest
+    labels: np.ndarray | None  # the labels it gave, as int64 (None: drawn from its seed)
     cancelled: bool = False
     finished: bool = False
 
@@ -166,9 +168,9 @@ class StepBatch:
 
     def add(self, request: ImageRequest) -> StepHandle:
         """Queue a request; raises InvalidImageRequest (naming the field) or QueueFullError at once."""
-        self.images.check(request)
+        given = self.images.check(request)
         seed = int(request.seed) if request.seed is not None else secrets.randbelow(SEED_LIMIT)
-        handle = StepHandle(next(_ids), seed, request)
+        handle = StepHandle(next(_ids), seed, request, given)
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 raise QueueFullError(f"{len(self._pending)} requests already wait for this model's step batch")
@@ -248,8 +250,7 @@ class StepBatch:
                 handle = self._pending.popleft()
             r = handle.request
             chunk = inputs.draw(ImageChunk(r, handle.seed, None, None, 0, r.n, r.n))
-            given = inputs.check(r)  # checked at add; here for its int64 labels
-            labels = chunk.labels
+            given, labels = handle.labels, chunk.labels
             if given is not None:
                 labels = torch.from_numpy(given).expand(r.n).contiguous() if len(given) == 1 else torch.from_numpy(given)
             assert chunk.z is not None
