@@ -594,13 +594,14 @@ def point_rows(out: dict[str, Any]) -> list[list[str]]:
         rows.append([
             p["side"], rate, f(p["tokens_s"]), f(p["goodput_tokens_s"]), f(p["ttft_p50_ms"]), f(p["ttft_p99_ms"]),
             f(p["itl_p50_ms"]), f(p["itl_p99_ms"]), f"{p['completed']}/{p['requests']}",
-            str(p["failed"]) + (f" ({errs})" if errs else ""), str(p["unfinished"]), f"{num(p.get('load_avg_1m')):.1f}",
+            str(p["failed"]) + (f" ({errs})" if errs else ""), str(p["unfinished"]), f(p["client_lag_p99_ms"]),
+            f"{num(p.get('load_avg_1m')):.1f}",
         ])  # fmt: skip
     return rows
 
 
 HEAD = ("side", "offered req/s", "tokens/s", "goodput tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-        "completed", "failed", "unfinished", "load avg")  # fmt: skip
+        "completed", "failed", "unfinished", "client lag p99 ms", "load avg")  # fmt: skip
 
 
 def render(out: dict[str, Any], plot: str | None, run_file: str) -> str:
@@ -609,7 +610,7 @@ def render(out: dict[str, Any], plot: str | None, run_file: str) -> str:
     lines = [BEGIN, "## Text under an open loop (bench.text_load)", ""]
     lines.append(
         f"Measured by `python -m bench.text_load{' --quick' if m.get('quick') else ''}` on {m['date']}: {m['cpu_model']}, "
-        f"{m['usable_cores']} usable cores, {m['threads']} torch threads on every side, load average "
+        f"{m['usable_cores']} usable cores, torch threads {m['threads']} on every side, load average "
         f"{m['load_avg_at_start']:.1f} at the start" + (f", {out['total_s']:.0f} s in all" if "total_s" in out else "")
         + f"; figures in `{run_file}`."
     )  # fmt: skip
@@ -642,8 +643,9 @@ def render(out: dict[str, Any], plot: str | None, run_file: str) -> str:
         "",
         "TTFT p99 `inf`: more than 1% of the requests had no token when the point was cut. ITL: gaps between a request's "
         "tokens, pooled; tokens that arrive in one read are 0 apart (the batching peer answers whole completions: its ITL is 0 "
-        "and its TTFT is its whole latency). Unfinished requests are never good; their last gap runs to the cut. load avg: the "
-        "machine's 1-minute load average after the point (2 cores; other work on the machine shows here).",
+        "and its TTFT is its whole latency). Unfinished requests are never good; their last gap runs to the cut. client lag: how late the "
+        "load generator sent (its connect began after the scheduled arrival; it counts against the side). load avg: the "
+        "machine's 1-minute load average after the point (2 cores; other work on the machine shows in both).",
         "",
         "Settings:",
         "",
@@ -689,7 +691,7 @@ def plot(out: dict[str, Any], path: Path) -> bool:
             ax2.scatter(*zip(*capped, strict=True), marker="^", s=60, color=line.get_color())
     ax1.set(
         xscale="log",
-        yscale="symlog",
+        yscale="log",
         xlabel="offered requests/s",
         ylabel="goodput tokens/s",
         title="Goodput (TTFT <= 250 ms, p99 ITL <= 100 ms)",
