@@ -13,6 +13,8 @@ from bench.figures import fmt
 from bench.serve import plain
 
 PLOTS = ("peers_latency_throughput.png", "peers_overload.png", "peers_text.png")
+# bench.text_load writes its own section of the report between these: a rewrite here keeps it
+TEXT_LOAD_BEGIN, TEXT_LOAD_END = "<!-- bench.text_load: begin -->", "<!-- bench.text_load: end -->"
 
 
 def num(x: Any) -> float:
@@ -266,5 +268,9 @@ def write(out: dict[str, Any], path: Path) -> list[Path]:
     out = plain(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     plots = plot(out, path.parent)
-    path.write_text(render(out, plots))
+    text = render(out, plots)
+    old = path.read_text() if path.exists() else ""
+    if TEXT_LOAD_BEGIN in old and TEXT_LOAD_END in old:  # bench.text_load's section, kept as it was
+        text += "\n" + old[old.index(TEXT_LOAD_BEGIN) : old.index(TEXT_LOAD_END) + len(TEXT_LOAD_END)] + "\n"
+    path.write_text(text)
     return [path, *(path.parent / p for p in plots)]

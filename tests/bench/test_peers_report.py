@@ -175,3 +175,11 @@ def test_fastapi_peer_serves_one_image_as_json() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_rewrite_keeps_the_text_load_section(tmp_path: Path) -> None:
+    section = f"{peers_report.TEXT_LOAD_BEGIN}\n## Text under an open loop\n\n| x |\n{peers_report.TEXT_LOAD_END}\n"
+    (tmp_path / "REPORT.md").write_text("# old report\n\n" + section)
+    peers_report.write(fake_out(), tmp_path / "REPORT.md")
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "# old report" not in text and text.count(peers_report.TEXT_LOAD_BEGIN) == 1 and section.strip() in text
