@@ -43,11 +43,12 @@ log = get_logger("training")
 
 def task_classes() -> dict[str, type[Task]]:
     from training.classifier import ClassifierTask
+    from training.flow import FlowTask
     from training.gan import GANTask
     from training.transformer import TransformerTask
     from training.vae import VAETask
 
-    return {"vae": VAETask, "gan": GANTask, "transformer": TransformerTask, "classifier": ClassifierTask}
+    return {"vae": VAETask, "gan": GANTask, "transformer": TransformerTask, "classifier": ClassifierTask, "flow": FlowTask}
 
 
 def pick_device(name: str) -> torch.device:
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gan": "train the WGAN-GP on MNIST",
         "transformer": "train the character-level Transformer on tiny shakespeare",
         "classifier": "train the digit classifier that training.eval uses to judge samples",
+        "flow": "train the latent flow-matching model on the bundled VAE's latents",
     }
     for name, cls in task_classes().items():
         p = sub.add_parser(name, help=helps[name], description=helps[name], formatter_class=DefaultsFormatter)

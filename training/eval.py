@@ -82,6 +82,8 @@ def sample_images(model: LoadedModel, n: int, seed: int) -> torch.Tensor:
     labels = torch.arange(n) % 10 if cfg.num_classes else None
     if model.kind == "vae":
         return model.module.decode(z, labels)  # type: ignore[operator]
+    if model.kind == "flow":
+        return model.module.sample(z, labels, steps=cfg.default_steps, guidance=cfg.default_guidance, solver=cfg.solver)  # type: ignore[operator]
     return model.module(z, labels)
 
 
@@ -126,7 +128,7 @@ def evaluate(paths: list[Path], classifier_path: Path, seed: int, elbo_samples: 
         row: dict[str, Any] = {"kind": model.kind}
         if model.kind == "vae":
             row["negative_elbo_nats"] = vae_negative_elbo(model, mnist.heldout, elbo_samples, seed)
-        if model.kind in ("vae", "wgan-gp"):
+        if model.kind in ("vae", "wgan-gp", "flow"):
             if classifier is None:
                 classifier, _ = load_classifier(classifier_path)
                 acc = float((classifier(mnist.heldout.images).argmax(1) == mnist.heldout.labels).float().mean())

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from engine.models.classifier import ClassifierConfig, DigitClassifier
+from engine.models.flow import FlowConfig, LatentFlow
 from engine.models.gan import GANConfig, Generator
 from engine.models.transformer import CharTransformer, TransformerConfig
 from engine.models.vae import VAE, VAEConfig
@@ -30,6 +31,9 @@ KINDS: dict[str, ModelKind] = {
         ModelKind("wgan-gp", GANConfig, Generator, "WGAN-GP generator"),
         ModelKind("char-transformer", TransformerConfig, CharTransformer, "character-level decoder-only Transformer"),
         ModelKind("mnist-classifier", ClassifierConfig, DigitClassifier, "digit classifier used by evaluation"),
+        ModelKind(
+            "flow", FlowConfig, LatentFlow, "latent flow matching (rectified flow) with a Transformer velocity network, decoded by a VAE"
+        ),
     )
 }
 
