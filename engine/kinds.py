@@ -48,6 +48,7 @@ BUILTIN_MODULES = (
     "engine.models.gan",
     "engine.models.transformer",
     "engine.models.classifier",
+    "engine.models.flow",
 )
 
 
