@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.kinds import Shape, kind_of
 from engine.modelfile import export_model, load_model
-from engine.models import KINDS
 from engine.models.flow import FlowConfig, LatentFlow
 
 TINY = FlowConfig(latent_dim=8, vae_hidden_dim=16, tokens=4, d_model=16, n_layers=2, n_heads=2, mlp_ratio=2, time_freqs=8, default_steps=4)
@@ -37,8 +37,8 @@ def batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def test_kind_is_registered() -> None:
-    assert KINDS["flow"].config_cls is FlowConfig
-    assert KINDS["flow"].module_cls is LatentFlow
+    assert kind_of("flow").config_cls is FlowConfig and kind_of("flow").shape is Shape.ITERATIVE
+    assert kind_of("flow").module_cls is LatentFlow
 
 
 @torch.no_grad()

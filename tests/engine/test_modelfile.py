@@ -320,7 +320,7 @@ def test_unknown_kind(tmp_path: Path) -> None:
     path = vae_file(tmp_path / "m.safetensors", kind="diffusion")
     with pytest.raises(
         ModelFileError,
-        match=expect(path, r"unknown model kind 'diffusion' \(known: \['char-transformer', 'mnist-classifier', 'vae', 'wgan-gp'\]\)$"),
+        match=expect(path, r"unknown model kind 'diffusion' \(known: \['char-transformer', 'flow', 'mnist-classifier', 'vae', 'wgan-gp'\]\)$"),
     ):
         load_model(path)
 
