@@ -3,12 +3,13 @@
     python -m bench.flow [--quick] [--duration S] [--p99-bound-ms MS] [--json FILE]
 
 For each batching mode (``--step-batching step``, the default, and ``request``) one server runs as a
-subprocess (only the iterative model, on a free port). A Python client (the SDK's AsyncClient on one
-channel) sends Generate calls at Poisson arrival times, open loop (a late answer never delays the
+subprocess (only the iterative model, on a free port); each rate is measured on every mode in
+turn. A Python client (the SDK's AsyncClient on one channel) sends Generate calls at Poisson arrival times, open loop (a late answer never delays the
 next call): each asks for ``n`` in 1..4 samples and ``steps`` drawn from {4, 8, 16, 32, 64}, with a
 fixed random seed, so both modes see the same requests. A call's latency runs from its scheduled
 start to its last sample; a refused or failed call counts as infinitely late. The offered rate
-rises by ``--factor`` from ``--start-rate`` until p99 passes the bound twice in a row.
+rises by ``--factor`` from ``--start-rate``; a mode leaves the sweep once its p99 has passed the
+bound twice in a row.
 
 Printed for each mode: every point (offered and answered rates, p50 and p99, the p50 of the short
 requests, <= 8 steps, and of the long ones, >= 32), the highest rate whose p99 stays under the
@@ -142,22 +143,30 @@ def start_server(mode: str, models: Path, args: argparse.Namespace, log_dir: Pat
     raise RuntimeError(f"{server.name} did not get ready: {server.tail()}")
 
 
-def sweep(mode: str, models: Path, args: argparse.Namespace, log_dir: Path) -> list[Point]:
-    server = start_server(mode, models, args, log_dir)
-    points: list[Point] = []
+def sweep(modes: list[str], models: Path, args: argparse.Namespace, log_dir: Path) -> dict[str, list[Point]]:
+    """Every mode's server at once (an idle one costs nothing); each rate measured on every mode in
+    turn, the order alternating, so that a change in the machine's load hits all modes alike. A
+    mode leaves the sweep once its p99 has passed the bound twice in a row."""
+    servers = {mode: start_server(mode, models, args, log_dir) for mode in modes}
+    points: dict[str, list[Point]] = {mode: [] for mode in modes}
+    over = dict.fromkeys(modes, 0)
     try:
-        rate, over = args.start_rate, 0
-        while rate <= args.max_rate and over < 2:
-            calls = schedule(rate, args.duration, args.seed)
-            latencies, calls, failed = asyncio.run(run_point(f"127.0.0.1:{server.port}", args.model, calls, args.timeout))
-            point = figures(rate, args.duration, latencies, calls, failed)
-            points.append(point)
-            print(row(mode, point), flush=True)
-            over = over + 1 if point.p99_ms > args.p99_bound_ms else 0
-            rate = round(rate * args.factor, 2)
-            time.sleep(0.5)  # the queue of the last point drains
+        rate, k = args.start_rate, 0
+        while rate <= args.max_rate and any(n < 2 for n in over.values()):
+            order = [m for m in (modes if k % 2 == 0 else modes[::-1]) if over[m] < 2]
+            for mode in order:
+                calls = schedule(rate, args.duration, args.seed)
+                address = f"127.0.0.1:{servers[mode].port}"
+                latencies, calls, failed = asyncio.run(run_point(address, args.model, calls, args.timeout))
+                point = figures(rate, args.duration, latencies, calls, failed)
+                points[mode].append(point)
+                print(row(mode, point), flush=True)
+                over[mode] = over[mode] + 1 if point.p99_ms > args.p99_bound_ms else 0
+                time.sleep(0.5)  # the queue of the last point drains
+            rate, k = round(rate * args.factor, 2), k + 1
     finally:
-        server.stop(10)
+        for server in servers.values():
+            server.stop(10)
     return points
 
 
@@ -210,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         models = Path(tmp) / "models"
         models.mkdir()
         shutil.copy(source, models / source.name)
-        for mode in args.modes.split(","):
-            points = sweep(mode, models, args, Path(tmp))
+        for mode, points in sweep(args.modes.split(","), models, args, Path(tmp)).items():
             top = best(points, args.p99_bound_ms)
             results["modes"][mode] = {"points": [asdict(p) for p in points], "best": asdict(top) if top else None}
     print()
