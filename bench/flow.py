@@ -2,14 +2,14 @@
 
     python -m bench.flow [--quick] [--duration S] [--p99-bound-ms MS] [--json FILE]
 
-For each batching mode (``--step-batching step``, the default, and ``request``) one server runs as a
-subprocess (only the iterative model, on a free port); each rate is measured on every mode in
-turn. A Python client (the SDK's AsyncClient on one channel) sends Generate calls at Poisson
-arrival times, open loop (a late answer never delays the next call): each asks for ``n`` in 1..4 samples and ``steps`` drawn from {4, 8, 16, 32, 64}, with a
-fixed random seed, so both modes see the same requests. A call's latency runs from its scheduled
-start to its last sample; a refused or failed call counts as infinitely late. The offered rate
-rises by ``--factor`` from ``--start-rate``; a mode leaves the sweep once its p99 has passed the
-bound twice in a row.
+For each batching mode (``--step-batching step``, the default, and ``request``) one server runs
+as a subprocess (only the iterative model, on a free port); each rate is measured on every mode
+in turn. A Python client (the SDK's AsyncClient on one channel) sends Generate calls at Poisson
+arrival times, open loop (a late answer never delays the next call): each asks for ``n`` in 1..4
+samples and ``steps`` drawn from {4, 8, 16, 32, 64}, with a fixed random seed, so both modes see
+the same requests. A call's latency runs from its scheduled start to its last sample; a refused
+or failed call counts as infinitely late. The offered rate rises by ``--factor`` from
+``--start-rate``; a mode leaves the sweep once its p99 has passed the bound twice in a row.
 
 Printed for each mode: every point (offered and answered rates, p50 and p99, the p50 of the short
 requests, <= 8 steps, and of the long ones, >= 32), the highest rate whose p99 stays under the
