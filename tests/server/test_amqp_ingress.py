@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import AmqpClient, AsyncAmqpClient, AsyncClient, ModelNotFound
+from clients import AmqpClient, AsyncAmqpClient, AsyncClient, ImageOptions, ModelNotFound
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1.amqp import CONTENT_TYPE, dead_letter_queue
 from server.amqp_ingress import declare_queues
 from server.runtime.app import AMQP_NAME
 from server.wire import SERVICE as SERVICE_NAME
+from tests.engine.drift_kind import drift_file
 from tests.serving import ServerProcess, running_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,6 +131,19 @@ def test_the_blocking_amqp_client(small_models: Path, queue: str) -> None:
     finally:
         done.set()
         thread.join(60)
+
+
+@pytest.mark.asyncio
+async def test_an_iterative_model_is_served_over_amqp_as_over_grpc(tmp_path: Path, queue: str) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    drift_file(models / "drift.safetensors")
+    async with running_server(models_dir=str(models), amqp_url=URL, amqp_queue=queue) as server:
+        await wait_until(lambda: server.amqp is not None and server.amqp.up, "the AMQP ingress to consume")
+        async with AsyncAmqpClient(URL, queue=queue, timeout=20) as amqp, AsyncClient(server.address) as grpc_client:
+            options: ImageOptions = {"seed": 2, "steps": 5, "guidance": 1.5, "labels": [0, 1, 2]}
+            images = await amqp.generate_images("drift", 3, **options)
+            np.testing.assert_array_equal(images, await grpc_client.generate_images("drift", 3, **options))
 
 
 @pytest.mark.asyncio

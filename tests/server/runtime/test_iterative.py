@@ -9,6 +9,7 @@ import io
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,24 @@ def test_the_http_edge_serves_an_iterative_model_with_its_steps(tmp_path: Path) 
         status, body, _ = call(port, "GET", "/v1/models")
         (drift,) = body["data"]
         assert drift["accepts"]["images"]["steps"] == {"min": 1, "max": 64, "default": 8}
+
+
+def test_a_new_version_of_an_iterative_model_loads_while_serving(tmp_path: Path) -> None:
+    """Live reload: drift@2 dropped into the folder is served beside version 1, each on its own step batch."""
+    models = tmp_path / "models"
+    models.mkdir()
+    drift_file(models / "drift.safetensors")
+    with (
+        ServerThread(models_dir=str(models), models_poll_s=0.2, models_settle_s=0.2) as server,
+        Client(server.address, timeout=30) as client,
+    ):
+        one = client.generate_images("drift", 2, seed=3, steps=4)
+        drift_file(tmp_path / "v2.safetensors", seed=1)
+        shutil.move(tmp_path / "v2.safetensors", models / "drift@2.safetensors")  # a rename: never half-written
+        deadline = time.monotonic() + 30
+        while sorted(m.version for m in client.list_models()) != [1, 2]:
+            assert time.monotonic() < deadline, "drift@2 was not loaded"
+            time.sleep(0.1)
+        two = client.generate_images("drift", 2, seed=3, steps=4)  # the latest
+        assert not np.array_equal(one, two)
+        np.testing.assert_array_equal(client.generate_images("drift", 2, seed=3, steps=4, version=1), one)
