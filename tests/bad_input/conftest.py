@@ -21,6 +21,6 @@ def harness() -> Iterator[Harness]:
         listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
         entries = {(m.name, m.version): m for m in listed.models}
         latest = {m.name: m for m in listed.models if m.latest}
-        assert set(latest) == {"vae", "gan", "transformer"}
+        assert set(latest) == {"vae", "gan", "flow", "transformer"}
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="bad-input-client") as pool:
             yield Harness(server, channel, stub, Catalog(entries, latest), pool, listed)

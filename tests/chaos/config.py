@@ -31,7 +31,7 @@ class ChaosConfig:
     session_cancel_p: float = 0.02  # per message: also cancel one in-flight request by id
     deadline_probes: int = 1
     disconnectors: int = 1
-    image_timeout_s: dict[str, float] = field(default_factory=lambda: {"vae": 2.0, "gan": 4.0})
+    image_timeout_s: dict[str, float] = field(default_factory=lambda: {"vae": 2.0, "gan": 4.0, "flow": 8.0})
     text_timeout_s: float = 8.0
     late_tolerance_s: float = 0.25  # an outcome this long past the deadline is late
     safety_s: float = 5.0  # past its deadline, a request with no outcome is given up on (lost)

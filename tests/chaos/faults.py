@@ -28,7 +28,7 @@ class Fault:
     start: float
     end: float | None = None
     ids: list[str] = field(default_factory=list)  # exact victims (kill, forward-error, stall)
-    window: bool = False  # decode-step: text requests in flight during [start, end] are touched
+    window: bool = False  # decode-step: the target model's requests in flight during [start, end] are touched
 
 
 class Injector(Faults):
@@ -52,8 +52,8 @@ class Injector(Faults):
         self._armed_steps: dict[str, threading.Event] = {}  # model -> set when its armed decode step fired
         self._watchers: set[asyncio.Task[None]] = set()
         self._decode_pending: set[str] = set()
-        self.image_models = [s for s in server.registry.served() if s.images is not None]
-        self.text_models = [s for s in server.registry.served() if s.images is None]
+        self.image_models = [s for s in server.registry.served() if s.images is not None]  # one-shot: batcher faults
+        self.text_models = [s for s in server.registry.served() if s.images is None]  # text and iterative: decode-step faults
 
     # the engine's fault seam (engine/faults.py), and the admission note -------------------------
 

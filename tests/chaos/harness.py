@@ -96,7 +96,7 @@ async def run_chaos(config: ChaosConfig) -> ChaosReport:
     rng = random.Random(config.seed)
     started = time.monotonic()
     async with running_server(**overrides) as server:
-        models = {s.name: ("image" if s.images is not None else "text") for s in server.registry.served()}
+        models = {s.name: ("image" if s.info.image is not None else "text") for s in server.registry.served()}  # flow: image
         post = await one_of_each(server.address, models)  # warm-up: every decode loop and pool thread exists
         if any(v != OK for v in post.values()):
             raise RuntimeError(f"the server does not serve before the chaos: {post}")
@@ -167,7 +167,7 @@ async def _leftovers(server: GenServer, timeout: float = 3.0) -> list[str]:
     """What is left in the server once no request is in flight: items in links, jobs held by stages,
     sequences in decode loops. Waits up to ``timeout`` for it to clear (stages drop ended jobs lazily)."""
     engine = server.engine
-    text = [s for s in server.registry.served() if s.images is None]
+    stepped = [s for s in server.registry.served() if s.images is None]  # text and iterative models: a decode thread each
     deadline = time.monotonic() + timeout
     while True:
         left = [f"link {name}: {n}" for name, n in ((name, read()) for name, read in server.pipeline.topology.depth_readers().items()) if n]
@@ -175,9 +175,9 @@ async def _leftovers(server: GenServer, timeout: float = 3.0) -> list[str]:
             held = len(list(stage.holding()))
             if held:
                 left.append(f"stage {stage.name} holds {held} jobs")
-        for served in text:
-            loop = engine.decode_thread(served).loop
-            if loop.has_work:
+        for served in stepped:
+            loop = engine.decode_thread(served).batch
+            if loop is not None and loop.has_work:
                 left.append(f"decode loop {served.name}: {loop.active_count} active, {loop.pending_count} waiting")
         if not left or time.monotonic() > deadline:
             return left

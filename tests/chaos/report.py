@@ -97,12 +97,10 @@ def _classify(ledger: Ledger, faults: list[Fault]) -> None:
     windows = [f for f in faults if f.window]
     if windows:
         for req in reqs.values():
-            if req.kind != "text":
-                continue
             ended = req.ended if req.ended is not None else float("inf")
-            for f in windows:
+            for f in windows:  # a failed decode step touches the requests of its model (text or iterative) in flight
                 end = f.end if f.end is not None else float("inf")
-                if req.sent <= end and ended >= f.start:
+                if req.model == f.target and req.sent <= end and ended >= f.start:
                     req.touched.add(f.kind)
                     break
 

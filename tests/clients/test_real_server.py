@@ -85,7 +85,7 @@ def free_port_address() -> str:
 
 async def test_list_models(client: AsyncClient) -> None:
     models = {m.name: m for m in await client.list_models()}
-    assert set(models) == {"vae", "gan", "transformer"}
+    assert set(models) == {"vae", "gan", "flow", "transformer"}
     gan, text = models["gan"], models["transformer"]
     assert gan.image is not None and gan.image.conditional and (gan.image.label_min, gan.image.label_max) == (0, 9)
     assert gan.image.image_size == 28 and gan.text is None and gan.latest
@@ -266,7 +266,7 @@ async def test_session_errors_cancellation_and_deadline(client: AsyncClient, ser
 async def test_sync_client(server: GenServer) -> None:
     def use() -> None:
         with Client(server.address) as client:
-            assert {m.name for m in client.list_models()} == {"vae", "gan", "transformer"}
+            assert {m.name for m in client.list_models()} == {"vae", "gan", "flow", "transformer"}
             assert client.generate_images("gan", 9, labels=3, seed=1).shape == (9, 28, 28)
             pieces = list(client.stream_text("transformer", "ROMEO:", max_new_tokens=5, seed=1))
             assert len("".join(pieces)) == 5 and all(pieces)

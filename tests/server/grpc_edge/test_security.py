@@ -279,7 +279,7 @@ async def test_an_unknown_method_is_unauthenticated_without_a_token_and_names_no
 
 async def test_the_sdk_speaks_tls_with_a_token(tls_server: GenServer, pki: Pki) -> None:
     async with clients.AsyncClient(tls_server.address, tls=True, root_certificates=pki.ca.pem, token=FILE_TOKENS[1]) as client:
-        assert {m.name for m in await client.list_models()} == {"vae", "gan", "transformer"}
+        assert {m.name for m in await client.list_models()} == {"vae", "gan", "flow", "transformer"}
         assert (await client.generate_images("vae", 2, seed=0)).shape == (2, 28, 28)
     async with clients.AsyncClient(tls_server.address, tls=True, root_certificates=pki.ca.pem, token=WRONG) as client:
         with pytest.raises(clients.Unauthenticated, match="invalid bearer token"):
@@ -459,7 +459,7 @@ async def test_the_sdk_presents_a_client_certificate_for_mutual_tls(mtls_server:
     async with clients.AsyncClient(
         mtls_server.address, root_certificates=pki.ca.pem, retry=None, client_certificate=cert, client_key=key
     ) as client:
-        assert {m.name for m in await client.list_models()} == {"vae", "gan", "transformer"}
+        assert {m.name for m in await client.list_models()} == {"vae", "gan", "flow", "transformer"}
     async with clients.AsyncClient(mtls_server.address, root_certificates=pki.ca.pem, retry=None, timeout=5) as client:
         with pytest.raises(clients.Unavailable):  # no certificate: the handshake fails
             await client.list_models()

@@ -28,12 +28,15 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
 async def test_list_models_describes_what_each_model_accepts(stub: pb_grpc.GeneratorStub) -> None:
     models = {m.name: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
-    assert set(models) == {"vae", "gan", "transformer"}
+    assert set(models) == {"vae", "gan", "flow", "transformer"}
     assert models["vae"].kind == "vae" and models["vae"].image.image_size == 28 and not models["vae"].image.conditional
     assert models["gan"].image.conditional and (models["gan"].image.label_min, models["gan"].image.label_max) == (0, 9)
     assert not models["vae"].image.HasField("label_min") and not models["vae"].image.HasField("label_max")  # no range to state
     assert "R" in models["transformer"].text.vocab and models["transformer"].text.context_window == 128
     assert models["transformer"].text.max_new_tokens == 512
+    flow = models["flow"].image  # an iterative model says its steps; one-shot ones leave them 0
+    assert (flow.steps_min, flow.steps_max, flow.steps_default) == (1, 200, 10) and flow.guidance_default == pytest.approx(1.5)
+    assert (models["vae"].image.steps_max, models["gan"].image.guidance_default) == (0, 0.0)
     assert all(m.latest and m.version == 1 for m in models.values())
 
 
@@ -112,7 +115,7 @@ async def test_text_stops_at_a_stop_string(stub: pb_grpc.GeneratorStub) -> None:
 @pytest.mark.parametrize(
     ("request_", "code", "words"),
     [
-        (image(model="nope"), grpc.StatusCode.NOT_FOUND, "available: gan, transformer, vae"),
+        (image(model="nope"), grpc.StatusCode.NOT_FOUND, "available: flow, gan, transformer, vae"),
         (image(model="../models/vae"), grpc.StatusCode.NOT_FOUND, "not served"),
         (image(version=9), grpc.StatusCode.NOT_FOUND, "version"),
         (pb.GenerateRequest(model="vae"), grpc.StatusCode.INVALID_ARGUMENT, "no params"),

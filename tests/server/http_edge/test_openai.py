@@ -76,7 +76,7 @@ def test_images_are_the_pixels_the_grpc_sdk_gets(served: tuple[ServerThread, ope
 
 def test_errors_are_the_packages_own_classes_naming_the_field(served: tuple[ServerThread, openai.OpenAI]) -> None:
     _, api = served
-    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served; available: gan, transformer, vae"):
+    with pytest.raises(openai.NotFoundError, match="model 'nope' is not served; available: flow, gan, transformer, vae"):
         api.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.BadRequestError, match=r"temperature must be a number in \[0, 2\], got 5") as bad:
         api.completions.create(model="transformer", prompt="x", temperature=5)

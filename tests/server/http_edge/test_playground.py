@@ -56,7 +56,7 @@ def test_the_playground_draws_digits_and_streams_text(page_url: str) -> None:
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_url)
             page.wait_for_function("document.getElementById('image-model').options.length > 0", timeout=30_000)
-            assert page.locator("#image-model option").count() == 2 and page.locator("#text-model option").count() == 1
+            assert page.locator("#image-model option").count() == 3 and page.locator("#text-model option").count() == 1
 
             page.select_option("#image-model", "gan")
             page.fill("#n", "20")
