@@ -31,7 +31,8 @@ def batch(model: LoadedModel, rows: int = 32, mode: str = "step", pending: int =
 
 
 def run_until_done(b: StepBatch, joins: dict[int, list[ImageRequest]] | None = None) -> tuple[dict[int, StepEvent], int]:
-    """Step ``b`` to the end, adding ``joins[k]`` before step k; each request's final event by its seed, and the steps run."""
+    """Step ``b`` to the end, adding ``joins[k]`` before step k; each request's final event by ``id(request)``
+    (two requests may share a seed), and the steps run."""
     finals: dict[int, StepEvent] = {}
     k = 0
     joins = joins or {}
@@ -40,7 +41,7 @@ def run_until_done(b: StepBatch, joins: dict[int, list[ImageRequest]] | None = N
             b.add(r)
         for e in b.step():
             if e.finished and e.result is not None:
-                finals[e.handle.seed] = e
+                finals[id(e.handle.request)] = e
         k += 1
         if k > 10_000:
             raise AssertionError("the batch never emptied")
@@ -49,7 +50,7 @@ def run_until_done(b: StepBatch, joins: dict[int, list[ImageRequest]] | None = N
 
 def alone(model: LoadedModel, request: ImageRequest) -> StepEvent:
     finals, _ = run_until_done(batch(model), {0: [request]})
-    return finals[int(request.seed or 0)]
+    return finals[id(request)]
 
 
 @settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -81,7 +82,7 @@ def test_a_request_is_bit_for_bit_the_same_beside_any_neighbours_that_join_and_l
         joins.setdefault(at, []).append(ImageRequest(n=k, seed=other_seed, steps=s))
     joins.setdefault(join_at, []).append(target)
     finals, _ = run_until_done(batch(drift, rows=24, mode=mode), joins)
-    got = finals[seed]
+    got = finals[id(target)]
     assert got.result is not None and want.result is not None
     assert got.result.floats is not None and want.result.floats is not None
     np.testing.assert_array_equal(got.result.floats, want.result.floats)
@@ -131,15 +132,16 @@ def test_cancel_leaves_at_the_next_step(drift: LoadedModel) -> None:
 
 def test_a_waiting_request_is_admitted_only_when_rows_free_up_and_the_queue_is_bounded(drift: LoadedModel) -> None:
     b = batch(drift, rows=8, pending=2)
-    b.add(ImageRequest(n=6, seed=5, steps=3))
-    b.add(ImageRequest(n=4, seed=6, steps=1))  # 6 + 4 > 8 rows: waits
+    requests = [ImageRequest(n=6, seed=5, steps=3), ImageRequest(n=4, seed=6, steps=1), ImageRequest(n=1, seed=7, steps=1)]
+    b.add(requests[0])
+    b.add(requests[1])  # 6 + 4 > 8 rows: waits
     b.step()
     assert (b.active_count, b.pending_count) == (1, 1)
-    b.add(ImageRequest(n=1, seed=7, steps=1))
+    b.add(requests[2])
     with pytest.raises(QueueFullError):
         b.add(ImageRequest(n=1, seed=8, steps=1))
     finals, _ = run_until_done(b)
-    assert sorted(finals) == [5, 6, 7]
+    assert sorted(finals) == sorted(id(r) for r in requests)
 
 
 @pytest.mark.parametrize(
