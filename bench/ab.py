@@ -6,7 +6,7 @@
 ratio server/echo by less than the noise of a shared machine between two such runs. Here three
 servers run at once, idle but for the one being measured: the echo, the server of ``--baseline``
 (another checkout, e.g. a worktree of main: ``python -m server`` started there runs its code)
-and the server of this tree; each round measures each of them, in a rotating order, with the same
+and the server of this tree; each round measures each of them, in the next of every order of the three, with the same
 load generator: Generate by h2load (64 in flight on one connection, one-image VAE requests) and,
 unless ``--stream-window 0``, GenerateStream by the Python client (bench/loadgen.py). It prints
 each round's calls/s and the ratios to the echo of the same round, and the median of the ratios.
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             clients.run([Job("ready", s.port, timeout_s=120.0)], sides)
         orders = list(itertools.permutations(sides))
         for r in range(args.rounds):
-            # Every order in turn, not a rotation: in a rotation the same side always follows the echo,
-            # and the side measured right after the echo's stream row ran ~0.05 lower (an A/A run, 2 cores).
+            # Every order in turn, not a rotation: in a rotation the same side always follows the echo, and
+            # in an A/A run (2 cores) that side's stream ratio was the lower in 4 of 5 rounds (docs/design/stream-path.md).
             order = list(orders[r % len(orders)])
             for s in order:
                 h2.run(s.port, duration_s=0.5, streams=args.in_flight)  # warm-up
