@@ -323,7 +323,7 @@ def test_unknown_kind(tmp_path: Path) -> None:
         # the known kinds: the built-in ones, and any a test registered (its kinds are this process's)
         match=expect(
             path, r"unknown model kind 'diffusion' \(known: \['char-transformer', .*'flow', 'mnist-classifier', 'vae', 'wgan-gp'\]\)$"
-        ),  # noqa: E501
+        ),
     ):
         load_model(path)
 

@@ -169,11 +169,11 @@ def test_module_help_runs(repo_root: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m training")
-    for command in ("vae", "gan", "transformer", "classifier", "resume", "export"):
+    for command in ("vae", "gan", "transformer", "classifier", "flow", "resume", "export"):
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["vae", "gan", "transformer", "classifier", "resume", "export"])
+@pytest.mark.parametrize("command", ["vae", "gan", "transformer", "classifier", "flow", "resume", "export"])
 def test_subcommand_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
     # in-process: a subprocess per sub-command costs ~2 s of torch import each
     with pytest.raises(SystemExit) as info:
@@ -204,7 +204,7 @@ def test_task_defaults_reach_the_parser() -> None:
     assert p.parse_args(["transformer"]).warmup_epochs == 0.4
 
 
-@pytest.mark.parametrize("task", ["vae", "gan", "transformer", "classifier"])
+@pytest.mark.parametrize("task", ["vae", "gan", "transformer", "classifier", "flow"])
 def test_help_states_each_default_once_as_the_parser_has_it(task: str) -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[task]
     args = vars(sub.parse_args([]))
