@@ -82,7 +82,7 @@ class IterativeModule(Protocol):
         ...
 
     def sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """Every step at the file's defaults, then decode: the reference the engine must equal."""
+        """Every step at the file's defaults, then decode, in one batch (training.eval judges samples this way)."""
         ...
 
 
