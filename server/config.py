@@ -42,6 +42,13 @@ class ServerConfig:
     device: str = field(default="auto", metadata={"help": "auto (GPU when there is one), cpu, cuda or cuda:N"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: all usable cores but one, for the event loop)"})
     image_threads: int = field(default=ENGINE.image_threads, metadata={"help": "engine threads running image batches"})
+    switch_interval_ms: float = field(
+        default=0.5,
+        metadata={
+            "help": "the longest a thread holding Python's GIL keeps it from one waiting for it, e.g. a decode thread "
+            "back from its forward pass (Python's default: 5)"
+        },
+    )
     inline_batch_ms: float = field(
         default=ENGINE.inline_image_ms,
         metadata={"help": "image models whose full batch takes less run on the event loop thread, not the pool (0: never)"},
@@ -193,7 +200,7 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         positive_times = ["batch_timeout_ms", "request_timeout_s", "restart_period_s", "grace_s"]
-        positive_times += ["admission_target_ms", "admission_interval_ms"]
+        positive_times += ["admission_target_ms", "admission_interval_ms", "switch_interval_ms"]
         for name in positive_times:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.jit._fuser import optimized_execution
 
+from engine.kernels import native_decode_attention
 from engine.kinds import Kind, Shape
 
 
@@ -66,6 +67,24 @@ class InferenceLinears:
         return y.view(*x.shape[:-1], wt.shape[1])
 
 
+def decode_attention_native(param: torch.Tensor) -> bool:
+    """Whether decode steps with ``param``'s device and dtype run the compiled ``genserve::decode_attention``
+    (CPU float32, where engine.kernels could build it); otherwise torch's attention with a mask."""
+    return param.device.type == "cpu" and param.dtype == torch.float32 and native_decode_attention()
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, scale: float, native: bool
+) -> torch.Tensor:
+    """New tokens' queries q (B, nh, T, hs) against a layer's cached k, v (B, nh, L, hs). A decode step
+    (T == 1) with ``native`` runs ``genserve::decode_attention`` over each row's own pos + 1 cells (torch's
+    CPU kernels are 3-4x slower there once the cache outgrows the CPU's cache); otherwise SDPA with
+    ``mask`` (B, 1, T, L). The two agree to float rounding."""
+    if native and q.size(2) == 1:
+        return torch.ops.genserve.decode_attention(q, k, v, pos[:, 0] + 1, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def _forward_cached_graph(
     idx: torch.Tensor,
     pos: torch.Tensor,
@@ -78,6 +97,7 @@ def _forward_cached_graph(
     n_head: int,
     eps: float,
     pre_ln: bool,
+    native: bool,
 ) -> torch.Tensor:
     """``CharTransformer.forward_cached`` with ``InferenceLinears``, op for op, as one TorchScript graph
     (``ScriptedForward``). layers[i]: ln_1 w, b; qkv (in, out), bias; proj (in, out), bias; ln_2 w, b;
@@ -98,7 +118,7 @@ def _forward_cached_graph(
         qkv = torch.addmm(w[3], h.reshape(-1, c), w[2]).view(b, t, 3, n_head, hs)
         kv[:, rows, :, pos] = qkv[:, :, 1:]
         q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale)
+        y = _attend(q, kv[0], kv[1], mask, pos, scale, native)
         a = torch.addmm(w[5], y.transpose(1, 2).reshape(b * t, c), w[4]).view(b, t, c)
         if pre_ln:
             x = x + a
@@ -172,6 +192,7 @@ class ScriptedForward:
             self._tok_emb, self._pos_emb = model.tok_emb.weight.detach(), model.pos_emb.weight.detach()
             self._head_t = t(model.tok_emb.weight)
         self._n_head, self._eps, self._pre_ln = cfg.n_head, cfg.layer_norm_eps, cfg.block == "gpt2"
+        self.native = decode_attention_native(self._tok_emb)
         self._graph = _scripted_graph()
 
     def __call__(self, idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -181,7 +202,7 @@ class ScriptedForward:
                 torch.Tensor,
                 self._graph(
                     idx, pos, cache, self._tok_emb, self._pos_emb, self._layers, self._ln_f, self._head_t,
-                    self._n_head, self._eps, self._pre_ln,
+                    self._n_head, self._eps, self._pre_ln, self.native,
                 ),
             )  # fmt: skip
 
@@ -214,7 +235,13 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
     def forward_cached(
-        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, linear: Linear = F.linear
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        where: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        linear: Linear = F.linear,
+        native: bool = False,
     ) -> torch.Tensor:
         """Attention of new tokens against a KV cache (inference only; see ``CharTransformer.forward_cached``).
 
@@ -227,7 +254,7 @@ class CausalSelfAttention(nn.Module):
         # One scatter writes both keys and values: kv[:, rows, :, pos] is (B, T, 2, nh, hs).
         kv[:, where[0], :, where[1]] = qkv[:, :, 1:]
         q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=1 / math.sqrt(hs))  # (B, nh, T, hs)
+        y = _attend(q, kv[0], kv[1], mask, where[1], 1 / math.sqrt(hs), native)  # (B, nh, T, hs)
         return linear(y.transpose(1, 2).reshape(b, t, c), self.proj.weight, self.proj.bias)
 
 
@@ -265,14 +292,20 @@ class Block(nn.Module):
         return self.ln_2(x + self.mlp(x))
 
     def forward_cached(
-        self, x: torch.Tensor, kv: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, linear: Linear = F.linear
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        where: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        linear: Linear = F.linear,
+        native: bool = False,
     ) -> torch.Tensor:
         """``forward`` for new tokens only, with attention against this layer's KV cache ``kv``."""
         mlp = self.mlp
         if self.pre_ln:
-            x = x + self.attn.forward_cached(self.ln_1(x), kv, where, mask, linear)
+            x = x + self.attn.forward_cached(self.ln_1(x), kv, where, mask, linear, native)
             return x + mlp.forward_cached(self.ln_2(x), linear)
-        x = self.ln_1(x + self.attn.forward_cached(x, kv, where, mask, linear))
+        x = self.ln_1(x + self.attn.forward_cached(x, kv, where, mask, linear, native))
         return self.ln_2(x + mlp.forward_cached(x, linear))
 
 
@@ -316,7 +349,9 @@ class CharTransformer(nn.Module):
             x = block(x)
         return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, vocab)
 
-    def forward_cached(self, idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, linear: Linear = F.linear) -> torch.Tensor:
+    def forward_cached(
+        self, idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, linear: Linear = F.linear, native: bool | None = None
+    ) -> torch.Tensor:
         """Incremental forward with a KV cache (inference: no dropout, no autograd wanted).
 
         idx (B, T) token ids at absolute positions pos (B, T) (each < block_size); cache
@@ -325,8 +360,12 @@ class CharTransformer(nn.Module):
         cache at ``pos``, then each token attends to the cached positions <= its own, so cells past
         a sequence's length (stale or unwritten) are masked out. Returns logits (B, T, vocab), equal
         (to float tolerance) to ``forward`` over the whole sequence. ``linear`` computes every linear
-        layer and the head: ``F.linear``, or this model's ``inference_linears()`` (faster).
+        layer and the head: ``F.linear``, or this model's ``inference_linears()`` (faster). ``native``:
+        decode steps' attention through the compiled kernel (``_attend``); None decides as serving does
+        (``decode_attention_native``).
         """
+        if native is None:
+            native = decode_attention_native(self.tok_emb.weight)
         b = idx.shape[0]
         span = cache.shape[-2]
         # (B, 1, T, L) additive mask: query t of row b sees cached positions 0..pos[b, t] (causal, per
@@ -336,7 +375,7 @@ class CharTransformer(nn.Module):
         where = (torch.arange(b, device=idx.device).unsqueeze(1), pos)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
         for block, kv in zip(self.blocks, cache, strict=True):
-            x = cast(Block, block).forward_cached(x, kv, where, mask, linear)  # kv: (2, B, nh, L, hs)
+            x = cast(Block, block).forward_cached(x, kv, where, mask, linear, native)  # kv: (2, B, nh, L, hs)
         return linear(self.ln_f(x), self.tok_emb.weight, None)  # (B, T, vocab)
 
 
