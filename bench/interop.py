@@ -29,8 +29,9 @@ _BLOCK_MAP = {
 }
 
 
-def to_hf_gpt2(model: CharTransformer) -> Any:
-    """A ``GPT2LMHeadModel`` (eval mode) holding the same weights as ``model``."""
+def to_hf_gpt2(model: CharTransformer, attn_implementation: str = "sdpa") -> Any:
+    """A ``GPT2LMHeadModel`` (eval mode) holding the same weights as ``model``; ``attn_implementation``:
+    transformers' own choice (``sdpa``, its default) or ``eager`` (its matmul-softmax attention)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
@@ -50,6 +51,7 @@ def to_hf_gpt2(model: CharTransformer) -> Any:
         attn_pdrop=0.0,
         tie_word_embeddings=True,
     )
+    hf_config._attn_implementation = attn_implementation
     hf = GPT2LMHeadModel(hf_config)
     ours = model.state_dict()
     state = {"transformer.wte.weight": ours["tok_emb.weight"], "transformer.wpe.weight": ours["pos_emb.weight"]}

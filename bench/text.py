@@ -16,8 +16,12 @@ a shared machine hits all of them alike:
            until idle (the decode loop's own ceiling).
   inv      the same with ``batch_invariant=True`` (fixed-shape passes: what bit-for-bit batch
            invariance costs).
+  sdpa     the engine with torch's attention in its decode step instead of engine/kernels' (what
+           the native kernel saves).
   hf       transformers ``GPT2LMHeadModel.generate`` at batch ``streams`` (KV cache, do_sample) on the
-           same weights (``bench.interop.to_hf_gpt2``).
+           same weights (``bench.interop.to_hf_gpt2``), its default (SDPA) attention.
+  hf-eager the same with ``attn_implementation="eager"``, transformers' matmul attention (as fast or
+           faster here); "/best hf" divides by the faster of the two.
 Tokens/s = tokens / wall time of the round. On a shared machine wall time mostly measures the
 neighbours, so each round also counts CPU time: this process's for engine, inv and hf (one torch
 thread runs on the calling thread), the server process's (all its threads) for server and h2load;
@@ -56,11 +60,13 @@ from bench.interop import to_hf_gpt2
 from bench.serve import free_ports, http_off
 from engine.decode import DecodeBatch
 from engine.modelfile import load_model
+from engine.models.transformer import ScriptedForward
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 H2LOAD_ID = "h2load"  # the id of every h2load call (one request body serves them all)
+SIDES = ("server", "h2load", "engine", "inv", "sdpa", "hf", "hf-eager")
 
 
 def default_threads() -> int:
@@ -165,18 +171,23 @@ async def bench(args: argparse.Namespace) -> list[str]:
     assert loaded.vocab is not None
     vocab = loaded.vocab
     hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
-    hf.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
+    hf_eager = to_hf_gpt2(loaded.module, attn_implementation="eager")  # type: ignore[arg-type]
+    for model in (hf, hf_eager):
+        model.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
     slots = args.max_batch or args.streams
     loop = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0)
     inv = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0, batch_invariant=True)
+    sdpa = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0)
+    if isinstance(sdpa._cache.forward, ScriptedForward):
+        sdpa._cache.forward.native = False  # the decode step with torch's attention: what engine/kernels saves
     texts = prompts(vocab, args.streams)
     stoi = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([[stoi[c] for c in t] for t in texts])
     cpu = torch.device("cpu")
 
-    rates: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
-    cpu_rates: dict[str, list[float]] = {name: [] for name in rates}
-    ttft: dict[str, list[float]] = {"server": [], "h2load": [], "engine": [], "inv": [], "hf": []}
+    rates: dict[str, list[float]] = {name: [] for name in SIDES}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in SIDES}
+    ttft: dict[str, list[float]] = {name: [] for name in SIDES}
     contenders: dict[str, Callable[[int], Any]] = {}
     proc: subprocess.Popen[bytes] | None = None
     tmp = tempfile.TemporaryDirectory(prefix="bench-text-")
@@ -218,7 +229,9 @@ async def bench(args: argparse.Namespace) -> list[str]:
                 contenders["h2load"] = h2load_round_
         ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
         ours_run(inv, texts[:8], 8, 0)
+        ours_run(sdpa, texts[:8], 8, 0)
         hf_run(hf, ids[:1], 8, 0, cpu)
+        hf_run(hf_eager, ids[:1], 8, 0, cpu)
 
         async def engine_round(seed: int) -> tuple[int, float]:
             n, dt, _ = ours_run(loop, texts, args.tokens, seed)
@@ -228,10 +241,17 @@ async def bench(args: argparse.Namespace) -> list[str]:
             n, dt, _ = ours_run(inv, texts, args.tokens, seed)
             return n, dt
 
+        async def sdpa_round(seed: int) -> tuple[int, float]:
+            n, dt, _ = ours_run(sdpa, texts, args.tokens, seed)
+            return n, dt
+
         async def hf_round(seed: int) -> tuple[int, float]:
             return hf_run(hf, ids, args.tokens, seed, cpu)
 
-        contenders |= {"engine": engine_round, "inv": inv_round, "hf": hf_round}
+        async def hf_eager_round(seed: int) -> tuple[int, float]:
+            return hf_run(hf_eager, ids, args.tokens, seed, cpu)
+
+        contenders |= {"engine": engine_round, "inv": inv_round, "sdpa": sdpa_round, "hf": hf_round, "hf-eager": hf_eager_round}
         rng = random.Random(args.seed)
         order = list(contenders)
         seed = 1000
@@ -260,12 +280,14 @@ async def bench(args: argparse.Namespace) -> list[str]:
 
     hf_med = statistics.median(rates["hf"])
     hf_cpu = statistics.median(cpu_rates["hf"])
+    best_hf = max(hf_med, statistics.median(rates["hf-eager"]))
     lines = [
         f"text: {args.streams} streams x {args.tokens} new tokens, prompts of 16 chars, temperature 1; "
         f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
-        f"{'side':>8} {'tok/s p50':>10} {'/hf':>6} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}  per-round tok/s / hf's",
+        f"{'side':>8} {'tok/s p50':>10} {'/hf':>6} {'/best hf':>9} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}"
+        "  per-round tok/s / hf's",
     ]
-    for name in ("server", "h2load", "engine", "inv", "hf"):
+    for name in SIDES:
         rs = rates[name]
         if not rs:
             continue
@@ -273,7 +295,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
         c = statistics.median(cpu_rates[name])
         t = median_ms(ttft[name]) if ttft[name] else math.nan
         r = statistics.median(rs)
-        lines.append(f"{name:>8} {r:>10.0f} {r / hf_med:>6.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
+        lines.append(f"{name:>8} {r:>10.0f} {r / hf_med:>6.2f} {r / best_hf:>9.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
     if args.profile:
         lines += profile_step(loop, texts, args.tokens)
     return lines

@@ -43,7 +43,7 @@ class ServerConfig:
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: all usable cores but one, for the event loop)"})
     image_threads: int = field(default=ENGINE.image_threads, metadata={"help": "engine threads running image batches"})
     switch_interval_ms: float = field(
-        default=0.5,
+        default=0.1,
         metadata={
             "help": "the longest a thread holding Python's GIL keeps it from one waiting for it, e.g. a decode thread "
             "back from its forward pass (Python's default: 5)"

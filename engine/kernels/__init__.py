@@ -4,15 +4,16 @@
 (q (B, heads, 1, head_size)) over the first ``lengths[b]`` cached positions of its own keys and
 values (k, v (B, heads, L, head_size), rows contiguous). The decode step's attention: torch's CPU
 attention kernels spend 3-4x longer on these one-row queries once the cache outgrows the CPU's
-cache (docs/design/decode-loop.md).
+cache (docs/design/decode-loop.md). ``genserve::append_kv(kv, fresh, positions)``: a decode step's new
+keys and values into the cache, one position per sequence (torch's generic indexing took 5% of a step).
 
 ``native_decode_attention()`` says whether the compiled kernel is in use. It compiles
 ``decode_attention.cpp`` once per machine (about 10 s; torch caches the build under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), and is False, with one log line saying
 why, where it cannot: no C++ compiler or ninja, a torch without its headers, or
-``GENSERVE_NATIVE_KERNELS=0``. The op itself always exists: without the native build its
-implementation is ``decode_attention_reference`` (torch's attention with a length mask), which is
-also what the tests compare the kernel with.
+``GENSERVE_NATIVE_KERNELS=0``. The ops always exist: without the native build they run
+``decode_attention_reference`` (torch's attention with a length mask) and ``append_kv_reference``,
+which are also what the tests compare the kernels with.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ log = get_logger("engine.kernels")
 
 SOURCE = Path(__file__).with_name("decode_attention.cpp")
 ENV_SWITCH = "GENSERVE_NATIVE_KERNELS"  # "0" turns the native kernels off
-_SCHEMA = "decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor"
+_SCHEMAS = (
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor lengths, float scale) -> Tensor",
+    "append_kv(Tensor(a!) kv, Tensor fresh, Tensor positions) -> ()",
+)
 
 
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
@@ -43,9 +47,17 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-_library = torch.library.Library("genserve", "DEF")  # the op: its schema, and the torch fallback
-_library.define(_SCHEMA)
+def append_kv_reference(kv: torch.Tensor, fresh: torch.Tensor, positions: torch.Tensor) -> None:
+    """What ``genserve::append_kv`` does: ``kv[:, b, :, positions[b]] = fresh[b]`` for each sequence b
+    (kv (2, B, heads, L, head_size), fresh (B, 2, heads, head_size), positions (B,))."""
+    kv[:, torch.arange(kv.size(1), device=kv.device), :, positions] = fresh
+
+
+_library = torch.library.Library("genserve", "DEF")  # the ops: their schemas, and the torch fallbacks
+for _schema in _SCHEMAS:
+    _library.define(_schema)
 _library.impl("decode_attention", decode_attention_reference, "CompositeExplicitAutograd")
+_library.impl("append_kv", append_kv_reference, "CompositeExplicitAutograd")
 _lock = threading.Lock()
 
 

@@ -73,6 +73,16 @@ def decode_attention_native(param: torch.Tensor) -> bool:
     return param.device.type == "cpu" and param.dtype == torch.float32 and native_decode_attention()
 
 
+def _write_kv(kv: torch.Tensor, qkv: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, native: bool) -> None:
+    """The new tokens' keys and values (qkv (B, T, 3, nh, hs)) into a layer's cache kv (2, B, nh, L, hs) at
+    rows (B, 1), positions pos (B, T): one scatter for both. A decode step (T == 1) with ``native``
+    writes through ``genserve::append_kv``, the same cells without torch's generic indexing."""
+    if native and qkv.size(1) == 1:
+        torch.ops.genserve.append_kv(kv, qkv[:, 0, 1:], pos[:, 0])
+    else:
+        kv[:, rows, :, pos] = qkv[:, :, 1:]  # kv[:, rows, :, pos] is (B, T, 2, nh, hs)
+
+
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, scale: float, native: bool
 ) -> torch.Tensor:
@@ -116,7 +126,7 @@ def _forward_cached_graph(
         kv = cache[i]  # (2, B, nh, L, hs)
         h = F.layer_norm(x, [c], w[0], w[1], eps) if pre_ln else x
         qkv = torch.addmm(w[3], h.reshape(-1, c), w[2]).view(b, t, 3, n_head, hs)
-        kv[:, rows, :, pos] = qkv[:, :, 1:]
+        _write_kv(kv, qkv, rows, pos, native)
         q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
         y = _attend(q, kv[0], kv[1], mask, pos, scale, native)
         a = torch.addmm(w[5], y.transpose(1, 2).reshape(b * t, c), w[4]).view(b, t, c)
@@ -251,8 +261,7 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         hs = c // self.n_head
         qkv = linear(x, self.qkv.weight, self.qkv.bias).view(b, t, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
-        # One scatter writes both keys and values: kv[:, rows, :, pos] is (B, T, 2, nh, hs).
-        kv[:, where[0], :, where[1]] = qkv[:, :, 1:]
+        _write_kv(kv, qkv, where[0], where[1], native)
         q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
         y = _attend(q, kv[0], kv[1], mask, where[1], 1 / math.sqrt(hs), native)  # (B, nh, T, hs)
         return linear(y.transpose(1, 2).reshape(b, t, c), self.proj.weight, self.proj.bias)

@@ -175,7 +175,7 @@ class GenServer:
                 ) from None
             undo.callback(self._stop_metrics)
 
-        sys.setswitchinterval(c.switch_interval_ms / 1000)  # 5 ms (Python's) cost text 10-20% of its tokens (docs/design/decode-loop.md)
+        sys.setswitchinterval(c.switch_interval_ms / 1000)  # Python's 5 ms cost text 20-30% of its tokens (docs/design/decode-loop.md)
         tune_allocator()  # before the model loader and the engine start their threads (server/runtime/allocator.py)
         choice = choose_device(c.device, threads=c.threads or default_threads())
         limits = c.image_limits()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.kernels import ENV_SWITCH, decode_attention_reference, native_decode_attention
+from engine.kernels import ENV_SWITCH, append_kv_reference, decode_attention_reference, native_decode_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,12 +68,29 @@ def test_a_rows_result_depends_on_its_own_cells_only_bit_for_bit(native: None) -
 
 
 @pytest.mark.parametrize(
-    ("length", "message"), [(0, "length 0 of sequence 1 outside 1..10"), (11, "length 11 of sequence 1 outside 1..10")]
+    ("length", "message"), [(0, r"length 0 of sequence 1 outside 1\.\.10"), (11, r"length 11 of sequence 1 outside 1\.\.10")]
 )
 def test_native_decode_attention_refuses_a_length_outside_the_cache(native: None, length: int, message: str) -> None:
     q, k, v = cache_views(2, 2, 10, 8, seed=0)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.genserve.decode_attention(q, k, v, torch.tensor([3, length]), 0.5)
+
+
+def test_native_append_kv_writes_exactly_the_cells_torch_indexing_writes(native: None) -> None:
+    gen = torch.Generator().manual_seed(5)
+    cache = torch.randn(2, 7, 4, 20, 48, generator=gen)
+    fresh = torch.randn(5, 1, 3, 4, 48, generator=gen)[:, 0, 1:]  # (B, 2, nh, hs), strided as the graph's qkv[:, 0, 1:]
+    positions = torch.tensor([0, 19, 3, 3, 11])
+    got, want = cache.clone(), cache.clone()
+    with torch.inference_mode():
+        torch.ops.genserve.append_kv(got[:, :5, :, :17], fresh, positions.clamp(max=16))  # a slice of the cache, as a step's
+        append_kv_reference(want[:, :5, :, :17], fresh, positions.clamp(max=16))
+    assert torch.equal(got, want) and not torch.equal(got, cache)
+
+
+def test_native_append_kv_refuses_a_position_outside_the_cache(native: None) -> None:
+    with pytest.raises(RuntimeError, match=r"position 9 of sequence 1 outside 0\.\.8"):
+        torch.ops.genserve.append_kv(torch.zeros(2, 2, 1, 9, 4), torch.zeros(2, 2, 1, 4), torch.tensor([0, 9]))
 
 
 def test_the_switch_turns_the_native_kernel_off_and_the_log_says_why() -> None:
