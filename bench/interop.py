@@ -74,3 +74,28 @@ def to_hf_gpt2(model: CharTransformer, attn_implementation: str = "sdpa") -> Any
 def hf_logits(hf: Any, ids: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, vocab) of a GPT2LMHeadModel for token ids (B, T)."""
     return hf(input_ids=ids).logits
+
+
+def hf_int8(hf: Any) -> Any:
+    """``hf`` (a ``to_hf_gpt2`` model) with its blocks' linear layers in int8, as genserve's
+    ``--decode-precision int8`` has them: GPT-2's Conv1D layers become ``nn.Linear`` and torch's
+    dynamic quantization takes them (int8 weights per output row... per tensor here: torch's
+    default, activations quantized per call); the tied head stays float32. Changes ``hf`` in place."""
+    import warnings
+
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    for block in hf.transformer.h:
+        for parent in block.modules():
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                    with torch.no_grad():
+                        linear.weight.copy_(child.weight.t())
+                        linear.bias.copy_(child.bias)
+                    setattr(parent, name, linear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        torch.ao.quantization.quantize_dynamic(hf.transformer.h, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return hf

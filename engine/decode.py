@@ -53,7 +53,7 @@ import torch
 from engine.errors import InvalidPromptError, QueueFullError
 from engine.kinds import Shape
 from engine.modelfile import LoadedModel
-from engine.models.transformer import CharTransformer, cached_forward
+from engine.models.transformer import CharTransformer, DecodePrecision, cached_forward
 from engine.sampling import (
     MAX_NEW_TOKENS,
     SamplingBatch,
@@ -98,7 +98,7 @@ class Vocabulary:
 class SlotCache:
     """A ``CharTransformer`` with its preallocated KV cache of ``max_batch`` slots."""
 
-    def __init__(self, model: CharTransformer, max_batch: int) -> None:
+    def __init__(self, model: CharTransformer, max_batch: int, precision: DecodePrecision = "float32") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         cfg = model.config
@@ -107,7 +107,7 @@ class SlotCache:
         # The model's cached forward: one TorchScript graph (the GIL released once per forward, not per
         # op: the decode thread runs beside the event loop; docs/design/decode-loop.md),
         # bit for bit the eager forward with weights (in, out) (InferenceLinears: faster sgemm).
-        self.forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = cached_forward(model)
+        self.forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = cached_forward(model, precision)
         self.device = param.device
         self.max_batch = max_batch
         self.block_size = cfg.block_size
@@ -266,6 +266,7 @@ class DecodeBatch:
         max_pending: int = 64,
         max_new_tokens_cap: int = MAX_NEW_TOKENS,
         batch_invariant: bool = False,
+        precision: DecodePrecision = "float32",
     ) -> None:
         if len(vocab) != model.config.vocab_size:
             raise ValueError(f"vocab has {len(vocab)} characters but the model's vocab_size is {model.config.vocab_size}")
@@ -274,7 +275,7 @@ class DecodeBatch:
         if not 1 <= max_new_tokens_cap <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens_cap must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens_cap}")
         self.vocab = Vocabulary(vocab)
-        self._cache = SlotCache(model, max_batch)
+        self._cache = SlotCache(model, max_batch, precision)
         self.block_size = model.config.block_size
         self.keep = max(1, self.block_size // 2)  # tokens kept when a full context is re-prefilled
         self.max_pending = max_pending
@@ -294,7 +295,7 @@ class DecodeBatch:
         self.tokens_sampled = 0
 
     @classmethod
-    def from_loaded(cls, loaded: LoadedModel, **kwargs: int | bool) -> DecodeBatch:
+    def from_loaded(cls, loaded: LoadedModel, **kwargs: int | bool | str) -> DecodeBatch:
         if loaded.spec.shape is not Shape.TOKEN_DECODE or loaded.vocab is None:
             raise ValueError(f"{loaded.path}: a {loaded.kind} is not a text model")
         return cls(loaded.module, loaded.vocab, **kwargs)  # type: ignore[arg-type]

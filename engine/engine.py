@@ -55,7 +55,11 @@ class DecodeThread:
         self.max_pending = limits.decode_pending if served.stepper is None else limits.step_pending
         self._loop: DecodeBatch | StepBatch | None = (
             DecodeBatch.from_loaded(
-                served.model, max_batch=limits.decode_batch, max_pending=limits.decode_pending, max_new_tokens_cap=limits.max_new_tokens
+                served.model,
+                max_batch=limits.decode_batch,
+                max_pending=limits.decode_pending,
+                max_new_tokens_cap=limits.max_new_tokens,
+                precision=limits.decode_precision,
             )
             if served.stepper is None
             else StepBatch(served.stepper, max_pending=limits.step_pending, mode=limits.step_batching)

@@ -35,12 +35,16 @@ class EngineLimits:
     step_batching: str = (
         "step"  # iterative models: "step" (requests join and leave between steps) or "request" (a batch runs all its steps, the next waits)
     )
+    decode_precision: str = "float32"  # text models' linear layers: "float32", or "int8" (faster, a little less exact)
 
     def __post_init__(self) -> None:
         if self.step_batching not in STEP_BATCHING:
             raise ValueError(f"step_batching must be one of {list(STEP_BATCHING)}, got {self.step_batching!r}")
+        if self.decode_precision not in DECODE_PRECISIONS:
+            raise ValueError(f"decode_precision must be one of {list(DECODE_PRECISIONS)}, got {self.decode_precision!r}")
         if self.step_pending < 1:
             raise ValueError(f"step_pending must be >= 1, got {self.step_pending}")
 
 
 STEP_BATCHING = ("step", "request")
+DECODE_PRECISIONS = ("float32", "int8")  # engine/models/transformer.py's DecodePrecision

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 from engine import EngineLimits, ImageLimits  # no torch: engine/limits.py
+from engine.limits import DECODE_PRECISIONS
 
 ENGINE = EngineLimits()  # the engine's defaults are the server's
 IMAGES = ImageLimits()
@@ -59,6 +60,14 @@ class ServerConfig:
     batch_concurrency: int = field(default=2, metadata={"help": "batches in flight per model (one runs while the next fills)"})
     decode_batch: int = field(default=ENGINE.decode_batch, metadata={"help": "text sequences decoded together per model"})
     decode_pending: int = field(default=ENGINE.decode_pending, metadata={"help": "text sequences waiting for a decode slot per model"})
+    decode_precision: str = field(
+        default=ENGINE.decode_precision,
+        metadata={
+            "help": "text models' linear layers: float32, or int8 (about 1.3x the tokens a second; the cost in "
+            "validation nats/char: docs/design/decode-loop.md)",
+            "choices": DECODE_PRECISIONS,
+        },
+    )
     step_rows: int = field(
         default=IMAGES.step_rows,
         metadata={"help": "samples an iterative model (flow) advances together; a request's n is at most this"},
@@ -209,6 +218,10 @@ class ServerConfig:
         for name in never_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):  # a flag's choices are argparse's to check; the environment's are checked here
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         for name in PORT_FIELDS:
             if not 0 <= getattr(self, name) <= MAX_PORT:  # a bigger number wrapped: --port 70000 served on 4464
                 raise ValueError(f"{name} must be a port number in 0-{MAX_PORT}, got {getattr(self, name)}")
@@ -234,6 +247,7 @@ class ServerConfig:
             default_new_tokens=self.default_new_tokens,
             step_pending=self.step_pending,
             step_batching=self.step_batching,
+            decode_precision=self.decode_precision,
         )
 
     def image_limits(self) -> ImageLimits:

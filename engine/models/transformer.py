@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch.jit._fuser import optimized_execution
 
 from engine.kernels import native_decode_attention
 from engine.kinds import Kind, Shape
+from engine.limits import DECODE_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class TransformerConfig:
 
 
 Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # F.linear's signature
+if TYPE_CHECKING:
+    LinearPacked = Any
+else:  # the packed int8 layer's TorchScript class, as the graph's annotations name it
+    LinearPacked = torch.classes.quantized.LinearPackedParamsBase
 
 
 class InferenceLinears:
@@ -65,6 +70,41 @@ class InferenceLinears:
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
         y = torch.mm(x2, wt) if bias is None else torch.addmm(bias, x2, wt)  # (rows, out)
         return y.view(*x.shape[:-1], wt.shape[1])
+
+
+DecodePrecision = Literal["float32", "int8"]  # engine/limits.py's DECODE_PRECISIONS
+
+
+def _packed_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """A linear layer's weight as int8 (one scale per output row) packed for ``quantized::linear_dynamic``."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        # torch 2.13 calls quantized tensor creation deprecated (pytorch#184982); the packed op stays
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated")
+        qw = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
+
+
+class Int8Linears(InferenceLinears):
+    """``InferenceLinears`` with every block's linear layer in int8 (``--decode-precision int8``): weights
+    quantized once per output row, activations per call (``quantized::linear_dynamic``, 7-bit range
+    as torch's own dynamic quantization uses on x86); the head stays float32. About 2.7x the float32
+    linears' speed at decode sizes; what it costs in validation nats/char: docs/design/decode-loop.md."""
+
+    def __init__(self, model: CharTransformer) -> None:
+        super().__init__([*(m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)), model.tok_emb.weight])
+        self._packed = {
+            id(m.weight): (m.weight, _packed_int8(m.weight, m.bias)) for m in model.blocks.modules() if isinstance(m, nn.Linear)
+        }
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        entry = self._packed.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            return super().__call__(x, weight, bias)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), entry[1], True)
+        return cast(torch.Tensor, y).view(*x.shape[:-1], y.shape[1])
 
 
 def decode_attention_native(param: torch.Tensor) -> bool:
@@ -95,6 +135,14 @@ def _attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _linear(x: torch.Tensor, w: list[torch.Tensor], j: int, packed: list[LinearPacked], k: int) -> torch.Tensor:
+    """x (rows, in) through a block's linear layer: float32 weight w[j] (in, out) and bias w[j + 1], or, when
+    the block has packed int8 layers, the k-th of them (``Int8Linears``' op)."""
+    if len(packed) > 0:
+        return torch.ops.quantized.linear_dynamic(x, packed[k], True)
+    return torch.addmm(w[j + 1], x, w[j])
+
+
 def _forward_cached_graph(
     idx: torch.Tensor,
     pos: torch.Tensor,
@@ -102,6 +150,7 @@ def _forward_cached_graph(
     tok_emb: torch.Tensor,
     pos_emb: torch.Tensor,
     layers: list[list[torch.Tensor]],
+    packed: list[list[LinearPacked]],
     ln_f: list[torch.Tensor],
     head_t: torch.Tensor,
     n_head: int,
@@ -111,7 +160,8 @@ def _forward_cached_graph(
 ) -> torch.Tensor:
     """``CharTransformer.forward_cached`` with ``InferenceLinears``, op for op, as one TorchScript graph
     (``ScriptedForward``). layers[i]: ln_1 w, b; qkv (in, out), bias; proj (in, out), bias; ln_2 w, b;
-    fc (in, out), bias; mlp proj (in, out), bias. head_t: the tied head, (d_model, vocab)."""
+    fc (in, out), bias; mlp proj (in, out), bias. packed[i]: block i's qkv, proj, fc and mlp proj in int8
+    (``Int8Linears``), or no packed lists at all (float32). head_t: the tied head, (d_model, vocab)."""
     b, t = idx.size(0), idx.size(1)
     c = tok_emb.size(1)
     hs = c // n_head
@@ -123,22 +173,23 @@ def _forward_cached_graph(
     scale = 1.0 / math.sqrt(hs)
     for i in range(len(layers)):
         w = layers[i]
+        p = packed[i] if len(packed) > 0 else torch.jit.annotate(list[LinearPacked], [])
         kv = cache[i]  # (2, B, nh, L, hs)
         h = F.layer_norm(x, [c], w[0], w[1], eps) if pre_ln else x
-        qkv = torch.addmm(w[3], h.reshape(-1, c), w[2]).view(b, t, 3, n_head, hs)
+        qkv = _linear(h.reshape(-1, c), w, 2, p, 0).view(b, t, 3, n_head, hs)
         _write_kv(kv, qkv, rows, pos, native)
         q = qkv[:, :, 0].transpose(1, 2)  # (B, nh, T, hs)
         y = _attend(q, kv[0], kv[1], mask, pos, scale, native)
-        a = torch.addmm(w[5], y.transpose(1, 2).reshape(b * t, c), w[4]).view(b, t, c)
+        a = _linear(y.transpose(1, 2).reshape(b * t, c), w, 4, p, 1).view(b, t, c)
         if pre_ln:
             x = x + a
             h = F.layer_norm(x, [c], w[6], w[7], eps)
         else:
             x = F.layer_norm(x + a, [c], w[0], w[1], eps)
             h = x
-        f = torch.addmm(w[9], h.reshape(-1, c), w[8])
+        f = _linear(h.reshape(-1, c), w, 8, p, 2)
         f = F.gelu(f) if pre_ln else F.relu(f)
-        m = torch.addmm(w[11], f, w[10]).view(b, t, c)
+        m = _linear(f, w, 10, p, 3).view(b, t, c)
         x = x + m if pre_ln else F.layer_norm(x + m, [c], w[6], w[7], eps)
     if pre_ln:
         x = F.layer_norm(x, [c], ln_f[0], ln_f[1], eps)
@@ -167,14 +218,20 @@ def _scripted_graph() -> Any:
         return torch.jit.script(_forward_cached_graph)
 
 
-def cached_forward(model: CharTransformer) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def cached_forward(
+    model: CharTransformer, precision: DecodePrecision = "float32"
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The fastest ``forward_cached(idx, pos, cache)`` of a frozen ``model``: ``ScriptedForward``, or, where
-    TorchScript cannot compile it (a torch without it), the eager one with ``InferenceLinears`` (a warning says so)."""
+    TorchScript cannot compile it (a torch without it), the eager one with ``InferenceLinears`` (a warning says so).
+    ``precision`` int8: the blocks' linear layers in int8 (``Int8Linears``)."""
+    if precision not in DECODE_PRECISIONS:
+        raise ValueError(f"decode precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")  # DecodeBatch's callers
     try:
-        return ScriptedForward(model)
+        return ScriptedForward(model, precision)
     except Exception as e:  # torch.jit missing or refusing the graph: the eager path gives the same results
         warnings.warn(f"decoding eagerly: TorchScript could not compile the cached forward ({type(e).__name__}: {e})", stacklevel=2)
-        return functools.partial(model.forward_cached, linear=model.inference_linears())
+        linears = Int8Linears(model) if precision == "int8" else model.inference_linears()
+        return functools.partial(model.forward_cached, linear=linears)
 
 
 class ScriptedForward:
@@ -186,10 +243,10 @@ class ScriptedForward:
     every two ops (docs/design/decode-loop.md). Run under ``torch.jit.optimized_execution(False)``:
     the profiling executor's rewrites are not bit-equal to eager, and shapes change every step.
     Holds transposed copies of the linear weights (as ``InferenceLinears``); weights changed
-    afterwards are not seen.
+    afterwards are not seen. ``precision`` int8: the blocks' linears run as ``Int8Linears``' do.
     """
 
-    def __init__(self, model: CharTransformer) -> None:
+    def __init__(self, model: CharTransformer, precision: DecodePrecision = "float32") -> None:
         cfg = model.config
         with torch.no_grad():
 
@@ -201,6 +258,13 @@ class ScriptedForward:
             self._ln_f = [ln_f.weight.detach(), ln_f.bias.detach()] if isinstance(ln_f, nn.LayerNorm) else []
             self._tok_emb, self._pos_emb = model.tok_emb.weight.detach(), model.pos_emb.weight.detach()
             self._head_t = t(model.tok_emb.weight)
+            blocks = cast(Iterable[Block], model.blocks)
+            self._packed: list[list[LinearPacked]] = (
+                [[_packed_int8(m.weight, m.bias) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj)] for b in blocks]
+                if precision == "int8"
+                else []
+            )
+        self.precision = precision
         self._n_head, self._eps, self._pre_ln = cfg.n_head, cfg.layer_norm_eps, cfg.block == "gpt2"
         self.native = decode_attention_native(self._tok_emb)
         self._graph = _scripted_graph()
@@ -211,7 +275,7 @@ class ScriptedForward:
             return cast(
                 torch.Tensor,
                 self._graph(
-                    idx, pos, cache, self._tok_emb, self._pos_emb, self._layers, self._ln_f, self._head_t,
+                    idx, pos, cache, self._tok_emb, self._pos_emb, self._layers, self._packed, self._ln_f, self._head_t,
                     self._n_head, self._eps, self._pre_ln, self.native,
                 ),
             )  # fmt: skip

@@ -90,6 +90,11 @@ def test_bad_settings_are_refused_with_a_clear_message() -> None:
     assert result.returncode != 0 and "GENSERVE_BATCH_SIZE='lots' is not a valid int" in result.stderr
     result = run_server_cli("--batch-size", "0")
     assert result.returncode == 2 and "--batch-size (GENSERVE_BATCH_SIZE) must be >= 1" in result.stderr
+    result = run_server_cli(env={"GENSERVE_DECODE_PRECISION": "int4"})  # a flag's choices argparse checks; the environment's too
+    assert (
+        result.returncode != 0
+        and "--decode-precision (GENSERVE_DECODE_PRECISION) must be one of float32, int8, got 'int4'" in result.stderr
+    )
     result = run_server_cli("--models-dir", "no/such/folder", "--port", "0", "--metrics-port", "0")
     assert result.returncode == 1 and "no/such/folder" in result.stderr
 
