@@ -22,6 +22,10 @@ a shared machine hits all of them alike:
            same weights (``bench.interop.to_hf_gpt2``), its default (SDPA) attention.
   hf-eager the same with ``attn_implementation="eager"``, transformers' matmul attention (as fast or
            faster here); "/best hf" divides by the faster of the two.
+  int8     the engine with ``--decode-precision int8`` (int8 linears, a float16 cache), beside
+  hf-int8, hf-eager-int8  HF with its blocks' linears in int8 (torch's dynamic quantization,
+           ``bench.interop.hf_int8``): "/best hf" of an int8 side divides by the faster HF int8.
+After the rates, each precision's validation nats/char on the same windows (its cost in quality).
 Tokens/s = tokens / wall time of the round. On a shared machine wall time mostly measures the
 neighbours, so each round also counts CPU time: this process's for engine, inv and hf (one torch
 thread runs on the calling thread), the server process's (all its threads) for server and h2load;
@@ -56,17 +60,18 @@ import torch
 
 from bench import accounting
 from bench.engine import MODELS, hf_run, ours_run, ours_ttft, prompts
-from bench.interop import to_hf_gpt2
+from bench.interop import hf_int8, to_hf_gpt2
 from bench.serve import free_ports, http_off
-from engine.decode import DecodeBatch
+from engine.decode import DecodeBatch, SlotCache
 from engine.modelfile import load_model
-from engine.models.transformer import ScriptedForward
+from engine.models.transformer import CharTransformer, ScriptedForward
 from genserve.v1 import generator_pb2 as pb
 from genserve.v1 import generator_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 H2LOAD_ID = "h2load"  # the id of every h2load call (one request body serves them all)
-SIDES = ("server", "h2load", "engine", "inv", "sdpa", "hf", "hf-eager")
+SIDES = ("server", "h2load", "engine", "inv", "sdpa", "int8", "hf", "hf-eager", "hf-int8", "hf-eager-int8")
+QUALITY_WINDOWS = 64  # validation windows of block_size characters for nats/char
 
 
 def default_threads() -> int:
@@ -170,12 +175,18 @@ async def bench(args: argparse.Namespace) -> list[str]:
     loaded = load_model(MODELS / "transformer.safetensors")
     assert loaded.vocab is not None
     vocab = loaded.vocab
-    hf = to_hf_gpt2(loaded.module)  # type: ignore[arg-type]
-    hf_eager = to_hf_gpt2(loaded.module, attn_implementation="eager")  # type: ignore[arg-type]
-    for model in (hf, hf_eager):
+    hfs = {
+        "hf": to_hf_gpt2(loaded.module),  # type: ignore[arg-type]
+        "hf-eager": to_hf_gpt2(loaded.module, attn_implementation="eager"),  # type: ignore[arg-type]
+        "hf-int8": hf_int8(to_hf_gpt2(loaded.module)),  # type: ignore[arg-type]
+        "hf-eager-int8": hf_int8(to_hf_gpt2(loaded.module, attn_implementation="eager")),  # type: ignore[arg-type]
+    }
+    for model in hfs.values():
         model.generation_config.eos_token_id = None  # no end-of-text token in a character vocabulary
+    hf = hfs["hf"]
     slots = args.max_batch or args.streams
     loop = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0)
+    loop8 = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0, precision="int8")
     inv = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0, batch_invariant=True)
     sdpa = DecodeBatch.from_loaded(loaded, max_batch=slots, max_pending=0)
     if isinstance(sdpa._cache.forward, ScriptedForward):
@@ -230,8 +241,9 @@ async def bench(args: argparse.Namespace) -> list[str]:
         ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
         ours_run(inv, texts[:8], 8, 0)
         ours_run(sdpa, texts[:8], 8, 0)
-        hf_run(hf, ids[:1], 8, 0, cpu)
-        hf_run(hf_eager, ids[:1], 8, 0, cpu)
+        ours_run(loop8, texts[:8], 8, 0)
+        for model in hfs.values():
+            hf_run(model, ids[:1], 8, 0, cpu)
 
         async def engine_round(seed: int) -> tuple[int, float]:
             n, dt, _ = ours_run(loop, texts, args.tokens, seed)
@@ -245,13 +257,18 @@ async def bench(args: argparse.Namespace) -> list[str]:
             n, dt, _ = ours_run(sdpa, texts, args.tokens, seed)
             return n, dt
 
-        async def hf_round(seed: int) -> tuple[int, float]:
-            return hf_run(hf, ids, args.tokens, seed, cpu)
+        async def int8_round(seed: int) -> tuple[int, float]:
+            n, dt, _ = ours_run(loop8, texts, args.tokens, seed)
+            return n, dt
 
-        async def hf_eager_round(seed: int) -> tuple[int, float]:
-            return hf_run(hf_eager, ids, args.tokens, seed, cpu)
+        def hf_round(model: Any) -> Callable[[int], Any]:
+            async def round_(seed: int) -> tuple[int, float]:
+                return hf_run(model, ids, args.tokens, seed, cpu)
 
-        contenders |= {"engine": engine_round, "inv": inv_round, "sdpa": sdpa_round, "hf": hf_round, "hf-eager": hf_eager_round}
+            return round_
+
+        contenders |= {"engine": engine_round, "inv": inv_round, "sdpa": sdpa_round, "int8": int8_round}
+        contenders |= {name: hf_round(model) for name, model in hfs.items()}
         rng = random.Random(args.seed)
         order = list(contenders)
         seed = 1000
@@ -281,10 +298,11 @@ async def bench(args: argparse.Namespace) -> list[str]:
     hf_med = statistics.median(rates["hf"])
     hf_cpu = statistics.median(cpu_rates["hf"])
     best_hf = max(hf_med, statistics.median(rates["hf-eager"]))
+    best_hf8 = max(statistics.median(rates["hf-int8"]), statistics.median(rates["hf-eager-int8"]))
     lines = [
         f"text: {args.streams} streams x {args.tokens} new tokens, prompts of 16 chars, temperature 1; "
         f"{args.threads} torch thread(s) on every side; {args.rounds} rounds, order shuffled; {len(os.sched_getaffinity(0))} usable cores",
-        f"{'side':>8} {'tok/s p50':>10} {'/hf':>6} {'/best hf':>9} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}"
+        f"{'side':>13} {'tok/s p50':>10} {'/hf':>6} {'/best hf':>9} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}"
         "  per-round tok/s / hf's",
     ]
     for name in SIDES:
@@ -295,10 +313,35 @@ async def bench(args: argparse.Namespace) -> list[str]:
         c = statistics.median(cpu_rates[name])
         t = median_ms(ttft[name]) if ttft[name] else math.nan
         r = statistics.median(rs)
-        lines.append(f"{name:>8} {r:>10.0f} {r / hf_med:>6.2f} {r / best_hf:>9.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
+        best = best_hf8 if "int8" in name else best_hf  # int8 beside HF's int8, as the issue asks
+        lines.append(f"{name:>13} {r:>10.0f} {r / hf_med:>6.2f} {r / best:>9.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
+    lines += quality_lines(loaded.module, hfs, vocab)  # type: ignore[arg-type]
     if args.profile:
         lines += profile_step(loop, texts, args.tokens)
     return lines
+
+
+def quality_lines(model: CharTransformer, hfs: dict[str, Any], vocab: str) -> list[str]:
+    """Validation nats/char of each precision, on the same windows: ours through the cached forward (the
+    serving path: int8 linears, float16 cache), HF through its forward."""
+    from training.data import load_shakespeare
+
+    size = model.config.block_size
+    val = load_shakespeare().val[: QUALITY_WINDOWS * size].view(QUALITY_WINDOWS, size)
+
+    def nats(logits: torch.Tensor) -> float:
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        return -logp.gather(-1, val[:, 1:].unsqueeze(-1)).mean().item()
+
+    rows = []
+    with torch.inference_mode():
+        for precision in ("float32", "int8"):
+            cache = SlotCache(model, QUALITY_WINDOWS, precision)
+            rows.append((f"engine {precision}", nats(cache.prefill(list(range(QUALITY_WINDOWS)), val.tolist()))))
+        rows += [(name, nats(hfs[name](val).logits)) for name in ("hf", "hf-int8")]
+    return ["", f"validation nats/char ({QUALITY_WINDOWS} windows of {size} characters, teacher-forced):"] + [
+        f"  {name:>14} {n:.4f}" for name, n in rows
+    ]
 
 
 def profile_step(loop: DecodeBatch, texts: list[str], tokens: int) -> list[str]:

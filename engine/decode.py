@@ -114,8 +114,10 @@ class SlotCache:
         self.vocab_size = cfg.vocab_size
         # A normal tensor, not an inference tensor: written in place under inference mode, readable anywhere.
         # Zeroed, not empty: masked cells get weight 0, but 0 * NaN from uninitialised memory would be NaN.
+        # int8 decoding keeps its cache in float16: half the memory a step reads (docs/design/decode-loop.md)
+        dtype = torch.float16 if precision == "int8" else param.dtype
         self.kv = torch.zeros(  # (n_layer, 2, max_batch, nh, block_size, hs)
-            cfg.n_layer, 2, max_batch, cfg.n_head, cfg.block_size, cfg.d_model // cfg.n_head, dtype=param.dtype, device=param.device
+            cfg.n_layer, 2, max_batch, cfg.n_head, cfg.block_size, cfg.d_model // cfg.n_head, dtype=dtype, device=param.device
         )
 
     def prefill(self, slots: Sequence[int], windows: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ``genserve::decode_attention(q, k, v, lengths, scale)``: attention for one new token per sequence
 (q (B, heads, 1, head_size)) over the first ``lengths[b]`` cached positions of its own keys and
-values (k, v (B, heads, L, head_size), rows contiguous). The decode step's attention: torch's CPU
+values (k, v (B, heads, L, head_size), rows contiguous; float32, or float16 for a float16 cache). The decode step's attention: torch's CPU
 attention kernels spend 3-4x longer on these one-row queries once the cache outgrows the CPU's
 cache (docs/design/decode-loop.md). ``genserve::append_kv(kv, fresh, positions)``: a decode step's new
 keys and values into the cache, one position per sequence (torch's generic indexing took 5% of a step).
@@ -44,13 +44,13 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """What ``genserve::decode_attention`` computes, with torch's attention and an additive mask."""
     hidden = torch.arange(k.size(-2), device=k.device) >= lengths.view(-1, 1, 1, 1)  # (B, 1, 1, L)
     mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, -math.inf)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
 
 
 def append_kv_reference(kv: torch.Tensor, fresh: torch.Tensor, positions: torch.Tensor) -> None:
     """What ``genserve::append_kv`` does: ``kv[:, b, :, positions[b]] = fresh[b]`` for each sequence b
     (kv (2, B, heads, L, head_size), fresh (B, 2, heads, head_size), positions (B,))."""
-    kv[:, torch.arange(kv.size(1), device=kv.device), :, positions] = fresh
+    kv[:, torch.arange(kv.size(1), device=kv.device), :, positions] = fresh.to(kv.dtype)
 
 
 _library = torch.library.Library("genserve", "DEF")  # the ops: their schemas, and the torch fallbacks

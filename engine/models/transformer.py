@@ -116,11 +116,12 @@ def decode_attention_native(param: torch.Tensor) -> bool:
 def _write_kv(kv: torch.Tensor, qkv: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, native: bool) -> None:
     """The new tokens' keys and values (qkv (B, T, 3, nh, hs)) into a layer's cache kv (2, B, nh, L, hs) at
     rows (B, 1), positions pos (B, T): one scatter for both. A decode step (T == 1) with ``native``
-    writes through ``genserve::append_kv``, the same cells without torch's generic indexing."""
+    writes through ``genserve::append_kv``, the same cells without torch's generic indexing. A float16 cache
+    (``--decode-precision int8``) stores them rounded to float16."""
     if native and qkv.size(1) == 1:
         torch.ops.genserve.append_kv(kv, qkv[:, 0, 1:], pos[:, 0])
     else:
-        kv[:, rows, :, pos] = qkv[:, :, 1:]  # kv[:, rows, :, pos] is (B, T, 2, nh, hs)
+        kv[:, rows, :, pos] = qkv[:, :, 1:].to(kv.dtype)  # kv[:, rows, :, pos] is (B, T, 2, nh, hs)
 
 
 def _attend(
@@ -129,10 +130,10 @@ def _attend(
     """New tokens' queries q (B, nh, T, hs) against a layer's cached k, v (B, nh, L, hs). A decode step
     (T == 1) with ``native`` runs ``genserve::decode_attention`` over each row's own pos + 1 cells (torch's
     CPU kernels are 3-4x slower there once the cache outgrows the CPU's cache); otherwise SDPA with
-    ``mask`` (B, 1, T, L). The two agree to float rounding."""
+    ``mask`` (B, 1, T, L). The two agree to float rounding. A float16 cache is read as float32."""
     if native and q.size(2) == 1:
         return torch.ops.genserve.decode_attention(q, k, v, pos[:, 0] + 1, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale)
 
 
 def _linear(x: torch.Tensor, w: list[torch.Tensor], j: int, packed: list[LinearPacked], k: int) -> torch.Tensor:
@@ -167,7 +168,7 @@ def _forward_cached_graph(
     hs = c // n_head
     span = cache.size(-2)
     hidden = (torch.arange(span, device=idx.device) > pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, L)
-    mask = torch.zeros(hidden.shape, dtype=cache.dtype, device=idx.device).masked_fill_(hidden, -math.inf)
+    mask = torch.zeros(hidden.shape, dtype=tok_emb.dtype, device=idx.device).masked_fill_(hidden, -math.inf)
     rows = torch.arange(b, device=idx.device).unsqueeze(1)
     x = F.embedding(idx, tok_emb) + F.embedding(pos, pos_emb)  # (B, T, C)
     scale = 1.0 / math.sqrt(hs)
@@ -444,7 +445,7 @@ class CharTransformer(nn.Module):
         # (B, 1, T, L) additive mask: query t of row b sees cached positions 0..pos[b, t] (causal, per
         # sequence). Built once for all layers, as floats: SDPA would convert a boolean mask per call.
         hidden = (torch.arange(span, device=idx.device) > pos.unsqueeze(-1)).unsqueeze(1)
-        mask = torch.zeros(hidden.shape, dtype=cache.dtype, device=idx.device).masked_fill_(hidden, -math.inf)
+        mask = torch.zeros(hidden.shape, dtype=self.tok_emb.weight.dtype, device=idx.device).masked_fill_(hidden, -math.inf)
         where = (torch.arange(b, device=idx.device).unsqueeze(1), pos)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
         for block, kv in zip(self.blocks, cache, strict=True):

@@ -25,10 +25,12 @@ def native() -> None:
         pytest.skip("no native build here (no C++ compiler or ninja)")
 
 
-def cache_views(batch: int, heads: int, span: int, head_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cache_views(
+    batch: int, heads: int, span: int, head_size: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, nh, 1, hs) strided as the graph's, and k, v as slices of a larger slotted cache (B, nh, span, hs)."""
     gen = torch.Generator().manual_seed(seed)
-    cache = torch.randn(2, batch + 3, heads, span + 5, head_size, generator=gen)
+    cache = torch.randn(2, batch + 3, heads, span + 5, head_size, generator=gen).to(dtype)
     qkv = torch.randn(batch, 1, 3, heads, head_size, generator=gen)
     return qkv[:, :, 0].transpose(1, 2), cache[0, :batch, :, :span], cache[1, :batch, :, :span]
 
@@ -36,10 +38,12 @@ def cache_views(batch: int, heads: int, span: int, head_size: int, seed: int) ->
 @pytest.mark.parametrize(
     ("batch", "heads", "span", "head_size"), [(1, 1, 1, 1), (3, 4, 17, 48), (32, 4, 116, 48), (5, 6, 128, 64), (2, 2, 9, 7)]
 )
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32 cache", "float16 cache"])
 def test_native_decode_attention_equals_torch_attention_to_rounding(
-    native: None, batch: int, heads: int, span: int, head_size: int
+    native: None, batch: int, heads: int, span: int, head_size: int, dtype: torch.dtype
 ) -> None:
-    q, k, v = cache_views(batch, heads, span, head_size, seed=span)
+    """Over float32 and float16 caches (--decode-precision int8's), head sizes a multiple of 8 and not."""
+    q, k, v = cache_views(batch, heads, span, head_size, seed=span, dtype=dtype)
     lengths = torch.randint(1, span + 1, (batch,), generator=torch.Generator().manual_seed(1))
     lengths[0] = span
     scale = 1 / math.sqrt(head_size)
@@ -86,6 +90,10 @@ def test_native_append_kv_writes_exactly_the_cells_torch_indexing_writes(native:
         torch.ops.genserve.append_kv(got[:, :5, :, :17], fresh, positions.clamp(max=16))  # a slice of the cache, as a step's
         append_kv_reference(want[:, :5, :, :17], fresh, positions.clamp(max=16))
     assert torch.equal(got, want) and not torch.equal(got, cache)
+    half = cache.half()
+    with torch.inference_mode():
+        torch.ops.genserve.append_kv(half[:, :5], fresh, positions.clamp(max=16))
+    assert torch.equal(half, want.half())  # a float16 cache gets the values rounded to float16
 
 
 def test_native_append_kv_refuses_a_position_outside_the_cache(native: None) -> None:
