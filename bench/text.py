@@ -305,6 +305,8 @@ async def bench(args: argparse.Namespace) -> list[str]:
         f"{'side':>13} {'tok/s p50':>10} {'/hf':>6} {'/best hf':>9} {'tok/CPU-s p50':>14} {'/hf':>6} {'TTFT p50 ms':>12}"
         "  per-round tok/s / hf's",
     ]
+    if args.server_args:
+        lines.insert(1, f"server sides run with: {args.server_args}")
     for name in SIDES:
         rs = rates[name]
         if not rs:
@@ -313,7 +315,8 @@ async def bench(args: argparse.Namespace) -> list[str]:
         c = statistics.median(cpu_rates[name])
         t = median_ms(ttft[name]) if ttft[name] else math.nan
         r = statistics.median(rs)
-        best = best_hf8 if "int8" in name else best_hf  # int8 beside HF's int8, as the issue asks
+        int8 = "int8" in name or (name in ("server", "h2load") and "int8" in args.server_args)
+        best = best_hf8 if int8 else best_hf  # int8 beside HF's int8, as the issue asks
         lines.append(f"{name:>13} {r:>10.0f} {r / hf_med:>6.2f} {r / best:>9.2f} {c:>14.0f} {c / hf_cpu:>6.2f} {t:>12.2f}  {per_round}")
     lines += quality_lines(loaded.module, hfs, vocab)  # type: ignore[arg-type]
     if args.profile:

@@ -1,7 +1,7 @@
 """The decode step under bench.text_load's workload, in-process: where a step's time goes when prompts
 arrive while others decode.
 
-    python -m bench.text_mix [--rates 8,14,24] [--duration 20] [--threads 1] [--json FILE] [--quick]
+    python -m bench.text_mix [--rates 8,14,24] [--duration 20] [--threads 1] [--precision float32|int8] [--json FILE] [--quick]
 
 One ``DecodeBatch`` (the server's defaults: 64 slots, 256 waiting) on the bundled Transformer, fed by
 bench.text_load's Poisson schedule (prompts of 16-128 characters, 70% 32 / 25% 128 / 5% 512 new
@@ -152,9 +152,9 @@ def run_rate(batch: DecodeBatch, rate: float, duration_s: float, text: str, seed
     }
 
 
-def lines(rows: Sequence[dict[str, Any]], threads: int) -> list[str]:
+def lines(rows: Sequence[dict[str, Any]], threads: int, precision: str) -> list[str]:
     out = [
-        f"decode step under bench.text_load's mix, in-process, {threads} torch thread(s); shares of busy time",
+        f"decode step under bench.text_load's mix, in-process, {threads} torch thread(s), {precision}; shares of busy time",
         f"{'rate':>5} {'busy':>5} {'tok/s':>6} {'active':>6} {'decode':>7} {'prefill':>7} {'sample':>7} {'other':>6}"
         f" {'step p50/p99 ms':>15} {'w/ prefill p50/p99':>18} {'padding':>7} {'longest ms (prefill tok)':>24} {'TTFT p50/p99 ms':>15}",
     ]
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the server's default on 2 cores)")
     parser.add_argument("--seed", type=int, default=0, help="the schedule's seed (bench.text_load's)")
     parser.add_argument("--model", default=str(MODEL), help="a char-transformer model file")
+    parser.add_argument("--precision", default="float32", choices=("float32", "int8"), help="the server's --decode-precision")
     parser.add_argument("--quick", action="store_true", help="2 s per rate (a smoke run)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
@@ -191,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model)
     assert loaded.vocab is not None
     text = validation_text(loaded.vocab)
-    batch = DecodeBatch.from_loaded(loaded, max_batch=64, max_pending=256)
+    batch = DecodeBatch.from_loaded(loaded, max_batch=64, max_pending=256, precision=args.precision)
     run_rate(batch, 4.0, 1.0, text, args.seed + 1)  # warm-up: first calls pay lazy initialisation
     rows = [run_rate(batch, r, 2.0 if args.quick else args.duration, text, args.seed) for r in rates]
-    print("\n".join(lines(rows, args.threads)))
+    print("\n".join(lines(rows, args.threads, args.precision)))
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "duration_s": args.duration, "rows": rows}, indent=1) + "\n")
+        figures = {"threads": args.threads, "precision": args.precision, "duration_s": args.duration, "rows": rows}
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 
 
