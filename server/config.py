@@ -60,6 +60,13 @@ class ServerConfig:
     batch_concurrency: int = field(default=2, metadata={"help": "batches in flight per model (one runs while the next fills)"})
     decode_batch: int = field(default=ENGINE.decode_batch, metadata={"help": "text sequences decoded together per model"})
     decode_pending: int = field(default=ENGINE.decode_pending, metadata={"help": "text sequences waiting for a decode slot per model"})
+    text_wait_ms: float = field(
+        default=1000.0,
+        metadata={
+            "help": "refuse a text request (RESOURCE_EXHAUSTED, with a retry hint) while its model's oldest waiting one "
+            "has waited this long for its first token (0: never)"
+        },
+    )
     decode_precision: str = field(
         default=ENGINE.decode_precision,
         metadata={
@@ -214,7 +221,7 @@ class ServerConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         never_negative = ["threads", "inline_batch_ms", "workers", "max_streams_per_connection", "front_limit"]
-        never_negative += ["models_poll_s", "models_settle_s"]
+        never_negative += ["models_poll_s", "models_settle_s", "text_wait_ms"]
         for name in never_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

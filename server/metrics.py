@@ -100,7 +100,8 @@ class Metrics:
         self.rejections = Counter("genserve_rejections_total", "Requests refused before admission", ["rpc", "code"], registry=r)
         self.overload_refusals = Counter(
             "genserve_overload_refusals_total",
-            "Requests refused for overload, by reason (delay: jobs queue; arrival: calls wait for a handler; count)",
+            "Requests refused for overload, by reason (delay: jobs queue; arrival: calls wait for a handler; count; "
+            "limit: calls in progress; start: a text model's requests wait for their first token)",
             ["reason"],
             registry=r,
         )

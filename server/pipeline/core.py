@@ -52,7 +52,8 @@ class Pipeline:
         self._tokens: dict[str, Any] = {}  # tokens counter children per model
         self.accepting = True
         # one child per reason, looked up once: under overload every refusal counts
-        overload_refusals = {reason: metrics.overload_refusals.labels(reason) for reason in ("delay", "arrival", "count", "limit")}
+        overload_refusals = {reason: metrics.overload_refusals.labels(reason) for reason in ("delay", "arrival", "count", "limit", "start")}
+        self._start_refusals = overload_refusals["start"]
         self.admission = Admission(
             config.max_inflight,
             target_s=config.admission_target_ms / 1000,
@@ -119,6 +120,8 @@ class Pipeline:
         link = links.pop(model, None)
         if kind is ModelStage.BATCHER:
             self.topology.batchers.pop(model, None)
+        else:
+            self.topology.feeders.pop(model, None)
         if link is None:
             return
         for item in link.take_nowait(link.capacity):
@@ -177,6 +180,8 @@ class Pipeline:
     def admit(self, job: Job, timeout: float | None) -> None:
         """Accept ``job`` into the pipeline or raise Refused; ``timeout`` in seconds (None: the default)."""
         self.check_room(by_delay=job.rpc is not Rpc.GENERATE_STREAM)  # a stream's requests are admitted by its credit
+        if job.text is not None:
+            self._check_text_start(job)
         if not self.ingress.offer(job):
             raise overloaded("server queue is full", self.admission.retry_after_ms)
         loop = asyncio.get_running_loop()
@@ -193,6 +198,17 @@ class Pipeline:
         job.on_finish = self._finished
         self.inflight.add(job)
         self._idle.clear()
+
+    def _check_text_start(self, job: Job) -> None:
+        """Refuse a text request while its model's oldest waiting one has waited over ``--text-wait-ms`` for
+        its first token: past its ceiling a decode loop would otherwise queue text for seconds (issue 35)."""
+        limit_ms = self.config.text_wait_ms
+        feeder = self.topology.feeders.get(job.served.name)
+        if not limit_ms or feeder is None or feeder.start_wait(time.perf_counter()) * 1000 <= limit_ms:
+            return
+        self._start_refusals.inc()
+        message = f"model {job.served.name!r} is overloaded: text requests wait over {limit_ms:g} ms for their first token"
+        raise overloaded(message, self.admission.retry_after_ms)
 
     def _sweep(self) -> None:
         """Fail the jobs whose deadline tick has passed; runs every tick while jobs are in flight.

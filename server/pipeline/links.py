@@ -43,6 +43,10 @@ class Link(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def oldest(self) -> T | None:
+        """The item that has waited longest (the next one taken), or None when empty."""
+        return self._items[0] if self._items else None
+
     @property
     def full(self) -> bool:
         return len(self._items) >= self.capacity

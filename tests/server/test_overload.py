@@ -215,3 +215,48 @@ async def test_calls_in_progress_past_the_limit_are_refused_at_arrival_and_text_
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailers.get(RETRY_PUSHBACK_KEY) == str(HINT_MS)
             assert [c for c, _ in await asyncio.gather(*held)] == [grpc.StatusCode.OK] * 16
         assert counter(srv, "genserve_overload_refusals_total", reason="limit") == 1
+
+
+class SlowSteps(Faults):
+    """Every decode step waits ``seconds`` first: text decodes slowly and deterministically."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def before_decode_step(self, served: ServedModel) -> None:
+        time.sleep(self.seconds)
+
+
+async def test_text_waiting_past_its_budget_for_a_first_token_is_refused_with_a_hint_and_nothing_else_is() -> None:
+    """--text-wait-ms: past its decode loop's ceiling a text model refuses new text at once, naming the
+    model, instead of queueing it for seconds; the requests it took all finish, and once the queue has
+    drained text is admitted again. (One decode slot, slowed steps: the second request waits.)"""
+    settings = {"decode_batch": 1, "text_wait_ms": 200, "admission_interval_ms": HINT_MS, "log_level": "warning"}
+    async with running_server(models_dir=MODELS, **settings) as srv:
+        srv.engine.install_faults(SlowSteps(0.01))
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+
+            def text(seed: int, tokens: int) -> pb.GenerateRequest:
+                return pb.GenerateRequest(model="transformer", text=pb.TextParams(prompt="ROMEO:", max_new_tokens=tokens, seed=seed))
+
+            first = stub.Generate(text(1, 60))  # holds the only slot for 60 slowed steps
+            await first.read()
+            waiting = asyncio.create_task(outcome(stub, text(2, 5)))  # waits for that slot
+            feeder = srv.pipeline.topology.feeders["transformer"]
+            await until(lambda: feeder.start_wait(time.perf_counter()) > 0.25)
+            call = stub.Generate(text(3, 5))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call:
+                    pass
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "model 'transformer' is overloaded: text requests wait over 200 ms" in (refused.value.details() or "")
+            assert dict(refused.value.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY) == str(HINT_MS)
+            while await first.read() is not grpc.aio.EOF:
+                pass
+            assert await first.code() == grpc.StatusCode.OK
+            assert (await waiting)[0] == grpc.StatusCode.OK
+            assert feeder.start_wait(time.perf_counter()) == 0.0
+            assert (await outcome(stub, text(4, 5)))[0] == grpc.StatusCode.OK  # drained: admitted again
+    assert counter(srv, "genserve_overload_refusals_total", reason="start") == 1
+    assert counter(srv, "genserve_requests_total", model="transformer", rpc="Generate", code="OK") == 3

@@ -43,6 +43,7 @@ class Feeder(Stage):
         self.registry = registry
         self.max_pending = max_pending
         self._events: collections.deque[tuple[Job, TokenEvent | StepEvent | BaseException]] = collections.deque()
+        self._starting: dict[Job, None] = {}  # submitted, no event yet (oldest first): what ``start_wait`` reads
         self._scheduled = False
         self._room = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +87,7 @@ class Feeder(Stage):
             job.fail(*status_of(e))
             return
         job.seed = job.ticket.seed
+        self._starting[job] = None
         if job.done:  # it ended (deadline, client gone) between take and submit
             job.ticket.cancel()
 
@@ -104,8 +106,10 @@ class Feeder(Stage):
     def _route(self) -> None:
         self._scheduled = False
         events = self._events
+        starting = self._starting
         while events:
             job, event = events.popleft()
+            starting.pop(job, None)  # its first event: a token, a preview, an ending
             if isinstance(event, BaseException):
                 job.fail(*status_of(event))  # the engine's EngineError, or what it was given
                 self._room.set()
@@ -125,6 +129,19 @@ class Feeder(Stage):
                     job.finish(Outcome(reason="stop"))
                 else:
                     job.fail(Code.CANCELLED, "cancelled")
+
+    def start_wait(self, now: float) -> float:
+        """Seconds the oldest request still without its first event (a token, a preview) has waited since
+        it was admitted, here or in this feeder's inbox; 0 when none waits. Admission refuses new text
+        while it is over ``--text-wait-ms`` (server/pipeline/core.py)."""
+        starting = self._starting
+        while starting:
+            job = next(iter(starting))
+            if not job.done:
+                return now - job.created
+            del starting[job]  # ended without an event reaching it (its cancel event will find nothing)
+        queued = self.inbox.oldest()
+        return now - queued.created if queued is not None else 0.0
 
     def _route_images(self, job: Job, event: StepEvent) -> None:
         """An iterative model's event: a preview, the final samples (the job completes), or its cancellation."""

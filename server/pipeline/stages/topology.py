@@ -54,6 +54,7 @@ class Topology:
         self.image_links: dict[str, Link[ImageWork]] = {}
         self.feeder_links: dict[str, Link[Job]] = {}
         self.batchers: dict[str, Batcher] = {}  # model name -> its batcher (admission reads its window in force)
+        self.feeders: dict[str, Feeder] = {}  # model name -> its feeder (admission reads its text's wait to start)
         models = [stage for served in registry.served() if (stage := self.model_stage(served)) is not None]
         self.stages: list[Stage] = [Producer(self.ingress, self.work, self.feeder_links)]
         self.stages += [Processor(i, self.work, self.image_links, engine, max_chunk=c.batch_size) for i in range(c.processors)]
@@ -87,7 +88,8 @@ class Topology:
         feeder_link: Link[Job] = Link(stage.stage_name(name), c.queue_size)
         self.feeder_links[name] = feeder_link
         pending = c.step_pending if stage is ModelStage.STEPS else c.decode_pending
-        return Feeder(name, stage, feeder_link, self.engine, self.registry, max_pending=pending)
+        feeder = self.feeders[name] = Feeder(name, stage, feeder_link, self.engine, self.registry, max_pending=pending)
+        return feeder
 
     def depth_readers(self) -> dict[str, Callable[[], int]]:
         """Each link's name and a reader of its depth (for the metrics)."""

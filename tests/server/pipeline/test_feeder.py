@@ -142,3 +142,20 @@ async def test_sequences_keep_streaming_while_a_killed_feeder_restarts(
     finally:
         resume.set()
     assert "".join(ev.text for ev in sink.items["long"]) == sync_text(text_model, "A", params)
+
+
+async def test_start_wait_is_the_oldest_waits_until_its_first_token(
+    engine: Engine, registry: ModelRegistry, text_model: ServedModel
+) -> None:
+    """What admission reads for --text-wait-ms: a request queued in the inbox waits from its creation; once
+    every request has its first token, nothing waits."""
+    sink = RecordingRecipient()
+    inbox: Link[Job] = Link("text", 8)
+    feeder = Feeder("text", ModelStage.TEXT, inbox, engine, registry, max_pending=4)
+    job = text_job(text_model, sink, "x", "ROMEO:", SamplingParams(seed=1, max_new_tokens=3))
+    assert feeder.start_wait(job.created + 5.0) == 0.0  # nothing queued yet
+    await inbox.put(job)
+    assert feeder.start_wait(job.created + 5.0) == pytest.approx(5.0)
+    async with running(feeder):
+        assert await sink.outcome(job) == Outcome(reason="length")
+    assert feeder.start_wait(job.created + 5.0) == 0.0
