@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what mypy sees; at run time __getattr__ loads each on first
     from engine.kinds import Shape as Shape
     from engine.kinds import known_kinds as known_kinds
     from engine.kinds import load_kind_modules as load_kind_modules
+    from engine.limits import DECODE_PRECISIONS as DECODE_PRECISIONS
     from engine.limits import EngineLimits as EngineLimits
     from engine.limits import ImageLimits as ImageLimits
     from engine.registry import SUFFIX as SUFFIX
@@ -48,7 +49,7 @@ _HOMES = {
     "engine.engine": ("Engine", "OnEvent", "Ticket"),
     "engine.images": ("ImageChunk", "ImageRequest", "ImageResult"),
     "engine.kinds": ("Kind", "KindError", "Shape", "known_kinds", "load_kind_modules"),
-    "engine.limits": ("EngineLimits", "ImageLimits"),
+    "engine.limits": ("DECODE_PRECISIONS", "EngineLimits", "ImageLimits"),
     "engine.registry": (
         "SUFFIX",
         "FolderReport",
@@ -66,6 +67,7 @@ _HOMES = {
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = [
+    "DECODE_PRECISIONS",
     "SUFFIX",
     "Engine",
     "EngineLimits",

@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-from engine import EngineLimits, ImageLimits  # no torch: engine/limits.py
-from engine.limits import DECODE_PRECISIONS
+from engine import DECODE_PRECISIONS, EngineLimits, ImageLimits  # no torch: engine/limits.py
 
 ENGINE = EngineLimits()  # the engine's defaults are the server's
 IMAGES = ImageLimits()
