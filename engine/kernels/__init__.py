@@ -9,7 +9,8 @@ keys and values into the cache, one position per sequence (torch's generic index
 
 ``native_decode_attention()`` says whether the compiled kernel is in use. It compiles
 ``decode_attention.cpp`` once per machine (about 10 s; torch caches the build under
-``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), and is False, with one log line saying
+``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``; built for this CPU, ``-march=native``,
+so machines of different CPUs sharing a home directory need a ``TORCH_EXTENSIONS_DIR`` each), and is False, with one log line saying
 why, where it cannot: no C++ compiler or ninja, a torch without its headers, or
 ``GENSERVE_NATIVE_KERNELS=0``. The ops always exist: without the native build they run
 ``decode_attention_reference`` (torch's attention with a length mask) and ``append_kv_reference``,

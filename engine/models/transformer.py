@@ -94,7 +94,7 @@ class Int8Linears(InferenceLinears):
     linears' speed at decode sizes; what it costs in validation nats/char: docs/design/decode-loop.md."""
 
     def __init__(self, model: CharTransformer) -> None:
-        super().__init__([*(m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)), model.tok_emb.weight])
+        super().__init__([model.tok_emb.weight])  # the head; the blocks' linears are packed below
         self._packed = {
             id(m.weight): (m.weight, _packed_int8(m.weight, m.bias)) for m in model.blocks.modules() if isinstance(m, nn.Linear)
         }
