@@ -11,6 +11,10 @@ the same requests. A call's latency runs from its scheduled start to its last sa
 or failed call counts as infinitely late. The offered rate rises by ``--factor`` from
 ``--start-rate``; a mode leaves the sweep once its p99 has passed the bound twice in a row.
 
+After the sweep the same client and schedules go to ``bench.echo`` (a server that answers at once,
+no model) at the sweep's highest rate and at twice it: what the client alone can drive, from the
+same run, beside the figures it measured.
+
 Printed for each mode: every point (offered and answered rates, p50 and p99, the p50 of the short
 requests, <= 8 steps, and of the long ones, >= 32), the highest rate whose p99 stays under the
 bound, and the short requests' p50 there. The target (issue 33): step-level sustains >= 1.5x the
@@ -29,6 +33,7 @@ import os
 import platform
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -170,6 +175,34 @@ def sweep(modes: list[str], models: Path, args: argparse.Namespace, log_dir: Pat
     return points
 
 
+def echo_points(rates: list[float], args: argparse.Namespace, log_dir: Path) -> list[Point]:
+    """The same client and schedules against bench.echo (answers at once, no model): the client's own
+    ceiling, measured in the same run as the servers it drove."""
+    port, = free_ports(1)  # fmt: skip
+    echo = Server("echo", [sys.executable, "-m", "bench.echo", "--port", str(port)], port, (log_dir / "echo.log").open("wb"))
+    echo.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # listening?
+            echo.check_alive()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"bench.echo did not listen: {echo.tail()}") from None
+                time.sleep(0.2)
+        points = []
+        for rate in rates:
+            calls = schedule(rate, args.duration, args.seed)
+            latencies, calls, failed = asyncio.run(run_point(f"127.0.0.1:{port}", args.model, calls, args.timeout))
+            points.append(figures(rate, args.duration, latencies, calls, failed))
+            print(row("echo", points[-1]), flush=True)
+        return points
+    finally:
+        echo.stop(10)
+
+
 def row(mode: str, p: Point) -> str:
     fails = ", ".join(f"{k} {v}" for k, v in sorted(p.failed.items())) or "none"
     return (
@@ -202,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals and requests (default 0)")
     parser.add_argument("--modes", default="step,request", help="batching modes to compare (default step,request)")
     parser.add_argument("--quick", action="store_true", help="6 s points, a coarser sweep: a smoke run")
+    parser.add_argument("--no-echo", action="store_true", help="skip the bare echo (bench.echo) at the highest rate and twice it")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -219,9 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         models = Path(tmp) / "models"
         models.mkdir()
         shutil.copy(source, models / source.name)
-        for mode, points in sweep(args.modes.split(","), models, args, Path(tmp)).items():
+        swept = sweep(args.modes.split(","), models, args, Path(tmp))
+        for mode, points in swept.items():
             top = best(points, args.p99_bound_ms)
             results["modes"][mode] = {"points": [asdict(p) for p in points], "best": asdict(top) if top else None}
+        highest = max(p.rate for points in swept.values() for p in points)
+        echo = echo_points([highest, 2 * highest], args, Path(tmp)) if not args.no_echo else []
+        results["echo"] = [asdict(p) for p in echo]
     print()
     tops = {mode: r["best"] for mode, r in results["modes"].items()}
     for mode, top in tops.items():
@@ -233,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = tops["step"]["rate"] / tops["request"]["rate"]
         results["ratio"] = ratio
         print(f"step / request sustained rate at p99 <= {args.p99_bound_ms:g} ms: {ratio:.2f}x (target >= 1.5x)")
+    for p in echo:
+        print(f"echo     at {p.rate:.1f}/s answered {p.answered_per_s:.1f}/s, p99 {p.p99_ms:.0f} ms: the client's own share of the figures")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))  # an unmet figure is Infinity

@@ -49,3 +49,6 @@ def test_a_tiny_run_compares_both_modes(tmp_path: Path) -> None:
     for mode in results["modes"].values():
         (point,) = mode["points"]
         assert point["sent"] > 0 and point["ok"] + sum(point["failed"].values()) == point["sent"]
+    echo = results["echo"]  # the same client against the bare echo, at the highest rate and twice it
+    assert [p["rate"] for p in echo] == [10.0, 20.0]
+    assert all(p["ok"] == p["sent"] > 0 for p in echo)
