@@ -238,28 +238,18 @@ async def bench(args: argparse.Namespace) -> list[str]:
                     return h2load_round(port, metrics_port, body, calls, args.streams, args.tokens)
 
                 contenders["h2load"] = h2load_round_
-        ours_run(loop, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
-        ours_run(inv, texts[:8], 8, 0)
-        ours_run(sdpa, texts[:8], 8, 0)
-        ours_run(loop8, texts[:8], 8, 0)
+        ours = {"engine": loop, "inv": inv, "sdpa": sdpa, "int8": loop8}
+        for batch in ours.values():
+            ours_run(batch, texts[:8], 8, 0)  # warm-ups: first calls pay lazy initialisation
         for model in hfs.values():
             hf_run(model, ids[:1], 8, 0, cpu)
 
-        async def engine_round(seed: int) -> tuple[int, float]:
-            n, dt, _ = ours_run(loop, texts, args.tokens, seed)
-            return n, dt
+        def ours_round(batch: DecodeBatch) -> Callable[[int], Any]:
+            async def round_(seed: int) -> tuple[int, float]:
+                n, dt, _ = ours_run(batch, texts, args.tokens, seed)
+                return n, dt
 
-        async def inv_round(seed: int) -> tuple[int, float]:
-            n, dt, _ = ours_run(inv, texts, args.tokens, seed)
-            return n, dt
-
-        async def sdpa_round(seed: int) -> tuple[int, float]:
-            n, dt, _ = ours_run(sdpa, texts, args.tokens, seed)
-            return n, dt
-
-        async def int8_round(seed: int) -> tuple[int, float]:
-            n, dt, _ = ours_run(loop8, texts, args.tokens, seed)
-            return n, dt
+            return round_
 
         def hf_round(model: Any) -> Callable[[int], Any]:
             async def round_(seed: int) -> tuple[int, float]:
@@ -267,7 +257,7 @@ async def bench(args: argparse.Namespace) -> list[str]:
 
             return round_
 
-        contenders |= {"engine": engine_round, "inv": inv_round, "sdpa": sdpa_round, "int8": int8_round}
+        contenders |= {name: ours_round(batch) for name, batch in ours.items()}
         contenders |= {name: hf_round(model) for name, model in hfs.items()}
         rng = random.Random(args.seed)
         order = list(contenders)
